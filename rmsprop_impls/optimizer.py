@@ -1,0 +1,77 @@
+"""The one interface every variant shares.
+
+:class:`RMSpropBase` is an ``mlx.optimizers.Optimizer``: it owns the
+hyper-parameter checks, the schedule, the step counter, the tree walk and the
+stock state layout (``state[...]["v"]`` per leaf). A variant only says how the
+update runs over the matched leaves, in :meth:`RMSpropBase.update_leaves`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import mlx.core as mx
+import mlx.optimizers as optim
+
+from .formula import DEFAULT_ALPHA, DEFAULT_EPS, check_hyperparameters
+from .tree_paths import match_leaves
+
+LearningRate = float | mx.array | Callable[[mx.array], mx.array]
+
+
+class RMSpropBase(optim.Optimizer):
+    """RMSprop with the update strategy left to subclasses.
+
+    ``v = alpha*v + (1-alpha)*g^2``; ``w = w - lr*g/(sqrt(v)+eps)``.
+
+    Args:
+        learning_rate: a float, or a schedule called with the step count.
+        alpha: the smoothing constant, ``>= 0``.
+        eps: added to ``sqrt(v)``, ``> 0``.
+    """
+
+    #: The registry name of the variant.
+    name: ClassVar[str] = ""
+    #: One line for tables: how this variant runs the update.
+    summary: ClassVar[str] = ""
+
+    def __init__(self, learning_rate: LearningRate, alpha: float = DEFAULT_ALPHA, eps: float = DEFAULT_EPS):
+        super().__init__()
+        if not (callable(learning_rate) or isinstance(learning_rate, (int, float, mx.array))):
+            raise TypeError(
+                f"learning_rate must be a float or a schedule callable, not {type(learning_rate).__name__}"
+            )
+        check_hyperparameters(alpha, eps)
+        self._maybe_schedule("learning_rate", learning_rate)
+        self.alpha = alpha
+        self.eps = eps
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """``None`` where the variant runs on this machine, else why not."""
+        return None
+
+    def init_single(self, parameter: mx.array, state: dict) -> None:
+        state["v"] = mx.zeros_like(parameter)
+
+    def apply_gradients(self, gradients: Any, parameters: Any) -> Any:
+        if not self._initialized:
+            match_leaves(gradients, parameters)  # a bad tree fails before any state is made
+            self.init(gradients)
+        for param, scheduler in self._schedulers.items():
+            self.state[param] = scheduler(self.step)
+        self.state["step"] = self.step + 1
+        leaves = match_leaves(gradients, parameters, self.state)
+        new_w, new_v = self.update_leaves(
+            leaves.parameters, leaves.gradients, [s["v"] for s in leaves.states], self.learning_rate
+        )
+        for s, v in zip(leaves.states, new_v):
+            s["v"] = v
+        return leaves.rebuild(new_w)
+
+    def update_leaves(
+        self, w: list[mx.array], g: list[mx.array], v: list[mx.array], lr: mx.array
+    ) -> tuple[list[mx.array], list[mx.array]]:
+        """Return the new parameters and the new ``v``, leaf for leaf."""
+        raise NotImplementedError

@@ -1,0 +1,88 @@
+"""Which variants exist, which run here, and how to make one.
+
+Each variant lives in its own module under ``rmsprop_impls.variants`` and is
+imported only when asked for, so one that cannot import (a missing compiled
+extension, say) is reported unavailable instead of breaking the package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+from .formula import DEFAULT_ALPHA, DEFAULT_EPS
+from .optimizer import LearningRate, RMSpropBase
+
+#: variant name -> module under rmsprop_impls.variants that defines ``VARIANT``.
+_MODULES: dict[str, str] = {
+    "eager": "eager",
+    "compiled": "compiled",
+    "flat": "flat",
+    "cpu_stream": "cpu_stream",
+}
+
+
+class UnknownVariantError(ValueError):
+    """The name is not a registered variant; the message lists the known ones."""
+
+
+class VariantUnavailableError(RuntimeError):
+    """The variant exists but cannot run on this machine; ``reason`` says why."""
+
+    def __init__(self, variant: str, reason: str):
+        self.variant = variant
+        self.reason = reason
+        super().__init__(f"variant '{variant}' is unavailable here: {reason}")
+
+
+def variant_names() -> list[str]:
+    """Every variant the package knows, including those that cannot run here."""
+    return list(_MODULES)
+
+
+def variant_class(name: str) -> type[RMSpropBase]:
+    """The class behind ``name``; raises if unknown or if its module cannot import."""
+    if name not in _MODULES:
+        raise UnknownVariantError(f"unknown variant '{name}'; known variants: {', '.join(_MODULES)}")
+    try:
+        module = importlib.import_module(f"rmsprop_impls.variants.{_MODULES[name]}")
+    except ImportError as e:
+        raise VariantUnavailableError(name, f"cannot import its module: {e}") from e
+    return module.VARIANT
+
+
+def unavailable_reason(name: str) -> str | None:
+    """``None`` where ``name`` runs here, else the reason it does not."""
+    try:
+        return variant_class(name).unavailable_reason()
+    except VariantUnavailableError as e:
+        return e.reason
+
+
+def availability() -> dict[str, str | None]:
+    """Each variant -> ``None`` if it runs here, else why it does not."""
+    return {name: unavailable_reason(name) for name in _MODULES}
+
+
+def available_variants() -> list[str]:
+    return [name for name, reason in availability().items() if reason is None]
+
+
+def create(
+    name: str,
+    learning_rate: LearningRate,
+    alpha: float = DEFAULT_ALPHA,
+    eps: float = DEFAULT_EPS,
+    **options,
+) -> RMSpropBase:
+    """A ready optimizer of variant ``name``, a drop-in for ``mlx.optimizers.RMSprop``."""
+    cls = variant_class(name)
+    reason = cls.unavailable_reason()
+    if reason is not None:
+        raise VariantUnavailableError(name, reason)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "learning_rate", "alpha", "eps"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        takes = ", ".join(sorted(accepted)) or "no options"
+        raise TypeError(f"variant '{name}' got unknown option(s) {', '.join(unknown)}; it takes: {takes}")
+    return cls(learning_rate, alpha=alpha, eps=eps, **options)

@@ -1,0 +1,104 @@
+"""Walk a gradient tree against its parameters and optimizer state.
+
+The walk is the one place that checks a tree, so every variant reports a bad
+tree the same way: with the path of the first leaf that is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import mlx.core as mx
+
+
+class TreeMismatchError(ValueError):
+    """Gradients, parameters or state disagree; the message names the path."""
+
+    def __init__(self, path: tuple, problem: str):
+        self.path = format_path(path)
+        super().__init__(f"at '{self.path}': {problem}")
+
+
+def format_path(path: tuple) -> str:
+    """``("layers", 0, "weight")`` -> ``layers.0.weight``; the root is ``<root>``."""
+    return ".".join(str(p) for p in path) if path else "<root>"
+
+
+def _kind(x: Any) -> str:
+    if isinstance(x, mx.array):
+        return f"array {x.dtype} {tuple(x.shape)}"
+    return type(x).__name__
+
+
+class MatchedLeaves:
+    """The leaves of one step, in tree order, as parallel lists."""
+
+    __slots__ = ("gradients", "parameters", "states", "_tree")
+
+    def __init__(self, tree: Any):
+        self._tree = tree
+        self.gradients: list[mx.array] = []
+        self.parameters: list[mx.array] = []
+        self.states: list[dict] = []
+
+    def rebuild(self, leaves: list[mx.array]) -> Any:
+        """A tree shaped like the gradients, holding ``leaves`` in order."""
+        return _rebuild(self._tree, iter(leaves))
+
+
+def _rebuild(node: Any, leaves: Iterator[mx.array]) -> Any:
+    if isinstance(node, dict):
+        return {k: _rebuild(v, leaves) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(_rebuild(v, leaves) for v in node)
+    return next(leaves)
+
+
+def match_leaves(gradients: Any, parameters: Any, state: Any = None) -> MatchedLeaves:
+    """Pair each gradient leaf with its parameter (and state entry, if given).
+
+    Parameters may hold more than the gradients, as in stock MLX. Raises
+    :class:`TreeMismatchError` at the first leaf that is missing, is not an
+    array, or differs in shape or dtype.
+    """
+    out = MatchedLeaves(gradients)
+    _walk(gradients, parameters, state, (), out)
+    return out
+
+
+def _walk(g: Any, w: Any, s: Any, path: tuple, out: MatchedLeaves) -> None:
+    if isinstance(g, mx.array):
+        if not isinstance(w, mx.array):
+            raise TreeMismatchError(path, f"gradient is an array but the parameter is {_kind(w)}")
+        if g.shape != w.shape or g.dtype != w.dtype:
+            raise TreeMismatchError(path, f"gradient is {_kind(g)} but the parameter is {_kind(w)}")
+        out.gradients.append(g)
+        out.parameters.append(w)
+        if s is not None:
+            if not isinstance(s, dict) or "v" not in s:
+                raise TreeMismatchError(path, "the optimizer state has no 'v' for this leaf")
+            out.states.append(s)
+        return
+    if isinstance(g, dict):
+        if not isinstance(w, dict):
+            raise TreeMismatchError(path, f"gradient is a dict but the parameter is {_kind(w)}")
+        for k, gk in g.items():
+            if k not in w:
+                raise TreeMismatchError(path + (k,), "present in the gradients, missing in the parameters")
+            if s is not None and (not isinstance(s, dict) or k not in s):
+                raise TreeMismatchError(path + (k,), "missing in the optimizer state")
+            _walk(gk, w[k], None if s is None else s[k], path + (k,), out)
+        return
+    if isinstance(g, (list, tuple)):
+        if not isinstance(w, (list, tuple)) or len(w) != len(g):
+            raise TreeMismatchError(
+                path, f"gradient is a {type(g).__name__} of {len(g)} but the parameter is {_kind(w)}"
+                + (f" of {len(w)}" if isinstance(w, (list, tuple)) else "")
+            )
+        if s is not None and (not isinstance(s, (list, tuple)) or len(s) != len(g)):
+            raise TreeMismatchError(path, "the optimizer state does not match this list")
+        for i, gi in enumerate(g):
+            _walk(gi, w[i], None if s is None else s[i], path + (i,), out)
+        return
+    raise TreeMismatchError(path, f"gradient leaf is a {type(g).__name__}, not an mx.array")

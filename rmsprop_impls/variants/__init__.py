@@ -1,0 +1,1 @@
+"""One module per variant; each defines its class and names it ``VARIANT``."""
