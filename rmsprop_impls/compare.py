@@ -1,0 +1,42 @@
+"""Time every variant on one tree, in one process, so the figures compare."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from .registry import availability, create
+from .timing import StepTiming, time_steps
+from .trees import step_bytes
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    timing: StepTiming | None  # None where the variant cannot run here
+    reason: str | None = None  # why it cannot
+    gbps: float | None = None
+
+
+def compare_variants(
+    params: Any,
+    grads: Any,
+    variants: list[str] | None = None,
+    repeats: int = 10,
+    learning_rate: float = 1e-3,
+    progress: bool = True,
+) -> list[VariantResult]:
+    """Median step time and effective GB/s of each variant, unavailable ones with their reason."""
+    reasons = availability()
+    variants = variants or list(reasons)
+    nbytes = step_bytes(params)
+    results = []
+    for name in tqdm(variants, desc="timing variants", unit="variant", disable=not progress, leave=False):
+        if reasons.get(name) is not None:
+            results.append(VariantResult(name, None, reasons[name]))
+            continue
+        timing = time_steps(create(name, learning_rate), params, grads, repeats=repeats)
+        results.append(VariantResult(name, timing, gbps=nbytes / timing.median / 1e9))
+    return results
