@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from .formula import DEFAULT_ALPHA, DEFAULT_EPS, check_hyperparameters
-from .tree_paths import match_leaves
+from .tree_paths import TreeMismatchError, match_leaves
 
 LearningRate = float | mx.array | Callable[[mx.array], mx.array]
 
@@ -39,9 +39,7 @@ class RMSpropBase(optim.Optimizer):
     def __init__(self, learning_rate: LearningRate, alpha: float = DEFAULT_ALPHA, eps: float = DEFAULT_EPS):
         super().__init__()
         if not (callable(learning_rate) or isinstance(learning_rate, (int, float, mx.array))):
-            raise TypeError(
-                f"learning_rate must be a float or a schedule callable, not {type(learning_rate).__name__}"
-            )
+            raise TypeError(f"learning_rate must be a float or a schedule callable, not {type(learning_rate).__name__}")
         check_hyperparameters(alpha, eps)
         self._maybe_schedule("learning_rate", learning_rate)
         self.alpha = alpha
@@ -56,6 +54,11 @@ class RMSpropBase(optim.Optimizer):
         state["v"] = mx.zeros_like(parameter)
 
     def apply_gradients(self, gradients: Any, parameters: Any) -> Any:
+        if not isinstance(gradients, dict):
+            # The state dict holds "step" and "learning_rate" beside the tree, as stock's does.
+            raise TreeMismatchError(
+                (), f"gradients must be a dict at the top, like a model's parameters, not a {type(gradients).__name__}"
+            )
         if not self._initialized:
             match_leaves(gradients, parameters)  # a bad tree fails before any state is made
             self.init(gradients)

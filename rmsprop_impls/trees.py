@@ -37,7 +37,7 @@ def dtype_name(dtype: mx.Dtype) -> str:
 def synthetic_tree(
     n_leaves: int, leaf_size: int, dtype: mx.Dtype = mx.float32, depth: int = 1, seed: int = 0
 ) -> dict:
-    """``n_leaves`` 1-D leaves of ``leaf_size`` elements, nested ``depth`` dicts deep.
+    """``n_leaves`` 1-D leaves of ``leaf_size`` elements, nested up to ``depth`` dicts deep.
 
     Leaves are spread over nested dicts of at most 16 children per level,
     which is how model trees look to the optimizer.

@@ -41,7 +41,7 @@ class FlatRMSprop(RMSpropBase):
     def __init__(self, learning_rate, alpha=0.99, eps=1e-8):
         super().__init__(learning_rate, alpha, eps)
         self._layout: FlatLayout | None = None
-        self._layout_signature: tuple = ()
+        self._layout_signature: tuple | None = None
         self._w_reuse = _BufferReuse()
         self._v_reuse = _BufferReuse()
         self._packed_g: dict | None = None

@@ -1,0 +1,53 @@
+"""The console script: every command answers --help, and mistakes end in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from rmsprop_impls.cli import COMMANDS
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from rmsprop_impls.cli import main; sys.exit(main())", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_top_level_help_lists_every_command():
+    out = cli("--help")
+    assert out.returncode == 0
+    for name in COMMANDS:
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_help(command):
+    out = cli(command, "--help")
+    assert out.returncode == 0 and "usage: rmsprop-bench" in out.stdout and "--" in out.stdout
+
+
+def test_compare_prints_an_aligned_table_and_the_fastest():
+    out = cli("compare", "--tree", "4x1K", "--repeats", "3", "--variants", "eager", "flat")
+    assert out.returncode == 0, out.stderr
+    assert "memory-bandwidth limit" in out.stdout and "GB/s" in out.stdout
+    table = out.stdout.split("\n\n")[1].splitlines()
+    assert table[0].startswith("variant") and table[2].startswith("eager") and table[3].startswith("flat")
+    assert "fastest: " in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["compare", "--tree", "huge"], "error: unknown tree 'huge'"),
+        (["compare", "--variants", "nope"], "invalid choice: 'nope'"),
+    ],
+)
+def test_user_mistakes_are_one_line(args, words):
+    out = cli(*args)
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,114 @@
+"""Bad input fails with one line that says what is wrong and where."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from rmsprop_impls import (
+    TreeMismatchError,
+    UnknownVariantError,
+    VariantUnavailableError,
+    available_variants,
+    create,
+    variant_names,
+)
+from rmsprop_impls.registry import availability
+
+VARIANTS = available_variants()
+
+
+def params():
+    return {"layers": [{"w": mx.ones((2, 3))}, {"w": mx.ones((3,)), "b": mx.ones((1,))}]}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "grads, path, words",
+    [
+        ({"layers": [{"w": mx.ones((2, 3))}, {"w": mx.ones((3,)), "c": mx.ones((1,))}]}, "layers.1.c", "missing"),
+        ({"layers": [{"w": mx.ones((2, 3))}, {"w": mx.ones((4,)), "b": mx.ones((1,))}]}, "layers.1.w", "(4,)"),
+        ({"layers": [{"w": mx.ones((2, 3), mx.float16)}, {"w": mx.ones((3,))}]}, "layers.0.w", "float16"),
+        ({"layers": [{"w": mx.ones((2, 3))}, {"w": 1.0}]}, "layers.1.w", "float"),
+        ({"layers": [{"w": mx.ones((2, 3))}]}, "layers", "list of 1"),
+        ({"layers": {"w": mx.ones((2, 3))}}, "layers", "dict"),
+    ],
+    ids=["missing-key", "shape", "dtype", "non-array", "list-length", "dict-vs-list"],
+)
+def test_tree_mismatch_names_the_path(variant, grads, path, words):
+    opt = create(variant, 0.1)
+    with pytest.raises(TreeMismatchError) as e:
+        opt.apply_gradients(grads, params())
+    message = str(e.value)
+    assert f"'{path}'" in message and words in message and "\n" not in message
+    assert e.value.path == path
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_bad_first_step_leaves_no_state(variant):
+    opt = create(variant, 0.1)
+    with pytest.raises(TreeMismatchError):
+        opt.apply_gradients({"x": mx.ones((2,))}, {"x": mx.ones((3,))})
+    out = opt.apply_gradients({"x": mx.ones((3,))}, {"x": mx.ones((3,))})
+    assert out["x"].shape == (3,) and int(opt.state["step"]) == 1
+
+
+@pytest.mark.parametrize("variant", variant_names())
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [({"alpha": -0.1}, "alpha should be >=0"), ({"eps": 0.0}, "epsilon should be >0"), ({"eps": -1.0}, "epsilon")],
+)
+def test_bad_hyperparameters(variant, kwargs, words):
+    if availability()[variant] is not None:
+        pytest.skip(f"{variant} unavailable here: {availability()[variant]}")
+    with pytest.raises(ValueError, match=words):
+        create(variant, 0.1, **kwargs)
+
+
+def test_learning_rate_of_the_wrong_type():
+    with pytest.raises(TypeError, match="learning_rate must be a float or a schedule callable, not str"):
+        create("eager", "0.1")
+
+
+def test_unknown_variant_lists_the_known_ones():
+    with pytest.raises(UnknownVariantError) as e:
+        create("fastest", 0.1)
+    assert "unknown variant 'fastest'" in str(e.value)
+    for name in variant_names():
+        assert name in str(e.value)
+
+
+def test_unknown_option_names_it_and_what_is_taken():
+    with pytest.raises(TypeError, match="variant 'eager' got unknown option.*bogus.*it takes: no options"):
+        create("eager", 0.1, bogus=1)
+
+
+def test_unavailable_variant_carries_its_reason(monkeypatch):
+    from rmsprop_impls.variants.compiled import CompiledRMSprop
+
+    monkeypatch.setattr(CompiledRMSprop, "unavailable_reason", classmethod(lambda cls: "needs g++ on PATH"))
+    assert availability()["compiled"] == "needs g++ on PATH"
+    with pytest.raises(VariantUnavailableError) as e:
+        create("compiled", 0.1)
+    assert e.value.variant == "compiled" and e.value.reason == "needs g++ on PATH"
+    assert str(e.value) == "variant 'compiled' is unavailable here: needs g++ on PATH"
+
+
+def test_compiled_needs_gpp(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert "g++" in availability()["compiled"]
+
+
+def test_a_module_that_cannot_import_is_unavailable(monkeypatch):
+    from rmsprop_impls import registry
+
+    monkeypatch.setitem(registry._MODULES, "broken", "no_such_module")
+    assert "cannot import" in availability()["broken"]
+    with pytest.raises(VariantUnavailableError, match="variant 'broken' is unavailable here: cannot import"):
+        create("broken", 0.1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_top_of_the_tree_must_be_a_dict(variant):
+    with pytest.raises(TreeMismatchError, match="at '<root>': gradients must be a dict at the top.*not a list"):
+        create(variant, 0.1).apply_gradients([mx.ones((2,))], [mx.ones((2,))])

@@ -1,0 +1,89 @@
+"""Shared by the agreement tests: run a variant, stock MLX and the float64 reference side by side."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from rmsprop_impls import create, reference_step
+
+#: Per-step rounding of each dtype, relative to 1 + |w|. Rounding errors add up
+#: like a random walk (the gradients do not depend on w), so the tolerance after
+#: n steps is this times sqrt(n): float32 1e-5 after 100 steps, float16 1e-2,
+#: bfloat16 1e-1 (it keeps 8 bits of mantissa).
+ROUNDING = {mx.float32: 1e-6, mx.float16: 1e-3, mx.bfloat16: 1e-2}
+
+
+def tolerance(dtype: mx.Dtype, steps: int) -> float:
+    return ROUNDING[dtype] * math.sqrt(steps)
+
+
+def gradient_sequence(params, steps: int, seed: int = 0):
+    """Gradients bounded away from zero: in float16 stock RMSprop divides by zero
+    once (1-alpha)*g^2 underflows, because eps=1e-8 rounds to 0 there."""
+    key = mx.random.key(seed)
+    out = []
+    for k in mx.random.split(key, steps):
+        leaves = tree_flatten(params)
+        keys = iter(mx.random.split(k, max(2 * len(leaves), 2)))
+
+        def one(x):
+            mag = mx.random.uniform(0.05, 2.0, x.shape, key=next(keys))
+            sign = mx.where(mx.random.bernoulli(0.5, x.shape, key=next(keys)), 1.0, -1.0)
+            return (mag * sign).astype(x.dtype)
+
+        out.append(tree_map(one, params))
+    mx.eval(out)
+    return out
+
+
+def as_f64(tree):
+    return [np.array(x.astype(mx.float32), dtype=np.float64) for _, x in tree_flatten(tree)]
+
+
+def run(opt, params, grads):
+    for g in grads:
+        params = opt.apply_gradients(g, params)
+        mx.eval(params, opt.state)
+    return params
+
+
+def reference(params, grads, learning_rate, alpha=0.99, eps=1e-8):
+    """Final (w, v) leaves of the float64 reference; ``learning_rate`` may be a schedule."""
+    w = as_f64(params)
+    v = [np.zeros_like(x) for x in w]
+    for step, g in enumerate(grads):
+        lr = float(learning_rate(mx.array(step))) if callable(learning_rate) else learning_rate
+        pairs = [reference_step(wi, gi, vi, lr, alpha, eps) for wi, gi, vi in zip(w, as_f64(g), v)]
+        w, v = [p[0] for p in pairs], [p[1] for p in pairs]
+    return w, v
+
+
+def max_rel_error(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    errs = [np.max(np.abs(a - e) / (1 + np.abs(e)), initial=0.0) for a, e in zip(actual, expected)]
+    return max(errs, default=0.0)
+
+
+def v_leaves(state):
+    return [np.array(x.astype(mx.float32), dtype=np.float64) for k, x in tree_flatten(state) if k.endswith(".v")]
+
+
+def check_against_reference_and_stock(variant, params, grads, learning_rate, alpha=0.99, eps=1e-8, **options):
+    """Run ``variant`` and stock over ``grads``; both must stay within tolerance of float64."""
+    dtype = next((x.dtype for _, x in tree_flatten(params)), mx.float32)
+    tol = tolerance(dtype, len(grads))
+    opt = create(variant, learning_rate, alpha=alpha, eps=eps, **options)
+    stock = optim.RMSprop(learning_rate, alpha=alpha, eps=eps)
+    got = run(opt, params, grads)
+    want = run(stock, params, grads)
+    ref_w, ref_v = reference(params, grads, learning_rate, alpha, eps)
+    assert max_rel_error(as_f64(got), ref_w) <= tol, f"{variant} w drifts from float64"
+    assert max_rel_error(v_leaves(opt.state), ref_v) <= tol, f"{variant} v drifts from float64"
+    assert max_rel_error(as_f64(want), ref_w) <= tol, "stock drifts from float64 (tolerance too tight)"
+    assert max_rel_error(as_f64(got), as_f64(want)) <= 2 * tol, f"{variant} disagrees with stock"
+    assert int(opt.state["step"]) == len(grads)
+    return opt, got
