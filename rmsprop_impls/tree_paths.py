@@ -67,38 +67,63 @@ def match_leaves(gradients: Any, parameters: Any, state: Any = None) -> MatchedL
     return out
 
 
+_MISSING = object()
+
+
+def _check_leaf(g: Any, w: Any, s: Any, path: tuple, out: MatchedLeaves) -> None:
+    # This runs once per leaf on every step: keep it to the checks that matter.
+    if type(w) is not mx.array and not isinstance(w, mx.array):
+        raise TreeMismatchError(path, f"gradient is an array but the parameter is {_kind(w)}")
+    if g.shape != w.shape or g.dtype != w.dtype:
+        raise TreeMismatchError(path, f"gradient is {_kind(g)} but the parameter is {_kind(w)}")
+    out.gradients.append(g)
+    out.parameters.append(w)
+    if s is not None:
+        if type(s) is not dict or "v" not in s:
+            raise TreeMismatchError(path, "the optimizer state has no 'v' for this leaf")
+        out.states.append(s)
+
+
 def _walk(g: Any, w: Any, s: Any, path: tuple, out: MatchedLeaves) -> None:
     if isinstance(g, mx.array):
-        if not isinstance(w, mx.array):
-            raise TreeMismatchError(path, f"gradient is an array but the parameter is {_kind(w)}")
-        if g.shape != w.shape or g.dtype != w.dtype:
-            raise TreeMismatchError(path, f"gradient is {_kind(g)} but the parameter is {_kind(w)}")
-        out.gradients.append(g)
-        out.parameters.append(w)
-        if s is not None:
-            if not isinstance(s, dict) or "v" not in s:
-                raise TreeMismatchError(path, "the optimizer state has no 'v' for this leaf")
-            out.states.append(s)
-        return
-    if isinstance(g, dict):
+        _check_leaf(g, w, s, path, out)
+    elif isinstance(g, dict):
         if not isinstance(w, dict):
             raise TreeMismatchError(path, f"gradient is a dict but the parameter is {_kind(w)}")
+        if s is not None and not isinstance(s, dict):
+            raise TreeMismatchError(path, "the optimizer state does not match this dict")
+        gradients, parameters, states = out.gradients, out.parameters, out.states
         for k, gk in g.items():
-            if k not in w:
+            wk = w.get(k, _MISSING)
+            sk = None if s is None else s.get(k, _MISSING)
+            if (
+                type(gk) is mx.array
+                and type(wk) is mx.array
+                and type(sk) is dict
+                and "v" in sk
+                and gk.shape == wk.shape
+                and gk.dtype == wk.dtype
+            ):
+                # The common leaf, checked inline: this loop runs for every leaf on every step.
+                gradients.append(gk)
+                parameters.append(wk)
+                states.append(sk)
+                continue
+            if wk is _MISSING:
                 raise TreeMismatchError(path + (k,), "present in the gradients, missing in the parameters")
-            if s is not None and (not isinstance(s, dict) or k not in s):
+            if sk is _MISSING:
                 raise TreeMismatchError(path + (k,), "missing in the optimizer state")
-            _walk(gk, w[k], None if s is None else s[k], path + (k,), out)
-        return
-    if isinstance(g, (list, tuple)):
+            _walk(gk, wk, sk, path + (k,), out)
+    elif isinstance(g, (list, tuple)):
         if not isinstance(w, (list, tuple)) or len(w) != len(g):
             raise TreeMismatchError(
-                path, f"gradient is a {type(g).__name__} of {len(g)} but the parameter is {_kind(w)}"
-                + (f" of {len(w)}" if isinstance(w, (list, tuple)) else "")
+                path,
+                f"gradient is a {type(g).__name__} of {len(g)} but the parameter is {_kind(w)}"
+                + (f" of {len(w)}" if isinstance(w, (list, tuple)) else ""),
             )
         if s is not None and (not isinstance(s, (list, tuple)) or len(s) != len(g)):
             raise TreeMismatchError(path, "the optimizer state does not match this list")
         for i, gi in enumerate(g):
             _walk(gi, w[i], None if s is None else s[i], path + (i,), out)
-        return
-    raise TreeMismatchError(path, f"gradient leaf is a {type(g).__name__}, not an mx.array")
+    else:
+        raise TreeMismatchError(path, f"gradient leaf is a {type(g).__name__}, not an mx.array")
