@@ -34,9 +34,7 @@ def dtype_name(dtype: mx.Dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 
 
-def synthetic_tree(
-    n_leaves: int, leaf_size: int, dtype: mx.Dtype = mx.float32, depth: int = 1, seed: int = 0
-) -> dict:
+def synthetic_tree(n_leaves: int, leaf_size: int, dtype: mx.Dtype = mx.float32, depth: int = 1, seed: int = 0) -> dict:
     """``n_leaves`` 1-D leaves of ``leaf_size`` elements, nested up to ``depth`` dicts deep.
 
     Leaves are spread over nested dicts of at most 16 children per level,
@@ -45,9 +43,11 @@ def synthetic_tree(
     if n_leaves < 0 or leaf_size < 1 or depth < 1:
         raise ValueError(f"need n_leaves >= 0, leaf_size >= 1, depth >= 1; got {n_leaves}, {leaf_size}, {depth}")
     key = mx.random.key(seed)
-    leaves = [mx.random.normal((leaf_size,), key=k).astype(dtype) for k in mx.random.split(key, n_leaves)] if (
-        n_leaves
-    ) else []
+    leaves = (
+        [mx.random.normal((leaf_size,), key=k).astype(dtype) for k in mx.random.split(key, n_leaves)]
+        if (n_leaves)
+        else []
+    )
     return _nest([(f"p{i}", x) for i, x in enumerate(leaves)], depth)
 
 

@@ -31,7 +31,7 @@ def gradient_sequence(params, steps: int, seed: int = 0):
         leaves = tree_flatten(params)
         keys = iter(mx.random.split(k, max(2 * len(leaves), 2)))
 
-        def one(x):
+        def one(x, keys=keys):
             mag = mx.random.uniform(0.05, 2.0, x.shape, key=next(keys))
             sign = mx.where(mx.random.bernoulli(0.5, x.shape, key=next(keys)), 1.0, -1.0)
             return (mag * sign).astype(x.dtype)

@@ -39,15 +39,17 @@ def run(args: argparse.Namespace) -> int:
         if r.timing is None:
             rows.append([r.variant, None, None, None, None, None, f"unavailable: {r.reason}"])
             continue
-        rows.append([
-            r.variant,
-            f"{r.timing.median * 1e3:.3f}",
-            f"{r.timing.iqr * 1e3:.3f}",
-            f"{r.gbps:.2f}",
-            f"{100 * r.gbps / limit:.0f}%",
-            f"{base / r.timing.median:.2f}x" if base else None,
-            f"first step {r.timing.first_s * 1e3:.1f} ms",
-        ])
+        rows.append(
+            [
+                r.variant,
+                f"{r.timing.median * 1e3:.3f}",
+                f"{r.timing.iqr * 1e3:.3f}",
+                f"{r.gbps:.2f}",
+                f"{100 * r.gbps / limit:.0f}%",
+                f"{base / r.timing.median:.2f}x" if base else None,
+                f"first step {r.timing.first_s * 1e3:.1f} ms",
+            ]
+        )
     print(f"tree {args.tree} ({n_params:,} {args.dtype} parameters, {len(leaves_of(params))} leaves); {setting}")
     print(f"memory-bandwidth limit (in-place triad, all cores): {limit:.1f} GB/s\n")
     print(format_table(["variant", "median ms", "IQR ms", "GB/s", "of limit", "vs eager", "notes"], rows))

@@ -28,7 +28,9 @@ class CompiledRMSprop(RMSpropBase):
     @classmethod
     def unavailable_reason(cls):
         if mx.default_device() == mx.cpu and shutil.which("g++") is None:
-            return "needs g++ on PATH: MLX compiles CPU kernels with it (without it mx.compile silently runs uncompiled)"
+            return (
+                "needs g++ on PATH: MLX builds its CPU kernels with it (without, mx.compile silently runs uncompiled)"
+            )
         return None
 
     def _whole_tree_step(self, w, g, v, lr):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-
 from ..formula import rmsprop_update
 from ..optimizer import RMSpropBase
 
