@@ -19,6 +19,9 @@ _MODULES: dict[str, str] = {
     "compiled": "compiled",
     "flat": "flat",
     "cpu_stream": "cpu_stream",
+    "cpu_kernel": "cpu_kernel",
+    "metal_kernel": "metal_kernel",
+    "cuda_kernel": "cuda_kernel",
 }
 
 

@@ -1,0 +1,419 @@
+// One fused, multi-tensor, threaded RMSprop step as an MLX primitive.
+//
+// A single RMSpropStep node takes every leaf's w, g and v plus the learning
+// rate, and yields every new w and v: a 16384-leaf tree is one graph node and
+// one CPU task, not 16384. The task splits the tree's elements evenly over a
+// persistent thread pool (MLX's CPU back-end runs each task on one thread) and
+// each thread streams its share once, in float32, with AVX2 where the CPU has it.
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/vector.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using namespace mlx::core;
+
+namespace {
+
+// ---------------------------------------------------------------- threads ---
+
+// Workers park on a condition variable between steps, so a step costs a
+// wake-up, not a thread spawn. The calling thread always does share 0.
+class Pool {
+ public:
+  void run(int n, const std::function<void(int)>& fn) {
+    if (n <= 1) {
+      fn(0);
+      return;
+    }
+    std::lock_guard<std::mutex> one_job_at_a_time(run_mutex_);
+    grow(n - 1);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &fn;
+      job_threads_ = n;
+      pending_ = n - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    fn(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+  }
+
+ private:
+  void grow(int n_workers) {
+    while (static_cast<int>(workers_.size()) < n_workers) {
+      int index = static_cast<int>(workers_.size()) + 1;
+      // The worker waits for the job after the current generation, even if it starts late.
+      workers_.emplace_back([this, index, seen = generation_] { work(index, seen); });
+      workers_.back().detach();
+    }
+  }
+
+  void work(int index, uint64_t seen) {
+    while (true) {
+      const std::function<void(int)>* job;
+      int threads;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        job = job_;
+        threads = job_threads_;
+      }
+      if (index >= threads) {
+        continue;
+      }
+      (*job)(index);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--pending_ == 0) {
+        done_.notify_one();
+      }
+    }
+  }
+
+  std::mutex run_mutex_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* job_ = nullptr;
+  int job_threads_ = 0;
+  int pending_ = 0;
+  uint64_t generation_ = 0;
+};
+
+// Never destroyed: parked workers would otherwise have to be joined from a
+// static destructor while MLX's scheduler may still be tearing down.
+Pool& pool() {
+  static Pool* p = new Pool();
+  return *p;
+}
+
+std::atomic<uint64_t> donated_buffers{0};
+
+// ------------------------------------------------------------------ math ---
+
+struct Hyper {
+  float lr, alpha, one_minus_alpha, eps;
+};
+
+// Stock RMSprop's order of operations, in float32.
+inline void step_scalar(float w, float g, float v, const Hyper& h, float& w_out, float& v_out) {
+  v_out = h.alpha * v + h.one_minus_alpha * (g * g);
+  w_out = w - (h.lr * g) / (std::sqrt(v_out) + h.eps);
+}
+
+template <typename T>
+inline float to_f32(T x) {
+  return static_cast<float>(x);
+}
+template <typename T>
+inline T from_f32(float x) {
+  return static_cast<T>(x);
+}
+
+template <typename T>
+void update_scalar(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
+  for (size_t i = 0; i < n; ++i) {
+    float nw, nv;
+    step_scalar(to_f32(w[i]), to_f32(g[i]), to_f32(v[i]), h, nw, nv);
+    v_out[i] = from_f32<T>(nv);
+    w_out[i] = from_f32<T>(nw);
+  }
+}
+
+// AVX2 loads and stores widen and narrow 8 elements at a time.
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 inline __m256 load8(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+AVX2 inline __m256 load8(const float16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+AVX2 inline __m256 load8(const bfloat16_t* p) {
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+AVX2 inline void store8(float* p, __m256 x) {
+  _mm256_storeu_ps(p, x);
+}
+AVX2 inline void store8(float16_t* p, __m256 x) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+}
+// Round to nearest even, as MLX's scalar bfloat16 does; NaN stays a quiet NaN.
+AVX2 inline void store8(bfloat16_t* p, __m256 x) {
+  __m256i u = _mm256_castps_si256(x);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  __m256i bits = _mm256_blendv_epi8(rounded, nan, is_nan);
+  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0b1000);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+template <typename T>
+AVX2 void update_avx2(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
+  const __m256 lr = _mm256_set1_ps(h.lr), alpha = _mm256_set1_ps(h.alpha);
+  const __m256 one_minus_alpha = _mm256_set1_ps(h.one_minus_alpha), eps = _mm256_set1_ps(h.eps);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 gi = load8(g + i);
+    // Separate multiplies and adds (no FMA), so both paths round alike.
+    __m256 nv = _mm256_add_ps(_mm256_mul_ps(alpha, load8(v + i)), _mm256_mul_ps(one_minus_alpha, _mm256_mul_ps(gi, gi)));
+    __m256 step = _mm256_div_ps(_mm256_mul_ps(lr, gi), _mm256_add_ps(_mm256_sqrt_ps(nv), eps));
+    store8(v_out + i, nv);
+    store8(w_out + i, _mm256_sub_ps(load8(w + i), step));
+  }
+  update_scalar(w + i, g + i, v + i, w_out + i, v_out + i, n - i, h);
+}
+
+const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+
+// ------------------------------------------------------------------ leaves ---
+
+struct Leaf {
+  const void* w;
+  const void* g;
+  const void* v;
+  void* w_out;
+  void* v_out;
+  size_t size;
+  Dtype::Val dtype;
+};
+
+template <typename T>
+void update_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h) {
+  auto at = [&](const void* p) { return static_cast<const T*>(p) + lo; };
+  T* w_out = static_cast<T*>(leaf.w_out) + lo;
+  T* v_out = static_cast<T*>(leaf.v_out) + lo;
+  if (has_avx2) {
+    update_avx2(at(leaf.w), at(leaf.g), at(leaf.v), w_out, v_out, hi - lo, h);
+  } else {
+    update_scalar(at(leaf.w), at(leaf.g), at(leaf.v), w_out, v_out, hi - lo, h);
+  }
+}
+
+void update_leaf_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h) {
+  switch (leaf.dtype) {
+    case Dtype::Val::float32:
+      return update_range<float>(leaf, lo, hi, h);
+    case Dtype::Val::float16:
+      return update_range<float16_t>(leaf, lo, hi, h);
+    default:
+      return update_range<bfloat16_t>(leaf, lo, hi, h);
+  }
+}
+
+// Below this many elements a step is faster on one thread than waking others.
+constexpr size_t kMinElementsPerThread = 1 << 15;
+// Thread shares start on 64-element boundaries so no two threads write one cache line.
+constexpr size_t kShareAlign = 64;
+
+void update_all(const std::vector<Leaf>& leaves, const Hyper& h, int max_threads) {
+  std::vector<size_t> starts(leaves.size() + 1, 0);
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    starts[i + 1] = starts[i] + leaves[i].size;
+  }
+  size_t total = starts.back();
+  int threads = static_cast<int>(std::clamp<size_t>(total / kMinElementsPerThread, 1, max_threads));
+  auto share = [&](int t) {
+    size_t lo = std::min(total, (total / threads * t) / kShareAlign * kShareAlign);
+    size_t hi = t + 1 == threads ? total : std::min(total, (total / threads * (t + 1)) / kShareAlign * kShareAlign);
+    size_t i = std::upper_bound(starts.begin(), starts.end(), lo) - starts.begin() - 1;
+    for (; i < leaves.size() && starts[i] < hi; ++i) {
+      size_t a = std::max(lo, starts[i]) - starts[i];
+      size_t b = std::min(hi, starts[i + 1]) - starts[i];
+      if (a < b) {
+        update_leaf_range(leaves[i], a, b, h);
+      }
+    }
+  };
+  pool().run(threads, share);
+}
+
+// Row-major copy of a strided array, for the rare transposed or broadcast leaf.
+void gather_row_major(const array& src, array& dst) {
+  const char* in = static_cast<const char*>(src.data<void>());
+  char* out = static_cast<char*>(dst.data<void>());
+  size_t item = src.itemsize();
+  int ndim = src.ndim();
+  std::vector<int64_t> index(ndim, 0);
+  for (size_t k = 0; k < src.size(); ++k) {
+    int64_t offset = 0;
+    for (int d = 0; d < ndim; ++d) {
+      offset += index[d] * src.strides()[d];
+    }
+    std::memcpy(out + k * item, in + offset * static_cast<int64_t>(item), item);
+    for (int d = ndim - 1; d >= 0 && ++index[d] == src.shape()[d]; --d) {
+      index[d] = 0;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- primitive ---
+
+class RMSpropStep : public Primitive {
+ public:
+  RMSpropStep(Stream stream, double alpha, double eps, int threads)
+      : Primitive(stream), alpha_(alpha), eps_(eps), threads_(threads) {}
+
+  void eval_cpu(const std::vector<array>& inputs, std::vector<array>& outputs) override {
+    size_t n = outputs.size() / 2;
+    auto& encoder = cpu::get_command_encoder(stream());
+    std::vector<array> strided_sources, contiguous_copies;
+    std::vector<Leaf> leaves;
+    leaves.reserve(n);
+    // Flags are read here, at eval time: an input's layout is only known once it has been evaluated.
+    auto readable = [&](const array& x) -> array {
+      if (x.flags().row_contiguous) {
+        return x;
+      }
+      array copy(x.shape(), x.dtype(), nullptr, {});
+      copy.set_data(allocator::malloc(copy.nbytes()));
+      strided_sources.push_back(x);
+      contiguous_copies.push_back(copy);
+      return copy;
+    };
+    for (size_t i = 0; i < n; ++i) {
+      array w = readable(inputs[i]), g = readable(inputs[n + i]), v = readable(inputs[2 * n + i]);
+      give_buffer(inputs[i], outputs[i]);
+      give_buffer(inputs[2 * n + i], outputs[n + i]);
+      leaves.push_back({w.data<void>(), g.data<void>(), v.data<void>(), outputs[i].data<void>(),
+                        outputs[n + i].data<void>(), outputs[i].size(), outputs[i].dtype().val()});
+    }
+    Hyper h{0.0f, static_cast<float>(alpha_), static_cast<float>(1.0 - alpha_), static_cast<float>(eps_)};
+    encoder.dispatch([leaves = std::move(leaves), h, lr = array::unsafe_weak_copy(inputs[3 * n]),
+                      sources = strided_sources, copies = contiguous_copies, threads = threads_]() mutable {
+      for (size_t k = 0; k < sources.size(); ++k) {
+        gather_row_major(sources[k], copies[k]);
+      }
+      h.lr = *lr.data<float>();
+      update_all(leaves, h, threads);
+    });
+    encoder.add_temporaries(std::move(strided_sources));
+    encoder.add_temporaries(std::move(contiguous_copies));
+  }
+
+  void eval_gpu(const std::vector<array>&, std::vector<array>&) override {
+    throw std::runtime_error("RMSpropStep runs on the CPU only; use the metal_kernel or cuda_kernel variant on a GPU.");
+  }
+
+  std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
+    size_t n = (inputs.size() - 1) / 3;
+    std::vector<Shape> shapes;
+    for (size_t i = 0; i < n; ++i) shapes.push_back(inputs[i].shape());
+    for (size_t i = 0; i < n; ++i) shapes.push_back(inputs[2 * n + i].shape());
+    return shapes;
+  }
+
+  const char* name() const override {
+    return "RMSpropStep";
+  }
+
+  bool is_equivalent(const Primitive& other) const override {
+    auto& o = static_cast<const RMSpropStep&>(other);
+    return alpha_ == o.alpha_ && eps_ == o.eps_ && threads_ == o.threads_;
+  }
+
+ private:
+  // Reuse the input's buffer for the output when nothing else holds it (MLX's donation).
+  static void give_buffer(const array& in, array& out) {
+    if (in.flags().row_contiguous && in.is_donatable()) {
+      out.copy_shared_buffer(in);
+      donated_buffers.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      out.set_data(allocator::malloc(out.nbytes()));
+    }
+  }
+
+  double alpha_, eps_;
+  int threads_;
+};
+
+bool supported(Dtype t) {
+  return t == float32 || t == float16 || t == bfloat16;
+}
+
+std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vector<array>& w,
+                                                                 const std::vector<array>& g,
+                                                                 const std::vector<array>& v, const array& lr,
+                                                                 double alpha, double eps, int threads) {
+  size_t n = w.size();
+  if (g.size() != n || v.size() != n) {
+    throw std::invalid_argument("rmsprop_update: w, g and v need one entry per leaf each");
+  }
+  if (lr.size() != 1) {
+    throw std::invalid_argument("rmsprop_update: the learning rate must be a scalar");
+  }
+  if (threads < 1) {
+    throw std::invalid_argument("rmsprop_update: threads must be >= 1");
+  }
+  if (n == 0) {
+    return {};
+  }
+  std::vector<array> inputs;
+  inputs.reserve(3 * n + 1);
+  std::vector<Shape> shapes;
+  std::vector<Dtype> dtypes;
+  shapes.reserve(2 * n);
+  dtypes.reserve(2 * n);
+  for (size_t i = 0; i < n; ++i) {
+    if (!supported(w[i].dtype()) || g[i].dtype() != w[i].dtype() || v[i].dtype() != w[i].dtype()) {
+      throw std::invalid_argument("rmsprop_update: leaf " + std::to_string(i) +
+                                  " needs w, g and v of one dtype among float32, float16, bfloat16");
+    }
+    if (g[i].shape() != w[i].shape() || v[i].shape() != w[i].shape()) {
+      throw std::invalid_argument("rmsprop_update: leaf " + std::to_string(i) + " has w, g and v of different shapes");
+    }
+    shapes.push_back(w[i].shape());
+    dtypes.push_back(w[i].dtype());
+  }
+  for (auto* group : {&w, &g, &v}) {
+    inputs.insert(inputs.end(), group->begin(), group->end());
+  }
+  Stream s = default_stream(Device::cpu);
+  inputs.push_back(reshape(astype(lr, float32, s), {}, s));
+  shapes.insert(shapes.end(), shapes.begin(), shapes.end());
+  dtypes.insert(dtypes.end(), dtypes.begin(), dtypes.end());
+  auto outputs = array::make_arrays(std::move(shapes), dtypes, std::make_shared<RMSpropStep>(s, alpha, eps, threads),
+                                    std::move(inputs));
+  std::vector<array> new_v(outputs.begin() + n, outputs.end());
+  outputs.erase(outputs.begin() + n, outputs.end());
+  return {std::move(outputs), std::move(new_v)};
+}
+
+}  // namespace
+
+NB_MODULE(_ext, m) {
+  m.doc() = "A fused, multi-tensor, threaded RMSprop step for MLX's CPU back-end.";
+  m.attr("MLX_VERSION") = RMSPROP_MLX_VERSION;
+  m.def("rmsprop_update", &rmsprop_update, "w"_a, "g"_a, "v"_a, "lr"_a, "alpha"_a, "eps"_a, "threads"_a,
+        "One step over every leaf: returns (new w list, new v list) from one graph node.");
+  m.def("hardware_threads", [] { return std::max(1u, std::thread::hardware_concurrency()); },
+        "The number of hardware threads, the default thread count.");
+  m.def("donated_buffers", [] { return donated_buffers.load(); },
+        "How many outputs so far reused an input's buffer instead of allocating one.");
+  m.def("uses_avx2", [] { return has_avx2; }, "Whether this CPU runs the AVX2 path.");
+}
