@@ -1,0 +1,50 @@
+"""Regressions over commits, found the way ``asv publish`` finds them.
+
+asv's step detection (``asv.step_detect``) fits piecewise-constant levels to
+each benchmark's per-commit series and reports upward steps that are still
+there at the newest commit. Running it on the DataFrame, rather than reading
+the ``regressions.json`` that ``asv publish`` writes, lets the notebooks and
+the report find regressions without publishing first.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from asv.step_detect import detect_regressions, detect_steps
+
+#: asv's default relative threshold for reporting a regression (``regressions_thresholds``).
+DEFAULT_THRESHOLD = 0.05
+
+#: Benchmarks where a rise is good news, so an upward step is no regression.
+_HIGHER_IS_BETTER = ("gbps", "fraction_of_limit")
+
+SERIES = ["machine", "environment", "benchmark", "variant", "tree", "dtype"]
+
+
+def commit_series(df: pd.DataFrame) -> pd.core.groupby.DataFrameGroupBy:
+    """Measured rows grouped into one series per machine, environment, benchmark and parameters."""
+    measured = df[df["available"]].sort_values("commit_date")
+    return measured.groupby(SERIES, dropna=False, sort=True)
+
+
+def find_regressions(df: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
+    """One row per regression: the first slow ``commit``, the ``previous`` good one, and the medians."""
+    found = []
+    for key, series in commit_series(df):
+        if series["benchmark"].iloc[0].endswith(_HIGHER_IS_BETTER):
+            continue  # asv's detector assumes lower is better
+        commits, medians = series["commit"].tolist(), series["median"].tolist()
+        _, _, jumps = detect_regressions(detect_steps(medians), threshold)
+        for good, slow, before, after in jumps or []:
+            found.append(
+                {
+                    **dict(zip(SERIES, key)),
+                    "commit": commits[slow],
+                    "previous": commits[good],
+                    "commit_date": series["commit_date"].iloc[slow],
+                    "before": before,
+                    "after": after,
+                    "ratio": after / before,
+                }
+            )
+    return pd.DataFrame(found, columns=[*SERIES, "commit", "previous", "commit_date", "before", "after", "ratio"])

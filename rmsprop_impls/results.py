@@ -1,0 +1,204 @@
+"""asv results as one tidy table: a row per measurement, ready for plots and reports.
+
+The files are parsed by asv's own ``asv.results.Results`` (results are stored
+column-wise under ``result_columns``), so the format is read exactly as asv
+writes it. asv stores a benchmark that raised ``NotImplementedError`` in
+``setup`` (our unavailable variants) as NaN and a failed one as null: both
+become rows with ``available`` False and a ``skip_reason``, so plots can show
+them instead of dropping them.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from asv.results import Results
+from asv.util import UserError as AsvUserError
+
+from .trees import tree_info
+
+#: The benchmark whose result is the machine's bandwidth limit (GB/s), and the main time benchmark.
+LIMIT_BENCHMARK = "bench_bandwidth.Bandwidth.track_triad_gbps"
+STEP_BENCHMARK = "bench_step.Step.time_step"
+
+#: Bytes per element of each dtype name the suites use.
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+#: asv parameter names that mean "which implementation": a variant of ours or a peer library.
+_VARIANT_PARAMS = ("variant", "peer")
+_DEFAULT_PARAM_NAMES = ["variant", "tree", "dtype"]
+_SKIPPED = "skipped by asv: setup raised NotImplementedError (the variant cannot run there)"
+_FAILED = "failed: asv recorded no value (see the asv run log)"
+
+COLUMNS = [
+    "machine",
+    "commit",
+    "commit_date",
+    "environment",
+    "benchmark",
+    "unit",
+    "variant",
+    "tree",
+    "n_leaves",
+    "n_params",
+    "dtype",
+    "median",
+    "ci_low",
+    "ci_high",
+    "q25",
+    "q75",
+    "iqr",
+    "n_samples",
+    "gbps",
+    "fraction_of_limit",
+    "available",
+    "skip_reason",
+]
+
+
+class ResultsError(Exception):
+    """The results directory cannot give a table; the message is one line that names the path."""
+
+
+def load_asv_results(results_dir: str | Path) -> pd.DataFrame:
+    """Every measurement under ``results_dir`` (asv's ``results_dir``) as a tidy DataFrame.
+
+    Unreadable result files are skipped with a warning and listed in
+    ``df.attrs["skipped_files"]`` as ``(path, reason)``; the rest still load.
+    """
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise ResultsError(f"no asv results directory at {root}: run the benchmarks first (rmsprop-bench run)")
+    benchmarks = _benchmark_descriptions(root)
+    rows: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    for path in sorted(root.glob("*/*.json")):
+        if path.name in ("machine.json", "benchmarks.json"):
+            continue
+        try:
+            rows += _rows_of(Results.load(str(path)), benchmarks)
+        except (AsvUserError, KeyError, TypeError, ValueError, IndexError, OSError) as e:
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            warnings.warn(f"skipping unreadable asv results file {path}: {reason}", stacklevel=2)
+            skipped.append((str(path), reason))
+    if not rows:
+        detail = f"; unreadable: {', '.join(p for p, _ in skipped)}" if skipped else ""
+        raise ResultsError(f"no asv results in {root}{detail}")
+    df = _add_throughput(pd.DataFrame(rows, columns=COLUMNS))
+    df = df.sort_values(["commit_date", "machine", "environment", "benchmark"], kind="stable", ignore_index=True)
+    df.attrs["skipped_files"] = skipped
+    return df
+
+
+def _benchmark_descriptions(root: Path) -> dict[str, dict]:
+    """asv's ``benchmarks.json`` (param names, units); empty where it is missing or unreadable."""
+    try:
+        return json.loads((root / "benchmarks.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _rows_of(run: Results, benchmarks: dict[str, dict]) -> list[dict[str, Any]]:
+    common = {
+        "machine": run.params["machine"],
+        "commit": run.commit_hash,
+        "commit_date": pd.to_datetime(run.date, unit="ms", utc=True),
+        "environment": run.env_name,
+    }
+    rows = []
+    for benchmark in run.get_all_result_keys():
+        params = run.get_result_params(benchmark) or []
+        description = benchmarks.get(benchmark, {})
+        names = description.get("param_names") or _DEFAULT_PARAM_NAMES[: len(params)]
+        values = run.get_result_value(benchmark, params)
+        stats = run.get_result_stats(benchmark, params)
+        samples = run.get_result_samples(benchmark, params)
+        # asv stores one value per combination, in itertools.product order (one, for no parameters).
+        for combo, value, stat, sample in zip(itertools.product(*params), values, stats, samples):
+            rows.append(
+                {
+                    **common,
+                    "benchmark": benchmark,
+                    "unit": description.get("unit"),
+                    **_describe_params(dict(zip(names, (_unquote(p) for p in combo)))),
+                    **_statistics(value, stat or {}, sample),
+                }
+            )
+    return rows
+
+
+def _unquote(param: str) -> str:
+    """asv stores parameter values as their ``repr``: ``"'eager'"`` -> ``eager``."""
+    return param[1:-1] if len(param) >= 2 and param[0] == param[-1] and param[0] in "'\"" else param
+
+
+def _describe_params(params: dict[str, str]) -> dict[str, Any]:
+    variant = next((params[k] for k in _VARIANT_PARAMS if k in params), None)
+    tree = params.get("tree")
+    n_leaves, n_params = _tree_size(tree) if tree else (math.nan, math.nan)
+    return {"variant": variant, "tree": tree, "n_leaves": n_leaves, "n_params": n_params, "dtype": params.get("dtype")}
+
+
+@functools.cache
+def _tree_size(name: str) -> tuple[float, float]:
+    """Leaf and parameter counts; model trees are built once (lazily, so no big allocation)."""
+    try:
+        info = tree_info(name)
+    except ValueError:
+        return math.nan, math.nan
+    return info.n_leaves, info.n_params
+
+
+def _statistics(value: float | None, stats: dict[str, float], samples: list[float] | None) -> dict[str, Any]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        reason = _FAILED if value is None else _SKIPPED
+        return {"median": math.nan, "available": False, "skip_reason": reason}
+    q25, q75 = stats.get("q_25", math.nan), stats.get("q_75", math.nan)
+    return {
+        "median": value,
+        "ci_low": stats.get("ci_99_a", math.nan),
+        "ci_high": stats.get("ci_99_b", math.nan),
+        "q25": q25,
+        "q75": q75,
+        "iqr": q75 - q25,
+        "n_samples": len(samples) if samples else stats.get("repeat", math.nan),
+        "available": True,
+        "skip_reason": None,
+    }
+
+
+def _add_throughput(df: pd.DataFrame) -> pd.DataFrame:
+    """GB/s of time benchmarks (5 bytes moved per parameter byte) and the fraction of each run's limit."""
+    df["n_leaves"] = df["n_leaves"].astype(float)
+    df["n_params"] = df["n_params"].astype(float)
+    is_time = df["benchmark"].str.split(".").str[-1].str.startswith("time_")
+    step_bytes = 5 * df["dtype"].map(ITEMSIZE).astype(float) * df["n_params"]
+    df["gbps"] = (step_bytes / df["median"] / 1e9).where(is_time)
+    tracked = df["benchmark"].str.endswith(".track_gbps")
+    df.loc[tracked, "gbps"] = df.loc[tracked, "median"]
+    run = ["machine", "commit", "environment"]
+    limits = df[df["benchmark"] == LIMIT_BENCHMARK].groupby(run)["median"].median().rename("limit_gbps")
+    df = df.join(limits, on=run)
+    df["fraction_of_limit"] = df["gbps"] / df["limit_gbps"]
+    tracked = df["benchmark"].str.endswith(".track_fraction_of_limit")
+    df.loc[tracked, "fraction_of_limit"] = df.loc[tracked, "median"]
+    return df
+
+
+def latest(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the most recent commit measured on each machine and environment."""
+    newest = df.groupby(["machine", "environment"])["commit_date"].transform("max")
+    return df[df["commit_date"] == newest]
+
+
+def bandwidth_limit(df: pd.DataFrame) -> float | None:
+    """The median bandwidth limit (GB/s) over the given rows, ``None`` where the suite did not measure it."""
+    limits = df["limit_gbps"].dropna()
+    return float(limits.median()) if len(limits) else None
