@@ -1,0 +1,266 @@
+"""The figures the notebooks, the report and the tests share, drawn from ``load_asv_results``'s table.
+
+Figures are built with ``matplotlib.figure.Figure`` directly, never pyplot, so
+they need no display and leave no global state behind. Every figure has a
+title, axis labels with units, and a ``caption``: one sentence that says what
+to read from it, also printed under the plot so a saved PNG carries it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+
+from .registry import variant_names
+from .regressions import commit_series, find_regressions
+from .results import ITEMSIZE, STEP_BENCHMARK, bandwidth_limit, latest
+
+_UNAVAILABLE = "#bbbbbb"
+
+
+class CaptionedFigure(Figure):
+    """A figure that carries the one sentence saying what to read from it."""
+
+    caption: str = ""
+
+
+def _figure(n_axes: int = 1, width: float = 7.0, height: float = 4.5) -> tuple[CaptionedFigure, list]:
+    fig = CaptionedFigure(figsize=(width, height))
+    axes = fig.subplots(1, n_axes, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _finish(fig: CaptionedFigure, title: str, caption: str) -> CaptionedFigure:
+    fig.suptitle(title, fontweight="bold")
+    fig.caption = caption
+    fig.text(0.01, 0.01, caption, fontsize=8, wrap=True, va="bottom")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def _step_rows(df: pd.DataFrame, dtype: str | None = None) -> pd.DataFrame:
+    """The newest run's step timings in one dtype (float32 where measured)."""
+    rows = latest(df[df["benchmark"] == STEP_BENCHMARK])
+    if rows.empty:
+        raise ValueError(f"no '{STEP_BENCHMARK}' results to plot")
+    dtypes = rows["dtype"].dropna().unique().tolist()
+    chosen = dtype or ("float32" if "float32" in dtypes else dtypes[0])
+    return rows[rows["dtype"] == chosen]
+
+
+def _variant_order(variants: pd.Series) -> list[str]:
+    """Registry order first (eager, compiled, ...), then anything else (peers, ``flat+packed``)."""
+    known = [v for v in variant_names() if v in set(variants)]
+    return known + sorted(set(variants) - set(known))
+
+
+def _trees_by_size(rows: pd.DataFrame) -> list[str]:
+    return rows.sort_values(["n_params", "n_leaves"]).drop_duplicates("tree")["tree"].tolist()
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
+
+
+def _empty(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def variant_comparison(df: pd.DataFrame, dtype: str | None = None, max_trees: int = 4) -> CaptionedFigure:
+    """Median step time of every variant on each tree, with asv's interquartile range as error bars."""
+    rows = _step_rows(df, dtype)
+    trees = _trees_by_size(rows)[:max_trees]
+    order = _variant_order(rows["variant"])
+    fig, axes = _figure(len(trees), width=max(7.0, 3.2 * len(trees)))
+    winners = []
+    for ax, tree in zip(axes, trees):
+        per = rows[rows["tree"] == tree].set_index("variant").reindex(order)
+        ran = per[per["available"] == True]  # noqa: E712 (reindexed rows hold NaN, not False)
+        x = np.arange(len(order))
+        ms = per["median"].to_numpy() * 1e3
+        low = np.clip(ms - per["q25"].to_numpy() * 1e3, 0, None)
+        high = np.clip(per["q75"].to_numpy() * 1e3 - ms, 0, None)
+        ax.bar(x, np.nan_to_num(ms), yerr=[np.nan_to_num(low), np.nan_to_num(high)], capsize=4, color="C0")
+        for i, variant in enumerate(order):
+            if per.loc[variant, "available"] != True:  # noqa: E712
+                ax.text(i, 0, " unavailable", rotation=90, ha="center", va="bottom", color="dimgray", fontsize=8)
+                ax.bar(i, 0, color=_UNAVAILABLE)
+        ax.set_xticks(x, order, rotation=30, ha="right")
+        for label, variant in zip(ax.get_xticklabels(), order):
+            if per.loc[variant, "available"] != True:  # noqa: E712
+                label.set_color("dimgray")
+        ax.set_title(f"{tree} ({int(per['n_params'].max()):,} params, {int(per['n_leaves'].max())} leaves)")
+        ax.set_xlabel("variant")
+        ax.set_ylabel("median step time (ms)")
+        if len(ran):
+            best = ran["median"].idxmin()
+            winners.append(f"{best} on {tree} ({_ms(ran.loc[best, 'median'])})")
+    caption = (
+        f"Shorter bars are faster and whiskers span asv's interquartile range; fastest: {', '.join(winners)}; "
+        "variants that cannot run on this machine are labelled 'unavailable'."
+    )
+    return _finish(fig, f"Step time per variant ({rows['dtype'].iloc[0]}, newest commit)", caption)
+
+
+def _limit_seconds(n_params: np.ndarray, dtype: str, limit_gbps: float) -> np.ndarray:
+    """The fastest a step can be: 5 bytes per parameter byte at the machine's bandwidth limit."""
+    return 5 * ITEMSIZE[dtype] * n_params / (limit_gbps * 1e9)
+
+
+def scaling(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
+    """Step time against parameter count, log-log, one line per variant, with the bandwidth-limit line."""
+    rows = _step_rows(df, dtype)
+    rows = rows[rows["available"]].sort_values("n_params")
+    dtype = rows["dtype"].iloc[0] if len(rows) else "float32"
+    fig, (ax,) = _figure()
+    for variant in _variant_order(rows["variant"]):
+        line = rows[rows["variant"] == variant]
+        ax.plot(line["n_params"], line["median"] * 1e3, marker="o", label=variant)
+    limit = bandwidth_limit(latest(df))
+    sizes = np.geomspace(rows["n_params"].min(), rows["n_params"].max(), 50) if len(rows) else np.array([])
+    if limit and len(sizes):
+        ax.plot(sizes, _limit_seconds(sizes, dtype, limit) * 1e3, "k--", label=f"bandwidth limit ({limit:.1f} GB/s)")
+        limit_text = (
+            "the dashed line is the fastest a step can be at the measured bandwidth limit, "
+            "so the gap above it is what a variant leaves on the table"
+        )
+    else:
+        limit_text = "no bandwidth limit (track_triad_gbps) is in these results, so no limit line is drawn"
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters in the tree (count, log scale)")
+    ax.set_ylabel("median step time (ms, log scale)")
+    ax.legend(fontsize=8)
+    caption = f"Lines with slope 1 scale with size and lines flat at the left are overhead-bound; {limit_text}."
+    return _finish(fig, f"Scaling with tree size ({dtype})", caption)
+
+
+def fraction_of_limit(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
+    """Each variant's effective bandwidth as a share of the measured limit, per tree."""
+    rows = _step_rows(df, dtype)
+    fig, (ax,) = _figure()
+    measured = rows[rows["available"] & rows["fraction_of_limit"].notna()]
+    if measured.empty:
+        _empty(ax, "no bandwidth limit (bench_bandwidth.Bandwidth.track_triad_gbps) in these results")
+        caption = "Nothing to read yet: run the bandwidth benchmark with the step benchmarks to get the limit."
+    else:
+        trees, order = _trees_by_size(measured), _variant_order(measured["variant"])
+        width = 0.8 / len(order)
+        for i, variant in enumerate(order):
+            per = measured[measured["variant"] == variant].set_index("tree").reindex(trees)
+            x = np.arange(len(trees)) + (i - (len(order) - 1) / 2) * width
+            ax.bar(x, per["fraction_of_limit"] * 100, width, label=variant)
+        ax.axhline(100, color="k", linestyle="--", linewidth=1)
+        ax.set_xticks(np.arange(len(trees)), trees)
+        ax.legend(fontsize=8)
+        best = measured.loc[measured["fraction_of_limit"].idxmax()]
+        caption = (
+            f"Bars near the 100% line move memory as fast as the machine allows; the best here is {best['variant']} "
+            f"on {best['tree']} at {100 * best['fraction_of_limit']:.0f}% of the limit."
+        )
+    ax.set_xlabel("tree")
+    ax.set_ylabel("effective bandwidth (% of the limit)")
+    return _finish(fig, "Fraction of the memory-bandwidth limit", caption)
+
+
+def per_leaf_overhead(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
+    """Step time against leaf count at the total size measured with the most leaf counts."""
+    rows = _step_rows(df, dtype)
+    rows = rows[rows["available"]]
+    fig, (ax,) = _figure()
+    counts = rows.groupby("n_params")["n_leaves"].nunique()
+    total = counts.idxmax() if len(counts) else math.nan
+    same_size = rows[rows["n_params"] == total].sort_values("n_leaves")
+    for variant in _variant_order(same_size["variant"]):
+        line = same_size[same_size["variant"] == variant]
+        ax.plot(line["n_leaves"], line["median"] * 1e3, marker="o", label=variant)
+    ax.set_xscale("log")
+    ax.set_xlabel("leaves in the tree (count, log scale)")
+    ax.set_ylabel("median step time (ms)")
+    ax.legend(fontsize=8)
+    trees = ", ".join(same_size.drop_duplicates("tree")["tree"])
+    caption = (
+        f"At a fixed {int(total) if total == total else 0:,} parameters ({trees}), a line that rises with the leaf "
+        "count pays a cost per leaf (dispatch, kernel launch); a flat line does not."
+    )
+    return _finish(fig, "Per-leaf overhead at a fixed total size", caption)
+
+
+def speedup_heatmap(df: pd.DataFrame, baseline: str = "eager", dtype: str | None = None) -> CaptionedFigure:
+    """``baseline``'s median over each variant's, for every variant and tree; n/a where one did not run."""
+    rows = _step_rows(df, dtype)
+    trees, order = _trees_by_size(rows), _variant_order(rows["variant"])
+    medians = rows[rows["available"]].pivot_table(index="variant", columns="tree", values="median")
+    medians = medians.reindex(index=order, columns=trees)
+    speedup = medians.loc[baseline] / medians if baseline in medians.index else medians * math.nan
+    fig, (ax,) = _figure(width=max(6.0, 1.3 * len(trees) + 3), height=max(3.5, 0.5 * len(order) + 2))
+    values = np.log2(speedup.to_numpy(dtype=float))
+    span = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 1.0
+    image = ax.imshow(values, cmap="RdYlGn", norm=TwoSlopeNorm(0, -max(span, 1e-3), max(span, 1e-3)), aspect="auto")
+    for (i, j), value in np.ndenumerate(speedup.to_numpy(dtype=float)):
+        ax.text(j, i, "n/a" if math.isnan(value) else f"{value:.2f}x", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(trees)), trees, rotation=30, ha="right")
+    ax.set_yticks(range(len(order)), order)
+    ax.set_xlabel("tree")
+    ax.set_ylabel("variant")
+    fig.colorbar(image, ax=ax, label=f"log2 speed-up over {baseline} (1 = twice as fast)")
+    caption = (
+        f"Green cells are faster than {baseline} and red ones slower, by the factor written in them; "
+        "n/a marks a variant that did not run on that tree."
+    )
+    return _finish(fig, f"Speed-up over {baseline} (step time ratio)", caption)
+
+
+def history(
+    df: pd.DataFrame, benchmark: str = STEP_BENCHMARK, regressions: pd.DataFrame | None = None
+) -> CaptionedFigure:
+    """One line per series over commits (oldest left); asv's step detection marks each regression's commit."""
+    rows = df[df["benchmark"] == benchmark]
+    regressions = find_regressions(rows) if regressions is None else regressions
+    commits = rows.sort_values("commit_date").drop_duplicates("commit")["commit"].tolist()
+    position = {c: i for i, c in enumerate(commits)}
+    fig, (ax,) = _figure(width=max(7.0, 0.6 * len(commits) + 4))
+    for key, series in commit_series(rows):
+        label = "/".join(str(v) for v in key[3:] if isinstance(v, str))
+        ax.plot(series["commit"].map(position), series["median"] * 1e3, marker="o", label=label)
+    for _, r in regressions[regressions["benchmark"] == benchmark].iterrows():
+        x, y = position[r["commit"]], r["after"] * 1e3
+        ax.plot(x, y, marker="v", color="red", markersize=12, linestyle="none")
+        ax.annotate(
+            f"regression in {r['commit'][:8]}\n{r['variant']}/{r['tree']}: {r['ratio']:.1f}x slower",
+            (x, y),
+            textcoords="offset points",
+            xytext=(-10, -30),
+            ha="right",
+            color="red",
+            fontsize=8,
+        )
+    ax.set_xticks(range(len(commits)), [c[:8] for c in commits], rotation=30, ha="right")
+    ax.set_yscale("log")
+    ax.set_xlabel("commit (oldest left)")
+    ax.set_ylabel("median step time (ms, log scale)")
+    ax.legend(fontsize=8)
+    named = [f"{r.variant}/{r.tree} at {r.commit[:8]} ({r.ratio:.1f}x)" for r in regressions.itertuples()]
+    caption = (
+        f"Red triangles mark the first slow commit of each step up that asv's step detection finds: {'; '.join(named)}."
+        if named
+        else "asv's step detection finds no regression in this history: every line stays at its level."
+    )
+    return _finish(fig, f"History of {benchmark.split('.', 1)[-1]} over commits", caption)
+
+
+#: Every figure by file name, in the order the report shows them.
+FIGURES = {
+    "variant_comparison": variant_comparison,
+    "scaling": scaling,
+    "fraction_of_limit": fraction_of_limit,
+    "per_leaf_overhead": per_leaf_overhead,
+    "speedup_heatmap": speedup_heatmap,
+    "history": history,
+}
