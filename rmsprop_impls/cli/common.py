@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from ..trees import DTYPES, parse_dtype, tree_by_name
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class UserError(Exception):
@@ -44,3 +50,26 @@ def load_tree(name: str, dtype: str) -> dict:
         return tree_by_name(name, parse_dtype(dtype))
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def add_results_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--results",
+        default=".asv/results",
+        help="asv results directory to read (default .asv/results, where asv.conf.json puts them)",
+    )
+
+
+def load_results(results_dir: str) -> pd.DataFrame:
+    """The tidy results table, with unreadable files reported as warnings and a bad directory as a user error."""
+    from ..results import ResultsError, load_asv_results  # pandas and asv: only for the commands that read results
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            df = load_asv_results(results_dir)
+    except ResultsError as e:
+        raise UserError(str(e)) from None
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return df

@@ -1,0 +1,100 @@
+"""A one-page Markdown summary of asv results, with every figure as a PNG beside it: no Jupyter needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from .plots import FIGURES
+from .regressions import find_regressions
+from .results import STEP_BENCHMARK, bandwidth_limit, latest
+from .tables import markdown_table
+
+SUMMARY = "summary.md"
+
+
+def winners(df: pd.DataFrame, baseline: str = "eager") -> pd.DataFrame:
+    """The fastest variant per tree and dtype in the newest run, with its speed-up over ``baseline``."""
+    rows = latest(df[(df["benchmark"] == STEP_BENCHMARK) & df["available"]])
+    best = rows.loc[rows.groupby(["tree", "dtype"])["median"].idxmin()].set_index(["tree", "dtype"])
+    base = rows[rows["variant"] == baseline].set_index(["tree", "dtype"])["median"]
+    best["speedup"] = base.reindex(best.index) / best["median"]
+    columns = ["n_params", "n_leaves", "variant", "median", "gbps", "fraction_of_limit", "speedup"]
+    return best[columns].sort_values("n_params").reset_index()
+
+
+def unavailable(df: pd.DataFrame) -> pd.DataFrame:
+    """Variant and tree pairs that asv skipped or failed in the newest run, with why."""
+    rows = latest(df[(df["benchmark"] == STEP_BENCHMARK) & ~df["available"]])
+    return rows[["variant", "tree", "dtype", "skip_reason"]].drop_duplicates().reset_index(drop=True)
+
+
+def _number(value: float, fmt: str) -> str | None:
+    return None if pd.isna(value) else format(value, fmt)
+
+
+def _winners_section(df: pd.DataFrame) -> str:
+    table = winners(df)
+    rows = [
+        [
+            r.tree,
+            r.dtype,
+            f"{int(r.n_params):,}",
+            int(r.n_leaves),
+            r.variant,
+            _number(r.median * 1e3, ".3f"),
+            _number(r.gbps, ".2f"),
+            _number(100 * r.fraction_of_limit, ".0f"),
+            _number(r.speedup, ".2f"),
+        ]
+        for r in table.itertuples()
+    ]
+    headers = ["tree", "dtype", "params", "leaves", "fastest", "median ms", "GB/s", "% of limit", "x eager"]
+    return "## Fastest variant per tree\n\n" + markdown_table(headers, rows)
+
+
+def _regressions_section(df: pd.DataFrame) -> str:
+    found = find_regressions(df)
+    if found.empty:
+        return "## Regressions\n\nasv's step detection finds none in this history."
+    rows = [
+        [r.benchmark, f"{r.variant}/{r.tree}/{r.dtype}", r.commit[:8], r.previous[:8], f"{r.ratio:.2f}x"]
+        for r in found.itertuples()
+    ]
+    headers = ["benchmark", "series", "first slow commit", "last good commit", "slower by"]
+    return "## Regressions (asv step detection)\n\n" + markdown_table(headers, rows)
+
+
+def write_report(df: pd.DataFrame, out_dir: str | Path, source: str = "") -> Path:
+    """Write every figure as ``<name>.png`` and ``summary.md`` into ``out_dir``; returns the summary's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    newest = latest(df)
+    limit = bandwidth_limit(newest)
+    machines = ", ".join(sorted(newest["machine"].unique()))
+    sections = [
+        "# rmsprop-bench results",
+        f"Source: `{source}`; machine: {machines}; newest commit: `{newest['commit'].iloc[0][:8]}` "
+        f"({newest['commit_date'].iloc[0]:%Y-%m-%d %H:%M} UTC); {df['commit'].nunique()} commits in the history.",
+        f"**Memory-bandwidth limit:** {limit:.1f} GB/s (in-place triad, all cores)."
+        if limit
+        else "**Memory-bandwidth limit:** not in these results (bench_bandwidth did not run).",
+        _winners_section(df),
+    ]
+    skipped = unavailable(df)
+    if len(skipped):
+        lines = [f"- {r.variant} on {r.tree} ({r.dtype}): {r.skip_reason}" for r in skipped.itertuples()]
+        sections.append("## Unavailable here\n\n" + "\n".join(lines))
+    sections.append(_regressions_section(df))
+    sections.append("## Figures")
+    for name, make in tqdm(FIGURES.items(), desc="drawing figures", unit="figure", leave=False):
+        fig = make(df)
+        fig.savefig(out / f"{name}.png", dpi=110)
+        sections.append(f"![{name}]({name}.png)\n\n{fig.caption}")
+    for path, reason in df.attrs.get("skipped_files", []):
+        sections.append(f"> Skipped unreadable results file `{path}`: {reason}")
+    summary = out / SUMMARY
+    summary.write_text("\n\n".join(sections) + "\n")
+    return summary
