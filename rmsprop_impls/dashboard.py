@@ -197,7 +197,14 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _DashboardServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A browser that navigates away drops its other requests; that is no error worth a traceback."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 def dashboard_server(html_dir: str | Path, port: int = 0) -> http.server.ThreadingHTTPServer:
     """An HTTP server for ``html_dir`` on 127.0.0.1 (``port`` 0 picks a free one); call ``serve_forever``."""
     handler = functools.partial(_QuietHandler, directory=str(html_dir))
-    return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    return _DashboardServer(("127.0.0.1", port), handler)

@@ -1,0 +1,133 @@
+"""The results loader, regression detection, figures and report, on results that real asv runs produced."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+from analysis_history import analysis_history
+from test_cli import cli
+
+from rmsprop_impls import plots
+from rmsprop_impls.regressions import find_regressions
+from rmsprop_impls.report import winners
+from rmsprop_impls.results import COLUMNS, LIMIT_BENCHMARK, STEP_BENCHMARK, ResultsError, load_asv_results
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory):
+    return analysis_history(tmp_path_factory.mktemp("analysis-history"))
+
+
+@pytest.fixture(scope="module")
+def rich_df(rich):
+    return load_asv_results(rich.results_dir)
+
+
+def test_one_row_per_measurement_with_sizes_and_throughput(asv_history):
+    df = load_asv_results(asv_history.results_dir)
+    assert set(COLUMNS) <= set(df.columns)
+    assert len(df) == 2 * len(asv_history.commits)  # eager and flat on 4x1K float32, per commit
+    assert sorted(df["commit"].unique()) == sorted(asv_history.commits)
+    assert df["commit_date"].is_monotonic_increasing and (df["machine"] == "test-machine").all()
+    assert (df["n_leaves"] == 4).all() and (df["n_params"] == 4096).all() and (df["dtype"] == "float32").all()
+    assert df["gbps"].tolist() == pytest.approx((5 * 4 * 4096 / df["median"] / 1e9).tolist())
+    eager = df[df["variant"] == "eager"].set_index("commit")["median"]
+    slowed_from = asv_history.commits.index(asv_history.slowed)
+    assert [eager[c] > 0.02 for c in asv_history.commits] == [i >= slowed_from for i in range(len(eager))]
+    assert df["available"].all() and df["fraction_of_limit"].isna().all()  # no bandwidth benchmark in that suite
+
+
+def test_skipped_variant_is_a_row_with_its_reason_and_fraction_uses_the_runs_limit(rich_df):
+    skipped = rich_df[rich_df["variant"] == "metal_kernel"]
+    assert len(skipped) and not skipped["available"].any() and skipped["median"].isna().all()
+    assert skipped["skip_reason"].str.contains("NotImplementedError").all()
+    newest = rich_df[rich_df["commit"] == rich_df["commit"].iloc[-1]]
+    limit = newest.loc[newest["benchmark"] == LIMIT_BENCHMARK, "median"].item()
+    steps = newest[(newest["benchmark"] == STEP_BENCHMARK) & newest["available"]]
+    assert limit > 0 and steps["fraction_of_limit"].tolist() == pytest.approx((steps["gbps"] / limit).tolist())
+
+
+def test_missing_and_empty_directories_are_clear_errors(tmp_path):
+    with pytest.raises(ResultsError, match=f"no asv results directory at {tmp_path / 'nope'}"):
+        load_asv_results(tmp_path / "nope")
+    with pytest.raises(ResultsError, match=f"no asv results in {tmp_path}"):
+        load_asv_results(tmp_path)
+
+
+def test_corrupt_and_truncated_files_are_named_and_skipped(asv_history, tmp_path):
+    results = shutil.copytree(asv_history.results_dir, tmp_path / "results")
+    files = sorted(results.glob("test-machine/*-existing-*.json"))
+    truncated, corrupt = files[0], files[1]
+    truncated.write_text(truncated.read_text()[:200])
+    corrupt.write_text('{"version": 2, "results": 7}')
+    with pytest.warns(UserWarning) as caught:
+        df = load_asv_results(results)
+    messages = " ".join(str(w.message) for w in caught)
+    assert str(truncated) in messages and str(corrupt) in messages
+    assert [p for p, _ in df.attrs["skipped_files"]] == [str(truncated), str(corrupt)]
+    assert df["commit"].nunique() == len(files) - 2
+    for path in files[2:]:
+        path.write_text("")
+    with warnings.catch_warnings(), pytest.raises(ResultsError, match="unreadable: .*" + files[-1].name):
+        warnings.simplefilter("ignore")
+        load_asv_results(results)
+
+
+def test_step_detection_finds_the_planted_regression(asv_history):
+    found = find_regressions(load_asv_results(asv_history.results_dir))
+    eager = found[found["variant"] == "eager"]
+    assert eager["commit"].tolist() == [asv_history.slowed]
+    assert eager["previous"].item() == asv_history.commits[asv_history.commits.index(asv_history.slowed) - 1]
+    assert eager["after"].item() > 0.02 > eager["before"].item()
+
+
+@pytest.mark.parametrize("name", list(plots.FIGURES))
+def test_every_figure_has_a_title_labelled_axes_and_a_caption(name, rich_df, tmp_path):
+    fig = plots.FIGURES[name](rich_df)
+    assert fig._suptitle.get_text()
+    plotted = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    for ax in plotted:
+        assert "(" in ax.get_xlabel() or ax.get_xlabel() in ("variant", "tree"), ax.get_xlabel()
+        assert "(" in ax.get_ylabel() or ax.get_ylabel() == "variant", ax.get_ylabel()
+    assert fig.caption.endswith(".") and fig.caption.count(". ") == 0  # one sentence
+    fig.savefig(tmp_path / f"{name}.png")
+    assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
+
+def test_unavailable_variants_are_drawn_as_such(rich_df):
+    fig = plots.variant_comparison(rich_df)
+    for ax in fig.axes:
+        assert "metal_kernel" in [t.get_text() for t in ax.get_xticklabels()]
+        assert any("unavailable" in t.get_text() for t in ax.texts)
+
+
+def test_scaling_draws_the_bandwidth_limit_and_history_names_the_commit(rich_df, asv_history):
+    (ax,) = plots.scaling(rich_df).axes
+    assert any("bandwidth limit" in line.get_label() for line in ax.get_lines())
+    fig = plots.history(load_asv_results(asv_history.results_dir))
+    assert any(f"regression in {asv_history.slowed[:8]}" in t.get_text() for t in fig.axes[0].texts)
+    assert asv_history.slowed[:8] in fig.caption
+
+
+def test_winners_pick_the_fastest_measured_variant(rich_df):
+    table = winners(rich_df)
+    newest = rich_df[(rich_df["commit"] == rich_df["commit"].iloc[-1]) & (rich_df["benchmark"] == STEP_BENCHMARK)]
+    for row in table.itertuples():
+        ran = newest[(newest["tree"] == row.tree) & newest["available"]]
+        assert row.median == ran["median"].min() and row.variant != "metal_kernel"
+
+
+def test_report_command_writes_figures_and_a_summary(asv_history, tmp_path):
+    out = cli("report", "--results", str(asv_history.results_dir), "--out", str(tmp_path / "report"))
+    assert out.returncode == 0, out.stderr
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "## Fastest variant per tree" in summary and "| 4x1K | float32 |" in summary
+    assert f"| eager/4x1K/float32 | {asv_history.slowed[:8]} |" in summary
+    assert sorted(p.stem for p in (tmp_path / "report").glob("*.png")) == sorted(plots.FIGURES)
+
+
+def test_report_on_a_bad_directory_is_one_line(tmp_path):
+    out = cli("report", "--results", str(tmp_path / "missing"), "--out", str(tmp_path / "report"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no asv results directory" in out.stderr
