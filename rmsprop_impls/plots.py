@@ -19,8 +19,6 @@ from .registry import variant_names
 from .regressions import commit_series, find_regressions
 from .results import ITEMSIZE, STEP_BENCHMARK, bandwidth_limit, latest
 
-_UNAVAILABLE = "#bbbbbb"
-
 
 class CaptionedFigure(Figure):
     """A figure that carries the one sentence saying what to read from it."""
@@ -72,6 +70,15 @@ def _empty(ax, message: str) -> None:
     ax.set_yticks([])
 
 
+def _status(per_variant: pd.DataFrame) -> pd.Series:
+    """Why each variant has no bar: '' where it ran, else unavailable (asv skipped it), failed or not run."""
+    reason = per_variant["skip_reason"].fillna("").astype(str)
+    missing = per_variant["available"].isna()
+    return reason.map(lambda r: "" if not r else "unavailable" if "NotImplementedError" in r else "failed").mask(
+        missing, "not run"
+    )
+
+
 def variant_comparison(df: pd.DataFrame, dtype: str | None = None, max_trees: int = 4) -> CaptionedFigure:
     """Median step time of every variant on each tree, with asv's interquartile range as error bars."""
     rows = _step_rows(df, dtype)
@@ -81,19 +88,17 @@ def variant_comparison(df: pd.DataFrame, dtype: str | None = None, max_trees: in
     winners = []
     for ax, tree in zip(axes, trees):
         per = rows[rows["tree"] == tree].set_index("variant").reindex(order)
-        ran = per[per["available"] == True]  # noqa: E712 (reindexed rows hold NaN, not False)
+        status = _status(per)
+        ran = per[status == ""]
         x = np.arange(len(order))
         ms = per["median"].to_numpy() * 1e3
         low = np.clip(ms - per["q25"].to_numpy() * 1e3, 0, None)
         high = np.clip(per["q75"].to_numpy() * 1e3 - ms, 0, None)
         ax.bar(x, np.nan_to_num(ms), yerr=[np.nan_to_num(low), np.nan_to_num(high)], capsize=4, color="C0")
-        for i, variant in enumerate(order):
-            if per.loc[variant, "available"] != True:  # noqa: E712
-                ax.text(i, 0, " unavailable", rotation=90, ha="center", va="bottom", color="dimgray", fontsize=8)
-                ax.bar(i, 0, color=_UNAVAILABLE)
         ax.set_xticks(x, order, rotation=30, ha="right")
-        for label, variant in zip(ax.get_xticklabels(), order):
-            if per.loc[variant, "available"] != True:  # noqa: E712
+        for i, (label, why) in enumerate(zip(ax.get_xticklabels(), status)):
+            if why:
+                ax.text(i, 0, f" {why}", rotation=90, ha="center", va="bottom", color="dimgray", fontsize=8)
                 label.set_color("dimgray")
         ax.set_title(f"{tree} ({int(per['n_params'].max()):,} params, {int(per['n_leaves'].max())} leaves)")
         ax.set_xlabel("variant")
@@ -103,7 +108,7 @@ def variant_comparison(df: pd.DataFrame, dtype: str | None = None, max_trees: in
             winners.append(f"{best} on {tree} ({_ms(ran.loc[best, 'median'])})")
     caption = (
         f"Shorter bars are faster and whiskers span asv's interquartile range; fastest: {', '.join(winners)}; "
-        "variants that cannot run on this machine are labelled 'unavailable'."
+        "grey labels mark variants that cannot run on this machine (unavailable), failed, or were not run."
     )
     return _finish(fig, f"Step time per variant ({rows['dtype'].iloc[0]}, newest commit)", caption)
 
@@ -117,6 +122,9 @@ def scaling(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
     """Step time against parameter count, log-log, one line per variant, with the bandwidth-limit line."""
     rows = _step_rows(df, dtype)
     rows = rows[rows["available"]].sort_values("n_params")
+    # One point per size: where several trees share a size, the one with the fewest leaves (per_leaf_overhead
+    # shows the others).
+    rows = rows[rows["n_leaves"] == rows.groupby("n_params")["n_leaves"].transform("min")]
     dtype = rows["dtype"].iloc[0] if len(rows) else "float32"
     fig, (ax,) = _figure()
     for variant in _variant_order(rows["variant"]):
@@ -209,7 +217,7 @@ def speedup_heatmap(df: pd.DataFrame, baseline: str = "eager", dtype: str | None
     ax.set_yticks(range(len(order)), order)
     ax.set_xlabel("tree")
     ax.set_ylabel("variant")
-    fig.colorbar(image, ax=ax, label=f"log2 speed-up over {baseline} (1 = twice as fast)")
+    fig.colorbar(image, ax=ax, label="log2(speed-up); 1 = twice as fast")
     caption = (
         f"Green cells are faster than {baseline} and red ones slower, by the factor written in them; "
         "n/a marks a variant that did not run on that tree."
