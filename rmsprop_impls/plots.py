@@ -20,6 +20,10 @@ from .regressions import commit_series, find_regressions
 from .results import ITEMSIZE, STEP_BENCHMARK, bandwidth_limit, latest
 
 
+class NothingToPlot(ValueError):
+    """The results hold none of the measurements this figure draws."""
+
+
 class CaptionedFigure(Figure):
     """A figure that carries the one sentence saying what to read from it."""
 
@@ -44,7 +48,7 @@ def _step_rows(df: pd.DataFrame, dtype: str | None = None) -> pd.DataFrame:
     """The newest run's step timings in one dtype (float32 where measured)."""
     rows = latest(df[df["benchmark"] == STEP_BENCHMARK])
     if rows.empty:
-        raise ValueError(f"no '{STEP_BENCHMARK}' results to plot")
+        raise NothingToPlot(f"no '{STEP_BENCHMARK}' results to plot")
     dtypes = rows["dtype"].dropna().unique().tolist()
     chosen = dtype or ("float32" if "float32" in dtypes else dtypes[0])
     return rows[rows["dtype"] == chosen]
@@ -230,6 +234,8 @@ def history(
 ) -> CaptionedFigure:
     """One line per series over commits (oldest left); asv's step detection marks each regression's commit."""
     rows = df[df["benchmark"] == benchmark]
+    if not rows["available"].any():
+        raise NothingToPlot(f"no '{benchmark}' results to plot")
     regressions = find_regressions(rows) if regressions is None else regressions
     commits = rows.sort_values("commit_date").drop_duplicates("commit")["commit"].tolist()
     position = {c: i for i, c in enumerate(commits)}

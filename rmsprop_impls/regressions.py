@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pandas as pd
 from asv.step_detect import detect_regressions, detect_steps
+from pandas.api.typing import DataFrameGroupBy
 
 #: asv's default relative threshold for reporting a regression (``regressions_thresholds``).
 DEFAULT_THRESHOLD = 0.05
@@ -21,7 +22,7 @@ _HIGHER_IS_BETTER = ("gbps", "fraction_of_limit")
 SERIES = ["machine", "environment", "benchmark", "variant", "tree", "dtype"]
 
 
-def commit_series(df: pd.DataFrame) -> pd.core.groupby.DataFrameGroupBy:
+def commit_series(df: pd.DataFrame) -> DataFrameGroupBy:
     """Measured rows grouped into one series per machine, environment, benchmark and parameters."""
     measured = df[df["available"]].sort_values("commit_date")
     return measured.groupby(SERIES, dropna=False, sort=True)

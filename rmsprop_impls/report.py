@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from .plots import FIGURES
+from .plots import FIGURES, NothingToPlot
 from .regressions import find_regressions
 from .results import STEP_BENCHMARK, bandwidth_limit, latest
 from .tables import markdown_table
@@ -90,7 +90,11 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, source: str = "") -> Pat
     sections.append(_regressions_section(df))
     sections.append("## Figures")
     for name, make in tqdm(FIGURES.items(), desc="drawing figures", unit="figure", leave=False):
-        fig = make(df)
+        try:
+            fig = make(df)
+        except NothingToPlot as e:
+            sections.append(f"*{name} not drawn: {e}.*")
+            continue
         fig.savefig(out / f"{name}.png", dpi=110)
         sections.append(f"![{name}]({name}.png)\n\n{fig.caption}")
     for path, reason in df.attrs.get("skipped_files", []):

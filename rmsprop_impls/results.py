@@ -70,6 +70,9 @@ class ResultsError(Exception):
 def load_asv_results(results_dir: str | Path) -> pd.DataFrame:
     """Every measurement under ``results_dir`` (asv's ``results_dir``) as a tidy DataFrame.
 
+    Columns are ``COLUMNS`` plus ``limit_gbps``, the bandwidth limit measured in the same run
+    (NaN where the run has no ``track_triad_gbps``). Times are in seconds, as asv stores them.
+
     Unreadable result files are skipped with a warning and listed in
     ``df.attrs["skipped_files"]`` as ``(path, reason)``; the rest still load.
     """

@@ -11,7 +11,7 @@ from test_cli import cli
 
 from rmsprop_impls import plots
 from rmsprop_impls.regressions import find_regressions
-from rmsprop_impls.report import winners
+from rmsprop_impls.report import winners, write_report
 from rmsprop_impls.results import COLUMNS, LIMIT_BENCHMARK, STEP_BENCHMARK, ResultsError, load_asv_results
 
 
@@ -127,6 +127,12 @@ def test_report_command_writes_figures_and_a_summary(asv_history, tmp_path):
     assert "## Fastest variant per tree" in summary and "| 4x1K | float32 |" in summary
     assert f"| eager/4x1K/float32 | {asv_history.slowed[:8]} |" in summary
     assert sorted(p.stem for p in (tmp_path / "report").glob("*.png")) == sorted(plots.FIGURES)
+
+
+def test_report_says_which_figures_it_could_not_draw(rich_df, tmp_path):
+    summary = write_report(rich_df[rich_df["benchmark"] == LIMIT_BENCHMARK], tmp_path).read_text()
+    assert "**Memory-bandwidth limit:**" in summary and " GB/s" in summary
+    assert summary.count("not drawn: no 'bench_step.Step.time_step' results") == len(plots.FIGURES)
 
 
 def test_report_on_a_bad_directory_is_one_line(tmp_path):
