@@ -54,6 +54,15 @@ def _step_rows(df: pd.DataFrame, dtype: str | None = None) -> pd.DataFrame:
     return rows[rows["dtype"] == chosen]
 
 
+def _measured_step_rows(df: pd.DataFrame, dtype: str | None = None) -> pd.DataFrame:
+    """The newest run's step timings that have a value."""
+    rows = _step_rows(df, dtype)
+    rows = rows[rows["available"]]
+    if rows.empty:
+        raise NothingToPlot(f"every '{STEP_BENCHMARK}' result in the newest run was skipped or failed")
+    return rows
+
+
 def _variant_order(variants: pd.Series) -> list[str]:
     """Registry order first (eager, compiled, ...), then anything else (peers, ``flat+packed``)."""
     known = [v for v in variant_names() if v in set(variants)]
@@ -124,19 +133,18 @@ def _limit_seconds(n_params: np.ndarray, dtype: str, limit_gbps: float) -> np.nd
 
 def scaling(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
     """Step time against parameter count, log-log, one line per variant, with the bandwidth-limit line."""
-    rows = _step_rows(df, dtype)
-    rows = rows[rows["available"]].sort_values("n_params")
+    rows = _measured_step_rows(df, dtype).sort_values("n_params")
     # One point per size: where several trees share a size, the one with the fewest leaves (per_leaf_overhead
     # shows the others).
     rows = rows[rows["n_leaves"] == rows.groupby("n_params")["n_leaves"].transform("min")]
-    dtype = rows["dtype"].iloc[0] if len(rows) else "float32"
+    dtype = rows["dtype"].iloc[0]
     fig, (ax,) = _figure()
     for variant in _variant_order(rows["variant"]):
         line = rows[rows["variant"] == variant]
         ax.plot(line["n_params"], line["median"] * 1e3, marker="o", label=variant)
     limit = bandwidth_limit(latest(df))
-    sizes = np.geomspace(rows["n_params"].min(), rows["n_params"].max(), 50) if len(rows) else np.array([])
-    if limit and len(sizes):
+    sizes = np.geomspace(rows["n_params"].min(), rows["n_params"].max(), 50)
+    if limit:
         ax.plot(sizes, _limit_seconds(sizes, dtype, limit) * 1e3, "k--", label=f"bandwidth limit ({limit:.1f} GB/s)")
         limit_text = (
             "the dashed line is the fastest a step can be at the measured bandwidth limit, "
@@ -183,11 +191,9 @@ def fraction_of_limit(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFi
 
 def per_leaf_overhead(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
     """Step time against leaf count at the total size measured with the most leaf counts."""
-    rows = _step_rows(df, dtype)
-    rows = rows[rows["available"]]
+    rows = _measured_step_rows(df, dtype)
     fig, (ax,) = _figure()
-    counts = rows.groupby("n_params")["n_leaves"].nunique()
-    total = counts.idxmax() if len(counts) else math.nan
+    total = rows.groupby("n_params")["n_leaves"].nunique().idxmax()
     same_size = rows[rows["n_params"] == total].sort_values("n_leaves")
     for variant in _variant_order(same_size["variant"]):
         line = same_size[same_size["variant"] == variant]
@@ -198,7 +204,7 @@ def per_leaf_overhead(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFi
     ax.legend(fontsize=8)
     trees = ", ".join(same_size.drop_duplicates("tree")["tree"])
     caption = (
-        f"At a fixed {int(total) if total == total else 0:,} parameters ({trees}), a line that rises with the leaf "
+        f"At a fixed {int(total):,} parameters ({trees}), a line that rises with the leaf "
         "count pays a cost per leaf (dispatch, kernel launch); a flat line does not."
     )
     return _finish(fig, "Per-leaf overhead at a fixed total size", caption)
@@ -237,13 +243,14 @@ def history(
     if not rows["available"].any():
         raise NothingToPlot(f"no '{benchmark}' results to plot")
     regressions = find_regressions(rows) if regressions is None else regressions
+    regressions = regressions[regressions["benchmark"] == benchmark]
     commits = rows.sort_values("commit_date").drop_duplicates("commit")["commit"].tolist()
     position = {c: i for i, c in enumerate(commits)}
     fig, (ax,) = _figure(width=max(7.0, 0.6 * len(commits) + 4))
     for key, series in commit_series(rows):
         label = "/".join(str(v) for v in key[3:] if isinstance(v, str))
         ax.plot(series["commit"].map(position), series["median"] * 1e3, marker="o", label=label)
-    for _, r in regressions[regressions["benchmark"] == benchmark].iterrows():
+    for _, r in regressions.iterrows():
         x, y = position[r["commit"]], r["after"] * 1e3
         ax.plot(x, y, marker="v", color="red", markersize=12, linestyle="none")
         ax.annotate(
