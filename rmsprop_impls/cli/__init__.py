@@ -18,6 +18,7 @@ from .common import UserError
 
 #: Sub-command modules, in the order ``--help`` lists them.
 COMMANDS = ["compare"]
+COMMANDS += ["choose", "profile"]
 
 _USER_ERRORS = (UserError, UnknownVariantError, VariantUnavailableError, TreeMismatchError, FileNotFoundError)
 
