@@ -2,12 +2,14 @@
 
 Per variant: the time to build the lazy graph (Python and op dispatch) against
 the time to evaluate it, the first step (init, compile, kernel build), MLX's
-peak and active memory, the bytes a step allocates, the minor page faults per
-step and the effective GB/s against the machine's bandwidth limit.
+peak and active memory, how far a step raises memory, the minor page faults
+per step and the effective GB/s against the machine's bandwidth limit.
 
-* Allocations are measured with MLX's memory statistics: a step's new bytes
-  are its peak memory (after ``mx.reset_peak_memory``) minus the active
-  memory before it. MLX does not count allocations.
+* New allocations are measured with MLX's memory statistics, as the step's
+  peak growth: its peak memory (after ``mx.reset_peak_memory``) minus the
+  active memory before it. That is the most the step holds at once on top of
+  what was live, so a variant that frees old leaves while it makes new ones
+  shows less than it allocates in all. MLX does not count allocations.
 * Page faults are ``resource.getrusage(RUSAGE_SELF).ru_minflt`` growth over
   the timed steps, for the whole process (MLX's worker threads included).
 * Retraces are counted where a variant counts its traces (``compiled`` has
@@ -29,7 +31,7 @@ from .bandwidth import measure_bandwidth
 from .registry import create, partition_available
 from .trees import leaves_of, step_bytes
 
-#: A step whose page faults cover this fraction of what it allocates is fed by the OS, not by MLX's cache.
+#: A step whose page faults cover this fraction of its peak growth is fed by the OS, not by MLX's cache.
 FAULTING_FRACTION = 0.25
 #: From this many leaves on, a tree is "many-leaf" for the launch-overhead finding.
 MANY_LEAVES = 64
@@ -52,7 +54,7 @@ class VariantProfile:
     of_limit: float
     peak_bytes: int
     active_bytes: int
-    new_bytes_per_step: float
+    peak_growth_bytes: float  # peak memory during a step minus the active memory before it
     faults_per_step: float
     traces_per_step: float | None  # None where the variant does not count its traces
     findings: list[str] = field(default_factory=list)
@@ -111,7 +113,7 @@ def profile_optimizer(
         of_limit=gbps / bandwidth_gbps,
         peak_bytes=peak,
         active_bytes=mx.get_active_memory(),
-        new_bytes_per_step=statistics.median(news),
+        peak_growth_bytes=statistics.median(news),
         faults_per_step=faults,
         traces_per_step=None if traces is None else (traces - traces_before) / steps,
     )
@@ -127,13 +129,16 @@ def findings(p: VariantProfile, params: Any, bandwidth_gbps: float, alternatives
     out = []
     cache_limit = current_cache_limit()
     fault_bytes = p.faults_per_step * resource.getpagesize()
-    if p.new_bytes_per_step > cache_limit and fault_bytes >= FAULTING_FRACTION * p.new_bytes_per_step:
-        suggest = -(-int(2 * p.new_bytes_per_step) // MB)
+    # The cache must hold what the last step freed to serve the next: its buffers and temporaries, with room.
+    needed = 2 * max(p.peak_growth_bytes, step_bytes(params))
+    if cache_limit < needed and fault_bytes >= FAULTING_FRACTION * p.peak_growth_bytes > 0:
+        suggest = -(-int(needed) // MB)
         out.append(
             f"{p.variant}: every step page-faults ({p.faults_per_step:,.0f} minor faults, "
             f"{fault_bytes / MB:.0f} MB, per step) because MLX's allocator cache limit ({cache_limit / MB:.0f} MB) "
-            f"is smaller than a step's {p.new_bytes_per_step / MB:.0f} MB of new buffers, so they come fresh from the "
-            f"OS each time; raise it: --cache-limit-mb {suggest} or mx.set_cache_limit({suggest} * 1024**2)."
+            f"cannot hold a step's buffers (it raises memory by {p.peak_growth_bytes / MB:.0f} MB and moves "
+            f"{step_bytes(params) / MB:.0f} MB), so they come from the OS each time; raise it: "
+            f"--cache-limit-mb {suggest} or mx.set_cache_limit({suggest} * 1024**2)."
         )
     if p.traces_per_step:
         out.append(

@@ -39,14 +39,14 @@ def test_page_fault_flag_fires_with_a_tiny_cache(cache_limit, big_tree):
     p = profile_optimizer(create("eager", 1e-3), *big_tree, BANDWIDTH_GBPS, steps=3)
     (finding,) = findings_about("page-faults", p)
     assert "--cache-limit-mb" in finding and "mx.set_cache_limit" in finding
-    assert p.faults_per_step * resource.getpagesize() > 0.25 * p.new_bytes_per_step > 0
+    assert p.faults_per_step * resource.getpagesize() > 0.25 * p.peak_growth_bytes > 0
 
 
 def test_page_fault_flag_stays_quiet_with_a_generous_cache(cache_limit, big_tree):
     cache_limit(8192)
     p = profile_optimizer(create("eager", 1e-3), *big_tree, BANDWIDTH_GBPS, steps=3)
     assert findings_about("page-faults", p) == []
-    assert p.faults_per_step * resource.getpagesize() < 0.1 * p.new_bytes_per_step
+    assert p.faults_per_step * resource.getpagesize() < 0.1 * p.peak_growth_bytes
 
 
 class RetracingCompiled(CompiledRMSprop):

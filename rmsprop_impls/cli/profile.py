@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "profile",
         help="explain each variant's step: build vs eval time, memory, page faults, GB/s, and the fixes",
         description="Profile each variant on one tree: graph-build vs evaluation time, first-step cost, peak and "
-        "active memory, new bytes and minor page faults per step, effective GB/s against the measured "
+        "active memory, peak growth and minor page faults per step, effective GB/s against the measured "
         "bandwidth limit; then flag a too-small allocator cache, retracing and per-leaf launch overhead.",
     )
     add_tree_arguments(p)
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             f"{100 * p.of_limit:.0f}%",
             f"{p.peak_bytes / MB:.1f}",
             f"{p.active_bytes / MB:.1f}",
-            f"{p.new_bytes_per_step / MB:.2f}",
+            f"{p.peak_growth_bytes / MB:.2f}",
             f"{p.faults_per_step:.0f}",
             None if p.traces_per_step is None else f"{p.traces_per_step:.2f}",
             "",
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     rows += [[name] + [None] * 10 + [f"unavailable: {why}"] for name, why in unavailable.items()]
     headers = ["variant", "first ms", "build ms", "eval ms", "GB/s", "of limit", "peak MB", "active MB"]
-    headers += ["new MB/step", "faults/step", "traces/step", "notes"]
+    headers += ["peak growth MB", "faults/step", "traces/step", "notes"]
     print(format_table(headers, rows))
     notes = [f for p in profiles for f in p.findings]
     print("\nfindings:" if notes else "\nfindings: none of the known slow patterns")
