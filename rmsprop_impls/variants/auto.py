@@ -8,7 +8,9 @@ builds), one untimed warm-up round, then ``trial_rounds`` timed rounds. The
 winner is picked as :func:`rmsprop_impls.choose.rank` picks it (the simplest
 of those within noise of the fastest) and remembered in the user cache
 (:mod:`rmsprop_impls.choice_cache`), so a later run on the same tree, MLX,
-device and machine starts with it and measures nothing.
+device and machine starts with it and measures nothing. Once chosen, the
+winner runs every later step, whatever tree comes (each variant takes any
+tree); a new tree signature is measured only by a new optimizer.
 """
 
 from __future__ import annotations
