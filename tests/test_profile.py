@@ -108,6 +108,15 @@ def test_metal_capture_explains_itself_without_metal(tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "--metal-capture is unavailable here" in out.stderr
 
 
-def test_cli_profile_bad_tree_is_one_line():
-    out = cli("profile", "--tree", "huge")
-    assert out.returncode == 2 and "unknown tree 'huge'" in out.stderr and "Traceback" not in out.stderr
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--tree", "huge"], "unknown tree 'huge'"),
+        (["--tree", "4x1K", "--figure", "/no/such/dir/p.png"], "--figure /no/such/dir/p.png: its directory does not"),
+        (["--tree", "4x1K", "--steps", "0"], "--steps must be at least 1"),
+    ],
+)
+def test_cli_profile_mistakes_are_one_line(args, words):
+    out = cli("profile", *args)
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from ..choice_cache import cache_dir, clear_choices
 from ..choose import Choice, choose
@@ -17,6 +16,7 @@ from .common import (
     add_cache_limit_argument,
     add_tree_arguments,
     apply_cache_limit,
+    check_output_path,
     load_params_file,
     load_tree,
 )
@@ -87,8 +87,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if args.time_budget < 0:
         raise UserError("--time-budget must be >= 0 seconds")
-    if args.json and args.json != "-" and not Path(args.json).resolve().parent.is_dir():
-        raise UserError(f"cannot write {args.json}: its directory does not exist")
+    check_output_path(args.json, "--json")
     name, params = _load(args)
     setting = apply_cache_limit(args.cache_limit_mb)
     try:

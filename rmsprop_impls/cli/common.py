@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -52,6 +53,12 @@ def load_tree(name: str, dtype: str) -> dict:
         return tree_by_name(name, parse_dtype(dtype))
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def check_output_path(path: str | None, option: str) -> None:
+    """Fail before the long work, not after it, when an output file cannot be written where asked."""
+    if path and path != "-" and not Path(path).resolve().parent.is_dir():
+        raise UserError(f"{option} {path}: its directory does not exist")
 
 
 def load_params_file(path: str) -> dict:

@@ -11,7 +11,14 @@ from ..profile import MB, plot_profiles, profile_variants
 from ..registry import variant_names
 from ..tables import format_table
 from ..trees import leaves_of, random_like
-from .common import UserError, add_cache_limit_argument, add_tree_arguments, apply_cache_limit, load_tree
+from .common import (
+    UserError,
+    add_cache_limit_argument,
+    add_tree_arguments,
+    apply_cache_limit,
+    check_output_path,
+    load_tree,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +66,7 @@ def _metal_capture(path: str | None):
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
+    check_output_path(args.figure, "--figure")
     with _metal_capture(args.metal_capture):
         setting = apply_cache_limit(args.cache_limit_mb)
         params = load_tree(args.tree, args.dtype)
