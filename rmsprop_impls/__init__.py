@@ -5,6 +5,8 @@
 >>> opt = r.create("compiled", 1e-3)      # a drop-in for mlx.optimizers.RMSprop
 """
 
+from .choice_cache import clear_choices
+from .choose import Choice, choose
 from .optimizer import RMSpropBase
 from .packing import FlatLayout, PackedGradients
 from .reference import reference_step, reference_trajectory
@@ -20,6 +22,9 @@ from .registry import (
 from .tree_paths import TreeMismatchError
 
 __all__ = [
+    "Choice",
+    "choose",
+    "clear_choices",
     "FlatLayout",
     "PackedGradients",
     "RMSpropBase",

@@ -24,6 +24,10 @@ _MODULES: dict[str, str] = {
     "cuda_kernel": "cuda_kernel",
 }
 
+#: Optimizers that ``create`` makes but that pick among the variants rather than being one, so
+#: ``variant_names`` (what the benchmarks, the agreement tests and ``choose`` loop over) leaves them out.
+_SELECTORS: dict[str, str] = {"auto": "auto"}
+
 
 class UnknownVariantError(ValueError):
     """The name is not a registered variant; the message lists the known ones."""
@@ -45,10 +49,11 @@ def variant_names() -> list[str]:
 
 def variant_class(name: str) -> type[RMSpropBase]:
     """The class behind ``name``; raises if unknown or if its module cannot import."""
-    if name not in _MODULES:
-        raise UnknownVariantError(f"unknown variant '{name}'; known variants: {', '.join(_MODULES)}")
+    modules = {**_MODULES, **_SELECTORS}
+    if name not in modules:
+        raise UnknownVariantError(f"unknown variant '{name}'; known variants: {', '.join(modules)}")
     try:
-        module = importlib.import_module(f"rmsprop_impls.variants.{_MODULES[name]}")
+        module = importlib.import_module(f"rmsprop_impls.variants.{modules[name]}")
     except ImportError as e:
         raise VariantUnavailableError(name, f"cannot import its module: {e}") from e
     return module.VARIANT
@@ -69,6 +74,14 @@ def availability() -> dict[str, str | None]:
 
 def available_variants() -> list[str]:
     return [name for name, reason in availability().items() if reason is None]
+
+
+def partition_available(names: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """Split ``names`` (default: every variant) into those that run here and, for the rest, why not."""
+    names = variant_names() if names is None else names
+    reasons = {name: unavailable_reason(name) for name in names}
+    runnable = [name for name, reason in reasons.items() if reason is None]
+    return runnable, {name: reason for name, reason in reasons.items() if reason is not None}
 
 
 def create(

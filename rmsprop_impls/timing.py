@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,3 +66,49 @@ def time_steps(optimizer: Any, params: Any, grads: Any, repeats: int = 10, warmu
         params = run_step(optimizer, params, grads)
         timing.samples.append(time.perf_counter() - start)
     return timing
+
+
+def time_interleaved(
+    optimizers: dict[str, Any],
+    params: Any,
+    grads: Any,
+    budget_s: float,
+    min_rounds: int = 3,
+    max_rounds: int = 1000,
+    warmup: int = 1,
+    on_step: Callable[[str, float], None] | None = None,
+) -> dict[str, StepTiming]:
+    """Time several optimizers round-robin, one step each per round, until ``budget_s`` is spent.
+
+    Interleaving spreads a busy moment on the machine over every candidate
+    instead of landing on one, so the ranking survives noise that sequential
+    timing would not. Each optimizer's first step (init, compile, kernel
+    build) is recorded apart, then ``warmup`` untimed rounds run; neither is
+    charged to the budget. Then at least ``min_rounds`` and at most
+    ``max_rounds`` timed rounds run. ``on_step`` gets the name and seconds of
+    every step (for a progress bar).
+    """
+    mx.eval(params, grads)
+    current = dict.fromkeys(optimizers, params)
+    timings: dict[str, StepTiming] = {}
+
+    def one_round(record: bool) -> None:
+        for name, opt in optimizers.items():
+            start = time.perf_counter()
+            current[name] = run_step(opt, current[name], grads)
+            seconds = time.perf_counter() - start
+            if name not in timings:
+                timings[name] = StepTiming(first_s=seconds)
+            elif record:
+                timings[name].samples.append(seconds)
+            if on_step:
+                on_step(name, seconds)
+
+    for _ in range(1 + warmup):
+        one_round(record=False)
+    started = time.perf_counter()
+    for done in range(max_rounds):
+        if done >= min_rounds and time.perf_counter() - started >= budget_s:
+            break
+        one_round(record=True)
+    return timings

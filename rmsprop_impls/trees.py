@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _SUFFIX = {"": 1, "K": 1024, "M": 1024**2}
@@ -160,6 +161,34 @@ def tree_by_name(name: str, dtype: mx.Dtype | str = mx.float32, seed: int = 0) -
         f"unknown tree '{name}': use '<leaves>x<size>' (e.g. 16x1M, 16384x256) or one of "
         + ", ".join(f"{m}-{s}" for m in MODELS for s in MODELS[m])
     )
+
+
+#: What ``tree_from_file`` reads: the formats of ``mx.save_safetensors`` and ``mx.savez``.
+PARAMETER_FILES = (".safetensors", ".npz")
+
+
+def tree_from_file(path: str | Path) -> dict:
+    """The parameter tree saved in a ``.safetensors`` or ``.npz`` file, nested by its dotted keys.
+
+    ``"layers.0.w"`` becomes ``{"layers": [{"w": ...}]}``, as ``mlx.utils.tree_unflatten`` reads it.
+    Raises ``ValueError`` with one line for a missing, unreadable, empty or non-floating file.
+    """
+    path = Path(path)
+    if path.suffix not in PARAMETER_FILES:
+        kinds = " or ".join(PARAMETER_FILES)
+        raise ValueError(f"{path}: expected a {kinds} file, not '{path.suffix or 'no extension'}'")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        arrays = mx.load(str(path))
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable {path.suffix} file ({e})") from None
+    if not arrays:
+        raise ValueError(f"{path}: holds no arrays")
+    for key, x in arrays.items():
+        if not mx.issubdtype(x.dtype, mx.floating):
+            raise ValueError(f"{path}: '{key}' is {x.dtype}, but RMSprop updates floating-point parameters only")
+    return tree_unflatten(sorted(arrays.items()))
 
 
 def tree_info(name: str) -> TreeInfo:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from ..trees import DTYPES, parse_dtype, tree_by_name
+from ..trees import DTYPES, parse_dtype, tree_by_name, tree_from_file
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,14 +36,22 @@ def apply_cache_limit(megabytes: int) -> str:
     return f"MLX cache limit {megabytes} MiB"
 
 
-def add_tree_arguments(parser: argparse.ArgumentParser, default: str = "16x1M") -> None:
+def add_tree_arguments(
+    parser: argparse.ArgumentParser, default: str | None = "16x1M", dtype_default: str | None = "float32"
+) -> None:
+    """``--tree`` and ``--dtype``; a ``None`` default means the option is optional and has no default."""
     parser.add_argument(
         "--tree",
         default=default,
-        help=f"tree to time: '<leaves>x<size>' like 16x1M or 16384x256, or a model like mlp-small, "
-        f"transformer-base (GPT-2 small), cnn-small (default {default})",
+        help="tree to time: '<leaves>x<size>' like 16x1M or 16384x256, or a model like mlp-small, "
+        "transformer-base (GPT-2 small), cnn-small" + (f" (default {default})" if default else ""),
     )
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="parameter dtype (default float32)")
+    parser.add_argument(
+        "--dtype",
+        default=dtype_default,
+        choices=list(DTYPES),
+        help=f"parameter dtype (default {dtype_default or 'float32, or the dtypes of a parameters file'})",
+    )
 
 
 def load_tree(name: str, dtype: str) -> dict:
@@ -73,3 +82,17 @@ def load_results(results_dir: str) -> pd.DataFrame:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     return df
+
+
+def check_output_path(path: str | None, option: str) -> None:
+    """Fail before the long work, not after it, when an output file cannot be written where asked."""
+    if path and path != "-" and not Path(path).resolve().parent.is_dir():
+        raise UserError(f"{option} {path}: its directory does not exist")
+
+
+def load_params_file(path: str) -> dict:
+    """A parameter tree from a ``.safetensors`` or ``.npz`` file; a bad file is a one-line user error."""
+    try:
+        return tree_from_file(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None

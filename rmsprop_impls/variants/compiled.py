@@ -24,6 +24,8 @@ class CompiledRMSprop(RMSpropBase):
     def __init__(self, learning_rate, alpha=0.99, eps=1e-8):
         super().__init__(learning_rate, alpha, eps)
         self._step = mx.compile(self._whole_tree_step)
+        #: How often mx.compile traced the step: once per tree signature, more is a retrace.
+        self.traces = 0
 
     @classmethod
     def unavailable_reason(cls):
@@ -34,6 +36,7 @@ class CompiledRMSprop(RMSpropBase):
         return None
 
     def _whole_tree_step(self, w, g, v, lr):
+        self.traces += 1  # Python runs here only while mx.compile traces
         pairs = [rmsprop_update(wi, gi, vi, lr, self.alpha, self.eps) for wi, gi, vi in zip(w, g, v)]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 

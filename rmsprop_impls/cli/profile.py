@@ -1,0 +1,111 @@
+"""``rmsprop-bench profile``: where each variant's step time goes on one tree, and what to fix."""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import contextmanager
+
+import mlx.core as mx
+
+from ..profile import MB, plot_profiles, profile_variants
+from ..registry import variant_names
+from ..tables import format_table
+from ..trees import leaves_of, random_like
+from .common import (
+    UserError,
+    add_cache_limit_argument,
+    add_tree_arguments,
+    apply_cache_limit,
+    check_output_path,
+    load_tree,
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="explain each variant's step: build vs eval time, memory, page faults, GB/s, and the fixes",
+        description="Profile each variant on one tree: graph-build vs evaluation time, first-step cost, peak and "
+        "active memory, peak growth and minor page faults per step, effective GB/s against the measured "
+        "bandwidth limit; then flag a too-small allocator cache, retracing and per-leaf launch overhead.",
+    )
+    add_tree_arguments(p)
+    p.add_argument("--variants", nargs="+", choices=variant_names(), help="variants to profile (default: all)")
+    p.add_argument("--steps", type=int, default=10, help="profiled steps per variant after warm-up (default 10)")
+    p.add_argument("--figure", metavar="PATH", help="also save a bar chart of build and eval time per step")
+    p.add_argument(
+        "--metal-capture",
+        metavar="PATH",
+        help="record a Metal GPU trace of the profiled steps to PATH (.gputrace; Apple silicon only, "
+        "run with MTL_CAPTURE_ENABLED=1)",
+    )
+    add_cache_limit_argument(p)
+    p.set_defaults(func=run)
+
+
+@contextmanager
+def _metal_capture(path: str | None):
+    if path is None:
+        yield
+        return
+    if not mx.metal.is_available():
+        raise UserError(
+            f"--metal-capture is unavailable here: it records a Metal GPU trace, and this MLX runs on "
+            f"{mx.default_device()} without Metal (it needs Apple silicon)"
+        )
+    try:
+        mx.metal.start_capture(path)
+    except RuntimeError as e:
+        raise UserError(f"cannot start a Metal capture to {path} (set MTL_CAPTURE_ENABLED=1): {e}") from None
+    try:
+        yield
+    finally:
+        mx.metal.stop_capture()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    check_output_path(args.figure, "--figure")
+    with _metal_capture(args.metal_capture):
+        setting = apply_cache_limit(args.cache_limit_mb)
+        params = load_tree(args.tree, args.dtype)
+        profiles, unavailable, limit = profile_variants(
+            params, random_like(params), args.variants, steps=args.steps, progress=True
+        )
+    n_params = sum(x.size for x in leaves_of(params))
+    print(f"tree {args.tree} ({n_params:,} {args.dtype} parameters, {len(leaves_of(params))} leaves); {setting}")
+    print(f"memory-bandwidth limit (in-place triad, all cores): {limit:.1f} GB/s\n")
+    rows = [
+        [
+            p.variant,
+            f"{p.first_step_s * 1e3:.1f}",
+            f"{p.build_s * 1e3:.3f}",
+            f"{p.eval_s * 1e3:.3f}",
+            f"{p.gbps:.2f}",
+            f"{100 * p.of_limit:.0f}%",
+            f"{p.peak_bytes / MB:.1f}",
+            f"{p.active_bytes / MB:.1f}",
+            f"{p.peak_growth_bytes / MB:.2f}",
+            f"{p.faults_per_step:.0f}",
+            None if p.traces_per_step is None else f"{p.traces_per_step:.2f}",
+            "",
+        ]
+        for p in profiles
+    ]
+    rows += [[name] + [None] * 10 + [f"unavailable: {why}"] for name, why in unavailable.items()]
+    headers = ["variant", "first ms", "build ms", "eval ms", "GB/s", "of limit", "peak MB", "active MB"]
+    headers += ["peak growth MB", "faults/step", "traces/step", "notes"]
+    print(format_table(headers, rows))
+    notes = [f for p in profiles for f in p.findings]
+    print("\nfindings:" if notes else "\nfindings: none of the known slow patterns")
+    for note in notes:
+        print(f"- {note}")
+    if args.figure:
+        title = f"RMSprop step on {args.tree} ({args.dtype}): graph build vs evaluation"
+        try:
+            plot_profiles(profiles, title, args.figure)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot save the figure to {args.figure}: {e}") from None
+        print(f"\nfigure: {args.figure}")
+    return 0

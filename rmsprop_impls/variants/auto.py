@@ -1,0 +1,108 @@
+"""``auto``: measure the variants on the first real steps, then keep running the fastest.
+
+Every variant keeps the stock state layout, so handing ``w`` and ``v`` from
+one variant to the next is exact: the measuring steps are real training steps
+and the trajectory is the one any single variant would follow. The steps go
+round-robin over the candidates: one round of first steps (compiles, kernel
+builds), one untimed warm-up round, then ``trial_rounds`` timed rounds. The
+winner is picked as :func:`rmsprop_impls.choose.rank` picks it (the simplest
+of those within noise of the fastest) and remembered in the user cache
+(:mod:`rmsprop_impls.choice_cache`), so a later run on the same tree, MLX,
+device and machine starts with it and measures nothing. Once chosen, the
+winner runs every later step, whatever tree comes (each variant takes any
+tree); a new tree signature is measured only by a new optimizer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import mlx.core as mx
+
+from ..choice_cache import choice_key, load_choice, save_choice
+from ..choose import rank, runnable_candidates
+from ..optimizer import RMSpropBase
+from ..registry import create
+from ..timing import StepTiming
+
+
+class AutoRMSprop(RMSpropBase):
+    """Args (beyond RMSprop's): ``candidates`` (default: every variant that runs here),
+    ``trial_rounds`` timed steps per candidate, and ``use_cache`` to read and write the
+    remembered choice.
+
+    After the switch, ``chosen`` names the variant that runs the steps and ``choice``
+    holds its ranking (``from_cache`` says whether it was measured in this run).
+    """
+
+    name = "auto"
+    summary = "measures the variants on the first real steps, then runs the fastest"
+
+    def __init__(
+        self,
+        learning_rate,
+        alpha=0.99,
+        eps=1e-8,
+        candidates: list[str] | None = None,
+        trial_rounds: int = 5,
+        use_cache: bool = True,
+    ):
+        super().__init__(learning_rate, alpha, eps)
+        if isinstance(trial_rounds, bool) or not isinstance(trial_rounds, int) or trial_rounds < 1:
+            raise ValueError(f"trial_rounds must be a positive int, not {trial_rounds!r}")
+        runnable, self.unavailable = runnable_candidates(candidates)
+        self._variants = {name: create(name, learning_rate, alpha=alpha, eps=eps) for name in runnable}
+        self.trial_rounds = trial_rounds
+        self.use_cache = use_cache
+        self.chosen: str | None = None
+        self.choice: dict | None = None
+        self.measured_steps = 0
+        self._key: dict | None = None
+        self._timings: dict[str, StepTiming] = {}
+
+    @property
+    def candidates(self) -> list[str]:
+        return list(self._variants)
+
+    def update_leaves(self, w, g, v, lr):
+        if self.chosen is None and self._key is None:
+            self._key = choice_key(w, self.candidates)
+            self._adopt_remembered()
+        if self.chosen is not None:
+            return self._variants[self.chosen].update_leaves(w, g, v, lr)
+        return self._measured_step(w, g, v, lr)
+
+    def _adopt_remembered(self) -> None:
+        record = load_choice(self._key) if self.use_cache else None
+        if record is not None and record["variant"] in self._variants:
+            self.chosen = record["variant"]
+            self.choice = {**record, "from_cache": True}
+
+    def _measured_step(self, w, g, v, lr):
+        names = self.candidates
+        name = names[self.measured_steps % len(names)]
+        mx.eval(w, g, v, lr)  # the backward pass that made g is not the optimizer's time
+        start = time.perf_counter()
+        new_w, new_v = self._variants[name].update_leaves(w, g, v, lr)
+        mx.eval(new_w, new_v)
+        seconds = time.perf_counter() - start
+        if self.measured_steps < len(names):
+            self._timings[name] = StepTiming(first_s=seconds)
+        elif self.measured_steps >= 2 * len(names):  # after the first-step and the warm-up rounds
+            self._timings[name].samples.append(seconds)
+        self.measured_steps += 1
+        if self.measured_steps == (2 + self.trial_rounds) * len(names):
+            self._decide(5 * sum(x.nbytes for x in w))
+        return new_w, new_v
+
+    def _decide(self, nbytes: int) -> None:
+        rows, winner, why = rank(self._timings, nbytes)
+        details = {"why": why, "rows": [asdict(r) for r in rows], "measured_steps": self.measured_steps}
+        self.chosen = winner
+        self.choice = {"variant": winner, **details, "from_cache": False}
+        if self.use_cache:
+            save_choice(self._key, winner, details)
+
+
+VARIANT = AutoRMSprop

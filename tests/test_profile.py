@@ -1,0 +1,122 @@
+"""The profiler measures real steps and flags the three known slow patterns, and only when they occur."""
+
+from __future__ import annotations
+
+import resource
+
+import mlx.core as mx
+import pytest
+from test_cli import cli
+
+from rmsprop_impls import create
+from rmsprop_impls.profile import current_cache_limit, plot_profiles, profile_optimizer, profile_variants
+from rmsprop_impls.trees import random_like, tree_by_name
+from rmsprop_impls.variants.compiled import CompiledRMSprop
+
+BANDWIDTH_GBPS = 10.0  # the findings compare against it; a fixed figure keeps these tests fast
+
+
+@pytest.fixture
+def cache_limit():
+    """Set MLX's allocator cache limit for one test and restore it afterwards."""
+    before = current_cache_limit()
+    yield lambda megabytes: mx.set_cache_limit(megabytes * 1024 * 1024)
+    mx.set_cache_limit(before)
+
+
+def findings_about(words: str, profile) -> list[str]:
+    return [f for f in profile.findings if words in f]
+
+
+@pytest.fixture(scope="module")
+def big_tree():
+    params = tree_by_name("4x4M")  # 64 MB of float32: a step allocates 192 MB of new w, v and temporaries
+    return params, random_like(params)
+
+
+def test_page_fault_flag_fires_with_a_tiny_cache(cache_limit, big_tree):
+    cache_limit(0)
+    p = profile_optimizer(create("eager", 1e-3), *big_tree, BANDWIDTH_GBPS, steps=3)
+    (finding,) = findings_about("page-faults", p)
+    assert "--cache-limit-mb" in finding and "mx.set_cache_limit" in finding
+    assert p.faults_per_step * resource.getpagesize() > 0.25 * p.peak_growth_bytes > 0
+
+
+def test_page_fault_flag_stays_quiet_with_a_generous_cache(cache_limit, big_tree):
+    cache_limit(8192)
+    p = profile_optimizer(create("eager", 1e-3), *big_tree, BANDWIDTH_GBPS, steps=3)
+    assert findings_about("page-faults", p) == []
+    assert p.faults_per_step * resource.getpagesize() < 0.1 * p.peak_growth_bytes
+
+
+class RetracingCompiled(CompiledRMSprop):
+    """The classic mistake: a fresh mx.compile every step, so every step traces again."""
+
+    def update_leaves(self, w, g, v, lr):
+        self._step = mx.compile(self._whole_tree_step)
+        return super().update_leaves(w, g, v, lr)
+
+
+def test_retrace_flag_fires_only_when_every_step_traces():
+    params = tree_by_name("4x1K")
+    grads = random_like(params)
+    bad = profile_optimizer(RetracingCompiled(1e-3), params, grads, BANDWIDTH_GBPS, steps=3)
+    good = profile_optimizer(create("compiled", 1e-3), params, grads, BANDWIDTH_GBPS, steps=3)
+    assert bad.traces_per_step == 1 and "retraces on 100% of the steps" in findings_about("retrace", bad)[0]
+    assert good.traces_per_step == 0 and findings_about("retrace", good) == []
+
+
+def test_per_leaf_overhead_flag_on_a_many_leaf_tree_only():
+    many = tree_by_name("256x16")
+    few = tree_by_name("4x256K")
+    on_many = profile_optimizer(create("eager", 1e-3), many, random_like(many), BANDWIDTH_GBPS, steps=3)
+    on_few = profile_optimizer(create("eager", 1e-3), few, random_like(few), BANDWIDTH_GBPS, steps=3)
+    (finding,) = findings_about("per-leaf overhead", on_many)
+    assert "256 leaves" in finding and "flat" in finding
+    assert findings_about("per-leaf overhead", on_few) == []
+
+
+def test_profile_reports_real_memory_and_unavailable_variants(monkeypatch, tmp_path):
+    from rmsprop_impls import registry
+
+    monkeypatch.setitem(registry._MODULES, "broken", "no_such_module")
+    params = tree_by_name("2x64K")
+    profiles, unavailable, limit = profile_variants(
+        params, random_like(params), ["eager", "broken"], steps=2, bandwidth_gbps=BANDWIDTH_GBPS
+    )
+    (p,) = profiles
+    assert limit == BANDWIDTH_GBPS and "cannot import" in unavailable["broken"]
+    assert p.peak_bytes >= p.active_bytes >= 3 * 2 * 64 * 1024 * 4  # params, grads and v are all alive
+    assert p.build_s > 0 and p.eval_s > 0 and p.step_s >= p.eval_s and p.of_limit == p.gbps / limit
+    figure = tmp_path / "profile.png"
+    plot_profiles(profiles, "test", str(figure))
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_profile_prints_a_table_and_saves_a_figure(tmp_path):
+    figure = tmp_path / "p.png"
+    out = cli("profile", "--tree", "4x1K", "--variants", "eager", "flat", "--steps", "2", "--figure", str(figure))
+    assert out.returncode == 0, out.stderr
+    assert "memory-bandwidth limit" in out.stdout and "faults/step" in out.stdout and "findings" in out.stdout
+    assert figure.stat().st_size > 0
+
+
+@pytest.mark.skipif(mx.metal.is_available(), reason="this machine has Metal, so a capture is possible")
+def test_metal_capture_explains_itself_without_metal(tmp_path):
+    out = cli("profile", "--tree", "4x1K", "--metal-capture", str(tmp_path / "t.gputrace"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "--metal-capture is unavailable here" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--tree", "huge"], "unknown tree 'huge'"),
+        (["--tree", "4x1K", "--figure", "/no/such/dir/p.png"], "--figure /no/such/dir/p.png: its directory does not"),
+        (["--tree", "4x1K", "--steps", "0"], "--steps must be at least 1"),
+    ],
+)
+def test_cli_profile_mistakes_are_one_line(args, words):
+    out = cli("profile", *args)
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0
