@@ -3,6 +3,8 @@
 Everything else about the package lives in ``pyproject.toml``. The extension
 is optional: where there is no C++ compiler, ``pip install`` warns and goes
 on, and ``cpu_kernel`` reports itself unavailable with the reason.
+``RMSPROP_BENCH_NO_EXTENSION=1`` skips the build on purpose, for quick
+throw-away installs (asv's environments, say).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from setuptools.command.build_ext import build_ext
 
 EXTENSION = "rmsprop_impls._cpu_ext._ext"
 SOURCE_DIR = Path(__file__).resolve().parent / "rmsprop_impls" / "_cpu_ext"
+SKIP_VARIABLE = "RMSPROP_BENCH_NO_EXTENSION"
 
 
 class CMakeBuild(build_ext):
@@ -27,6 +30,10 @@ class CMakeBuild(build_ext):
         super().run()
 
     def build_extension(self, ext: Extension) -> None:
+        if os.environ.get(SKIP_VARIABLE) == "1":
+            self.skipped.append(ext.name)
+            self.warn(f"{SKIP_VARIABLE}=1: not building {ext.name}; the cpu_kernel variant will be unavailable")
+            return
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = Path(self.build_temp).resolve() / ext.name
         configure = [
