@@ -79,7 +79,8 @@ class PackedGradients:
 
     Pass one to a multi-tensor variant's ``apply_gradients`` (``flat``, the GPU
     kernels) in place of a gradient tree to skip the per-step packing:
-    ``PackedGradients.pack(grads)`` builds one from a tree, and ``PackedGradients(tree_like, buffers)`` wraps buffers a trainer made.
+    ``PackedGradients.pack(grads)`` builds one from a tree, and
+    ``PackedGradients(tree_like, buffers)`` wraps buffers a trainer made.
     """
 
     def __init__(self, tree_like: Any, buffers: dict[mx.Dtype, mx.array]):
