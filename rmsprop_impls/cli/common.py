@@ -6,7 +6,7 @@ import argparse
 
 import mlx.core as mx
 
-from ..trees import DTYPES, parse_dtype, tree_by_name
+from ..trees import DTYPES, parse_dtype, tree_by_name, tree_info
 
 
 class UserError(Exception):
@@ -29,12 +29,14 @@ def apply_cache_limit(megabytes: int) -> str:
     return f"MLX cache limit {megabytes} MiB"
 
 
-def add_tree_arguments(parser: argparse.ArgumentParser, default: str = "16x1M") -> None:
+def add_tree_arguments(parser: argparse.ArgumentParser, default: str = "16x1M", several: bool = False) -> None:
+    """``--tree`` (a list of trees where ``several``) and ``--dtype``."""
     parser.add_argument(
         "--tree",
-        default=default,
-        help=f"tree to time: '<leaves>x<size>' like 16x1M or 16384x256, or a model like mlp-small, "
-        f"transformer-base (GPT-2 small), cnn-small (default {default})",
+        default=[default] if several else default,
+        nargs="+" if several else None,
+        help=f"tree{'s' if several else ''} to time: '<leaves>x<size>' like 16x1M or 16384x256, or a model like "
+        f"mlp-small, transformer-base (GPT-2 small), cnn-small (default {default})",
     )
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="parameter dtype (default float32)")
 
@@ -42,5 +44,13 @@ def add_tree_arguments(parser: argparse.ArgumentParser, default: str = "16x1M") 
 def load_tree(name: str, dtype: str) -> dict:
     try:
         return tree_by_name(name, parse_dtype(dtype))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def check_tree_name(name: str) -> None:
+    """Fail on a name no tree has, without building a synthetic tree."""
+    try:
+        tree_info(name)
     except ValueError as e:
         raise UserError(str(e)) from None
