@@ -48,8 +48,8 @@ def _quantile(xs: list[float], q: float) -> float:
 def run_step(optimizer: Any, params: Any, grads: Any) -> Any:
     """One evaluated step; returns the new parameters.
 
-    The caller still holds ``params`` while this evaluates them, so MLX cannot
-    reuse (donate) their buffers for the new ones; :func:`time_steps` drops them
+    The caller still holds the old ``params`` while this evaluates the new ones,
+    so MLX cannot reuse (donate) their buffers; :func:`time_steps` drops them
     first, as a training loop does.
     """
     params = optimizer.apply_gradients(grads, params)
