@@ -18,7 +18,7 @@ import pytest
 from mlx.utils import tree_flatten
 from trajectory import check_against_reference_and_stock, gradient_sequence
 
-from rmsprop_impls import FlatLayout, VariantUnavailableError, create, gpu_kernels, variant_class
+from rmsprop_impls import FlatLayout, PackedGradients, VariantUnavailableError, create, gpu_kernels, variant_class
 from rmsprop_impls.gpu_kernels import (
     CUDA,
     INPUT_NAMES,
@@ -212,3 +212,11 @@ def test_on_the_device(variant):
         params = {"x": mx.random.normal((1000003,)).astype(dtype), "y": [mx.random.normal((3, 257)).astype(dtype)]}
         check_against_reference_and_stock(variant, params, gradient_sequence(params, 20), 1e-2)
         assert all(x.dtype == dtype for _, x in tree_flatten(params))
+
+
+def test_prepacked_gradients_reach_the_kernel_as_they_are(fake_launcher):
+    params = {"a": mx.random.normal((5, 3)), "b": mx.random.normal((4,))}
+    packed = PackedGradients.pack(gradient_sequence(params, 1)[0])
+    create("cuda_kernel", 1e-2).apply_gradients(packed, params)
+    (launch,) = fake_launcher.launches
+    assert launch["inputs"][1] is packed.buffers[mx.float32]
