@@ -3,6 +3,8 @@
 Everything else about the package lives in ``pyproject.toml``. The extension
 is optional: where there is no C++ compiler, ``pip install`` warns and goes
 on, and ``cpu_kernel`` reports itself unavailable with the reason.
+``RMSPROP_BENCH_NO_EXTENSION=1`` skips the build on purpose, for quick
+throw-away installs (asv's environments, say).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from setuptools.command.build_ext import build_ext
 
 EXTENSION = "rmsprop_impls._cpu_ext._ext"
 SOURCE_DIR = Path(__file__).resolve().parent / "rmsprop_impls" / "_cpu_ext"
+SKIP_VARIABLE = "RMSPROP_BENCH_NO_EXTENSION"
 
 
 class CMakeBuild(build_ext):
@@ -27,6 +30,9 @@ class CMakeBuild(build_ext):
         super().run()
 
     def build_extension(self, ext: Extension) -> None:
+        if os.environ.get(SKIP_VARIABLE) == "1":
+            self._skip(ext, f"{SKIP_VARIABLE}=1")
+            return
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = Path(self.build_temp).resolve() / ext.name
         configure = [
@@ -38,8 +44,17 @@ class CMakeBuild(build_ext):
             subprocess.run(configure, check=True)
             subprocess.run(build, check=True)
         except (OSError, subprocess.CalledProcessError) as e:
-            self.skipped.append(ext.name)
-            self.warn(f"not building {ext.name} ({e}); the cpu_kernel variant will be unavailable")
+            self._skip(ext, str(e))
+
+    def _skip(self, ext: Extension, why: str) -> None:
+        """Go on without the extension, and remove an older build of it that would still be installed."""
+        self.skipped.append(ext.name)
+        stale = [Path(self.get_ext_fullpath(ext.name))]
+        if self.inplace or getattr(self, "editable_mode", False):
+            stale.append(SOURCE_DIR / stale[0].name)
+        for path in stale:
+            path.unlink(missing_ok=True)
+        self.warn(f"not building {ext.name} ({why}); the cpu_kernel variant will be unavailable")
 
     def copy_extensions_to_source(self) -> None:
         self.extensions = [ext for ext in self.extensions if ext.name not in self.skipped]

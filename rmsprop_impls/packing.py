@@ -77,9 +77,10 @@ def unpack_group(group: DtypeGroup, buffer: mx.array) -> list[mx.array]:
 class PackedGradients:
     """Gradients that a trainer already holds as one buffer per dtype.
 
-    Pass one to ``FlatRMSprop.apply_gradients`` in place of a gradient tree to
-    skip the per-step packing: ``PackedGradients.pack(grads)`` builds one from a
-    tree, and ``PackedGradients(tree_like, buffers)`` wraps buffers a trainer made.
+    Pass one to a multi-tensor variant's ``apply_gradients`` (``flat``, the GPU
+    kernels) in place of a gradient tree to skip the per-step packing:
+    ``PackedGradients.pack(grads)`` builds one from a tree, and
+    ``PackedGradients(tree_like, buffers)`` wraps buffers a trainer made.
     """
 
     def __init__(self, tree_like: Any, buffers: dict[mx.Dtype, mx.array]):

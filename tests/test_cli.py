@@ -33,12 +33,19 @@ def test_command_help(command):
 
 
 def test_compare_prints_an_aligned_table_and_the_fastest():
-    out = cli("compare", "--tree", "4x1K", "--repeats", "3", "--variants", "eager", "flat")
+    out = cli("compare", "--tree", "4x1K", "8x3", "--repeats", "3", "--variants", "eager", "flat")
     assert out.returncode == 0, out.stderr
-    assert "memory-bandwidth limit" in out.stdout and "GB/s" in out.stdout
+    assert out.stdout.count("memory-bandwidth limit") == 1 and "GB/s" in out.stdout  # measured once per run
     table = out.stdout.split("\n\n")[1].splitlines()
-    assert table[0].startswith("variant") and table[2].startswith("eager") and table[3].startswith("flat")
-    assert "fastest: " in out.stdout
+    assert table[0].split()[:2] == ["tree", "variant"] and "vs compiled" in table[0] and "vs eager" in table[0]
+    assert [row.split()[:2] for row in table[2:]] == [
+        ["4x1K", "eager"],
+        ["4x1K", "flat"],
+        ["8x3", "eager"],
+        ["8x3", "flat"],
+    ]
+    assert table[2].split()[8] == "1.00x" and table[2].split()[7] == "-"  # eager vs itself; compiled did not run
+    assert "fastest:" in out.stdout and "  4x1K (4 leaves" in out.stdout and "  8x3 (8 leaves" in out.stdout
 
 
 @pytest.mark.parametrize(
@@ -46,6 +53,7 @@ def test_compare_prints_an_aligned_table_and_the_fastest():
     [
         (["compare", "--tree", "huge"], "error: unknown tree 'huge'"),
         (["compare", "--variants", "nope"], "invalid choice: 'nope'"),
+        (["compare", "--tree", "4x1K", "huge"], "error: unknown tree 'huge'"),
     ],
 )
 def test_user_mistakes_are_one_line(args, words):

@@ -1,10 +1,11 @@
 // One fused, multi-tensor, threaded RMSprop step as an MLX primitive.
 //
-// A single RMSpropStep node takes every leaf's w, g and v plus the learning
-// rate, and yields every new w and v: a 16384-leaf tree is one graph node and
-// one CPU task, not 16384. The task splits the tree's elements evenly over a
-// persistent thread pool (MLX's CPU back-end runs each task on one thread) and
-// each thread streams its share once, in float32, with AVX2 where the CPU has it.
+// An RMSpropStep node takes the w, g and v of up to kLeavesPerNode leaves plus
+// the learning rate, and yields their new w and v: a 16384-leaf tree is 2048
+// graph nodes and CPU tasks, not 16384 times the five of stock. Each task splits
+// its elements evenly over a persistent thread pool (MLX's CPU back-end runs each
+// task on one thread) and each thread streams its share once, in float32, with
+// AVX2 where the CPU has it.
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
@@ -19,6 +20,7 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <pthread.h>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -103,10 +105,18 @@ class Pool {
 };
 
 // Never destroyed: parked workers would otherwise have to be joined from a
-// static destructor while MLX's scheduler may still be tearing down.
+// static destructor while MLX's scheduler may still be tearing down. A forked
+// child has none of the parent's workers, so it starts a fresh pool (the old
+// one is leaked: its mutexes may have been held at the fork).
+Pool* the_pool = nullptr;
 Pool& pool() {
-  static Pool* p = new Pool();
-  return *p;
+  static const bool ready = [] {
+    the_pool = new Pool();
+    pthread_atfork(nullptr, nullptr, [] { the_pool = new Pool(); });
+    return true;
+  }();
+  (void)ready;
+  return *the_pool;
 }
 
 std::atomic<uint64_t> donated_buffers{0};
@@ -297,17 +307,23 @@ class RMSpropStep : public Primitive {
       return copy;
     };
     for (size_t i = 0; i < n; ++i) {
+      // Before readable() below, which holds one more handle to its argument.
+      give_buffer(inputs[i], outputs[i], outputs.size());
+      give_buffer(inputs[2 * n + i], outputs[n + i], outputs.size());
       array w = readable(inputs[i]), g = readable(inputs[n + i]), v = readable(inputs[2 * n + i]);
-      give_buffer(inputs[i], outputs[i]);
-      give_buffer(inputs[2 * n + i], outputs[n + i]);
       leaves.push_back({w.data<void>(), g.data<void>(), v.data<void>(), outputs[i].data<void>(),
                         outputs[n + i].data<void>(), outputs[i].size(), outputs[i].dtype().val()});
     }
     Hyper h{0.0f, static_cast<float>(alpha_), static_cast<float>(1.0 - alpha_), static_cast<float>(eps_)};
+    // The task holds weak copies only; MLX keeps the buffers alive (inputs, outputs, temporaries) until it ran.
+    std::vector<std::pair<array, array>> gathers;
+    for (size_t k = 0; k < strided_sources.size(); ++k) {
+      gathers.emplace_back(array::unsafe_weak_copy(strided_sources[k]), array::unsafe_weak_copy(contiguous_copies[k]));
+    }
     encoder.dispatch([leaves = std::move(leaves), h, lr = array::unsafe_weak_copy(inputs[3 * n]),
-                      sources = strided_sources, copies = contiguous_copies, threads = threads_]() mutable {
-      for (size_t k = 0; k < sources.size(); ++k) {
-        gather_row_major(sources[k], copies[k]);
+                      gathers = std::move(gathers), threads = threads_]() mutable {
+      for (auto& [source, copy] : gathers) {
+        gather_row_major(source, copy);
       }
       h.lr = *lr.data<float>();
       update_all(leaves, h, threads);
@@ -338,9 +354,17 @@ class RMSpropStep : public Primitive {
   }
 
  private:
-  // Reuse the input's buffer for the output when nothing else holds it (MLX's donation).
-  static void give_buffer(const array& in, array& out) {
-    if (in.flags().row_contiguous && in.is_donatable()) {
+  // Reuse the input's buffer for the output when nothing but this node holds it (MLX's donation).
+  // MLX's own test, is_donatable(), asks for exactly one holder: right for a one-output primitive,
+  // but every output of a multi-output node keeps its own copy of the input list, so here an
+  // input that nobody else holds has one holder per output. Anything else that holds it (Python,
+  // another node, a view of its buffer, a tracer's siblings) only adds to the counts.
+  static void give_buffer(const array& in, array& out, size_t holders_in_this_node) {
+    static_assert(sizeof(array) == sizeof(std::shared_ptr<void>), "mlx::core::array is one shared_ptr");
+    long handles = reinterpret_cast<const std::shared_ptr<void>&>(in).use_count();
+    const auto& data = in.data_shared_ptr();
+    if (in.flags().row_contiguous && handles == static_cast<long>(holders_in_this_node) && data.use_count() == 1 &&
+        data->is_owned() && in.data_size() == out.size()) {
       out.copy_shared_buffer(in);
       donated_buffers.fetch_add(1, std::memory_order_relaxed);
     } else {
@@ -354,6 +378,35 @@ class RMSpropStep : public Primitive {
 
 bool supported(Dtype t) {
   return t == float32 || t == float16 || t == bfloat16;
+}
+
+// One node per this many leaves. Each output of an MLX node holds a copy of the node's input list
+// and of its sibling list, so a node of k leaves costs O(k^2) references: one node for a
+// 16384-leaf tree would need tens of GB. Eight keeps that small and the nodes few.
+constexpr size_t kLeavesPerNode = 8;
+
+// The outputs of one node over leaves [lo, hi): appended to new_w and new_v.
+void add_node(const std::vector<array>& w, const std::vector<array>& g, const std::vector<array>& v, const array& lr,
+              size_t lo, size_t hi, const std::shared_ptr<RMSpropStep>& step, std::vector<array>& new_w,
+              std::vector<array>& new_v) {
+  std::vector<array> inputs;
+  inputs.reserve(3 * (hi - lo) + 1);
+  for (auto* group : {&w, &g, &v}) {
+    inputs.insert(inputs.end(), group->begin() + lo, group->begin() + hi);
+  }
+  inputs.push_back(lr);
+  std::vector<Shape> shapes;
+  std::vector<Dtype> dtypes;
+  for (int twice = 0; twice < 2; ++twice) {
+    for (size_t i = lo; i < hi; ++i) {
+      shapes.push_back(w[i].shape());
+      dtypes.push_back(w[i].dtype());
+    }
+  }
+  auto outputs = array::make_arrays(std::move(shapes), dtypes, step, std::move(inputs));
+  size_t n = hi - lo;
+  new_w.insert(new_w.end(), outputs.begin(), outputs.begin() + n);
+  new_v.insert(new_v.end(), outputs.begin() + n, outputs.end());
 }
 
 std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vector<array>& w,
@@ -370,15 +423,6 @@ std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vect
   if (threads < 1) {
     throw std::invalid_argument("rmsprop_update: threads must be >= 1");
   }
-  if (n == 0) {
-    return {};
-  }
-  std::vector<array> inputs;
-  inputs.reserve(3 * n + 1);
-  std::vector<Shape> shapes;
-  std::vector<Dtype> dtypes;
-  shapes.reserve(2 * n);
-  dtypes.reserve(2 * n);
   for (size_t i = 0; i < n; ++i) {
     if (!supported(w[i].dtype()) || g[i].dtype() != w[i].dtype() || v[i].dtype() != w[i].dtype()) {
       throw std::invalid_argument("rmsprop_update: leaf " + std::to_string(i) +
@@ -387,21 +431,20 @@ std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vect
     if (g[i].shape() != w[i].shape() || v[i].shape() != w[i].shape()) {
       throw std::invalid_argument("rmsprop_update: leaf " + std::to_string(i) + " has w, g and v of different shapes");
     }
-    shapes.push_back(w[i].shape());
-    dtypes.push_back(w[i].dtype());
   }
-  for (auto* group : {&w, &g, &v}) {
-    inputs.insert(inputs.end(), group->begin(), group->end());
+  std::pair<std::vector<array>, std::vector<array>> out;
+  if (n == 0) {
+    return out;
   }
+  out.first.reserve(n);
+  out.second.reserve(n);
   Stream s = default_stream(Device::cpu);
-  inputs.push_back(reshape(astype(lr, float32, s), {}, s));
-  shapes.insert(shapes.end(), shapes.begin(), shapes.end());
-  dtypes.insert(dtypes.end(), dtypes.begin(), dtypes.end());
-  auto outputs = array::make_arrays(std::move(shapes), dtypes, std::make_shared<RMSpropStep>(s, alpha, eps, threads),
-                                    std::move(inputs));
-  std::vector<array> new_v(outputs.begin() + n, outputs.end());
-  outputs.erase(outputs.begin() + n, outputs.end());
-  return {std::move(outputs), std::move(new_v)};
+  array lr32 = reshape(astype(lr, float32, s), {}, s);
+  auto step = std::make_shared<RMSpropStep>(s, alpha, eps, threads);
+  for (size_t lo = 0; lo < n; lo += kLeavesPerNode) {
+    add_node(w, g, v, lr32, lo, std::min(n, lo + kLeavesPerNode), step, out.first, out.second);
+  }
+  return out;
 }
 
 }  // namespace

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from ..trees import DTYPES, parse_dtype, tree_by_name, tree_from_file
+from ..trees import DTYPES, parse_dtype, tree_by_name, tree_from_file, tree_info
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -37,14 +37,18 @@ def apply_cache_limit(megabytes: int) -> str:
 
 
 def add_tree_arguments(
-    parser: argparse.ArgumentParser, default: str | None = "16x1M", dtype_default: str | None = "float32"
+    parser: argparse.ArgumentParser,
+    default: str | None = "16x1M",
+    dtype_default: str | None = "float32",
+    several: bool = False,
 ) -> None:
-    """``--tree`` and ``--dtype``; a ``None`` default means the option is optional and has no default."""
+    """``--tree`` (a list of trees where ``several``) and ``--dtype``; a ``None`` default makes the option optional."""
     parser.add_argument(
         "--tree",
-        default=default,
-        help="tree to time: '<leaves>x<size>' like 16x1M or 16384x256, or a model like mlp-small, "
-        "transformer-base (GPT-2 small), cnn-small" + (f" (default {default})" if default else ""),
+        default=[default] if several and default else default,
+        nargs="+" if several else None,
+        help=f"tree{'s' if several else ''} to time: '<leaves>x<size>' like 16x1M or 16384x256, or a model like "
+        "mlp-small, transformer-base (GPT-2 small), cnn-small" + (f" (default {default})" if default else ""),
     )
     parser.add_argument(
         "--dtype",
@@ -94,5 +98,13 @@ def load_params_file(path: str) -> dict:
     """A parameter tree from a ``.safetensors`` or ``.npz`` file; a bad file is a one-line user error."""
     try:
         return tree_from_file(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def check_tree_name(name: str) -> None:
+    """Fail on a name no tree has, without building a synthetic tree."""
+    try:
+        tree_info(name)
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -1,25 +1,34 @@
-"""``rmsprop-bench compare``: a quick, asv-free comparison of the variants on one tree."""
+"""``rmsprop-bench compare``: a quick, asv-free comparison of the variants on one or more trees."""
 
 from __future__ import annotations
 
 import argparse
 
+import mlx.core as mx
+from tqdm import tqdm
+
 from ..bandwidth import measure_bandwidth
-from ..compare import compare_variants
+from ..compare import VariantResult, compare_variants
 from ..registry import variant_names
 from ..tables import format_table
 from ..trees import leaves_of, random_like
-from .common import add_cache_limit_argument, add_tree_arguments, apply_cache_limit, load_tree
+from .common import add_cache_limit_argument, add_tree_arguments, apply_cache_limit, check_tree_name, load_tree
+
+#: The variants every other one is compared with, when they ran.
+BASELINES = ("compiled", "eager")
+HEADERS = ["tree", "variant", "median ms", "IQR ms", "us/leaf", "GB/s", "of limit"]
+HEADERS += [f"vs {b}" for b in BASELINES] + ["notes"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
-        help="time every variant on one tree and print a table",
-        description="Time every variant on one tree in this process: median step time, effective GB/s "
-        "(20 bytes per float32 parameter) and the fraction of this machine's measured bandwidth limit.",
+        help="time every variant on one or more trees and print a table",
+        description="Time every variant on each tree in this process: median step time, time per leaf, effective "
+        "GB/s (20 bytes per float32 parameter), the fraction of this machine's bandwidth limit (measured once, "
+        "first) and the speed-up over the compiled and eager variants.",
     )
-    add_tree_arguments(p)
+    add_tree_arguments(p, several=True)
     p.add_argument("--variants", nargs="+", choices=variant_names(), help="variants to time (default: all)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps per variant (default 10)")
     add_cache_limit_argument(p)
@@ -28,33 +37,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setting = apply_cache_limit(args.cache_limit_mb)
-    params = load_tree(args.tree, args.dtype)
-    grads = random_like(params)
+    names = list(dict.fromkeys(args.tree))
+    for name in names:  # a bad name fails before any timing; each tree is built just before it is timed
+        check_tree_name(name)
     limit = measure_bandwidth()
-    results = compare_variants(params, grads, args.variants, repeats=args.repeats)
-    n_params = sum(x.size for x in leaves_of(params))
-    base = next((r.timing.median for r in results if r.variant == "eager" and r.timing), None)
-    rows = []
-    for r in results:
-        if r.timing is None:
-            rows.append([r.variant, None, None, None, None, None, f"unavailable: {r.reason}"])
-            continue
-        rows.append(
-            [
-                r.variant,
-                f"{r.timing.median * 1e3:.3f}",
-                f"{r.timing.iqr * 1e3:.3f}",
-                f"{r.gbps:.2f}",
-                f"{100 * r.gbps / limit:.0f}%",
-                f"{base / r.timing.median:.2f}x" if base else None,
-                f"first step {r.timing.first_s * 1e3:.1f} ms",
-            ]
-        )
-    print(f"tree {args.tree} ({n_params:,} {args.dtype} parameters, {len(leaves_of(params))} leaves); {setting}")
-    print(f"memory-bandwidth limit (in-place triad, all cores): {limit:.1f} GB/s\n")
-    print(format_table(["variant", "median ms", "IQR ms", "GB/s", "of limit", "vs eager", "notes"], rows))
-    ran = [r for r in results if r.timing]
-    if ran:
-        best = min(ran, key=lambda r: r.timing.median)
-        print(f"\nfastest: {best.variant} ({best.timing.median * 1e3:.3f} ms, {best.gbps:.2f} GB/s)")
+    rows, fastest = [], []
+    for name in tqdm(names, desc="trees", unit="tree", leave=False):
+        params = load_tree(name, args.dtype)
+        leaves = leaves_of(params)
+        results = compare_variants(params, random_like(params), args.variants, repeats=args.repeats)
+        rows += [_row(name, r, len(leaves), limit, results) for r in results]
+        ran = [r for r in results if r.timing]
+        if ran:
+            best = min(ran, key=lambda r: r.timing.median)
+            n_params = sum(x.size for x in leaves)
+            fastest.append(
+                f"{name} ({len(leaves):,} leaves, {n_params:,} {args.dtype} parameters): {best.variant}, "
+                f"{best.timing.median * 1e3:.3f} ms, {best.gbps:.2f} GB/s"
+            )
+        del params, leaves, results
+        mx.clear_cache()
+    print(f"memory-bandwidth limit (in-place triad, all cores): {limit:.1f} GB/s; {setting}\n")
+    print(format_table(HEADERS, rows))
+    if fastest:
+        print("\nfastest:\n" + "\n".join(f"  {line}" for line in fastest))
     return 0
+
+
+def _row(tree: str, r: VariantResult, n_leaves: int, limit: float, results: list[VariantResult]) -> list:
+    if r.timing is None:
+        return [tree, r.variant] + [None] * (len(HEADERS) - 3) + [f"unavailable: {r.reason}"]
+    base = {b.variant: b.timing.median for b in results if b.variant in BASELINES and b.timing}
+    speedups = [f"{base[b] / r.timing.median:.2f}x" if b in base else None for b in BASELINES]
+    return [
+        tree,
+        r.variant,
+        f"{r.timing.median * 1e3:.3f}",
+        f"{r.timing.iqr * 1e3:.3f}",
+        f"{r.timing.median / max(n_leaves, 1) * 1e6:.1f}",
+        f"{r.gbps:.2f}",
+        f"{100 * r.gbps / limit:.0f}%",
+        *speedups,
+        f"first step {r.timing.first_s * 1e3:.1f} ms",
+    ]

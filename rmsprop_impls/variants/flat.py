@@ -1,81 +1,22 @@
-"""Multi-tensor RMSprop, like PyTorch's foreach: one update per dtype buffer.
+"""Multi-tensor RMSprop, like PyTorch's foreach: one MLX update per dtype buffer.
 
-Gradients are packed every step, and that copy is part of the timed step. The
-parameters and ``v`` it returns are views into its output buffers; when the
-same arrays come back next step (the usual training loop), the buffers are
-reused instead of packed again. A trainer that already holds flat gradients
-passes :class:`~rmsprop_impls.packing.PackedGradients` and skips that copy too.
+The packing, the buffer reuse and pre-packed gradients live in
+:class:`~rmsprop_impls.multi_tensor.PackedRMSprop`; this variant runs stock's
+MLX ops on each buffer.
 """
 
 from __future__ import annotations
 
-import mlx.core as mx
-
 from ..formula import rmsprop_update
-from ..optimizer import RMSpropBase
-from ..packing import FlatLayout, PackedGradients, pack_group, unpack_group
+from ..multi_tensor import PackedRMSprop
 
 
-class _BufferReuse:
-    """Remembers the views it handed out, so packing them again is free."""
-
-    def __init__(self):
-        self._views: dict[mx.Dtype, list[mx.array]] = {}
-        self._buffers: dict[mx.Dtype, mx.array] = {}
-
-    def pack(self, group, leaves):
-        views = self._views.get(group.dtype)
-        if views is not None and len(views) == len(leaves) and all(a is b for a, b in zip(views, leaves)):
-            return self._buffers[group.dtype]
-        return pack_group(group, leaves)
-
-    def remember(self, group, buffer, views):
-        self._buffers[group.dtype] = buffer
-        self._views[group.dtype] = views
-
-
-class FlatRMSprop(RMSpropBase):
+class FlatRMSprop(PackedRMSprop):
     name = "flat"
     summary = "one MLX update per dtype over packed buffers"
 
-    def __init__(self, learning_rate, alpha=0.99, eps=1e-8):
-        super().__init__(learning_rate, alpha, eps)
-        self._layout: FlatLayout | None = None
-        self._layout_signature: tuple | None = None
-        self._w_reuse = _BufferReuse()
-        self._v_reuse = _BufferReuse()
-        self._packed_g: dict | None = None
-
-    def apply_gradients(self, gradients, parameters):
-        if not isinstance(gradients, PackedGradients):
-            return super().apply_gradients(gradients, parameters)
-        self._packed_g = gradients.buffers
-        try:
-            return super().apply_gradients(gradients.tree(), parameters)
-        finally:
-            self._packed_g = None
-
-    def _layout_for(self, w):
-        signature = FlatLayout.signature(w)
-        if signature != self._layout_signature:
-            self._layout, self._layout_signature = FlatLayout(w), signature
-        return self._layout
-
-    def update_leaves(self, w, g, v, lr):
-        layout = self._layout_for(w)
-        new_w: list = [None] * len(w)
-        new_v: list = [None] * len(w)
-        for grp in layout.groups:
-            wb = self._w_reuse.pack(grp, [w[i] for i in grp.indices])
-            vb = self._v_reuse.pack(grp, [v[i] for i in grp.indices])
-            gb = self._packed_g[grp.dtype] if self._packed_g else pack_group(grp, [g[i] for i in grp.indices])
-            wb, vb = rmsprop_update(wb, gb, vb, lr, self.alpha, self.eps)
-            w_views, v_views = unpack_group(grp, wb), unpack_group(grp, vb)
-            self._w_reuse.remember(grp, wb, w_views)
-            self._v_reuse.remember(grp, vb, v_views)
-            for i, wi, vi in zip(grp.indices, w_views, v_views):
-                new_w[i], new_v[i] = wi, vi
-        return new_w, new_v
+    def update_buffers(self, w, g, v, lr):
+        return rmsprop_update(w, g, v, lr, self.alpha, self.eps)
 
 
 VARIANT = FlatRMSprop

@@ -1,0 +1,31 @@
+"""A hand-written CUDA kernel (``mx.fast.cuda_kernel``): one fused launch per dtype buffer.
+
+The kernel, its geometry and its dispatch live in :mod:`rmsprop_impls.gpu_kernels`,
+shared with ``metal_kernel``. It needs MLX's CUDA back-end: ``mlx[cuda12]`` or
+``mlx[cuda13]`` on Linux with an NVIDIA GPU.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..gpu_kernels import CUDA, GpuKernelRMSprop
+
+
+class CudaKernelRMSprop(GpuKernelRMSprop):
+    name = "cuda_kernel"
+    summary = "mx.fast.cuda_kernel: one fused launch per dtype buffer"
+    backend = CUDA
+
+    @classmethod
+    def unavailable_reason(cls):
+        cuda = getattr(mx, "cuda", None)
+        if cuda is None or not cuda.is_available():
+            return (
+                "needs MLX's CUDA back-end and an NVIDIA GPU (mx.cuda.is_available() is False; "
+                "on Linux install mlx[cuda12] or mlx[cuda13])"
+            )
+        return None
+
+
+VARIANT = CudaKernelRMSprop

@@ -1,0 +1,175 @@
+"""The C++ ``cpu_kernel`` beyond the agreement tests: odd sizes, threads, layouts, dtypes, donation, options."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from trajectory import check_against_reference_and_stock, gradient_sequence
+
+import rmsprop_impls
+from rmsprop_impls import VariantUnavailableError, create, reference_step
+from rmsprop_impls.formula import rmsprop_update
+from rmsprop_impls.registry import unavailable_reason
+
+REASON = unavailable_reason("cpu_kernel")
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cpu_kernel unavailable here: {REASON}")
+
+if REASON is None:
+    from rmsprop_impls import _cpu_ext
+
+BIG = 1000003  # odd: an AVX2 tail, and shares between threads that end mid-leaf
+
+
+def odd_tree():
+    """More leaves than one node takes (8), of sizes 1, 3 and BIG, in nested dicts and lists."""
+    mx.random.seed(11)
+    sizes = [1, 3, 1, 3, 7, 1, 3, 1, BIG, 3, 1, 3, 5, 1]
+    return {"layers": [{"w": mx.random.normal((n,))} for n in sizes], "big": mx.random.normal((3, BIG))}
+
+
+def test_odd_leaf_sizes_match_reference_and_stock():
+    params = odd_tree()
+    check_against_reference_and_stock("cpu_kernel", params, gradient_sequence(params, 5), 1e-2)
+
+
+def test_one_and_two_threads_agree_bit_for_bit():
+    params = odd_tree()
+    grads = gradient_sequence(params, 3)
+    results = []
+    for threads in (1, 2):
+        opt = create("cpu_kernel", 1e-2, threads=threads)
+        p = params
+        for g in grads:
+            p = opt.apply_gradients(g, p)
+            mx.eval(p, opt.state)
+        results.append((p, opt.state))
+    (p1, s1), (p2, s2) = results
+    assert mx.array_equal(p1["big"], p2["big"]).item() and mx.array_equal(s1["big"]["v"], s2["big"]["v"]).item()
+    assert all(mx.array_equal(a["w"], b["w"]).item() for a, b in zip(p1["layers"], p2["layers"]))
+
+
+def step_both(w, g, v, threads=2):
+    """One step of the kernel and of stock's MLX ops on the same (possibly strided, lazy) inputs."""
+    lr = mx.array(0.01)
+    (kw,), (kv,) = _cpu_ext.rmsprop_update([w], [g], [v], lr, 0.9, 1e-6, threads)
+    sw, sv = rmsprop_update(w, g, v, lr, 0.9, 1e-6)
+    mx.eval(kw, kv, sw, sv)
+    return kw, kv, sw, sv
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a, b, c: (a.T, b.T, c.T),  # transposed, evaluated
+        lambda a, b, c: ((a + 0).T, (b * 1).T, (c + 0).T),  # transposed and lazy: flags unknown until eval
+        lambda a, b, c: (a[::2, 1:], b[1::2, :-1], c[1::2, 1:]),
+        lambda a, b, c: (a, mx.broadcast_to(b[:1], a.shape), mx.broadcast_to(c[0, 0], a.shape)),
+    ],
+    ids=["transposed", "lazy-transposed", "strided", "broadcast"],
+)
+def test_non_contiguous_inputs(make):
+    mx.random.seed(2)
+    a, b, c = mx.random.normal((128, 38)), mx.random.normal((128, 38)), mx.abs(mx.random.normal((128, 38)))
+    w, g, v = make(a, b, c)
+    kw, kv, sw, sv = step_both(w, g, v)
+    assert kw.shape == kv.shape == w.shape
+    assert np.allclose(np.array(kw), np.array(sw), rtol=1e-6, atol=1e-7)
+    assert np.allclose(np.array(kv), np.array(sv), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype, ulp", [(mx.float16, 2.0**-10), (mx.bfloat16, 2.0**-7)], ids=["float16", "bfloat16"])
+def test_half_precision_rounds_once_from_float32(dtype, ulp):
+    """Arithmetic in float32, one rounding to the storage dtype: within one ulp of the float64 step."""
+    mx.random.seed(4)
+    n = 100003  # two threads' worth, with an AVX2 tail
+    w, g = (mx.random.normal((n,)).astype(dtype) for _ in range(2))
+    v = mx.random.uniform(0.1, 2.0, (n,)).astype(dtype)
+    (kw,), (kv,) = _cpu_ext.rmsprop_update([w], [g], [v], mx.array(0.01), 0.9, 1e-6, 2)
+    f64 = [np.array(x.astype(mx.float32), dtype=np.float64) for x in (w, g, v)]
+    rw, rv = reference_step(*f64, 0.01, 0.9, 1e-6)
+    for got, want in ((kw, rw), (kv, rv)):
+        assert got.dtype == dtype
+        got = np.array(got.astype(mx.float32), dtype=np.float64)
+        assert np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-3)) <= ulp
+
+
+def training_loop(opt, params, grads):
+    """``params = opt.apply_gradients(g, params)``, evaluated: the old parameters are dropped first."""
+    for g in grads:
+        params = opt.apply_gradients(g, params)
+        mx.eval(params, opt.state)
+    return params
+
+
+def test_donation_in_a_loop_that_drops_old_parameters():
+    params = {f"p{i}": mx.random.normal((1000 + i,)) for i in range(10)}
+    grads = gradient_sequence(params, 4)
+    opt = create("cpu_kernel", 1e-2)
+    params = training_loop(opt, params, grads[:1])  # the first step's inputs are still held by the caller's tree
+    before = _cpu_ext.donated_buffers()
+    for g in grads[1:]:
+        params = opt.apply_gradients(g, params)
+        mx.eval(params, opt.state)
+    assert _cpu_ext.donated_buffers() - before == 2 * 10 * 3  # every w and v, every step
+
+
+def test_no_donation_while_inputs_are_held_and_they_stay_unchanged():
+    params = {f"p{i}": mx.random.normal((1000 + i,)) for i in range(10)}
+    grads = gradient_sequence(params, 3)
+    opt, stock = create("cpu_kernel", 1e-2), optim.RMSprop(1e-2)
+    training_loop(opt, params, grads[:1])
+    training_loop(stock, params, grads[:1])
+    kept = {k: np.array(x) for k, x in params.items()}
+    held_v = [s["v"] for s in opt.state.values() if isinstance(s, dict)]
+    kept_v = [np.array(x) for x in held_v]
+    before = _cpu_ext.donated_buffers()
+    new = opt.apply_gradients(grads[1], params)
+    want = stock.apply_gradients(grads[1], params)
+    mx.eval(new, opt.state, want)
+    assert _cpu_ext.donated_buffers() == before
+    assert all(np.array_equal(np.array(params[k]), kept[k]) for k in params)
+    assert all(np.array_equal(np.array(x), y) for x, y in zip(held_v, kept_v))
+    assert all(np.allclose(np.array(new[k]), np.array(want[k]), rtol=1e-6) for k in params)
+
+
+def test_two_lazy_steps_before_one_eval():
+    """The second node's inputs are the first node's lazy outputs, donated inside one eval."""
+    params = {f"p{i}": mx.random.normal((257,)) for i in range(12)}
+    grads = gradient_sequence(params, 2)
+    opt = create("cpu_kernel", 1e-2)
+    ref = {k: np.array(x, dtype=np.float64) for k, x in params.items()}
+    ref_v = {k: np.zeros(257) for k in params}
+    for g in grads:
+        params = opt.apply_gradients(g, params)
+        for k in ref:
+            ref[k], ref_v[k] = reference_step(ref[k], np.array(g[k], dtype=np.float64), ref_v[k], 1e-2, 0.99, 1e-8)
+    mx.eval(params, opt.state)
+    assert all(np.allclose(np.array(params[k]), ref[k], rtol=1e-5, atol=1e-6) for k in params)
+
+
+@pytest.mark.parametrize("threads", [0, -1, True, 1.5, "2"])
+def test_threads_must_be_a_positive_int(threads):
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        create("cpu_kernel", 1e-3, threads=threads)
+
+
+def test_threads_default_to_every_core():
+    assert create("cpu_kernel", 1e-3).threads == (os.cpu_count() or 1)
+    assert create("cpu_kernel", 1e-3, threads=3).threads == 3
+
+
+def test_unavailable_with_the_reason_when_the_extension_does_not_load(monkeypatch):
+    # What a skipped build looks like to import.
+    monkeypatch.setitem(sys.modules, "rmsprop_impls._cpu_ext", None)
+    monkeypatch.delattr(rmsprop_impls, "_cpu_ext")
+    reason = unavailable_reason("cpu_kernel")
+    assert reason.startswith("the C++ extension rmsprop_impls._cpu_ext does not load (")
+    assert "RMSPROP_BENCH_NO_EXTENSION" in reason
+    with pytest.raises(VariantUnavailableError) as err:
+        create("cpu_kernel", 1e-3)
+    assert err.value.reason == reason

@@ -1,0 +1,222 @@
+"""The Metal and CUDA kernel variants, as far as a machine without their GPU can check them.
+
+Source generation, launch geometry, packing, availability and dispatch are
+checked here. Running the kernels needs the device: those tests skip with the
+reason. Where a launch is needed, ``FakeLauncher`` stands in for the object
+``mx.fast.metal_kernel``/``cuda_kernel`` returns: it records the launch and
+computes its outputs with MLX ops, so the code *around* the kernel is checked;
+it says nothing about the kernel source itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from trajectory import check_against_reference_and_stock, gradient_sequence
+
+from rmsprop_impls import FlatLayout, PackedGradients, VariantUnavailableError, create, gpu_kernels, variant_class
+from rmsprop_impls.gpu_kernels import (
+    CUDA,
+    INPUT_NAMES,
+    METAL,
+    OUTPUT_NAMES,
+    THREADS_PER_GROUP,
+    dispatch,
+    hyperparameters,
+    kernel_source,
+    launch_geometry,
+)
+from rmsprop_impls.registry import unavailable_reason
+
+BACKENDS = {"metal_kernel": METAL, "cuda_kernel": CUDA}
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+
+
+class FakeLauncher:
+    """Test double of a kernel object: records each launch, computes the update with MLX ops."""
+
+    def __init__(self):
+        self.launches: list[dict] = []
+
+    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, stream):
+        self.launches.append(
+            dict(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup, stream=stream,
+                 output_shapes=output_shapes, output_dtypes=output_dtypes)
+        )  # fmt: skip
+        w, g, v, hyper = (x.astype(mx.float32) for x in inputs)
+        lr, alpha, one_minus_alpha, eps = (hyper[k] for k in range(4))
+        v_new = alpha * v + one_minus_alpha * (g * g)
+        w_new = w - (lr * g) / (mx.sqrt(v_new) + eps)
+        outputs = [x.astype(dt).reshape(s) for x, dt, s in zip((w_new, v_new), output_dtypes, output_shapes)]
+        self.launches[-1]["outputs"] = outputs
+        return outputs
+
+
+@pytest.fixture
+def fake_launcher(monkeypatch):
+    """Make both GPU variants constructible here, launching on a ``FakeLauncher``."""
+    launcher = FakeLauncher()
+    monkeypatch.setattr(gpu_kernels, "shared_kernel", lambda backend: launcher)
+    for name in BACKENDS:
+        monkeypatch.setattr(f"rmsprop_impls.variants.{name}.VARIANT.unavailable_reason", classmethod(lambda cls: None))
+    return launcher
+
+
+@pytest.mark.parametrize("backend", BACKENDS.values(), ids=BACKENDS.keys())
+def test_source_is_the_fused_update_in_float32(backend):
+    src = kernel_source(backend)
+    for name in INPUT_NAMES[:3]:
+        assert backend.to_float.format(f"{name}[i]") in src
+    for name in OUTPUT_NAMES:
+        assert f"{name}[i] = {backend.from_float.format('')[:-1]}" in src  # stored through a cast to T
+    assert "hyper[0]" in src and "hyper[3]" in src and "w_shape[0]" in src
+    assert "const float v_i = alpha * " in src and "one_minus_alpha * (g_i * g_i)" in src
+    assert f"{backend.sqrt}(v_i) + eps" in src
+    assert "1e-" not in src and "0.99" not in src  # hyper-parameters are inputs, never baked in
+
+
+def test_each_backend_speaks_its_language():
+    metal, cuda = kernel_source(METAL), kernel_source(CUDA)
+    assert "thread_position_in_grid.x" in metal and "metal::precise::sqrt" in metal and "precise::divide" in metal
+    assert "this_grid().thread_rank()" in cuda and "sqrtf(" in cuda and "static_cast<T>(" in cuda
+    assert "metal::" not in cuda and "cooperative_groups" not in metal
+    # the division must bind as (lr * g) / (sqrt(v) + eps)
+    assert "(lr * g_i) / (sqrtf(v_i) + eps)" in cuda
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 1000003])
+def test_launch_geometry_covers_every_element(n):
+    geo = launch_geometry(n)
+    (gx, gy, gz), (tx, ty, tz) = geo.grid, geo.threadgroup
+    assert (gy, gz, ty, tz) == (1, 1, 1, 1)
+    assert gx == n and 1 <= tx <= min(n, THREADS_PER_GROUP)
+    blocks = math.ceil(gx / tx)  # how CUDA turns MLX's grid into blocks; Metal runs exactly gx threads
+    assert blocks * tx >= n and (blocks - 1) * tx < n
+
+
+@pytest.mark.parametrize("n", [0, -1, 2**31])
+def test_launch_geometry_rejects_sizes_mlx_cannot_launch(n):
+    with pytest.raises(ValueError, match="a launch covers 1 to"):
+        launch_geometry(n)
+
+
+def test_packing_round_trip_over_dtypes_and_odd_shapes():
+    mx.random.seed(0)
+    leaves = [
+        mx.random.normal((3, 5)).astype(mx.float16),
+        mx.array(2.0),
+        mx.random.normal((4, 3)).T,
+        mx.random.normal((1,)).astype(mx.bfloat16),
+        mx.random.normal((7,)).astype(mx.float16),
+        mx.zeros((0, 2)),
+    ]
+    layout = FlatLayout(leaves)
+    buffers = layout.pack(leaves)
+    assert {k: v.shape for k, v in buffers.items()} == {mx.float16: (22,), mx.float32: (13,), mx.bfloat16: (1,)}
+    back = layout.unpack(buffers)
+    for a, b in zip(leaves, back):
+        assert a.shape == b.shape and a.dtype == b.dtype and mx.array_equal(a, b).item()
+
+
+@pytest.mark.parametrize("variant", BACKENDS)
+def test_unavailable_here_with_the_reason(variant):
+    reason = unavailable_reason(variant)
+    if reason is None:
+        pytest.skip(f"{variant} runs on this machine")
+    assert "needs" in reason and ".is_available() is False" in reason
+    with pytest.raises(VariantUnavailableError) as err:
+        create(variant, 1e-3)
+    assert err.value.reason == reason
+    with pytest.raises(VariantUnavailableError):  # constructing it directly fails the same way
+        variant_class(variant)(1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16", "bfloat16"])
+def test_dispatch_launches_once_with_the_expected_arguments(dtype):
+    launcher = FakeLauncher()
+    w, g, v = (mx.random.normal((1000003,)).astype(dtype) for _ in range(3))
+    v = mx.abs(v)
+    hyper = hyperparameters(mx.array(0.01), mx.array([0.9, 0.1, 1e-3], dtype=mx.float32))
+    w_new, v_new = dispatch(launcher, w, g, v, hyper)
+    (call,) = launcher.launches
+    assert all(a is b for a, b in zip(call["inputs"], [w, g, v, hyper]))
+    assert call["template"] == [("T", dtype)]
+    assert call["grid"] == (1000003, 1, 1) and call["threadgroup"] == (THREADS_PER_GROUP, 1, 1)
+    assert call["output_shapes"] == [(1000003,), (1000003,)] and call["output_dtypes"] == [dtype, dtype]
+    assert call["stream"] == mx.gpu
+    assert np.allclose(np.array(hyper), [0.01, 0.9, 0.1, 1e-3]) and hyper.dtype == mx.float32
+    assert w_new.dtype == dtype and v_new.shape == (1000003,)
+
+
+def test_dispatch_skips_empty_buffers_and_refuses_other_dtypes():
+    launcher = FakeLauncher()
+    empty = mx.zeros((0,))
+    assert dispatch(launcher, empty, empty, empty, mx.zeros((4,)))[0] is empty
+    ints = mx.zeros((4,), dtype=mx.int32)
+    with pytest.raises(ValueError, match="float32, float16 and bfloat16"):
+        dispatch(launcher, ints, ints, ints, mx.zeros((4,)))
+    assert launcher.launches == []
+
+
+@pytest.mark.parametrize("variant", BACKENDS)
+def test_one_launch_per_dtype_and_buffers_reused(variant, fake_launcher):
+    params = {
+        f"layer{i}": {"w": mx.random.normal((33, 3)), "b": mx.random.normal((3,)).astype(mx.float16)} for i in range(50)
+    }
+    grads = gradient_sequence(params, 3)
+    opt = create(variant, 1e-2, alpha=0.9, eps=1e-6)
+    for g in grads:
+        params = opt.apply_gradients(g, params)
+        mx.eval(params, opt.state)
+    assert len(fake_launcher.launches) == 2 * len(grads)
+    first, second = fake_launcher.launches[:2], fake_launcher.launches[2:4]
+    assert sorted(c["grid"][0] for c in first) == [150, 50 * 99]
+    for before, after in zip(first, second):  # step 2 gets back the very buffers step 1 produced: no repacking
+        assert after["inputs"][0] is before["outputs"][0] and after["inputs"][2] is before["outputs"][1]
+    lr, alpha, one_minus_alpha, eps = np.array(first[0]["inputs"][3]).tolist()
+    assert [lr, alpha, one_minus_alpha, eps] == pytest.approx([1e-2, 0.9, 0.1, 1e-6], rel=1e-6)  # float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("variant", BACKENDS)
+def test_packing_and_dispatch_reach_the_reference(variant, dtype, fake_launcher):
+    mx.random.seed(5)
+    params = {"a": mx.random.normal((7, 5)).astype(dtype), "b": [mx.random.normal((5, 3)).T.astype(dtype)]}
+    check_against_reference_and_stock(variant, params, gradient_sequence(params, 30), 1e-2)
+
+
+def test_the_kernel_object_is_built_once(monkeypatch):
+    built = []
+    monkeypatch.setattr(mx.fast, "metal_kernel", lambda **kw: built.append(kw) or FakeLauncher())
+    gpu_kernels.shared_kernel.cache_clear()
+    try:
+        assert gpu_kernels.shared_kernel(METAL) is gpu_kernels.shared_kernel(METAL)
+    finally:
+        gpu_kernels.shared_kernel.cache_clear()
+    (kw,) = built
+    assert kw["input_names"] == list(INPUT_NAMES) and kw["output_names"] == list(OUTPUT_NAMES)
+    assert kw["source"] == kernel_source(METAL)
+
+
+@pytest.mark.parametrize("variant", BACKENDS)
+def test_on_the_device(variant):
+    reason = unavailable_reason(variant)
+    if reason is not None:
+        pytest.skip(f"{variant} needs its GPU: {reason}")
+    for dtype in DTYPES:
+        mx.random.seed(1)
+        params = {"x": mx.random.normal((1000003,)).astype(dtype), "y": [mx.random.normal((3, 257)).astype(dtype)]}
+        check_against_reference_and_stock(variant, params, gradient_sequence(params, 20), 1e-2)
+        assert all(x.dtype == dtype for _, x in tree_flatten(params))
+
+
+def test_prepacked_gradients_reach_the_kernel_as_they_are(fake_launcher):
+    params = {"a": mx.random.normal((5, 3)), "b": mx.random.normal((4,))}
+    packed = PackedGradients.pack(gradient_sequence(params, 1)[0])
+    create("cuda_kernel", 1e-2).apply_gradients(packed, params)
+    (launch,) = fake_launcher.launches
+    assert launch["inputs"][1] is packed.buffers[mx.float32]
