@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from trajectory import check_against_reference_and_stock, gradient_sequence
 
@@ -19,6 +19,8 @@ trees = st.recursive(
     ),
     max_leaves=8,
 )
+FLOAT16_SMALLEST_NORMAL = 2.0**-14
+
 #: Optimizer state sits beside the tree in one dict, so the top of a tree is a dict, as in stock MLX.
 top_level = st.dictionaries(st.text("abcdefgh", min_size=1, max_size=4), trees, min_size=0, max_size=3)
 
@@ -44,6 +46,9 @@ def build(spec, dtype, key):
     seed=st.integers(0, 2**16),
 )
 def test_random_trees_and_hyperparameters(spec, variant, dtype, lr, alpha, eps, steps, seed):
+    # In float16, a first v of (1-alpha)*g^2 below 6.1e-5 is subnormal and keeps only a few bits, so stock
+    # itself leaves float64 far behind (README: float16 findings). The gradients' smallest |g| is 0.05.
+    assume(dtype != mx.float16 or (1 - alpha) * 0.05**2 >= FLOAT16_SMALLEST_NORMAL)
     params = build(spec, dtype, mx.random.key(seed))
     grads = gradient_sequence(params, steps, seed=seed)
     check_against_reference_and_stock(variant, params, grads, lr, alpha=alpha, eps=eps)
