@@ -94,7 +94,7 @@ def run_benchmarks(project: Path, settings: RunSettings, python: str, on_line: C
     Ctrl-C reaches asv too (same process group); a SIGINT sent to this process
     alone is passed on, so asv stops its benchmark and saves nothing partial.
     """
-    env = settings.environment(dict(os.environ))
+    env = {**settings.environment(dict(os.environ)), "PYTHONUNBUFFERED": "1"}  # asv's lines as they happen
     machine = ["--machine", settings.machine] if settings.machine else []
     subprocess.run(asv_command("machine", "--yes", *machine), cwd=project, env=env, check=True, capture_output=True)
     args = ["run", "-E", f"existing:{python}", "--set-commit-hash", git_head(project), "--show-stderr", *machine]
