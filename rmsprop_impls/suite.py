@@ -52,6 +52,26 @@ def read_conf(project: Path) -> dict:
     return json.loads((project / "asv.conf.json").read_text())
 
 
+def write_run_conf(project: Path) -> Path:
+    """The project's asv configuration, tracking the checked-out branch; returns the file to pass as ``--config``.
+
+    asv refuses a checkout without the configured ``main`` branch, and its
+    dashboard draws only commits on the configured branches, so a clone of a
+    feature branch gets its own branch here (``HEAD`` when detached).
+    """
+    conf = read_conf(project)
+    for key, default in [("repo", "."), ("benchmark_dir", "benchmarks"), ("env_dir", "env"), ("results_dir", "results"),
+                         ("html_dir", "html")]:  # fmt: skip
+        conf[key] = str((project / conf.get(key, default)).resolve())
+    branch = _git(project, "rev-parse", "--abbrev-ref", "HEAD")
+    has_main = subprocess.run(["git", "-C", str(project), "rev-parse", "--verify", "-q", "main"], capture_output=True)
+    conf["branches"] = list(dict.fromkeys(["main"] * (has_main.returncode == 0) + [branch]))
+    path = Path(conf["results_dir"]).parent / "rmsprop-bench.conf.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(conf, indent=4) + "\n")
+    return path
+
+
 @dataclass
 class RunSettings:
     """What a run measures and the MLX settings it sets deliberately; all of it is printed with the results."""
@@ -75,17 +95,19 @@ class RunSettings:
     def describe(self) -> str:
         grid = "full grid" if self.full else "default subset"
         compile_dir = self.compile_dir or os.environ.get("TMPDIR", "/tmp")
-        return f"{grid}; MLX cache limit {self.cache_limit_mb} MiB; mx.compile cache TMPDIR={compile_dir}"
+        return f"{grid}; MLX cache limit {self.cache_limit_mb} MiB; mx.compile kernel cache under TMPDIR={compile_dir}"
 
 
-def asv_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "asv", *args]
+def asv_command(project: Path, command: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "asv", command, "--config", str(write_run_conf(project)), *args]
+
+
+def _git(project: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(project), *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def git_head(project: Path) -> str:
-    return subprocess.run(
-        ["git", "-C", str(project), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
-    ).stdout.strip()
+    return _git(project, "rev-parse", "HEAD")
 
 
 def run_benchmarks(project: Path, settings: RunSettings, python: str, on_line: Callable[[str], None]) -> int:
@@ -96,14 +118,21 @@ def run_benchmarks(project: Path, settings: RunSettings, python: str, on_line: C
     """
     env = {**settings.environment(dict(os.environ)), "PYTHONUNBUFFERED": "1"}  # asv's lines as they happen
     machine = ["--machine", settings.machine] if settings.machine else []
-    subprocess.run(asv_command("machine", "--yes", *machine), cwd=project, env=env, check=True, capture_output=True)
-    args = ["run", "-E", f"existing:{python}", "--set-commit-hash", git_head(project), "--show-stderr", *machine]
+    subprocess.run(
+        asv_command(project, "machine", "--yes", *machine), cwd=project, env=env, check=True, capture_output=True
+    )
+    args = ["-E", f"existing:{python}", "--set-commit-hash", git_head(project), "--show-stderr", *machine]
     if settings.quick:
         args.append("--quick")
     for regex in settings.bench or []:
         args += ["-b", regex]
     with subprocess.Popen(
-        asv_command(*args), cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        asv_command(project, "run", *args),
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     ) as asv:
         try:
             with tqdm(
@@ -123,7 +152,7 @@ def run_benchmarks(project: Path, settings: RunSettings, python: str, on_line: C
 
 def publish(project: Path) -> Path:
     """Write the static dashboard (``asv publish``) and return its directory."""
-    subprocess.run(asv_command("publish"), cwd=project, check=True, capture_output=True, text=True)
+    subprocess.run(asv_command(project, "publish"), cwd=project, check=True, capture_output=True, text=True)
     return project / read_conf(project).get("html_dir", "html")
 
 

@@ -36,7 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--project", type=Path, help="the checkout to benchmark (default: the one this package runs from)")
     p.add_argument("--machine", help="asv machine name (default: this host's name)")
     p.add_argument(
-        "--compile-dir", type=Path, help="TMPDIR for the benchmarks, where mx.compile caches kernels (default: $TMPDIR)"
+        "--compile-dir",
+        type=Path,
+        help="TMPDIR for the benchmarks, where mx.compile caches its g++ kernels (default: .asv/tmp in the project)",
     )
     p.add_argument("--verbose", action="store_true", help="echo asv's output")
     add_cache_limit_argument(p)
@@ -45,7 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     project = find_project(args.project)
-    settings = RunSettings(args.full, args.quick, args.bench, args.cache_limit_mb, args.compile_dir, args.machine)
+    compile_dir = args.compile_dir or project / ".asv" / "tmp"
+    settings = RunSettings(args.full, args.quick, args.bench, args.cache_limit_mb, compile_dir.resolve(), args.machine)
     print(f"benchmarking {project} at {git_head(project)[:8]} with {sys.executable}")
     print(f"settings: {settings.describe()}", flush=True)
     log: list[str] = []
