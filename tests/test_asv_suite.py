@@ -121,3 +121,8 @@ def test_asv_continuous_fails_on_the_slowed_commit(asv_history, tmp_path):
     changed = [line for line in out.stdout.splitlines() if line.startswith("| +")]
     assert len(changed) == 1 and "time_step('eager', '4x1K', 'float32')" in changed[0], out.stdout
     assert "PERFORMANCE DECREASED" in out.stdout
+
+
+def test_run_outside_any_project_is_one_line(tmp_path):
+    out = subprocess.run([RMSPROP_BENCH, "run", "--project", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "no asv project" in out.stderr and "Traceback" not in out.stderr
