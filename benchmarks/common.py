@@ -37,7 +37,7 @@ DEFAULT_DTYPES = ["float32"]
 #: MLX's CPU allocator caches only 32 MB by default, so big steps would mostly measure page faults.
 CACHE_LIMIT_MB = int(os.environ.get("RMSPROP_BENCH_CACHE_LIMIT_MB", "8192"))
 #: A benchmark process that allocates more than this fails instead of taking the machine down.
-MEMORY_LIMIT_MB = int(os.environ.get("RMSPROP_BENCH_MEMORY_LIMIT_MB", "12288"))
+MEMORY_LIMIT_MB = int(os.environ.get("RMSPROP_BENCH_MEMORY_LIMIT_MB", "8192"))
 
 
 def _axis(variable: str, default: list[str], full: list[str]) -> list[str]:
