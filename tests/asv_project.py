@@ -87,10 +87,16 @@ class AsvHistory:
     def html_dir(self) -> Path:
         return self.repo / ".asv" / "html"
 
-    def asv(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def asv(self, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        """Run asv in the repo; ``env`` adds to (or overrides) the history's environment variables."""
         asv = Path(sys.executable).with_name("asv")
         return subprocess.run(
-            [str(asv), *args], cwd=self.repo, env=self.env, check=check, capture_output=True, text=True
+            [str(asv), *args],
+            cwd=self.repo,
+            env={**self.env, **(env or {})},
+            check=check,
+            capture_output=True,
+            text=True,
         )
 
 

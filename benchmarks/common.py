@@ -1,0 +1,120 @@
+"""What the suites share: the parameter grid, the MLX settings, safe imports and the bandwidth limit.
+
+asv reads these suites from the working tree and applies them to old commits,
+so nothing here may assume the package has every variant, tree or helper:
+what an old commit lacks raises ``NotImplementedError`` in ``setup`` and asv
+shows it as skipped.
+
+The grid comes from the environment, which asv passes through to each
+benchmark process: ``RMSPROP_BENCH_GRID=full`` picks the whole grid instead of
+the default subset, and ``RMSPROP_BENCH_VARIANTS``, ``RMSPROP_BENCH_TREES`` and
+``RMSPROP_BENCH_DTYPES`` (comma lists) replace one axis each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import resource
+
+import mlx.core as mx
+
+import rmsprop_impls
+
+#: The flat variant fed pre-packed gradients, as a trainer with flat gradients would.
+FLAT_PACKED = "flat+packed"
+
+#: Synthetic trees span 1e3 to 1e8 parameters and 1 to 16384 leaves; realistic ones are mlx.nn models.
+FULL_TREES = [
+    "1x1K", "16x64K", "1x16M", "16x1M", "1024x16K", "16384x256", "16x6M",
+    "mlp-small", "cnn-small", "transformer-small", "transformer-base",
+]  # fmt: skip
+DEFAULT_TREES = ["1x1K", "16x1M", "1024x16K", "mlp-small", "transformer-small"]
+FULL_DTYPES = ["float32", "float16", "bfloat16"]
+DEFAULT_DTYPES = ["float32"]
+
+#: MLX's CPU allocator caches only 32 MB by default, so big steps would mostly measure page faults.
+CACHE_LIMIT_MB = int(os.environ.get("RMSPROP_BENCH_CACHE_LIMIT_MB", "8192"))
+#: A benchmark process that allocates more than this fails instead of taking the machine down.
+MEMORY_LIMIT_MB = int(os.environ.get("RMSPROP_BENCH_MEMORY_LIMIT_MB", "8192"))
+
+
+def _axis(variable: str, default: list[str], full: list[str]) -> list[str]:
+    value = os.environ.get(variable)
+    if value:
+        return value.split(",")
+    return full if os.environ.get("RMSPROP_BENCH_GRID") == "full" else default
+
+
+def variants() -> list[str]:
+    """Every variant this commit registers, plus ``flat+packed``; unavailable ones skip in ``setup``."""
+    names = rmsprop_impls.variant_names()
+    return _axis("RMSPROP_BENCH_VARIANTS", names + [FLAT_PACKED], names + [FLAT_PACKED])
+
+
+def trees() -> list[str]:
+    return _axis("RMSPROP_BENCH_TREES", DEFAULT_TREES, FULL_TREES)
+
+
+def dtypes() -> list[str]:
+    return _axis("RMSPROP_BENCH_DTYPES", DEFAULT_DTYPES, FULL_DTYPES)
+
+
+@contextlib.contextmanager
+def safe_import():
+    """Let the suite import when an optional package or an old commit lacks a name (scipy's idiom)."""
+    try:
+        yield
+    except ImportError:
+        pass
+
+
+def apply_settings() -> None:
+    """Set the MLX cache limit and the memory cap deliberately, in the benchmark process only."""
+    mx.set_cache_limit(CACHE_LIMIT_MB * 1024 * 1024)
+    limit = MEMORY_LIMIT_MB * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+@functools.lru_cache(maxsize=1)
+def tree_and_gradients(tree: str, dtype: str) -> tuple:
+    """Evaluated parameters and stand-in gradients; asv re-runs ``setup`` before each sample, this builds once."""
+    from rmsprop_impls.trees import random_like, tree_by_name
+
+    try:
+        params = tree_by_name(tree, dtype)
+    except ValueError as e:
+        raise NotImplementedError(f"this commit has no tree {tree!r}: {e}") from None
+    grads = random_like(params)
+    mx.eval(params, grads)
+    return params, grads
+
+
+def make_optimizer(variant: str, grads) -> tuple:
+    """A fresh optimizer for ``variant`` and the gradients it takes; ``NotImplementedError`` where it cannot run."""
+    name = "flat" if variant == FLAT_PACKED else variant
+    reason = rmsprop_impls.availability().get(name, "not in this commit")
+    if reason is not None:
+        raise NotImplementedError(reason)
+    if variant == FLAT_PACKED:
+        packed_gradients = getattr(rmsprop_impls, "PackedGradients", None)
+        if packed_gradients is None:
+            raise NotImplementedError("this commit has no PackedGradients")
+        grads = packed_gradients.pack(grads)
+        mx.eval(grads.buffers)
+    return rmsprop_impls.create(name, 1e-3), grads
+
+
+def measure_limit() -> float:
+    """The machine's memory-bandwidth limit in GB/s, measured once per ``asv run``.
+
+    Used as ``setup_cache`` by every class that needs it: asv keys that cache on
+    this function's module and line, so one triad serves the whole run.
+    """
+    from rmsprop_impls.bandwidth import measure_bandwidth
+
+    return measure_bandwidth()
+
+
+measure_limit.timeout = 300

@@ -1,0 +1,94 @@
+"""``rmsprop-bench run``: the asv suite on the current commit, the dashboard, and the fastest variant per tree."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..suite import (
+    RunSettings,
+    bandwidth_limit,
+    fastest_per_tree,
+    find_project,
+    git_head,
+    latest_results,
+    publish,
+    read_conf,
+    run_benchmarks,
+)
+from ..tables import format_table
+from .common import UserError, add_cache_limit_argument
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the asv suite on this commit, publish the dashboard, print the fastest variant per tree",
+        description="Run the asv benchmark suite for the current commit with this Python (asv's 'existing' "
+        "environment), publish the dashboard (asv publish) and print, per tree, the fastest variant with its median "
+        "step time, GB/s and fraction of the measured bandwidth limit. Ctrl-C keeps all earlier results.",
+    )
+    p.add_argument("--full", action="store_true", help="the whole grid (every tree and dtype) instead of the subset")
+    p.add_argument("--quick", action="store_true", help="one sample per benchmark (asv run --quick)")
+    p.add_argument("-b", "--bench", action="append", metavar="REGEX", help="only benchmarks matching REGEX (asv -b)")
+    p.add_argument("--project", type=Path, help="the checkout to benchmark (default: the one this package runs from)")
+    p.add_argument("--machine", help="asv machine name (default: this host's name)")
+    p.add_argument(
+        "--compile-dir",
+        type=Path,
+        help="TMPDIR for the benchmarks, where mx.compile caches its g++ kernels (default: .asv/tmp in the project)",
+    )
+    p.add_argument("--verbose", action="store_true", help="echo asv's output")
+    add_cache_limit_argument(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    project = find_project(args.project)
+    compile_dir = args.compile_dir or project / ".asv" / "tmp"
+    settings = RunSettings(args.full, args.quick, args.bench, args.cache_limit_mb, compile_dir.resolve(), args.machine)
+    print(f"benchmarking {project} at {git_head(project)[:8]} with {sys.executable}")
+    print(f"settings: {settings.describe()}", flush=True)
+    log: list[str] = []
+
+    def on_line(line: str) -> None:
+        log.append(line)
+        if args.verbose:
+            print(line, end="", file=sys.stderr)
+
+    start = time.perf_counter()
+    try:
+        status = run_benchmarks(project, settings, sys.executable, on_line)
+    except KeyboardInterrupt:
+        print("interrupted: results saved by earlier runs are intact; this run saved nothing", file=sys.stderr)
+        raise
+    if status != 0 and not any("failed" in line for line in log):
+        raise UserError(f"asv run exited with status {status}: {''.join(log[-5:]).strip()}")
+    html = publish(project)
+    conf = read_conf(project)
+    result_file = latest_results(project / conf.get("results_dir", "results"), git_head(project), args.machine)
+    print(f"\nasv run took {time.perf_counter() - start:.0f} s; dashboard: {html / 'index.html'}")
+    failed = [line.strip() for line in log if line.rstrip().endswith("failed")]
+    if failed:
+        print(f"{len(failed)} benchmark(s) failed (see asv's output with --verbose):", *failed, sep="\n  ")
+    print(summary(result_file))
+    return 0
+
+
+def summary(result_file: dict) -> str:
+    limit = bandwidth_limit(result_file)
+    rows = [
+        [
+            f.tree,
+            f.dtype,
+            f.variant,
+            f"{f.median_s * 1e3:.3f}",
+            None if f.gbps is None else f"{f.gbps:.2f}",
+            None if f.fraction is None else f"{100 * f.fraction:.0f}%",
+        ]
+        for f in fastest_per_tree(result_file)
+    ]
+    head = f"\nmemory-bandwidth limit (in-place triad, all cores): {limit:.1f} GB/s\n" if limit else "\n"
+    return head + format_table(["tree", "dtype", "fastest", "median ms", "GB/s", "of limit"], rows)

@@ -1,0 +1,214 @@
+"""Run the asv suite on the current commit with the Python at hand, publish the dashboard, and pick the fastest.
+
+``rmsprop-bench run`` is this module behind a command line. It benchmarks the
+installed package through asv's ``existing`` environment (this Python), so it
+starts in seconds and needs no build; ``asv run`` in the checkout builds real
+virtualenvs instead. asv saves a commit's results once all its benchmarks
+have run, so an interrupted run leaves every earlier results file as it was.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+#: asv prefixes each line of progress with ``[ 12.50%]``.
+_PROGRESS = re.compile(r"^\[\s*(\d+(?:\.\d+)?)%\]")
+
+
+class ProjectNotFoundError(FileNotFoundError):
+    """No asv project (a git checkout with ``asv.conf.json``) where one was looked for."""
+
+
+def find_project(explicit: Path | None = None) -> Path:
+    """The checkout to benchmark: ``explicit``, else the one this package runs from, else the one around the cwd.
+
+    With an editable install (the README's command) the package itself lives
+    in the checkout, so the command works from any directory.
+    """
+    candidates = [explicit] if explicit else [Path(__file__).resolve().parents[1], Path.cwd(), *Path.cwd().parents]
+    for path in candidates:
+        if (path / "asv.conf.json").is_file() and (path / ".git").exists():
+            return path
+    raise ProjectNotFoundError(
+        f"no asv project (a git checkout with asv.conf.json) at {explicit}"
+        if explicit
+        else "no asv project found: run from a clone of rmsprop-bench (pip install -e .) or pass --project"
+    )
+
+
+def read_conf(project: Path) -> dict:
+    return json.loads((project / "asv.conf.json").read_text())
+
+
+def write_run_conf(project: Path) -> Path:
+    """The project's asv configuration, tracking the checked-out branch; returns the file to pass as ``--config``.
+
+    asv refuses a checkout without the configured ``main`` branch, and its
+    dashboard draws only commits on the configured branches, so a clone of a
+    feature branch gets its own branch here (``HEAD`` when detached).
+    """
+    conf = read_conf(project)
+    for key, default in [("repo", "."), ("benchmark_dir", "benchmarks"), ("env_dir", "env"), ("results_dir", "results"),
+                         ("html_dir", "html")]:  # fmt: skip
+        conf[key] = str((project / conf.get(key, default)).resolve())
+    branch = _git(project, "rev-parse", "--abbrev-ref", "HEAD")
+    has_main = subprocess.run(["git", "-C", str(project), "rev-parse", "--verify", "-q", "main"], capture_output=True)
+    conf["branches"] = list(dict.fromkeys(["main"] * (has_main.returncode == 0) + [branch]))
+    path = Path(conf["results_dir"]).parent / "rmsprop-bench.conf.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(conf, indent=4) + "\n")
+    return path
+
+
+@dataclass
+class RunSettings:
+    """What a run measures and the MLX settings it sets deliberately; all of it is printed with the results."""
+
+    full: bool = False
+    quick: bool = False
+    bench: list[str] | None = None
+    cache_limit_mb: int = 8192
+    compile_dir: Path | None = None  # TMPDIR, where mx.compile caches its g++ kernels
+    machine: str | None = None
+
+    def environment(self, base: dict[str, str]) -> dict[str, str]:
+        env = {**base, "RMSPROP_BENCH_CACHE_LIMIT_MB": str(self.cache_limit_mb)}
+        if self.full:
+            env["RMSPROP_BENCH_GRID"] = "full"
+        if self.compile_dir:
+            self.compile_dir.mkdir(parents=True, exist_ok=True)
+            env["TMPDIR"] = str(self.compile_dir)
+        return env
+
+    def describe(self) -> str:
+        grid = "full grid" if self.full else "default subset"
+        compile_dir = self.compile_dir or os.environ.get("TMPDIR", "/tmp")
+        return f"{grid}; MLX cache limit {self.cache_limit_mb} MiB; mx.compile kernel cache under TMPDIR={compile_dir}"
+
+
+def asv_command(project: Path, command: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "asv", command, "--config", str(write_run_conf(project)), *args]
+
+
+def _git(project: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(project), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def git_head(project: Path) -> str:
+    return _git(project, "rev-parse", "HEAD")
+
+
+def run_benchmarks(project: Path, settings: RunSettings, python: str, on_line: Callable[[str], None]) -> int:
+    """``asv run`` for HEAD with ``python``, a progress bar from asv's ``[ NN%]`` lines; returns asv's exit status.
+
+    Ctrl-C reaches asv too (same process group); a SIGINT sent to this process
+    alone is passed on, so asv stops its benchmark and saves nothing partial.
+    """
+    env = {**settings.environment(dict(os.environ)), "PYTHONUNBUFFERED": "1"}  # asv's lines as they happen
+    machine = ["--machine", settings.machine] if settings.machine else []
+    subprocess.run(
+        asv_command(project, "machine", "--yes", *machine), cwd=project, env=env, check=True, capture_output=True
+    )
+    args = ["-E", f"existing:{python}", "--set-commit-hash", git_head(project), "--show-stderr", *machine]
+    if settings.quick:
+        args.append("--quick")
+    for regex in settings.bench or []:
+        args += ["-b", regex]
+    with subprocess.Popen(
+        asv_command(project, "run", *args),
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as asv:
+        try:
+            with tqdm(
+                total=100, desc="asv run", unit="%", bar_format="{l_bar}{bar}| {n:.0f}/{total}% [{elapsed}]"
+            ) as bar:
+                for line in asv.stdout:
+                    on_line(line)
+                    match = _PROGRESS.match(line)
+                    if match and float(match[1]) > bar.n:
+                        bar.update(float(match[1]) - bar.n)
+        except KeyboardInterrupt:
+            asv.send_signal(signal.SIGINT)
+            asv.wait()
+            raise
+    return asv.returncode
+
+
+def publish(project: Path) -> Path:
+    """Write the static dashboard (``asv publish``) and return its directory."""
+    subprocess.run(asv_command(project, "publish"), cwd=project, check=True, capture_output=True, text=True)
+    return project / read_conf(project).get("html_dir", "html")
+
+
+@dataclass
+class Fastest:
+    tree: str
+    dtype: str
+    variant: str
+    median_s: float
+    gbps: float | None
+    fraction: float | None
+
+
+def _results_by_params(result_file: dict, benchmark: str) -> dict[tuple, float]:
+    """(variant, tree, dtype) -> value for one benchmark of an asv results file; skipped and failed ones left out."""
+    entry = result_file["results"].get(benchmark)
+    if not entry:
+        return {}
+    values, params = entry[0], entry[1]
+    combos = _product([[ast.literal_eval(p) for p in axis] for axis in params])
+    return {combo: v for combo, v in zip(combos, values) if v is not None and not math.isnan(v)}
+
+
+def _product(axes: list[list[str]]) -> Iterator[tuple]:
+    if not axes:
+        yield ()
+        return
+    for head in axes[0]:
+        for rest in _product(axes[1:]):
+            yield (head, *rest)
+
+
+def latest_results(results_dir: Path, commit: str, machine: str | None = None) -> dict:
+    """The newest ``existing``-environment results file asv wrote for ``commit``."""
+    pattern = f"{machine or '*'}/{commit[:8]}-existing-*.json"
+    files = sorted(results_dir.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"asv wrote no results for {commit[:8]} under {results_dir}")
+    return json.loads(files[-1].read_text())
+
+
+def fastest_per_tree(result_file: dict) -> list[Fastest]:
+    """Per tree and dtype, the variant with the smallest median step time, with its GB/s and fraction of the limit."""
+    times = _results_by_params(result_file, "bench_step.Step.time_step")
+    gbps = _results_by_params(result_file, "bench_step.Step.track_gbps")
+    fraction = _results_by_params(result_file, "bench_step.Step.track_fraction_of_limit")
+    best: dict[tuple, tuple] = {}
+    for (variant, tree, dtype), t in times.items():
+        if (tree, dtype) not in best or t < times[best[tree, dtype]]:
+            best[tree, dtype] = (variant, tree, dtype)
+    return [
+        Fastest(tree, dtype, key[0], times[key], gbps.get(key), fraction.get(key))
+        for (tree, dtype), key in best.items()
+    ]
+
+
+def bandwidth_limit(result_file: dict) -> float | None:
+    entry = result_file["results"].get("bench_bandwidth.Bandwidth.track_triad_gbps")
+    return entry[0][0] if entry else None

@@ -1,0 +1,128 @@
+"""The asv suites and the tracking workflow: real asv runs on throw-away copies of this project."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ASV = str(Path(sys.executable).with_name("asv"))
+RMSPROP_BENCH = str(Path(sys.executable).with_name("rmsprop-bench"))
+STEP_BENCHMARKS = ["time_step", "track_gbps", "track_fraction_of_limit", "track_peak_memory"]
+
+
+def load_run(results_dir: Path, commit: str) -> dict:
+    (path,) = results_dir.glob(f"test-machine/{commit[:8]}-existing-*.json")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def finished_run(asv_history, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``rmsprop-bench run`` to the end on a copy of the throw-away history: the project and its output."""
+    project = tmp_path_factory.mktemp("finished-run") / "repo"
+    shutil.copytree(asv_history.repo, project, symlinks=True)
+    out = subprocess.run(
+        [RMSPROP_BENCH, "run", "--quick", "--project", str(project), "--machine", "test-machine"],
+        env=asv_history.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return project, out
+
+
+def test_asv_check_passes():
+    out = subprocess.run(
+        [ASV, "check", "-E", f"existing:{sys.executable}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and "No problems found" in out.stdout, out.stdout + out.stderr
+
+
+def test_results_hold_every_benchmark_with_its_parameters_and_units(asv_history):
+    run = load_run(asv_history.results_dir, asv_history.commits[0])
+    columns = run["result_columns"]
+    params = [["'eager'", "'flat'"], ["'4x1K'"], ["'float32'"]]
+    for name in [f"bench_step.Step.{b}" for b in STEP_BENCHMARKS] + ["bench_step.FirstStep.time_first_step"]:
+        entry = dict(zip(columns, run["results"][name]))
+        assert entry["params"] == params and len(entry["result"]) == 2 and all(v > 0 for v in entry["result"]), name
+    (limit,) = run["results"]["bench_bandwidth.Bandwidth.track_triad_gbps"][0]
+    gbps = run["results"]["bench_step.Step.track_gbps"][0]
+    fraction = run["results"]["bench_step.Step.track_fraction_of_limit"][0]
+    assert limit > 0.1 and all(0 < f < 5 for f in fraction) and all(0 < g < 10 * limit for g in gbps)
+    # params, grads and v of 4 leaves of 1024 float32 are resident during the step
+    assert all(m >= 3 * 4 * 1024 * 4 for m in run["results"]["bench_step.Step.track_peak_memory"][0])
+    units = json.loads((asv_history.results_dir / "benchmarks.json").read_text())
+    assert units["bench_step.Step.track_gbps"]["unit"] == "GB/s"
+    assert units["bench_step.Step.track_fraction_of_limit"]["unit"] == "fraction"
+    assert units["bench_step.Step.track_peak_memory"]["unit"] == "bytes"
+    assert units["bench_bandwidth.Bandwidth.track_triad_gbps"]["unit"] == "GB/s"
+
+
+def test_a_variant_this_commit_lacks_is_skipped_not_failed(asv_history):
+    out = asv_history.asv(
+        "run", "--quick", "-E", f"existing:{asv_history.python}", "-b", "Step.time_step", "--dry-run",
+        "--machine", "test-machine", check=False, env={"RMSPROP_BENCH_VARIANTS": "eager,not_yet_written"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "n/a" in out.stdout and "failed" not in out.stdout
+
+
+def test_run_prints_the_fastest_variant_per_tree_and_publishes(finished_run):
+    project, out = finished_run
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "memory-bandwidth limit (in-place triad, all cores)" in out.stdout
+    table = out.stdout[out.stdout.index("tree  ") :].splitlines()
+    assert table[0].split() == ["tree", "dtype", "fastest", "median", "ms", "GB/s", "of", "limit"]
+    assert [row.split()[:3] for row in table[2:]] in ([["4x1K", "float32", "eager"]], [["4x1K", "float32", "flat"]])
+    assert (project / ".asv" / "html" / "index.html").is_file()
+
+
+def test_interrupting_a_run_leaves_earlier_results_intact(finished_run, asv_history):
+    project, _ = finished_run
+    machine_dir = project / ".asv" / "results" / "test-machine"  # benchmarks.json beside it is asv's index, rewritten
+    before = {p: p.read_bytes() for p in machine_dir.glob("*.json")}
+    slow = {"RMSPROP_BENCH_TREES": "4x1K,16x64K,1x1M", "RMSPROP_BENCH_VARIANTS": "eager,flat,compiled"}
+    proc = subprocess.Popen(
+        [RMSPROP_BENCH, "run", "--verbose", "--project", str(project), "--machine", "test-machine"],
+        env={**asv_history.env, **slow}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    for line in proc.stderr:
+        if "%] ··· bench_step.Step.time_step" in line:  # a benchmark has finished, the run is under way
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err
+    after = {p: p.read_bytes() for p in machine_dir.glob("*.json")}
+    assert after == before
+    assert all(json.loads(b) for b in after.values())
+
+
+def test_asv_continuous_fails_on_the_slowed_commit(asv_history, tmp_path):
+    """Real virtualenvs built from two commits of a clone; only the slowed benchmark is flagged."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(asv_history.repo), str(clone)], check=True)
+    before = asv_history.commits[asv_history.commits.index(asv_history.slowed) - 1]
+    env = {
+        **asv_history.env,
+        "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip")),  # wheels from setup
+        "RMSPROP_BENCH_NO_EXTENSION": "1",  # the C++ kernel is not measured here: skip its CMake build
+    }
+    out = subprocess.run(
+        [ASV, "continuous", "--factor", "1.5", "-b", r"Step\.time_step", before, asv_history.slowed, "--machine",
+         "test-machine"],
+        cwd=clone, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    changed = [line for line in out.stdout.splitlines() if line.startswith("| +")]
+    assert len(changed) == 1 and "time_step('eager', '4x1K', 'float32')" in changed[0], out.stdout
+    assert "PERFORMANCE DECREASED" in out.stdout
+
+
+def test_run_outside_any_project_is_one_line(tmp_path):
+    out = subprocess.run([RMSPROP_BENCH, "run", "--project", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "no asv project" in out.stderr and "Traceback" not in out.stderr
