@@ -42,6 +42,7 @@ COLUMNS = [
     "commit",
     "commit_date",
     "environment",
+    "started_at",
     "benchmark",
     "unit",
     "variant",
@@ -128,6 +129,7 @@ def _rows_of(run: Results, benchmarks: dict[str, dict]) -> list[dict[str, Any]]:
             rows.append(
                 {
                     **common,
+                    "started_at": pd.to_datetime(run.started_at.get(benchmark), unit="ms", utc=True),
                     "benchmark": benchmark,
                     "unit": description.get("unit"),
                     **_describe_params(dict(zip(names, (_unquote(p) for p in combo)))),
@@ -196,9 +198,13 @@ def _add_throughput(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def latest(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the most recent commit measured on each machine and environment."""
-    newest = df.groupby(["machine", "environment"])["commit_date"].transform("max")
-    return df[df["commit_date"] == newest]
+    """The rows of the newest run: the newest commit and, of its runs (machines, environments), the last started."""
+    if df.empty:
+        return df
+    run = ["machine", "environment", "commit"]
+    runs = df.groupby(run, sort=False)[["commit_date", "started_at"]].max()
+    newest = runs.sort_values(["commit_date", "started_at"]).index[-1]
+    return df[(df[run] == pd.Series(newest, index=run)).all(axis=1)]
 
 
 def bandwidth_limit(df: pd.DataFrame) -> float | None:

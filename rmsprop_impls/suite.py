@@ -150,12 +150,6 @@ def run_benchmarks(project: Path, settings: RunSettings, python: str, on_line: C
     return asv.returncode
 
 
-def publish(project: Path) -> Path:
-    """Write the static dashboard (``asv publish``) and return its directory."""
-    subprocess.run(asv_command(project, "publish"), cwd=project, check=True, capture_output=True, text=True)
-    return project / read_conf(project).get("html_dir", "html")
-
-
 @dataclass
 class Fastest:
     tree: str

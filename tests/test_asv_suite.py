@@ -62,10 +62,15 @@ def test_results_hold_every_benchmark_with_its_parameters_and_units(asv_history)
     assert units["bench_bandwidth.Bandwidth.track_triad_gbps"]["unit"] == "GB/s"
 
 
-def test_a_variant_this_commit_lacks_is_skipped_not_failed(asv_history):
-    out = asv_history.asv(
-        "run", "--quick", "-E", f"existing:{asv_history.python}", "-b", "Step.time_step", "--dry-run",
-        "--machine", "test-machine", check=False, env={"RMSPROP_BENCH_VARIANTS": "eager,not_yet_written"},
+def test_a_variant_this_commit_lacks_is_skipped_not_failed(asv_history, tmp_path):
+    # In a clone: even a dry run rewrites benchmarks.json, which the shared history's dashboard reads.
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(asv_history.repo), str(clone)], check=True)
+    out = subprocess.run(
+        [ASV, "run", "--quick", "-E", f"existing:{asv_history.python}", "-b", "Step.time_step", "--dry-run",
+         "--machine", "test-machine"],
+        cwd=clone, env={**asv_history.env, "RMSPROP_BENCH_VARIANTS": "eager,not_yet_written"},
+        capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "n/a" in out.stdout and "failed" not in out.stdout
@@ -75,10 +80,13 @@ def test_run_prints_the_fastest_variant_per_tree_and_publishes(finished_run):
     project, out = finished_run
     assert out.returncode == 0, out.stdout + out.stderr
     assert "memory-bandwidth limit (in-place triad, all cores)" in out.stdout
-    table = out.stdout[out.stdout.index("tree  ") :].splitlines()
+    table = out.stdout[out.stdout.index("tree  ") : out.stdout.index("\n\nreport:")].splitlines()
     assert table[0].split() == ["tree", "dtype", "fastest", "median", "ms", "GB/s", "of", "limit"]
     assert [row.split()[:3] for row in table[2:]] in ([["4x1K", "float32", "eager"]], [["4x1K", "float32", "flat"]])
     assert (project / ".asv" / "html" / "index.html").is_file()
+    assert f"report:    {project / 'report' / 'summary.md'}" in out.stdout
+    assert (project / "report" / "summary.md").is_file() and list((project / "report").glob("*.png"))
+    assert "dashboard: " in out.stdout and "rmsprop-bench dashboard" in out.stdout
 
 
 def test_interrupting_a_run_leaves_earlier_results_intact(finished_run, asv_history):

@@ -27,16 +27,19 @@ def rich_df(rich):
 
 def test_one_row_per_measurement_with_sizes_and_throughput(asv_history):
     df = load_asv_results(asv_history.results_dir)
-    assert set(COLUMNS) <= set(df.columns)
-    assert len(df) == 2 * len(asv_history.commits)  # eager and flat on 4x1K float32, per commit
+    assert set(COLUMNS) <= set(df.columns) and df["started_at"].notna().all()
     assert sorted(df["commit"].unique()) == sorted(asv_history.commits)
     assert df["commit_date"].is_monotonic_increasing and (df["machine"] == "test-machine").all()
-    assert (df["n_leaves"] == 4).all() and (df["n_params"] == 4096).all() and (df["dtype"] == "float32").all()
-    assert df["gbps"].tolist() == pytest.approx((5 * 4 * 4096 / df["median"] / 1e9).tolist())
-    eager = df[df["variant"] == "eager"].set_index("commit")["median"]
+    steps = df[df["benchmark"] == STEP_BENCHMARK]
+    assert len(steps) == 2 * len(asv_history.commits)  # eager and flat on 4x1K float32, per commit
+    assert (steps["n_leaves"] == 4).all() and (steps["n_params"] == 4096).all() and (steps["dtype"] == "float32").all()
+    assert steps["gbps"].tolist() == pytest.approx((5 * 4 * 4096 / steps["median"] / 1e9).tolist())
+    eager = steps[steps["variant"] == "eager"].set_index("commit")["median"]
     slowed_from = asv_history.commits.index(asv_history.slowed)
     assert [eager[c] > 0.02 for c in asv_history.commits] == [i >= slowed_from for i in range(len(eager))]
-    assert df["available"].all() and df["fraction_of_limit"].isna().all()  # no bandwidth benchmark in that suite
+    limits = steps["limit_gbps"]
+    assert steps["available"].all() and (limits > 0).all()
+    assert steps["fraction_of_limit"].tolist() == pytest.approx((steps["gbps"] / limits).tolist())
 
 
 def test_skipped_variant_is_a_row_with_its_reason_and_fraction_uses_the_runs_limit(rich_df):
@@ -78,8 +81,9 @@ def test_corrupt_and_truncated_files_are_named_and_skipped(asv_history, tmp_path
 def test_step_detection_finds_the_planted_regression(asv_history):
     found = find_regressions(load_asv_results(asv_history.results_dir))
     # --quick runs time one sample, so step detection may also flag noise; the planted 20 ms stands out.
-    planted = found[(found["variant"] == "eager") & (found["commit"] == asv_history.slowed)]
-    assert len(planted) == 1 and planted["ratio"].item() == found["ratio"].max()
+    is_planted = (found["variant"] == "eager") & (found["commit"] == asv_history.slowed)
+    planted = found[is_planted & (found["benchmark"] == STEP_BENCHMARK)]
+    assert len(planted) == 1 and planted["ratio"].item() > max(found.loc[~is_planted, "ratio"], default=1.0)
     assert planted["previous"].item() == asv_history.commits[asv_history.commits.index(asv_history.slowed) - 1]
     assert planted["after"].item() > 0.02 > planted["before"].item()
 

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..dashboard import DashboardError, build_dashboard
+from ..report import write_report
 from ..suite import (
     RunSettings,
     bandwidth_limit,
@@ -14,12 +16,12 @@ from ..suite import (
     find_project,
     git_head,
     latest_results,
-    publish,
     read_conf,
     run_benchmarks,
+    write_run_conf,
 )
 from ..tables import format_table
-from .common import UserError, add_cache_limit_argument
+from .common import UserError, add_cache_limit_argument, load_results
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -66,15 +68,26 @@ def run(args: argparse.Namespace) -> int:
         raise
     if status != 0 and not any("failed" in line for line in log):
         raise UserError(f"asv run exited with status {status}: {''.join(log[-5:]).strip()}")
-    html = publish(project)
-    conf = read_conf(project)
-    result_file = latest_results(project / conf.get("results_dir", "results"), git_head(project), args.machine)
-    print(f"\nasv run took {time.perf_counter() - start:.0f} s; dashboard: {html / 'index.html'}")
+    results_dir = project / read_conf(project).get("results_dir", "results")
+    result_file = latest_results(results_dir, git_head(project), args.machine)
+    print(f"\nasv run took {time.perf_counter() - start:.0f} s")
     failed = [line.strip() for line in log if line.rstrip().endswith("failed")]
     if failed:
         print(f"{len(failed)} benchmark(s) failed (see asv's output with --verbose):", *failed, sep="\n  ")
     print(summary(result_file))
+    print()
+    print(f"report:    {write_report(load_results(str(results_dir)), project / 'report', source=str(results_dir))}")
+    print(f"dashboard: {publish_dashboard(project)}")
     return 0
+
+
+def publish_dashboard(project: Path) -> str:
+    """Publish the self-contained dashboard; where its JavaScript cannot be fetched, say so and keep asv's page."""
+    try:
+        html = build_dashboard(write_run_conf(project))
+    except DashboardError as e:
+        return f"not made self-contained ({e}); asv's own page is in {project / '.asv' / 'html'}"
+    return f"{html / 'index.html'} (offline-safe); 'rmsprop-bench dashboard' serves it on http://127.0.0.1:8080/"
 
 
 def summary(result_file: dict) -> str:
