@@ -113,7 +113,7 @@ def variant_comparison(df: pd.DataFrame, dtype: str | None = None, max_trees: in
             if why:
                 ax.text(i, 0, f" {why}", rotation=90, ha="center", va="bottom", color="dimgray", fontsize=8)
                 label.set_color("dimgray")
-        ax.set_title(f"{tree} ({int(per['n_params'].max()):,} params, {int(per['n_leaves'].max())} leaves)")
+        ax.set_title(f"{tree}\n{int(per['n_params'].max()):,} params, {int(per['n_leaves'].max())} leaves", fontsize=10)
         ax.set_xlabel("variant")
         ax.set_ylabel("median step time (ms)")
         if len(ran):
