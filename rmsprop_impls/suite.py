@@ -1,4 +1,4 @@
-"""Run the asv suite on the current commit with the Python at hand, publish the dashboard, and pick the fastest.
+"""Run the asv suite on the current commit with the Python at hand.
 
 ``rmsprop-bench run`` is this module behind a command line. It benchmarks the
 installed package through asv's ``existing`` environment (this Python), so it
@@ -9,15 +9,13 @@ have run, so an interrupted run leaves every earlier results file as it was.
 
 from __future__ import annotations
 
-import ast
 import json
-import math
 import os
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,61 +146,3 @@ def run_benchmarks(project: Path, settings: RunSettings, python: str, on_line: C
             asv.wait()
             raise
     return asv.returncode
-
-
-@dataclass
-class Fastest:
-    tree: str
-    dtype: str
-    variant: str
-    median_s: float
-    gbps: float | None
-    fraction: float | None
-
-
-def _results_by_params(result_file: dict, benchmark: str) -> dict[tuple, float]:
-    """(variant, tree, dtype) -> value for one benchmark of an asv results file; skipped and failed ones left out."""
-    entry = result_file["results"].get(benchmark)
-    if not entry:
-        return {}
-    values, params = entry[0], entry[1]
-    combos = _product([[ast.literal_eval(p) for p in axis] for axis in params])
-    return {combo: v for combo, v in zip(combos, values) if v is not None and not math.isnan(v)}
-
-
-def _product(axes: list[list[str]]) -> Iterator[tuple]:
-    if not axes:
-        yield ()
-        return
-    for head in axes[0]:
-        for rest in _product(axes[1:]):
-            yield (head, *rest)
-
-
-def latest_results(results_dir: Path, commit: str, machine: str | None = None) -> dict:
-    """The newest ``existing``-environment results file asv wrote for ``commit``."""
-    pattern = f"{machine or '*'}/{commit[:8]}-existing-*.json"
-    files = sorted(results_dir.glob(pattern), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise FileNotFoundError(f"asv wrote no results for {commit[:8]} under {results_dir}")
-    return json.loads(files[-1].read_text())
-
-
-def fastest_per_tree(result_file: dict) -> list[Fastest]:
-    """Per tree and dtype, the variant with the smallest median step time, with its GB/s and fraction of the limit."""
-    times = _results_by_params(result_file, "bench_step.Step.time_step")
-    gbps = _results_by_params(result_file, "bench_step.Step.track_gbps")
-    fraction = _results_by_params(result_file, "bench_step.Step.track_fraction_of_limit")
-    best: dict[tuple, tuple] = {}
-    for (variant, tree, dtype), t in times.items():
-        if (tree, dtype) not in best or t < times[best[tree, dtype]]:
-            best[tree, dtype] = (variant, tree, dtype)
-    return [
-        Fastest(tree, dtype, key[0], times[key], gbps.get(key), fraction.get(key))
-        for (tree, dtype), key in best.items()
-    ]
-
-
-def bandwidth_limit(result_file: dict) -> float | None:
-    entry = result_file["results"].get("bench_bandwidth.Bandwidth.track_triad_gbps")
-    return entry[0][0] if entry else None

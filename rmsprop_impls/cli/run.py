@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..dashboard import DashboardError, build_dashboard
-from ..report import write_report
-from ..suite import (
-    RunSettings,
-    bandwidth_limit,
-    fastest_per_tree,
-    find_project,
-    git_head,
-    latest_results,
-    read_conf,
-    run_benchmarks,
-    write_run_conf,
-)
+from ..suite import RunSettings, find_project, git_head, read_conf, run_benchmarks, write_run_conf
 from ..tables import format_table
 from .common import UserError, add_cache_limit_argument, load_results
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -69,14 +63,19 @@ def run(args: argparse.Namespace) -> int:
     if status != 0 and not any("failed" in line for line in log):
         raise UserError(f"asv run exited with status {status}: {''.join(log[-5:]).strip()}")
     results_dir = project / read_conf(project).get("results_dir", "results")
-    result_file = latest_results(results_dir, git_head(project), args.machine)
     print(f"\nasv run took {time.perf_counter() - start:.0f} s")
     failed = [line.strip() for line in log if line.rstrip().endswith("failed")]
     if failed:
         print(f"{len(failed)} benchmark(s) failed (see asv's output with --verbose):", *failed, sep="\n  ")
-    print(summary(result_file))
+    results = load_results(str(results_dir))
+    this_run = results[results["commit"] == git_head(project)]
+    if this_run.empty:
+        raise UserError(f"asv saved no results for this commit under {results_dir}")
+    print(summary(this_run))
+    from ..report import write_report  # matplotlib: only once there are results to draw
+
     print()
-    print(f"report:    {write_report(load_results(str(results_dir)), project / 'report', source=str(results_dir))}")
+    print(f"report:    {write_report(results, project / 'report', source=str(results_dir))}")
     print(f"dashboard: {publish_dashboard(project)}")
     return 0
 
@@ -90,18 +89,22 @@ def publish_dashboard(project: Path) -> str:
     return f"{html / 'index.html'} (offline-safe); 'rmsprop-bench dashboard' serves it on http://127.0.0.1:8080/"
 
 
-def summary(result_file: dict) -> str:
-    limit = bandwidth_limit(result_file)
+def summary(results: pd.DataFrame) -> str:
+    """The bandwidth limit and, per tree and dtype, the fastest variant of the newest run in ``results``."""
+    from ..report import winners
+    from ..results import bandwidth_limit, latest
+
+    limit = bandwidth_limit(latest(results))
     rows = [
         [
-            f.tree,
-            f.dtype,
-            f.variant,
-            f"{f.median_s * 1e3:.3f}",
-            None if f.gbps is None else f"{f.gbps:.2f}",
-            None if f.fraction is None else f"{100 * f.fraction:.0f}%",
+            r.tree,
+            r.dtype,
+            r.variant,
+            f"{r.median * 1e3:.3f}",
+            None if math.isnan(r.gbps) else f"{r.gbps:.2f}",
+            None if math.isnan(r.fraction_of_limit) else f"{100 * r.fraction_of_limit:.0f}%",
         ]
-        for f in fastest_per_tree(result_file)
+        for r in winners(results).itertuples()
     ]
     head = f"\nmemory-bandwidth limit (in-place triad, all cores): {limit:.1f} GB/s\n" if limit else "\n"
     return head + format_table(["tree", "dtype", "fastest", "median ms", "GB/s", "of limit"], rows)
