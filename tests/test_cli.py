@@ -54,6 +54,10 @@ def test_compare_prints_an_aligned_table_and_the_fastest():
         (["compare", "--tree", "huge"], "error: unknown tree 'huge'"),
         (["compare", "--variants", "nope"], "invalid choice: 'nope'"),
         (["compare", "--tree", "4x1K", "huge"], "error: unknown tree 'huge'"),
+        (["compare", "--repeats", "0"], "--repeats: needs a whole number of at least 1, not '0'"),
+        (["compare", "--cache-limit-mb", "-5"], "--cache-limit-mb: needs a whole number of at least 0, not '-5'"),
+        (["profile", "--steps", "x"], "--steps: needs a whole number of at least 1, not 'x'"),
+        (["choose", "--time-budget", "-1"], "--time-budget: needs a number above 0, not '-1'"),
     ],
 )
 def test_user_mistakes_are_one_line(args, words):

@@ -18,6 +18,7 @@ from .common import (
     apply_cache_limit,
     check_output_path,
     load_tree,
+    whole_number,
 )
 
 
@@ -31,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_tree_arguments(p)
     p.add_argument("--variants", nargs="+", choices=variant_names(), help="variants to profile (default: all)")
-    p.add_argument("--steps", type=int, default=10, help="profiled steps per variant after warm-up (default 10)")
+    p.add_argument(
+        "--steps", type=whole_number(1), default=10, help="profiled steps per variant after warm-up (default 10)"
+    )
     p.add_argument("--figure", metavar="PATH", help="also save a bar chart of build and eval time per step")
     p.add_argument(
         "--metal-capture",
