@@ -57,9 +57,10 @@ def test_compare_prints_an_aligned_table_and_the_fastest():
         (["compare", "--repeats", "0"], "--repeats: needs a whole number of at least 1, not '0'"),
         (["compare", "--cache-limit-mb", "-5"], "--cache-limit-mb: needs a whole number of at least 0, not '-5'"),
         (["profile", "--steps", "x"], "--steps: needs a whole number of at least 1, not 'x'"),
-        (["choose", "--time-budget", "-1"], "--time-budget: needs a number above 0, not '-1'"),
+        (["choose", "--time-budget", "-1"], "--time-budget: needs a number of at least 0.0, not '-1'"),
     ],
 )
 def test_user_mistakes_are_one_line(args, words):
     out = cli(*args)
     assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr

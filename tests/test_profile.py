@@ -113,7 +113,7 @@ def test_metal_capture_explains_itself_without_metal(tmp_path):
     [
         (["--tree", "huge"], "unknown tree 'huge'"),
         (["--tree", "4x1K", "--figure", "/no/such/dir/p.png"], "--figure /no/such/dir/p.png: its directory does not"),
-        (["--tree", "4x1K", "--steps", "0"], "--steps must be at least 1"),
+        (["--tree", "4x1K", "--steps", "0"], "--steps: needs a whole number of at least 1, not '0'"),
     ],
 )
 def test_cli_profile_mistakes_are_one_line(args, words):

@@ -22,8 +22,15 @@ COMMANDS = ["run", "compare", "choose", "profile", "report", "dashboard"]
 _USER_ERRORS = (UserError, UnknownVariantError, VariantUnavailableError, TreeMismatchError, FileNotFoundError)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line reported in one line; the usage is one ``--help`` away."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="rmsprop-bench",
         description="Benchmark MLX RMSprop implementations: which is fastest here, and did a change make it slower?",
     )

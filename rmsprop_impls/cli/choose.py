@@ -16,10 +16,10 @@ from .common import (
     add_cache_limit_argument,
     add_tree_arguments,
     apply_cache_limit,
+    at_least,
     check_output_path,
     load_params_file,
     load_tree,
-    positive_float,
 )
 
 
@@ -38,7 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_tree_arguments(p, default=None, dtype_default=None)
     p.add_argument("--variants", nargs="+", choices=variant_names(), help="candidates (default: all)")
-    p.add_argument("--time-budget", type=positive_float, default=10.0, help="seconds of timed rounds (default 10)")
+    p.add_argument(
+        "--time-budget", type=at_least(0.0, float), default=10.0, help="seconds of timed rounds (default 10)"
+    )
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH ('-' for stdout)")
     p.add_argument(
         "--clear-cache",

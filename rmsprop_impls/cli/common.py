@@ -21,36 +21,26 @@ class UserError(Exception):
     """A mistake in what the user asked for: printed as one line, no traceback."""
 
 
-def whole_number(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``minimum``, or argparse's one-line usage error."""
+def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` (int or float) not below ``minimum``, else a one-line usage error."""
+    noun = "a whole number" if kind is int else "a number"
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> float:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"needs a whole number of at least {minimum}, not {text!r}")
+            value = None
+        if value is None or not value >= minimum:
+            raise argparse.ArgumentTypeError(f"needs {noun} of at least {minimum}, not {text!r}")
         return value
 
     return parse
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a number above 0, or argparse's one-line usage error."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"needs a number above 0, not {text!r}")
-    return value
-
-
 def add_cache_limit_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-limit-mb",
-        type=whole_number(0),
+        type=at_least(0),
         default=8192,
         help="MLX allocator cache limit in MiB (default 8192). MLX's CPU default of 32 MB makes big steps "
         "mostly page faults; the value is set before timing and printed with the results.",

@@ -16,9 +16,9 @@ from .common import (
     add_cache_limit_argument,
     add_tree_arguments,
     apply_cache_limit,
+    at_least,
     check_tree_name,
     load_tree,
-    whole_number,
 )
 
 #: The variants every other one is compared with, when they ran.
@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_tree_arguments(p, several=True)
     p.add_argument("--variants", nargs="+", choices=variant_names(), help="variants to time (default: all)")
-    p.add_argument("--repeats", type=whole_number(1), default=10, help="timed steps per variant (default 10)")
+    p.add_argument("--repeats", type=at_least(1), default=10, help="timed steps per variant (default 10)")
     add_cache_limit_argument(p)
     p.set_defaults(func=run)
 
