@@ -3,8 +3,7 @@
 A choice holds only for the tree it was measured on (leaf shapes and dtypes,
 in order), the MLX version, the device and the machine, so all of those make
 up its key. Each key is one small JSON file, named by the key's hash, in the
-user cache directory: ``$RMSPROP_BENCH_CACHE_DIR``, else
-``$XDG_CACHE_HOME/rmsprop-bench``, else ``~/.cache/rmsprop-bench``. Files are
+user cache directory (:func:`rmsprop_impls.user_cache.cache_dir`). Files are
 written to a temporary name and renamed, so a reader never sees half of one.
 """
 
@@ -21,14 +20,9 @@ from typing import Any
 
 import mlx.core as mx
 
+from .user_cache import cache_dir
+
 _SUFFIX = ".auto.json"
-
-
-def cache_dir() -> Path:
-    if os.environ.get("RMSPROP_BENCH_CACHE_DIR"):
-        return Path(os.environ["RMSPROP_BENCH_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rmsprop-bench"
 
 
 @cache

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from asv.config import Config
 
+from .user_cache import cache_dir as user_cache_dir
+
 #: Where npm's own client fetches from, unless ``npm_config_registry`` says otherwise.
 NPM_REGISTRY = "https://registry.npmjs.org"
 VENDOR_DIR = "vendor"
@@ -88,15 +90,14 @@ def npm_file_for(url: str) -> NpmFile:
     raise DashboardError(f"asv's dashboard loads {url}, which rmsprop_impls.dashboard.CDN_FILES does not map to npm")
 
 
-def cache_dir() -> Path:
-    """The per-user cache for downloaded npm tarballs (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rmsprop-bench" / "npm"
+def npm_cache_dir() -> Path:
+    """Where downloaded npm tarballs are kept, once per machine: ``npm/`` in the user cache."""
+    return user_cache_dir() / "npm"
 
 
 def npm_tarball(package: str, version: str) -> Path:
-    """The package's tarball from the npm registry, downloaded once per machine into ``cache_dir()``."""
-    target = cache_dir() / f"{package}-{version}.tgz"
+    """The package's tarball from the npm registry, downloaded once per machine into ``npm_cache_dir()``."""
+    target = npm_cache_dir() / f"{package}-{version}.tgz"
     if target.exists():
         return target
     registry = os.environ.get("npm_config_registry", NPM_REGISTRY).rstrip("/")
@@ -108,7 +109,7 @@ def npm_tarball(package: str, version: str) -> Path:
             shutil.copyfileobj(response, f)
     except (urllib.error.URLError, OSError) as e:
         raise DashboardError(
-            f"cannot download {url} ({e}); offline, copy {cache_dir()} from a machine that has it"
+            f"cannot download {url} ({e}); offline, copy {npm_cache_dir()} from a machine that has it"
         ) from None
     partial.replace(target)
     return target
@@ -138,7 +139,7 @@ def _check_integrity(tag: str, content: bytes, file: NpmFile, url: str) -> None:
     if digest != m[2]:
         raise DashboardError(
             f"{file.package}@{file.version}/{file.path} does not match the integrity asv pins for {url}; "
-            f"delete {cache_dir()} and try again"
+            f"delete {npm_cache_dir()} and try again"
         )
 
 

@@ -25,6 +25,7 @@ from ..choose import rank, runnable_candidates
 from ..optimizer import RMSpropBase
 from ..registry import create
 from ..timing import StepTiming
+from ..trees import step_bytes
 
 
 class AutoRMSprop(RMSpropBase):
@@ -93,7 +94,7 @@ class AutoRMSprop(RMSpropBase):
             self._timings[name].samples.append(seconds)
         self.measured_steps += 1
         if self.measured_steps == (2 + self.trial_rounds) * len(names):
-            self._decide(5 * sum(x.nbytes for x in w))
+            self._decide(step_bytes(w))
         return new_w, new_v
 
     def _decide(self, nbytes: int) -> None:
