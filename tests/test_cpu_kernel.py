@@ -173,3 +173,30 @@ def test_unavailable_with_the_reason_when_the_extension_does_not_load(monkeypatc
     with pytest.raises(VariantUnavailableError) as err:
         create("cpu_kernel", 1e-3)
     assert err.value.reason == reason
+
+
+def huge_pages_unavailable() -> str | None:
+    release = tuple(int(x) for x in os.uname().release.split(".")[:2] if x.isdigit())
+    if release < (6, 1):
+        return f"MADV_COLLAPSE needs Linux 6.1, this is {os.uname().release}"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[never]" in f.read():
+                return "transparent huge pages are off ([never])"
+    except OSError:
+        return "no transparent huge pages here"
+    return None
+
+
+@pytest.mark.skipif(huge_pages_unavailable() is not None, reason=str(huge_pages_unavailable()))
+def test_long_lived_big_buffers_move_to_huge_pages_and_keep_their_values():
+    """w, v (updated in place) and a reused g are moved on their second step; the values do not change."""
+    mx.random.seed(5)
+    params = {"w": mx.random.normal((2_000_000,))}  # 8 MB: three whole 2 MiB pages inside
+    g = {"w": mx.random.normal((2_000_000,))}
+    opt, stock = create("cpu_kernel", 1e-2), optim.RMSprop(1e-2)
+    want = training_loop(stock, params, [g] * 3)
+    before = _cpu_ext.huge_page_moves()
+    got = training_loop(opt, params, [g] * 3)
+    assert _cpu_ext.huge_page_moves() - before == 3
+    assert np.allclose(np.array(got["w"]), np.array(want["w"]), rtol=1e-6, atol=1e-7)

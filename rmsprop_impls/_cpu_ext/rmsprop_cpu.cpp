@@ -21,8 +21,10 @@
 #include <functional>
 #include <mutex>
 #include <pthread.h>
+#include <sys/mman.h>
 #include <stdexcept>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "mlx/backend/cpu/encoder.h"
@@ -121,6 +123,90 @@ Pool& pool() {
 
 std::atomic<uint64_t> donated_buffers{0};
 
+// ------------------------------------------------------------- huge pages ---
+
+// NumPy asks for transparent huge pages on every large array and MLX's CPU allocator does not.
+// With 4 KiB pages this kernel's five streams ran at about 85% of the triad (which NumPy runs on
+// huge pages); on 2 MiB pages at about 100% (measured in C on the same machine). A buffer that
+// the same MLX allocation holds on two steps is long-lived (a parameter or v updated in place, a
+// gradient the caller reuses) and is moved onto huge pages once. A fresh allocation, even at a
+// reused address, is left alone: moving it would copy it on every step. Only the speed depends
+// on this: the calls change no values, and a kernel without MADV_COLLAPSE just refuses them.
+class HugePages {
+ public:
+  void use_for(const void* data, size_t bytes, const std::weak_ptr<allocator::Data>& owner) {
+    auto [lo, hi] = whole_huge_pages(data, bytes);
+    if (hi <= lo) {
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto [it, first] = seen_.try_emplace(lo);
+      Sighting& seen = it->second;
+      bool same_allocation = !seen.owner.expired() && !seen.owner.owner_before(owner) && !owner.owner_before(seen.owner);
+      if (first || !same_allocation) {
+        seen = {owner, false};
+        forget_freed_if_full();
+        return;
+      }
+      if (seen.moved) {
+        return;
+      }
+      seen.moved = true;
+    }
+    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+    if (madvise(reinterpret_cast<void*>(lo), hi - lo, kCollapse) == 0) {
+      moves_.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+
+  // A fresh buffer gets huge pages as it is first written, at no cost.
+  static void advise_fresh(const void* data, size_t bytes) {
+    auto [lo, hi] = whole_huge_pages(data, bytes);
+    if (hi > lo) {
+      madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+    }
+  }
+
+  uint64_t moves() const {
+    return moves_.load();
+  }
+
+ private:
+  static constexpr uintptr_t kHuge = 2u << 20;
+  static constexpr int kCollapse = 25;  // MADV_COLLAPSE (Linux 6.1); older headers lack the name.
+
+  struct Sighting {
+    std::weak_ptr<allocator::Data> owner;  // weak: a freed buffer expires here
+    bool moved;
+  };
+
+  // The 2 MiB-aligned part of a buffer: advice outside it would reach other allocations.
+  static std::pair<uintptr_t, uintptr_t> whole_huge_pages(const void* data, size_t bytes) {
+    uintptr_t start = reinterpret_cast<uintptr_t>(data);
+    return {(start + kHuge - 1) & ~(kHuge - 1), (start + bytes) & ~(kHuge - 1)};
+  }
+
+  void forget_freed_if_full() {
+    if (seen_.size() < kMaxSightings) {
+      return;
+    }
+    for (auto it = seen_.begin(); it != seen_.end();) {
+      it = it->second.owner.expired() ? seen_.erase(it) : std::next(it);
+    }
+    if (seen_.size() >= kMaxSightings) {
+      seen_.clear();
+    }
+  }
+
+  static constexpr size_t kMaxSightings = 4096;
+  std::mutex mutex_;
+  std::unordered_map<uintptr_t, Sighting> seen_;
+  std::atomic<uint64_t> moves_{0};
+};
+
+HugePages huge_pages;
+
 // ------------------------------------------------------------------ math ---
 
 struct Hyper {
@@ -183,18 +269,35 @@ AVX2 inline void store8(bfloat16_t* p, __m256 x) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 
+// Bytes ahead of the loads that the loop asks the cache for: the hardware prefetcher alone
+// left this kernel at about 44 of its 48 GB/s here (five streams, measured in C).
+constexpr size_t kPrefetchBytes = 2048;
+
 template <typename T>
 AVX2 void update_avx2(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
   const __m256 lr = _mm256_set1_ps(h.lr), alpha = _mm256_set1_ps(h.alpha);
   const __m256 one_minus_alpha = _mm256_set1_ps(h.one_minus_alpha), eps = _mm256_set1_ps(h.eps);
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
+  auto step8 = [&](size_t i) AVX2 {
     __m256 gi = load8(g + i);
     // Separate multiplies and adds (no FMA), so both paths round alike.
     __m256 nv = _mm256_add_ps(_mm256_mul_ps(alpha, load8(v + i)), _mm256_mul_ps(one_minus_alpha, _mm256_mul_ps(gi, gi)));
     __m256 step = _mm256_div_ps(_mm256_mul_ps(lr, gi), _mm256_add_ps(_mm256_sqrt_ps(nv), eps));
     store8(v_out + i, nv);
     store8(w_out + i, _mm256_sub_ps(load8(w + i), step));
+  };
+  constexpr size_t ahead = kPrefetchBytes / sizeof(T);
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    if (i + ahead < n) {
+      for (const T* p : {w, g, v}) {
+        _mm_prefetch(reinterpret_cast<const char*>(p + i + ahead), _MM_HINT_T0);
+      }
+    }
+    step8(i);
+    step8(i + 8);
+  }
+  for (; i + 8 <= n; i += 8) {
+    step8(i);
   }
   update_scalar(w + i, g + i, v + i, w_out + i, v_out + i, n - i, h);
 }
@@ -211,6 +314,10 @@ struct Leaf {
   void* v_out;
   size_t size;
   Dtype::Val dtype;
+  size_t itemsize;
+  // The allocations behind w_out, g and v_out, which the huge-page move keys on. Weak: a handle
+  // here must not count as a holder when the next step asks whether it may donate a buffer.
+  std::weak_ptr<allocator::Data> w_owner, g_owner, v_owner;
 };
 
 template <typename T>
@@ -312,7 +419,8 @@ class RMSpropStep : public Primitive {
       give_buffer(inputs[2 * n + i], outputs[n + i], outputs.size());
       array w = readable(inputs[i]), g = readable(inputs[n + i]), v = readable(inputs[2 * n + i]);
       leaves.push_back({w.data<void>(), g.data<void>(), v.data<void>(), outputs[i].data<void>(),
-                        outputs[n + i].data<void>(), outputs[i].size(), outputs[i].dtype().val()});
+                        outputs[n + i].data<void>(), outputs[i].size(), outputs[i].dtype().val(), outputs[i].itemsize(),
+                        outputs[i].data_shared_ptr(), g.data_shared_ptr(), outputs[n + i].data_shared_ptr()});
     }
     Hyper h{0.0f, static_cast<float>(alpha_), static_cast<float>(1.0 - alpha_), static_cast<float>(eps_)};
     // The task holds weak copies only; MLX keeps the buffers alive (inputs, outputs, temporaries) until it ran.
@@ -326,6 +434,12 @@ class RMSpropStep : public Primitive {
         gather_row_major(source, copy);
       }
       h.lr = *lr.data<float>();
+      for (const Leaf& leaf : leaves) {
+        size_t bytes = leaf.size * leaf.itemsize;
+        huge_pages.use_for(leaf.w_out, bytes, leaf.w_owner);
+        huge_pages.use_for(leaf.g, bytes, leaf.g_owner);
+        huge_pages.use_for(leaf.v_out, bytes, leaf.v_owner);
+      }
       update_all(leaves, h, threads);
     });
     encoder.add_temporaries(std::move(strided_sources));
@@ -369,6 +483,7 @@ class RMSpropStep : public Primitive {
       donated_buffers.fetch_add(1, std::memory_order_relaxed);
     } else {
       out.set_data(allocator::malloc(out.nbytes()));
+      HugePages::advise_fresh(out.data<void>(), out.nbytes());
     }
   }
 
@@ -458,5 +573,7 @@ NB_MODULE(_ext, m) {
         "The number of hardware threads, the default thread count.");
   m.def("donated_buffers", [] { return donated_buffers.load(); },
         "How many outputs so far reused an input's buffer instead of allocating one.");
+  m.def("huge_page_moves", [] { return huge_pages.moves(); },
+        "How many long-lived buffers so far were moved onto 2 MiB pages.");
   m.def("uses_avx2", [] { return has_avx2; }, "Whether this CPU runs the AVX2 path.");
 }
