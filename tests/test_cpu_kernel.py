@@ -106,8 +106,13 @@ def training_loop(opt, params, grads):
     return params
 
 
+def graph_sized_tree(n_leaves: int = 10) -> dict:
+    """Leaves just big enough for the graph path, which donates; smaller ones are updated at once."""
+    return {f"p{i}": mx.random.normal((_cpu_ext.EAGER_MAX_ELEMENTS + i,)) for i in range(n_leaves)}
+
+
 def test_donation_in_a_loop_that_drops_old_parameters():
-    params = {f"p{i}": mx.random.normal((1000 + i,)) for i in range(10)}
+    params = graph_sized_tree()
     grads = gradient_sequence(params, 4)
     opt = create("cpu_kernel", 1e-2)
     params = training_loop(opt, params, grads[:1])  # the first step's inputs are still held by the caller's tree
@@ -119,7 +124,7 @@ def test_donation_in_a_loop_that_drops_old_parameters():
 
 
 def test_no_donation_while_inputs_are_held_and_they_stay_unchanged():
-    params = {f"p{i}": mx.random.normal((1000 + i,)) for i in range(10)}
+    params = graph_sized_tree()
     grads = gradient_sequence(params, 3)
     opt, stock = create("cpu_kernel", 1e-2), optim.RMSprop(1e-2)
     training_loop(opt, params, grads[:1])
@@ -137,13 +142,16 @@ def test_no_donation_while_inputs_are_held_and_they_stay_unchanged():
     assert all(np.allclose(np.array(new[k]), np.array(want[k]), rtol=1e-6) for k in params)
 
 
-def test_two_lazy_steps_before_one_eval():
-    """The second node's inputs are the first node's lazy outputs, donated inside one eval."""
-    params = {f"p{i}": mx.random.normal((257,)) for i in range(12)}
+@pytest.mark.parametrize("size", [257, "graph"], ids=["small", "graph-sized"])
+def test_two_lazy_steps_before_one_eval(size):
+    """Graph path: the second node's inputs are the first node's lazy outputs, donated inside one eval.
+    Small leaves: the second step evaluates the first step's outputs before updating them."""
+    size = _cpu_ext.EAGER_MAX_ELEMENTS if size == "graph" else size
+    params = {f"p{i}": mx.random.normal((size,)) for i in range(12)}
     grads = gradient_sequence(params, 2)
     opt = create("cpu_kernel", 1e-2)
     ref = {k: np.array(x, dtype=np.float64) for k, x in params.items()}
-    ref_v = {k: np.zeros(257) for k in params}
+    ref_v = {k: np.zeros(size) for k in params}
     for g in grads:
         params = opt.apply_gradients(g, params)
         for k in ref:
@@ -200,3 +208,34 @@ def test_long_lived_big_buffers_move_to_huge_pages_and_keep_their_values():
     got = training_loop(opt, params, [g] * 3)
     assert _cpu_ext.huge_page_moves() - before == 3
     assert np.allclose(np.array(got["w"]), np.array(want["w"]), rtol=1e-6, atol=1e-7)
+
+
+def test_small_leaves_results_stay_unchanged_by_later_steps():
+    """Small leaves share one packed allocation per step; a later step writes into a new one."""
+    params = {f"p{i}": mx.random.normal((300 + i,)) for i in range(20)}
+    grads = gradient_sequence(params, 3)
+    opt = create("cpu_kernel", 1e-2)
+    first = training_loop(opt, params, grads[:1])
+    kept = {k: np.array(x) for k, x in first.items()}
+    kept_v = {k: np.array(opt.state[k]["v"]) for k in first}
+    held_v = {k: opt.state[k]["v"] for k in first}
+    training_loop(opt, first, grads[1:])
+    assert all(np.array_equal(np.array(first[k]), kept[k]) for k in first)
+    assert all(np.array_equal(np.array(held_v[k]), kept_v[k]) for k in first)
+
+
+def test_small_leaves_under_compile_stay_in_the_graph():
+    """A tracer has no data to update at once, so under mx.compile small leaves take the graph path."""
+    mx.random.seed(6)
+    w, g, v = mx.random.normal((300,)), mx.random.normal((300,)), mx.abs(mx.random.normal((300,)))
+    lr = mx.array(0.01)
+
+    @mx.compile
+    def step(w, g, v):
+        (nw,), (nv,) = _cpu_ext.rmsprop_update([w], [g], [v], lr, 0.9, 1e-6, 2)
+        return nw, nv
+
+    kw, kv = step(w, g, v)
+    sw, sv = rmsprop_update(w, g, v, lr, 0.9, 1e-6)
+    assert np.allclose(np.array(kw), np.array(sw), rtol=1e-6, atol=1e-7)
+    assert np.allclose(np.array(kv), np.array(sv), rtol=1e-6, atol=1e-7)

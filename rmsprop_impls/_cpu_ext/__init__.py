@@ -8,9 +8,24 @@ MLX's C++ ABI is not stable across releases.
 
 import mlx.core as mx  # loads libmlx and registers mx.array with nanobind before _ext needs them
 
-from ._ext import MLX_VERSION, donated_buffers, hardware_threads, huge_page_moves, rmsprop_update, uses_avx2
+from ._ext import (
+    EAGER_MAX_ELEMENTS,
+    MLX_VERSION,
+    donated_buffers,
+    hardware_threads,
+    huge_page_moves,
+    rmsprop_update,
+    uses_avx2,
+)
 
 if MLX_VERSION != mx.__version__:
     raise ImportError(f"it was built against mlx {MLX_VERSION} but mlx {mx.__version__} is running; reinstall it")
 
-__all__ = ["donated_buffers", "hardware_threads", "huge_page_moves", "rmsprop_update", "uses_avx2"]
+__all__ = [
+    "EAGER_MAX_ELEMENTS",
+    "donated_buffers",
+    "hardware_threads",
+    "huge_page_moves",
+    "rmsprop_update",
+    "uses_avx2",
+]
