@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+import mlx.optimizers as optim
+
+from .tree_paths import match_leaves
 
 
 @dataclass
@@ -75,6 +78,26 @@ def time_steps(optimizer: Any, params: Any, grads: Any, repeats: int = 10, warmu
         if i >= warmup:
             timing.samples.append(time.perf_counter() - start)
     return timing
+
+
+class _NoUpdate:
+    """Walks and rebuilds the tree against the stock state as every variant does, and updates nothing."""
+
+    def __init__(self, params: Any):
+        stock = optim.RMSprop(learning_rate=1e-3)
+        stock.init(params)
+        self.state = stock.state
+
+    def apply_gradients(self, gradients: Any, parameters: Any) -> Any:
+        leaves = match_leaves(gradients, parameters, self.state)
+        return leaves.rebuild(leaves.parameters)
+
+
+def time_floor(params: Any, grads: Any, repeats: int = 10) -> StepTiming:
+    """Time the part of a step that no variant can skip: the tree walk, the rebuilt tree and the
+    ``mx.eval`` of parameters and state, with nothing updated. Per leaf, it bounds how cheap a
+    step on a many-leaf tree can be in MLX's Python API."""
+    return time_steps(_NoUpdate(params), params, grads, repeats=repeats)
 
 
 def time_interleaved(

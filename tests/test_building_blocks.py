@@ -12,7 +12,7 @@ from rmsprop_impls import PackedGradients, create
 from rmsprop_impls.bandwidth import _triad_slice, measure_bandwidth
 from rmsprop_impls.packing import FlatLayout
 from rmsprop_impls.tables import format_table
-from rmsprop_impls.timing import time_steps
+from rmsprop_impls.timing import _NoUpdate, time_floor, time_steps
 from rmsprop_impls.trees import leaves_of, model_tree, random_like, step_bytes, synthetic_tree, tree_by_name, tree_info
 
 
@@ -109,6 +109,17 @@ def test_time_steps_evaluates_and_feeds_back():
     timing = time_steps(opt, params, {"w": mx.ones((1000,))}, repeats=5, warmup=2)
     assert len(timing.samples) == 5 and timing.first_s > 0 and timing.q1 <= timing.median <= timing.q3
     assert int(opt.state["step"]) == 8  # first + warmup + repeats: every step really ran
+
+
+def test_the_floor_walks_and_rebuilds_the_tree_and_changes_nothing():
+    params = {"a": [mx.ones((3,)), {"b": mx.zeros((2, 2))}]}
+    grads = random_like(params)
+    floor = _NoUpdate(params)
+    out = floor.apply_gradients(grads, params)
+    assert out["a"][0] is params["a"][0] and out["a"][1]["b"] is params["a"][1]["b"]
+    assert set(floor.state["a"][1]["b"]) == {"v"}  # the stock state layout, walked like a variant's
+    timing = time_floor(params, grads, repeats=3)
+    assert len(timing.samples) == 3 and timing.median > 0
 
 
 def test_triad_adds_b_into_a_in_place():

@@ -46,6 +46,7 @@ def test_compare_prints_an_aligned_table_and_the_fastest():
     ]
     assert table[2].split()[8] == "1.00x" and table[2].split()[7] == "-"  # eager vs itself; compiled did not run
     assert "fastest:" in out.stdout and "  4x1K (4 leaves" in out.stdout and "  8x3 (8 leaves" in out.stdout
+    assert out.stdout.count("(floor with no update: ") == 2
 
 
 @pytest.mark.parametrize(

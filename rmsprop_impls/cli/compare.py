@@ -11,6 +11,7 @@ from ..bandwidth import measure_bandwidth
 from ..compare import VariantResult, compare_variants
 from ..registry import variant_names
 from ..tables import format_table
+from ..timing import time_floor
 from ..trees import leaves_of, random_like
 from .common import (
     add_cache_limit_argument,
@@ -33,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="time every variant on one or more trees and print a table",
         description="Time every variant on each tree in this process: median step time, time per leaf, effective "
         "GB/s (20 bytes per float32 parameter), the fraction of this machine's bandwidth limit (measured once, "
-        "first) and the speed-up over the compiled and eager variants.",
+        "first) and the speed-up over the compiled and eager variants. Under the table, the fastest variant per tree "
+        "and the tree's floor: the tree walk, rebuild and mx.eval that every step pays, timed with no update.",
     )
     add_tree_arguments(p, several=True)
     p.add_argument("--variants", nargs="+", choices=variant_names(), help="variants to time (default: all)")
@@ -52,17 +54,21 @@ def run(args: argparse.Namespace) -> int:
     for name in tqdm(names, desc="trees", unit="tree", leave=False):
         params = load_tree(name, args.dtype)
         leaves = leaves_of(params)
-        results = compare_variants(params, random_like(params), args.variants, repeats=args.repeats)
+        grads = random_like(params)
+        results = compare_variants(params, grads, args.variants, repeats=args.repeats)
         rows += [_row(name, r, len(leaves), limit, results) for r in results]
         ran = [r for r in results if r.timing]
         if ran:
             best = min(ran, key=lambda r: r.timing.median)
             n_params = sum(x.size for x in leaves)
+            floor = time_floor(params, grads, repeats=args.repeats).median
+            per_leaf = 1e6 / max(len(leaves), 1)
             fastest.append(
                 f"{name} ({len(leaves):,} leaves, {n_params:,} {args.dtype} parameters): {best.variant}, "
-                f"{best.timing.median * 1e3:.3f} ms, {best.gbps:.2f} GB/s"
+                f"{best.timing.median * 1e3:.3f} ms, {best.gbps:.2f} GB/s, {best.timing.median * per_leaf:.1f} us/leaf "
+                f"(floor with no update: {floor * per_leaf:.1f} us/leaf)"
             )
-        del params, leaves, results
+        del params, grads, leaves, results
         mx.clear_cache()
     print(f"memory-bandwidth limit (in-place triad, all cores): {limit:.1f} GB/s; {setting}\n")
     print(format_table(HEADERS, rows))
