@@ -1,11 +1,12 @@
-// One fused, multi-tensor, threaded RMSprop step as an MLX primitive.
+// One fused, multi-tensor, threaded RMSprop step for MLX's CPU back-end.
 //
-// An RMSpropStep node takes the w, g and v of up to kLeavesPerNode leaves plus
-// the learning rate, and yields their new w and v: a 16384-leaf tree is 2048
-// graph nodes and CPU tasks, not 16384 times the five of stock. Each task splits
-// its elements evenly over a persistent thread pool (MLX's CPU back-end runs each
-// task on one thread) and each thread streams its share once, in float32, with
-// AVX2 where the CPU has it.
+// Leaves of kEagerMaxElements or more: an RMSpropStep node takes the w, g and v of up to
+// kLeavesPerNode leaves plus the learning rate and yields their new w and v, reusing input
+// buffers nobody else holds (donation). Smaller leaves are updated at once, outside the graph,
+// into one packed allocation: as graph nodes they would cost MLX far more than their work.
+// Either way the elements are split evenly over a persistent thread pool (MLX's CPU back-end runs
+// each task on one thread) and each thread streams its share once, in float32, with AVX2 and
+// software prefetch where the CPU has them.
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
@@ -571,7 +572,10 @@ size_t aligned(size_t bytes) {
 // graph path to gather.
 Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, const std::vector<array>& v, array lr,
                   const Leaves& which, Hyper h, int threads, Outputs& new_w, Outputs& new_v) {
-  std::vector<array> pending{lr};
+  std::vector<array> pending;
+  if (!lr.is_available()) {
+    pending.push_back(lr);
+  }
   for (size_t i : which) {
     for (auto* group : {&w, &g, &v}) {
       if (!(*group)[i].is_available()) {
@@ -579,7 +583,7 @@ Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, cons
       }
     }
   }
-  {
+  if (!pending.empty()) {
     nb::gil_scoped_release no_gil;
     eval(pending);
   }
@@ -650,7 +654,8 @@ std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vect
     return out;
   }
   Stream s = default_stream(Device::cpu);
-  array lr32 = reshape(astype(lr, float32, s), {}, s);
+  // Usually a float32 scalar already: then no op, and nothing to evaluate for the small leaves.
+  array lr32 = lr.dtype() == float32 && lr.ndim() == 0 ? lr : reshape(astype(lr, float32, s), {}, s);
   // Under a transform (mx.compile, a grad) every leaf stays in the graph: a tracer has no data yet.
   bool traced = lr.is_tracer();
   for (size_t i = 0; i < n && !traced; ++i) {

@@ -1,13 +1,16 @@
-"""A C++ MLX primitive: one fused, multi-tensor, threaded step over many leaves.
+"""A C++ MLX extension: one fused, multi-tensor, threaded step over many leaves.
 
-One graph node updates up to eight leaves (MLX's multi-output nodes cost the
-square of their output count in references), so a step costs one MLX task per
-eight leaves instead of five ops per leaf. Each task splits its elements over a
-persistent thread pool (MLX's CPU back-end has none of its own) and streams
-w, g and v once, in float32, with AVX2 where the CPU has it. Outputs reuse the
-buffers of inputs nobody else holds (MLX's donation), so a training loop that
-drops its old parameters allocates nothing per step and updates in place.
-"""
+Leaves of 64K elements or more go through ``RMSpropStep`` graph nodes, up to
+eight leaves per node (MLX's multi-output nodes cost the square of their output
+count in references). Their outputs reuse the buffers of inputs nobody else
+holds (MLX's donation), so a training loop that drops its old parameters
+updates them in place, and buffers that live on are moved onto 2 MiB pages.
+Smaller leaves cost MLX more as graph nodes than as work, so they are updated
+at once, outside the graph, into one packed allocation per step (under
+``mx.compile`` they stay in the graph). Either way the work is split over a
+persistent thread pool (MLX's CPU back-end has none of its own) and w, g and v
+are streamed once, in float32, with AVX2 and software prefetch where the CPU
+has them."""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ class CpuKernelRMSprop(RMSpropBase):
     """Args (beyond RMSprop's): ``threads``, how many threads share a step (default: every core)."""
 
     name = "cpu_kernel"
-    summary = "C++ primitive: fused, one node per 8 leaves, threaded"
+    summary = "C++ extension: fused, threaded; 8 big leaves per node, small leaves packed"
 
     def __init__(self, learning_rate, alpha=0.99, eps=1e-8, threads: int | None = None):
         super().__init__(learning_rate, alpha, eps)
