@@ -239,3 +239,24 @@ def test_small_leaves_under_compile_stay_in_the_graph():
     sw, sv = rmsprop_update(w, g, v, lr, 0.9, 1e-6)
     assert np.allclose(np.array(kw), np.array(sw), rtol=1e-6, atol=1e-7)
     assert np.allclose(np.array(kv), np.array(sv), rtol=1e-6, atol=1e-7)
+
+
+def address(x: mx.array) -> int:
+    return np.asarray(memoryview(x)).__array_interface__["data"][0]
+
+
+def test_big_leaves_move_once_to_a_buffer_on_a_huge_page_then_stay_in_place():
+    """MLX's buffers start just past a page boundary; the kernel writes its first output of a big
+    leaf 2 MiB-aligned instead of in place, and updates that buffer in place from then on."""
+    params = {"w": mx.random.normal((1_000_000,))}  # 4 MB
+    grads = gradient_sequence(params, 4)
+    opt = create("cpu_kernel", 1e-2)
+    params = training_loop(opt, params, grads[:1])
+    first = address(params["w"]), address(opt.state["w"]["v"])
+    assert all(a % (2 << 20) == 0 for a in first)
+    before = _cpu_ext.donated_buffers()
+    for g in grads[1:]:  # not training_loop(): its caller would still hold the first step's parameters
+        params = opt.apply_gradients(g, params)
+        mx.eval(params, opt.state)
+    assert _cpu_ext.donated_buffers() - before == 2 * 3
+    assert (address(params["w"]), address(opt.state["w"]["v"])) == first

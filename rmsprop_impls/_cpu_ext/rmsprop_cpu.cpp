@@ -162,12 +162,30 @@ class HugePages {
     }
   }
 
-  // A fresh buffer gets huge pages as it is first written, at no cost.
-  static void advise_fresh(const void* data, size_t bytes) {
-    auto [lo, hi] = whole_huge_pages(data, bytes);
-    if (hi > lo) {
-      madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-    }
+  // Whether a buffer this big gains from starting on a huge page. MLX's large buffers start just
+  // past a page boundary, which leaves a 4 MiB buffer half on small pages; beyond 1 GiB the
+  // edges hardly matter.
+  static bool worth_aligning(size_t bytes) {
+    return bytes >= kHuge && bytes <= (size_t(1) << 30);
+  }
+
+  static bool starts_on_huge_page(const void* data) {
+    return reinterpret_cast<uintptr_t>(data) % kHuge == 0;
+  }
+
+  // Gives `out` a fresh buffer that starts on a 2 MiB boundary and gets huge pages as it is first
+  // written. The slack in front is never touched: it costs address space, not memory.
+  static void set_aligned_data(array& out) {
+    size_t bytes = out.nbytes();
+    array base(allocator::malloc(bytes + kHuge), Shape{static_cast<ShapeElem>(bytes + kHuge)}, uint8);
+    uintptr_t start = reinterpret_cast<uintptr_t>(base.data<void>());
+    size_t offset = ((start + kHuge - 1) & ~(kHuge - 1)) - start;
+    array::Flags flags;
+    flags.contiguous = true;
+    flags.row_contiguous = true;
+    flags.col_contiguous = out.size() <= 1 || out.ndim() <= 1;
+    out.copy_shared_buffer(base, out.strides(), flags, out.size(), static_cast<int64_t>(offset / out.itemsize()));
+    madvise(reinterpret_cast<void*>(start + offset), bytes & ~(kHuge - 1), MADV_HUGEPAGE);
   }
 
   uint64_t moves() const {
@@ -484,13 +502,17 @@ class RMSpropStep : public Primitive {
     static_assert(sizeof(array) == sizeof(std::shared_ptr<void>), "mlx::core::array is one shared_ptr");
     long handles = reinterpret_cast<const std::shared_ptr<void>&>(in).use_count();
     const auto& data = in.data_shared_ptr();
-    if (in.flags().row_contiguous && handles == static_cast<long>(holders_in_this_node) && data.use_count() == 1 &&
-        data->is_owned() && in.data_size() == out.size()) {
+    bool donatable = in.flags().row_contiguous && handles == static_cast<long>(holders_in_this_node) &&
+                     data.use_count() == 1 && data->is_owned() && in.data_size() == out.size();
+    bool aligning = HugePages::worth_aligning(out.nbytes());
+    if (donatable && !(aligning && !HugePages::starts_on_huge_page(in.data<void>()))) {
       out.copy_shared_buffer(in);
       donated_buffers.fetch_add(1, std::memory_order_relaxed);
+    } else if (aligning) {
+      // Moved once: the next step donates this buffer, which starts on a huge page.
+      HugePages::set_aligned_data(out);
     } else {
       out.set_data(allocator::malloc(out.nbytes()));
-      HugePages::advise_fresh(out.data<void>(), out.nbytes());
     }
   }
 

@@ -4,7 +4,8 @@ Leaves of 64K elements or more go through ``RMSpropStep`` graph nodes, up to
 eight leaves per node (MLX's multi-output nodes cost the square of their output
 count in references). Their outputs reuse the buffers of inputs nobody else
 holds (MLX's donation), so a training loop that drops its old parameters
-updates them in place, and buffers that live on are moved onto 2 MiB pages.
+updates them in place; big buffers are first moved to start on a 2 MiB page,
+and buffers that live on are moved onto 2 MiB pages.
 Smaller leaves cost MLX more as graph nodes than as work, so they are updated
 at once, outside the graph, into one packed allocation per step (under
 ``mx.compile`` they stay in the graph). Either way the work is split over a
