@@ -125,6 +125,18 @@ Pool& pool() {
 
 std::atomic<uint64_t> donated_buffers{0};
 
+// ---------------------------------------------------------------- buffers ---
+
+// Points `out` at `byte_offset` into `base`'s buffer, as a row-major array (MLX's flags for one).
+void share_row_major(array& out, const array& base, size_t byte_offset) {
+  array::Flags flags;
+  flags.contiguous = true;
+  flags.row_contiguous = true;
+  auto longest = std::max_element(out.shape().begin(), out.shape().end());
+  flags.col_contiguous = out.size() <= 1 || static_cast<size_t>(*longest) == out.size();
+  out.copy_shared_buffer(base, out.strides(), flags, out.size(), static_cast<int64_t>(byte_offset / out.itemsize()));
+}
+
 // ------------------------------------------------------------- huge pages ---
 
 // NumPy asks for transparent huge pages on every large array and MLX's CPU allocator does not.
@@ -180,11 +192,7 @@ class HugePages {
     array base(allocator::malloc(bytes + kHuge), Shape{static_cast<ShapeElem>(bytes + kHuge)}, uint8);
     uintptr_t start = reinterpret_cast<uintptr_t>(base.data<void>());
     size_t offset = ((start + kHuge - 1) & ~(kHuge - 1)) - start;
-    array::Flags flags;
-    flags.contiguous = true;
-    flags.row_contiguous = true;
-    flags.col_contiguous = out.size() <= 1 || out.ndim() <= 1;
-    out.copy_shared_buffer(base, out.strides(), flags, out.size(), static_cast<int64_t>(offset / out.itemsize()));
+    share_row_major(out, base, offset);
     madvise(reinterpret_cast<void*>(start + offset), bytes & ~(kHuge - 1), MADV_HUGEPAGE);
   }
 
@@ -576,11 +584,7 @@ constexpr size_t kMaxPackBytes = size_t(1) << 30;
 // An evaluated, row-major array of `like`'s shape and dtype, `offset` bytes into `base`'s buffer.
 array view_into(const array& base, size_t offset, const array& like) {
   array out(like.shape(), like.dtype(), nullptr, {});
-  array::Flags flags;
-  flags.contiguous = true;
-  flags.row_contiguous = true;
-  flags.col_contiguous = out.size() <= 1 || out.ndim() <= 1;
-  out.copy_shared_buffer(base, out.strides(), flags, out.size(), static_cast<int64_t>(offset / out.itemsize()));
+  share_row_major(out, base, offset);
   out.set_status(array::Status::available);
   return out;
 }
