@@ -4,7 +4,8 @@
 installed package through asv's ``existing`` environment (this Python), so it
 starts in seconds and needs no build; ``asv run`` in the checkout builds real
 virtualenvs instead. asv saves a commit's results once all its benchmarks
-have run, so an interrupted run leaves every earlier results file as it was.
+have run, and an interrupted run puts back every results file as it was
+before (:class:`KeptResults`), whatever asv managed to write.
 """
 
 from __future__ import annotations
@@ -106,6 +107,33 @@ def _git(project: Path, *args: str) -> str:
 
 def git_head(project: Path) -> str:
     return _git(project, "rev-parse", "HEAD")
+
+
+class KeptResults:
+    """The results files as they were before a run, to put back if the run is interrupted.
+
+    asv writes nothing before a commit's benchmarks have all run, but a Ctrl-C that lands
+    while it saves (or just after, while this process still reads its output) would keep
+    part of a run the user stopped. Results files are small JSON; all of them are kept.
+    """
+
+    def __init__(self, results_dir: Path):
+        self.results_dir = results_dir
+        self.files = {p: p.read_bytes() for p in self._json_files()}
+
+    def _json_files(self) -> list[Path]:
+        return sorted(self.results_dir.rglob("*.json")) if self.results_dir.is_dir() else []
+
+    def restore(self) -> None:
+        for path in self._json_files():
+            if path not in self.files:
+                path.unlink()
+        for path, data in self.files.items():
+            if not path.is_file() or path.read_bytes() != data:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                staged = path.with_name(path.name + ".restoring")
+                staged.write_bytes(data)
+                staged.replace(path)
 
 
 def run_benchmarks(project: Path, settings: RunSettings, python: str, on_line: Callable[[str], None]) -> int:

@@ -130,3 +130,20 @@ def test_triad_adds_b_into_a_in_place():
 
 def test_bandwidth_is_a_plausible_rate():
     assert 0.1 < measure_bandwidth(n_elements=1 << 22, repeats=2) < 10_000
+
+
+def test_kept_results_put_back_what_an_interrupted_run_wrote(tmp_path):
+    from rmsprop_impls.suite import KeptResults
+
+    machine = tmp_path / "results" / "m"
+    machine.mkdir(parents=True)
+    (machine / "old.json").write_text('{"a": 1}')
+    (machine / "gone.json").write_text('{"b": 2}')
+    kept = KeptResults(tmp_path / "results")
+    (machine / "old.json").write_text('{"a": 99}')  # rewritten by the stopped run
+    (machine / "gone.json").unlink()
+    (machine / "new.json").write_text('{"partial": true}')
+    kept.restore()
+    assert sorted(p.name for p in machine.iterdir()) == ["gone.json", "old.json"]
+    assert (machine / "old.json").read_text() == '{"a": 1}' and (machine / "gone.json").read_text() == '{"b": 2}'
+    KeptResults(tmp_path / "nothing-yet").restore()  # a first run has no results directory

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..dashboard import DashboardError, build_dashboard
-from ..suite import RunSettings, find_project, git_head, read_conf, run_benchmarks, write_run_conf
+from ..suite import KeptResults, RunSettings, find_project, git_head, read_conf, run_benchmarks, write_run_conf
 from ..tables import format_table
 from .common import UserError, add_cache_limit_argument, load_results
 
@@ -54,15 +54,17 @@ def run(args: argparse.Namespace) -> int:
         if args.verbose:
             print(line, end="", file=sys.stderr)
 
+    results_dir = project / read_conf(project).get("results_dir", "results")
+    earlier = KeptResults(results_dir)
     start = time.perf_counter()
     try:
         status = run_benchmarks(project, settings, sys.executable, on_line)
     except KeyboardInterrupt:
+        earlier.restore()
         print("interrupted: results saved by earlier runs are intact; this run saved nothing", file=sys.stderr)
         raise
     if status != 0 and not any("failed" in line for line in log):
         raise UserError(f"asv run exited with status {status}: {''.join(log[-5:]).strip()}")
-    results_dir = project / read_conf(project).get("results_dir", "results")
     print(f"\nasv run took {time.perf_counter() - start:.0f} s")
     failed = [line.strip() for line in log if line.rstrip().endswith("failed")]
     if failed:
