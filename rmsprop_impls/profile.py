@@ -1,6 +1,7 @@
 """Explain why a variant is as fast as it is on one tree, and name the fix for the known slow patterns.
 
-Per variant: the time to build the lazy graph (Python and op dispatch) against
+Per variant: the time of the update call (building the lazy graph: Python and
+op dispatch; ``cpu_kernel`` also updates its small leaves right there) against
 the time to evaluate it, the first step (init, compile, kernel build), MLX's
 peak and active memory, how far a step raises memory, the minor page faults
 per step and the effective GB/s against the machine's bandwidth limit.
@@ -198,7 +199,7 @@ def plot_profiles(profiles: list[VariantProfile], title: str, path: str) -> None
     build = [p.build_s * 1e3 for p in profiles]
     evaluate = [p.eval_s * 1e3 for p in profiles]
     fig, ax = plt.subplots(figsize=(1.4 * len(names) + 3, 4))
-    ax.bar(names, build, label="build the graph")
+    ax.bar(names, build, label="update call (graph build)")
     ax.bar(names, evaluate, bottom=build, label="evaluate (mx.eval)")
     for i, p in enumerate(profiles):
         ax.annotate(f"{p.gbps:.2f} GB/s", (i, build[i] + evaluate[i]), ha="center", va="bottom", fontsize=8)
