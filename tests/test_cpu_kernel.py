@@ -245,11 +245,13 @@ def address(x: mx.array) -> int:
     return np.asarray(memoryview(x)).__array_interface__["data"][0]
 
 
-def test_big_leaves_move_once_to_a_buffer_on_a_huge_page_then_stay_in_place():
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16], ids=["float32", "float16"])
+def test_big_leaves_move_once_to_a_buffer_on_a_huge_page_then_stay_in_place(dtype):
     """MLX's buffers start just past a page boundary; the kernel writes its first output of a big
     leaf 2 MiB-aligned instead of in place, and updates that buffer in place from then on."""
-    params = {"w": mx.random.normal((1_000_000,))}  # 4 MB
+    params = {"w": mx.random.normal((2_000_000,)).astype(dtype)}  # 8 or 4 MB
     grads = gradient_sequence(params, 4)
+    want = training_loop(optim.RMSprop(1e-2), params, grads)
     opt = create("cpu_kernel", 1e-2)
     params = training_loop(opt, params, grads[:1])
     first = address(params["w"]), address(opt.state["w"]["v"])
@@ -260,3 +262,5 @@ def test_big_leaves_move_once_to_a_buffer_on_a_huge_page_then_stay_in_place():
         mx.eval(params, opt.state)
     assert _cpu_ext.donated_buffers() - before == 2 * 3
     assert (address(params["w"]), address(opt.state["w"]["v"])) == first
+    got, want = (np.array(x["w"].astype(mx.float32)) for x in (params, want))
+    assert np.allclose(got, want, rtol=1e-6, atol=1e-2 if dtype == mx.float16 else 1e-6)
