@@ -127,6 +127,11 @@ std::atomic<uint64_t> donated_buffers{0};
 
 // ---------------------------------------------------------------- buffers ---
 
+// `x` rounded up to a multiple of `to`, a power of two.
+constexpr uintptr_t round_up(uintptr_t x, uintptr_t to) {
+  return (x + to - 1) & ~(to - 1);
+}
+
 // Points `out` at `byte_offset` into `base`'s buffer, as a row-major array (MLX's flags for one).
 void share_row_major(array& out, const array& base, size_t byte_offset) {
   array::Flags flags;
@@ -191,7 +196,7 @@ class HugePages {
     size_t bytes = out.nbytes();
     array base(allocator::malloc(bytes + kHuge), Shape{static_cast<ShapeElem>(bytes + kHuge)}, uint8);
     uintptr_t start = reinterpret_cast<uintptr_t>(base.data<void>());
-    size_t offset = ((start + kHuge - 1) & ~(kHuge - 1)) - start;
+    size_t offset = round_up(start, kHuge) - start;
     share_row_major(out, base, offset);
     madvise(reinterpret_cast<void*>(start + offset), bytes & ~(kHuge - 1), MADV_HUGEPAGE);
   }
@@ -212,7 +217,7 @@ class HugePages {
   // The 2 MiB-aligned part of a buffer: advice outside it would reach other allocations.
   static std::pair<uintptr_t, uintptr_t> whole_huge_pages(const void* data, size_t bytes) {
     uintptr_t start = reinterpret_cast<uintptr_t>(data);
-    return {(start + kHuge - 1) & ~(kHuge - 1), (start + bytes) & ~(kHuge - 1)};
+    return {round_up(start, kHuge), (start + bytes) & ~(kHuge - 1)};
   }
 
   void forget_freed_if_full() {
@@ -513,7 +518,8 @@ class RMSpropStep : public Primitive {
     bool donatable = in.flags().row_contiguous && handles == static_cast<long>(holders_in_this_node) &&
                      data.use_count() == 1 && data->is_owned() && in.data_size() == out.size();
     bool aligning = HugePages::worth_aligning(out.nbytes());
-    if (donatable && !(aligning && !HugePages::starts_on_huge_page(in.data<void>()))) {
+    bool misplaced = aligning && !HugePages::starts_on_huge_page(in.data<void>());
+    if (donatable && !misplaced) {
       out.copy_shared_buffer(in);
       donated_buffers.fetch_add(1, std::memory_order_relaxed);
     } else if (aligning) {
@@ -589,10 +595,6 @@ array view_into(const array& base, size_t offset, const array& like) {
   return out;
 }
 
-size_t aligned(size_t bytes) {
-  return (bytes + kPackAlign - 1) / kPackAlign * kPackAlign;
-}
-
 // Eager: evaluates the inputs of `which` (gradients are usually still lazy here) and updates them
 // now, outside the graph. Returns the leaves whose evaluated inputs turned out strided, for the
 // graph path to gather.
@@ -623,7 +625,7 @@ Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, cons
       strided.push_back(i);
       continue;
     }
-    size_t bytes = 2 * aligned(w[i].nbytes());
+    size_t bytes = 2 * round_up(w[i].nbytes(), kPackAlign);
     if (allocation_bytes.back() > 0 && allocation_bytes.back() + bytes > kMaxPackBytes) {
       allocation_bytes.push_back(0);
     }
@@ -641,7 +643,7 @@ Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, cons
     size_t i = packed[k];
     auto [allocation, offset] = slots[k];
     new_w[i] = view_into(bases[allocation], offset, w[i]);
-    new_v[i] = view_into(bases[allocation], offset + aligned(w[i].nbytes()), w[i]);
+    new_v[i] = view_into(bases[allocation], offset + round_up(w[i].nbytes(), kPackAlign), w[i]);
     leaves.push_back({w[i].data<void>(), g[i].data<void>(), v[i].data<void>(), new_w[i]->data<void>(),
                       new_v[i]->data<void>(), w[i].size(), w[i].dtype().val(), w[i].itemsize()});
   }
