@@ -17,13 +17,13 @@ from pathlib import Path
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-EXTENSION = "rmsprop_impls._cpu_ext._ext"
-SOURCE_DIR = Path(__file__).resolve().parent / "rmsprop_impls" / "_cpu_ext"
+EXTENSION = "rmsprop_impls.kernels._cpu_ext._ext"
+SOURCE_DIR = Path(__file__).resolve().parent / "rmsprop_impls" / "kernels" / "_cpu_ext"
 SKIP_VARIABLE = "RMSPROP_BENCH_NO_EXTENSION"
 
 
 class CMakeBuild(build_ext):
-    """Runs ``rmsprop_impls/_cpu_ext/CMakeLists.txt``, which finds mlx and nanobind through this Python."""
+    """Runs ``rmsprop_impls/kernels/_cpu_ext/CMakeLists.txt``, which finds mlx and nanobind through this Python."""
 
     def run(self) -> None:
         self.skipped: list[str] = []

@@ -4,7 +4,7 @@ from .common import measure_limit
 
 
 class Bandwidth:
-    """STREAM-style in-place triad on all cores (``rmsprop_impls.bandwidth``).
+    """STREAM-style in-place triad on all cores (``rmsprop_impls.measure.bandwidth``).
 
     It is measured once per ``asv run`` in the ``setup_cache`` that ``Step``
     shares, so the tracked limit is the one each fraction was divided by.

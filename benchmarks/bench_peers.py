@@ -20,7 +20,7 @@ PEERS = ["numpy", "torch-foreach", "torch-per-tensor", "optax"]
 
 
 def numpy_leaves(tree: str, dtype: str) -> tuple[list, list]:
-    from rmsprop_impls.trees import leaves_of
+    from rmsprop_impls.measure.trees import leaves_of
 
     params, grads = tree_and_gradients(tree, dtype)
     return [np.array(x) for x in leaves_of(params)], [np.array(x) for x in leaves_of(grads)]

@@ -2,9 +2,9 @@
 
 import mlx.core as mx
 
-from rmsprop_impls import timing
-from rmsprop_impls.timing import run_step
-from rmsprop_impls.trees import step_bytes
+from rmsprop_impls.measure import timing
+from rmsprop_impls.measure.timing import run_step
+from rmsprop_impls.measure.trees import step_bytes
 
 from .common import apply_settings, dtypes, make_optimizer, measure_limit, tree_and_gradients, trees, variants
 

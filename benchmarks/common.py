@@ -80,7 +80,7 @@ def apply_settings() -> None:
 @functools.lru_cache(maxsize=1)
 def tree_and_gradients(tree: str, dtype: str) -> tuple:
     """Evaluated parameters and stand-in gradients; asv re-runs ``setup`` before each sample, this builds once."""
-    from rmsprop_impls.trees import random_like, tree_by_name
+    from rmsprop_impls.measure.trees import random_like, tree_by_name
 
     try:
         params = tree_by_name(tree, dtype)
@@ -112,7 +112,7 @@ def measure_limit() -> float:
     Used as ``setup_cache`` by every class that needs it: asv keys that cache on
     this function's module and line, so one triad serves the whole run.
     """
-    from rmsprop_impls.bandwidth import measure_bandwidth
+    from rmsprop_impls.measure.bandwidth import measure_bandwidth
 
     return measure_bandwidth()
 

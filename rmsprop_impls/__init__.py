@@ -3,12 +3,19 @@
 >>> import rmsprop_impls as r
 >>> r.availability()                      # which variants run here, and why not
 >>> opt = r.create("compiled", 1e-3)      # a drop-in for mlx.optimizers.RMSprop
+
+The package is layered: the optimizers and the one interface at the top level
+(``optimizer``, ``formula``, ``tree_paths``, ``registry``, ``reference``,
+``variants/``), their kernels in ``kernels/``, timing them in ``measure/``,
+reading asv's results in ``analysis/``, and the command line in ``cli/``.
+Each layer imports only from the ones before it.
 """
 
-from .choice_cache import clear_choices
-from .choose import Choice, choose
+from . import _moved
+from .kernels.packing import FlatLayout, PackedGradients
+from .measure.choice_cache import clear_choices
+from .measure.choose import Choice, choose
 from .optimizer import RMSpropBase
-from .packing import FlatLayout, PackedGradients
 from .reference import reference_step, reference_trajectory
 from .registry import (
     UnknownVariantError,
@@ -20,6 +27,16 @@ from .registry import (
     variant_names,
 )
 from .tree_paths import TreeMismatchError
+
+_moved.install()
+
+
+def __getattr__(name: str):
+    """``rmsprop_impls.results`` and the other 0.1 module names, for one release (see ``_moved``)."""
+    if name in _moved.MOVED:
+        return _moved.moved_module(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Choice",

@@ -13,20 +13,21 @@ import inspect
 from .formula import DEFAULT_ALPHA, DEFAULT_EPS
 from .optimizer import LearningRate, RMSpropBase
 
-#: variant name -> module under rmsprop_impls.variants that defines ``VARIANT``.
+#: variant name -> module (under rmsprop_impls) that defines ``VARIANT``.
 _MODULES: dict[str, str] = {
-    "eager": "eager",
-    "compiled": "compiled",
-    "flat": "flat",
-    "cpu_stream": "cpu_stream",
-    "cpu_kernel": "cpu_kernel",
-    "metal_kernel": "metal_kernel",
-    "cuda_kernel": "cuda_kernel",
+    "eager": "variants.eager",
+    "compiled": "variants.compiled",
+    "flat": "variants.flat",
+    "cpu_stream": "variants.cpu_stream",
+    "cpu_kernel": "variants.cpu_kernel",
+    "metal_kernel": "variants.metal_kernel",
+    "cuda_kernel": "variants.cuda_kernel",
 }
 
 #: Optimizers that ``create`` makes but that pick among the variants rather than being one, so
 #: ``variant_names`` (what the benchmarks, the agreement tests and ``choose`` loop over) leaves them out.
-_SELECTORS: dict[str, str] = {"auto": "auto"}
+#: ``auto`` chooses by timing, so it lives with the measuring code.
+_SELECTORS: dict[str, str] = {"auto": "measure.auto"}
 
 
 class UnknownVariantError(ValueError):
@@ -53,7 +54,7 @@ def variant_class(name: str) -> type[RMSpropBase]:
     if name not in modules:
         raise UnknownVariantError(f"unknown variant '{name}'; known variants: {', '.join(modules)}")
     try:
-        module = importlib.import_module(f"rmsprop_impls.variants.{modules[name]}")
+        module = importlib.import_module(f"rmsprop_impls.{modules[name]}")
     except ImportError as e:
         raise VariantUnavailableError(name, f"cannot import its module: {e}") from e
     return module.VARIANT

@@ -18,7 +18,7 @@ VARIANTS = "eager,flat,metal_kernel"
 TREES = "4x1K,16x256,4x16K"
 
 SMALL_TRIAD = """
-from rmsprop_impls.bandwidth import measure_bandwidth
+from rmsprop_impls.measure.bandwidth import measure_bandwidth
 
 
 class Bandwidth:

@@ -9,11 +9,19 @@ from mlx.utils import tree_flatten
 from trajectory import as_f64, gradient_sequence, max_rel_error, run
 
 from rmsprop_impls import PackedGradients, create
-from rmsprop_impls.bandwidth import _triad_slice, measure_bandwidth
-from rmsprop_impls.packing import FlatLayout
-from rmsprop_impls.tables import format_table
-from rmsprop_impls.timing import _NoUpdate, time_floor, time_steps
-from rmsprop_impls.trees import leaves_of, model_tree, random_like, step_bytes, synthetic_tree, tree_by_name, tree_info
+from rmsprop_impls.analysis.tables import format_table
+from rmsprop_impls.kernels.packing import FlatLayout
+from rmsprop_impls.measure.bandwidth import _triad_slice, measure_bandwidth
+from rmsprop_impls.measure.timing import _NoUpdate, time_floor, time_steps
+from rmsprop_impls.measure.trees import (
+    leaves_of,
+    model_tree,
+    random_like,
+    step_bytes,
+    synthetic_tree,
+    tree_by_name,
+    tree_info,
+)
 
 
 def test_synthetic_tree_counts_and_nesting():
@@ -133,7 +141,7 @@ def test_bandwidth_is_a_plausible_rate():
 
 
 def test_kept_results_put_back_what_an_interrupted_run_wrote(tmp_path):
-    from rmsprop_impls.suite import KeptResults
+    from rmsprop_impls.analysis.suite import KeptResults
 
     machine = tmp_path / "results" / "m"
     machine.mkdir(parents=True)

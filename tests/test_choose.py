@@ -11,11 +11,11 @@ from test_cli import cli
 from trajectory import as_f64, check_against_reference_and_stock, gradient_sequence, max_rel_error, run, tolerance
 
 from rmsprop_impls import choose, clear_choices, create
-from rmsprop_impls.choose import rank
-from rmsprop_impls.timing import StepTiming, time_steps
-from rmsprop_impls.trees import random_like, tree_by_name
+from rmsprop_impls.measure.auto import AutoRMSprop
+from rmsprop_impls.measure.choose import rank
+from rmsprop_impls.measure.timing import StepTiming, time_steps
+from rmsprop_impls.measure.trees import random_like, tree_by_name
 from rmsprop_impls.user_cache import cache_dir
-from rmsprop_impls.variants.auto import AutoRMSprop
 
 
 @pytest.fixture(autouse=True)

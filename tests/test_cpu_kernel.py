@@ -20,7 +20,7 @@ REASON = unavailable_reason("cpu_kernel")
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cpu_kernel unavailable here: {REASON}")
 
 if REASON is None:
-    from rmsprop_impls import _cpu_ext
+    from rmsprop_impls.kernels import _cpu_ext
 
 BIG = 1000003  # odd: an AVX2 tail, and shares between threads that end mid-leaf
 
@@ -173,10 +173,10 @@ def test_threads_default_to_every_core():
 
 def test_unavailable_with_the_reason_when_the_extension_does_not_load(monkeypatch):
     # What a skipped build looks like to import.
-    monkeypatch.setitem(sys.modules, "rmsprop_impls._cpu_ext", None)
-    monkeypatch.delattr(rmsprop_impls, "_cpu_ext")
+    monkeypatch.setitem(sys.modules, "rmsprop_impls.kernels._cpu_ext", None)
+    monkeypatch.delattr(rmsprop_impls.kernels, "_cpu_ext")
     reason = unavailable_reason("cpu_kernel")
-    assert reason.startswith("the C++ extension rmsprop_impls._cpu_ext does not load (")
+    assert reason.startswith("the C++ extension rmsprop_impls.kernels._cpu_ext does not load (")
     assert "RMSPROP_BENCH_NO_EXTENSION" in reason
     with pytest.raises(VariantUnavailableError) as err:
         create("cpu_kernel", 1e-3)

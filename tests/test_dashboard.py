@@ -19,7 +19,7 @@ import asv
 import pytest
 from test_cli import cli
 
-from rmsprop_impls.dashboard import dashboard_server
+from rmsprop_impls.analysis.dashboard import dashboard_server
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "report" / "test-artifacts"

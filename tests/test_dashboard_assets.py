@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from rmsprop_impls.dashboard import DashboardError, localise, npm_file_bytes, npm_file_for
+from rmsprop_impls.analysis.dashboard import DashboardError, localise, npm_file_bytes, npm_file_for
 
 JQUERY = "https://code.jquery.com/jquery-3.3.1.min.js"
 

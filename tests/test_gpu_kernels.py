@@ -18,8 +18,9 @@ import pytest
 from mlx.utils import tree_flatten
 from trajectory import check_against_reference_and_stock, gradient_sequence
 
-from rmsprop_impls import FlatLayout, PackedGradients, VariantUnavailableError, create, gpu_kernels, variant_class
-from rmsprop_impls.gpu_kernels import (
+from rmsprop_impls import FlatLayout, PackedGradients, VariantUnavailableError, create, variant_class
+from rmsprop_impls.kernels import gpu_kernels
+from rmsprop_impls.kernels.gpu_kernels import (
     CUDA,
     INPUT_NAMES,
     METAL,

@@ -9,8 +9,8 @@ import pytest
 from test_cli import cli
 
 from rmsprop_impls import create
-from rmsprop_impls.profile import current_cache_limit, plot_profiles, profile_optimizer, profile_variants
-from rmsprop_impls.trees import random_like, tree_by_name
+from rmsprop_impls.measure.profile import current_cache_limit, plot_profiles, profile_optimizer, profile_variants
+from rmsprop_impls.measure.trees import random_like, tree_by_name
 from rmsprop_impls.variants.compiled import CompiledRMSprop
 
 BANDWIDTH_GBPS = 10.0  # the findings compare against it; a fixed figure keeps these tests fast

@@ -9,10 +9,10 @@ import pytest
 from analysis_history import analysis_history
 from test_cli import cli
 
-from rmsprop_impls import plots
-from rmsprop_impls.regressions import find_regressions
-from rmsprop_impls.report import winners, write_report
-from rmsprop_impls.results import COLUMNS, LIMIT_BENCHMARK, STEP_BENCHMARK, ResultsError, load_asv_results
+from rmsprop_impls.analysis import plots
+from rmsprop_impls.analysis.regressions import find_regressions
+from rmsprop_impls.analysis.report import winners, write_report
+from rmsprop_impls.analysis.results import COLUMNS, LIMIT_BENCHMARK, STEP_BENCHMARK, ResultsError, load_asv_results
 
 
 @pytest.fixture(scope="module")

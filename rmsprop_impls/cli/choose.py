@@ -6,11 +6,11 @@ import argparse
 import json
 import sys
 
-from ..choice_cache import cache_dir, clear_choices
-from ..choose import Choice, choose
+from ..analysis.tables import format_table
+from ..measure.choice_cache import cache_dir, clear_choices
+from ..measure.choose import Choice, choose
+from ..measure.trees import MODELS, model_tree, parse_dtype
 from ..registry import variant_names
-from ..tables import format_table
-from ..trees import MODELS, model_tree, parse_dtype
 from .common import (
     UserError,
     add_cache_limit_argument,

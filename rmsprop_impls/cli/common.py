@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from ..trees import DTYPES, parse_dtype, tree_by_name, tree_from_file, tree_info
+from ..measure.trees import DTYPES, parse_dtype, tree_by_name, tree_from_file, tree_info
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -92,7 +92,10 @@ def add_results_argument(parser: argparse.ArgumentParser) -> None:
 
 def load_results(results_dir: str) -> pd.DataFrame:
     """The tidy results table, with unreadable files reported as warnings and a bad directory as a user error."""
-    from ..results import ResultsError, load_asv_results  # pandas and asv: only for the commands that read results
+    from ..analysis.results import (  # pandas and asv: only for the commands that read results
+        ResultsError,
+        load_asv_results,
+    )
 
     try:
         with warnings.catch_warnings(record=True) as caught:

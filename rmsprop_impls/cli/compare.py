@@ -7,12 +7,12 @@ import argparse
 import mlx.core as mx
 from tqdm import tqdm
 
-from ..bandwidth import measure_bandwidth
-from ..compare import VariantResult, compare_variants
+from ..analysis.tables import format_table
+from ..measure.bandwidth import measure_bandwidth
+from ..measure.compare import VariantResult, compare_variants
+from ..measure.timing import time_floor
+from ..measure.trees import leaves_of, random_like
 from ..registry import variant_names
-from ..tables import format_table
-from ..timing import time_floor
-from ..trees import leaves_of, random_like
 from .common import (
     add_cache_limit_argument,
     add_tree_arguments,

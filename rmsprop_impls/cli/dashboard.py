@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..dashboard import DashboardError, build_dashboard, dashboard_server
+from ..analysis.dashboard import DashboardError, build_dashboard, dashboard_server
 from .common import UserError
 
 

@@ -7,10 +7,10 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
-from ..profile import MB, plot_profiles, profile_variants
+from ..analysis.tables import format_table
+from ..measure.profile import MB, plot_profiles, profile_variants
+from ..measure.trees import leaves_of, random_like
 from ..registry import variant_names
-from ..tables import format_table
-from ..trees import leaves_of, random_like
 from .common import (
     UserError,
     add_cache_limit_argument,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..report import write_report
+from ..analysis.report import write_report
 from .common import add_results_argument, load_results
 
 

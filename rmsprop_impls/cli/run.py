@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..dashboard import DashboardError, build_dashboard
-from ..suite import KeptResults, RunSettings, find_project, git_head, read_conf, run_benchmarks, write_run_conf
-from ..tables import format_table
+from ..analysis.dashboard import DashboardError, build_dashboard
+from ..analysis.suite import KeptResults, RunSettings, find_project, git_head, read_conf, run_benchmarks, write_run_conf
+from ..analysis.tables import format_table
 from .common import UserError, add_cache_limit_argument, load_results
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if this_run.empty:
         raise UserError(f"asv saved no results for this commit under {results_dir}")
     print(summary(this_run))
-    from ..report import write_report  # matplotlib: only once there are results to draw
+    from ..analysis.report import write_report  # matplotlib: only once there are results to draw
 
     print()
     print(f"report:    {write_report(results, project / 'report', source=str(results_dir))}")
@@ -93,8 +93,8 @@ def publish_dashboard(project: Path) -> str:
 
 def summary(results: pd.DataFrame) -> str:
     """The bandwidth limit and, per tree and dtype, the fastest variant of the newest run in ``results``."""
-    from ..report import winners
-    from ..results import bandwidth_limit, latest
+    from ..analysis.report import winners
+    from ..analysis.results import bandwidth_limit, latest
 
     limit = bandwidth_limit(latest(results))
     rows = [

@@ -36,7 +36,7 @@ class CpuKernelRMSprop(RMSpropBase):
         reason = self.unavailable_reason()
         if reason is not None:
             raise VariantUnavailableError(self.name, reason)
-        from .. import _cpu_ext
+        from ..kernels import _cpu_ext
 
         self.threads = threads
         self._update = _cpu_ext.rmsprop_update
@@ -44,10 +44,10 @@ class CpuKernelRMSprop(RMSpropBase):
     @classmethod
     def unavailable_reason(cls):
         try:
-            from .. import _cpu_ext  # noqa: F401
+            from ..kernels import _cpu_ext  # noqa: F401
         except ImportError as e:
             return (
-                f"the C++ extension rmsprop_impls._cpu_ext does not load ({e}); reinstall with a C++ compiler "
+                f"the C++ extension rmsprop_impls.kernels._cpu_ext does not load ({e}); reinstall with a C++ compiler "
                 "and without RMSPROP_BENCH_NO_EXTENSION=1"
             )
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..gpu_kernels import CUDA, GpuKernelRMSprop
+from ..kernels.gpu_kernels import CUDA, GpuKernelRMSprop
 
 
 class CudaKernelRMSprop(GpuKernelRMSprop):

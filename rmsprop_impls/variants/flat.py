@@ -8,7 +8,7 @@ MLX ops on each buffer.
 from __future__ import annotations
 
 from ..formula import rmsprop_update
-from ..multi_tensor import PackedRMSprop
+from ..kernels.multi_tensor import PackedRMSprop
 
 
 class FlatRMSprop(PackedRMSprop):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..gpu_kernels import METAL, GpuKernelRMSprop
+from ..kernels.gpu_kernels import METAL, GpuKernelRMSprop
 
 
 class MetalKernelRMSprop(GpuKernelRMSprop):

@@ -20,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .user_cache import cache_dir
+from ..user_cache import cache_dir
 
 _SUFFIX = ".auto.json"
 

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 from tqdm import tqdm
 
-from .registry import create, partition_available, variant_names
+from ..registry import create, partition_available, variant_names
 from .timing import StepTiming, time_interleaved
 from .trees import leaves_of, parse_dtype, random_like, step_bytes
 

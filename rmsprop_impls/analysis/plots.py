@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from .registry import variant_names
+from ..registry import variant_names
 from .regressions import commit_series, find_regressions
 from .results import ITEMSIZE, STEP_BENCHMARK, bandwidth_limit, latest
 

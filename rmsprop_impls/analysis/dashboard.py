@@ -29,7 +29,7 @@ from pathlib import Path
 
 from asv.config import Config
 
-from .user_cache import cache_dir as user_cache_dir
+from ..user_cache import cache_dir as user_cache_dir
 
 #: Where npm's own client fetches from, unless ``npm_config_registry`` says otherwise.
 NPM_REGISTRY = "https://registry.npmjs.org"

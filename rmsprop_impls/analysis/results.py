@@ -22,7 +22,7 @@ import pandas as pd
 from asv.results import Results
 from asv.util import UserError as AsvUserError
 
-from .trees import tree_info
+from ..measure.trees import tree_info
 
 #: The benchmark whose result is the machine's bandwidth limit (GB/s), and the main time benchmark.
 LIMIT_BENCHMARK = "bench_bandwidth.Bandwidth.track_triad_gbps"

@@ -28,8 +28,8 @@ from typing import Any
 import mlx.core as mx
 from tqdm import tqdm
 
+from ..registry import create, partition_available
 from .bandwidth import measure_bandwidth
-from .registry import create, partition_available
 from .trees import leaves_of, step_bytes
 
 #: A step whose page faults cover this fraction of its peak growth is fed by the OS, not by MLX's cache.

@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .registry import availability, create
+from ..registry import availability, create
 from .timing import StepTiming, time_steps
 from .trees import step_bytes
 

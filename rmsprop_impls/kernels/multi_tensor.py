@@ -15,7 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .optimizer import RMSpropBase
+from ..optimizer import RMSpropBase
 from .packing import DtypeGroup, FlatLayout, PackedGradients, pack_group, unpack_group
 
 

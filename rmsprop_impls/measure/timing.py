@@ -16,7 +16,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.optimizers as optim
 
-from .tree_paths import match_leaves
+from ..tree_paths import match_leaves
 
 
 @dataclass

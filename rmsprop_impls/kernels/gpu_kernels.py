@@ -18,8 +18,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..registry import VariantUnavailableError
 from .multi_tensor import PackedRMSprop
-from .registry import VariantUnavailableError
 
 #: Threads per threadgroup (Metal) or block (CUDA): a multiple of both warp sizes, under both limits.
 THREADS_PER_GROUP = 256

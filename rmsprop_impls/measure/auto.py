@@ -20,12 +20,12 @@ from dataclasses import asdict
 
 import mlx.core as mx
 
-from ..choice_cache import choice_key, load_choice, save_choice
-from ..choose import rank, runnable_candidates
 from ..optimizer import RMSpropBase
 from ..registry import create
-from ..timing import StepTiming
-from ..trees import step_bytes
+from .choice_cache import choice_key, load_choice, save_choice
+from .choose import rank, runnable_candidates
+from .timing import StepTiming
+from .trees import step_bytes
 
 
 class AutoRMSprop(RMSpropBase):

@@ -1,0 +1,1 @@
+"""Reading what asv recorded: running the suite, loading results, regressions, plots, tables, report, dashboard."""
