@@ -10,7 +10,9 @@ it says nothing about the kernel source itself.
 
 from __future__ import annotations
 
+import io
 import math
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -51,6 +53,7 @@ class FakeLauncher:
             dict(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup, stream=stream,
                  output_shapes=output_shapes, output_dtypes=output_dtypes)
         )  # fmt: skip
+        self.launches[-1]["input_ops"] = [materialising_ops(x) for x in inputs]  # before evaluating drops the graph
         w, v, hyper, _offsets, *gs = (x.astype(mx.float32) for x in inputs)
         g = mx.concatenate(gs) if len(gs) > 1 else gs[0]
         lr, alpha, one_minus_alpha, eps = (hyper[k] for k in range(4))
@@ -261,3 +264,49 @@ def test_prepacked_gradients_reach_the_kernel_as_they_are(fake_launcher):
     create("cuda_kernel", 1e-2).apply_gradients(packed, params)
     (launch,) = fake_launcher.launches
     assert launch["inputs"][4] is packed.buffers[mx.float32] and len(launch["inputs"]) == 5
+
+
+#: Primitives that give a view of their input's buffer (row-contiguous here) rather than writing a new one.
+VIEWS = {"Reshape", "Slice", "Split", "Flatten", "Squeeze", "ExpandDims"}
+
+
+def materialising_ops(*arrays) -> list[str]:
+    """The primitives in the graph behind ``arrays`` that write a buffer of their own: copies, concatenations, casts."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *arrays)
+    return [op for op in re.findall(r'label ="(\w+)"', dot.getvalue()) if op not in VIEWS]
+
+
+def test_materialising_ops_sees_copies_and_concatenations():
+    a, b = mx.ones((4,)), mx.ones((3,))
+    mx.eval(a, b)
+    assert materialising_ops(mx.split(mx.concatenate([a, b]), [4])[0].reshape(2, 2)) == ["Concatenate"]
+    assert materialising_ops(a.astype(mx.float16)) == ["AsType"] and materialising_ops(a[1:].reshape(3)) == []
+
+
+@pytest.mark.parametrize("variant", BACKENDS)
+def test_a_step_moves_20_bytes_per_parameter(variant, fake_launcher):
+    """Per step: the kernels read w, g, v and write w, v (20 B per float32 parameter); nothing else is materialised.
+
+    The launcher evaluates its outputs, so the graph a step leaves behind is the step's own work around the kernels:
+    what produced each kernel input, and what turns the kernels' outputs into the new parameters and state.
+    """
+    params = {f"layer{i}": {"w": mx.random.normal((33, 3)), "b": mx.random.normal((3,))} for i in range(30)}
+    n_params = sum(x.size for _, x in tree_flatten(params))
+    grads = gradient_sequence(params, 2)
+    opt = create(variant, 1e-2)
+    params = opt.apply_gradients(grads[0], params)  # the first step packs w and v once
+    mx.eval(params, opt.state)
+    fake_launcher.launches.clear()
+    params = opt.apply_gradients(grads[1], params)
+    kernel_bytes = extra_bytes = 0
+    for launch in fake_launcher.launches:
+        w, v, hyper, offsets, *gs = launch["inputs"]
+        assert hyper.size == 4 and offsets.size == len(gs) + 1  # per launch, not per parameter
+        kernel_bytes += sum(x.nbytes for x in (w, v, *gs, *launch["outputs"]))
+        for x, ops in zip((w, v, *gs), launch["input_ops"][:2] + launch["input_ops"][4:]):
+            extra_bytes += 2 * x.nbytes if ops else 0  # a materialised input was written, then read by the kernel
+    new_state = [x for k, x in tree_flatten(opt.state) if k.endswith(".v")]
+    assert materialising_ops(*[x for _, x in tree_flatten(params)], *new_state) == []  # views of the outputs
+    assert len(fake_launcher.launches) == 3  # 60 leaves, 25 per launch
+    assert (kernel_bytes + extra_bytes) / n_params == 20
