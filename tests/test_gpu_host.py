@@ -13,13 +13,23 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.optimizers as optim
 import pytest
+from gpu_host import nvrtc_check
 from gpu_host.host_runner import HostLauncher, compiler
+from gpu_host.mlx_sources import cuda_source
 from mlx.utils import tree_flatten
 from trajectory import gradient_sequence
 
 from rmsprop_impls import create
 from rmsprop_impls.kernels import gpu_kernels
-from rmsprop_impls.kernels.gpu_kernels import CUDA, METAL
+from rmsprop_impls.kernels.gpu_kernels import (
+    CUDA,
+    MAX_LEAVES_PER_LAUNCH,
+    METAL,
+    OUTPUT_NAMES,
+    PRECISIONS,
+    input_names,
+    kernel_source,
+)
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="needs g++ to compile the kernels' source for the host")
 
@@ -116,3 +126,24 @@ def test_many_leaves_over_several_launches_match_stock(variant, host_launchers):
     assert bits(got_w) == bits(want_w) and bits(got_v) == bits(want_v)
     counts = sorted(key[2] for key in host_launchers)
     assert counts == [1, 2, 25]  # float16: 25 leaves, then 2; float32: 1
+
+
+def test_cuda_source_compiles_with_nvrtc():
+    """Every dtype and precision, with the most gradients a launch takes, in one NVRTC program (each full source
+    starts with MLX's header, which ``#pragma once`` keeps to one copy; the kernel names differ)."""
+    reason = nvrtc_check.unavailable()
+    if reason is not None:
+        pytest.skip(f"NVRTC or MLX's CUDA JIT headers are not here: {reason}")
+    n = MAX_LEAVES_PER_LAUNCH
+    names, sources = [], []
+    for precision in PRECISIONS:
+        for dtype in DTYPES.values():
+            inputs = [mx.zeros((300,), dtype)] * 2 + [mx.zeros((4,)), mx.zeros((n + 1,), mx.uint32)]
+            inputs += [mx.zeros((3,), dtype)] * n
+            body = kernel_source(CUDA, precision, n)
+            out = (list(OUTPUT_NAMES), [dtype, dtype], [("T", dtype)], body)
+            name, source = cuda_source(f"rmsprop_step_{precision}_{n}", input_names(n), inputs, *out)
+            names.append(name)
+            sources.append(source)
+    compiled, log = nvrtc_check.compile_cuda("\n".join(sources), names)
+    assert compiled, log
