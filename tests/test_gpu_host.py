@@ -19,7 +19,7 @@ from gpu_host.mlx_sources import cuda_source
 from mlx.utils import tree_flatten
 from trajectory import gradient_sequence
 
-from rmsprop_impls import create
+from rmsprop_impls import PackedGradients, create
 from rmsprop_impls.kernels import gpu_kernels
 from rmsprop_impls.kernels.gpu_kernels import (
     CUDA,
@@ -126,6 +126,9 @@ def test_many_leaves_over_several_launches_match_stock(variant, host_launchers):
     assert bits(got_w) == bits(want_w) and bits(got_v) == bits(want_v)
     counts = sorted(key[2] for key in host_launchers)
     assert counts == [1, 2, 25]  # float16: 25 leaves, then 2; float32: 1
+    packed = [PackedGradients.pack(g) for g in grads]  # each launch reads its slice of the trainer's buffer
+    packed_w, packed_v = run(create(variant, 1e-2, precision="stock"), params, packed)
+    assert bits(packed_w) == bits(want_w) and bits(packed_v) == bits(want_v)
 
 
 def test_cuda_source_compiles_with_nvrtc():
