@@ -202,7 +202,7 @@ def test_launches_take_at_most_25_leaves_of_one_dtype_and_skip_empty_ones():
     leaves = [mx.zeros((k + 1,)) for k in range(60)] + [mx.zeros((0,)), mx.zeros((2,), mx.float16)]
     launches = plan_launches(FlatLayout(leaves))
     assert [len(launch.group.indices) for launch in launches] == [25, 25, 10, 1]
-    assert launches[1].start == sum(range(1, 26)) and launches[1].offsets[:3] == (0, 26, 53)
+    assert launches[1].start == sum(range(1, 26)) and launches[1].group.offsets[:3] == (0, 26, 53)
     assert 60 not in {i for launch in launches for i in launch.group.indices}
 
 
@@ -319,3 +319,10 @@ def test_a_step_moves_20_bytes_per_parameter(variant, fake_launcher):
     assert materialising_ops(*[x for _, x in tree_flatten(params)], *new_state) == []  # views of the outputs
     assert len(fake_launcher.launches) == 3  # 60 leaves, 25 per launch
     assert (kernel_bytes + extra_bytes) / n_params == 20
+
+
+def test_a_launch_stays_within_the_grid_mlx_can_launch(monkeypatch):
+    monkeypatch.setattr(gpu_kernels, "MAX_GRID", 10)
+    launches = plan_launches(FlatLayout([mx.zeros((4,)), mx.zeros((5,)), mx.zeros((2,)), mx.zeros((10,))]))
+    assert [launch.group.offsets for launch in launches] == [(0, 4, 9), (0, 2), (0, 10)]
+    assert [launch.start for launch in launches] == [0, 9, 11]

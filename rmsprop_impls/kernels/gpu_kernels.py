@@ -31,6 +31,7 @@ schedule changes the learning rate every step. The only template value is
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,41 +217,34 @@ def dispatch(
 
 @dataclass(frozen=True)
 class Launch:
-    """The leaves one launch updates: ``group`` lays out its packed ``w`` and ``v``, ``start`` places it in its
-    dtype's packed gradients (for :class:`~rmsprop_impls.packing.PackedGradients`)."""
+    """The leaves one launch updates. ``group`` lays out its packed ``w`` and ``v`` (``group.offsets`` is the
+    kernel's offsets table); ``start`` places them in their dtype's packed gradients, for
+    :class:`~rmsprop_impls.packing.PackedGradients`."""
 
     group: DtypeGroup
     start: int
-    offsets: tuple[int, ...]
 
 
 def plan_launches(layout: FlatLayout, max_leaves: int = MAX_LEAVES_PER_LAUNCH) -> list[Launch]:
-    """Split each dtype's non-empty leaves, in tree order, into launches of at most ``max_leaves`` leaves and
-    :data:`MAX_GRID` elements."""
+    """Each dtype's non-empty leaves, in tree order, in runs of at most ``max_leaves`` leaves and
+    :data:`MAX_GRID` elements: one launch per run."""
     launches = []
     for grp in layout.groups:
-        run: list[int] = []  # positions within grp
-
-        def close(run=run, grp=grp):
-            if run:
-                sizes = [grp.offsets[p + 1] - grp.offsets[p] for p in run]
-                offsets = [0]
-                for s in sizes:
-                    offsets.append(offsets[-1] + s)
-                group = DtypeGroup(
-                    grp.dtype, tuple(grp.indices[p] for p in run), tuple(grp.shapes[p] for p in run), tuple(offsets)
-                )
-                launches.append(Launch(group, grp.offsets[run[0]], tuple(offsets)))
-                run.clear()
-
-        for p in range(len(grp.indices)):
-            size = grp.offsets[p + 1] - grp.offsets[p]
+        sizes = [grp.offsets[p + 1] - grp.offsets[p] for p in range(len(grp.indices))]
+        runs: list[list[int]] = []  # positions within grp
+        run_size = 0
+        for p, size in enumerate(sizes):
             if size == 0:
                 continue
-            if len(run) == max_leaves or (run and grp.offsets[p + 1] - grp.offsets[run[0]] > MAX_GRID):
-                close()
-            run.append(p)
-        close()
+            if not runs or len(runs[-1]) == max_leaves or run_size + size > MAX_GRID:
+                runs.append([])
+                run_size = 0
+            runs[-1].append(p)
+            run_size += size
+        for run in runs:
+            offsets = tuple(itertools.accumulate((sizes[p] for p in run), initial=0))
+            indices, shapes = tuple(grp.indices[p] for p in run), tuple(grp.shapes[p] for p in run)
+            launches.append(Launch(DtypeGroup(grp.dtype, indices, shapes, offsets), grp.offsets[run[0]]))
     return launches
 
 
@@ -280,7 +274,8 @@ class GpuKernelRMSprop(PackedRMSprop):
         if layout is not self._planned_for:
             self._launches = plan_launches(layout)
             self._launch_state = [
-                (BufferReuse(), BufferReuse(), mx.array(launch.offsets, dtype=mx.uint32)) for launch in self._launches
+                (BufferReuse(), BufferReuse(), mx.array(launch.group.offsets, dtype=mx.uint32))
+                for launch in self._launches
             ]
             self._planned_for = layout
 
