@@ -326,3 +326,11 @@ def test_a_launch_stays_within_the_grid_mlx_can_launch(monkeypatch):
     launches = plan_launches(FlatLayout([mx.zeros((4,)), mx.zeros((5,)), mx.zeros((2,)), mx.zeros((10,))]))
     assert [launch.group.offsets for launch in launches] == [(0, 4, 9), (0, 2), (0, 10)]
     assert [launch.start for launch in launches] == [0, 9, 11]
+
+
+@pytest.mark.parametrize("variant", BACKENDS)
+def test_precision_is_an_option_of_create(variant, fake_launcher):
+    assert create(variant, 1e-2).precision == "stock"
+    assert create(variant, 1e-2, precision="float32").precision == "float32"
+    with pytest.raises(ValueError, match="precision is one of"):
+        create(variant, 1e-2, precision="half")
