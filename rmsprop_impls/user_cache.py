@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import platformdirs
+
 
 def cache_dir() -> Path:
-    """``$RMSPROP_BENCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/rmsprop-bench``, else ``~/.cache/rmsprop-bench``."""
+    """``$RMSPROP_BENCH_CACHE_DIR``, else the platform's user cache for rmsprop-bench (``platformdirs``).
+
+    That is ``$XDG_CACHE_HOME/rmsprop-bench`` or ``~/.cache/rmsprop-bench`` on Linux,
+    ``~/Library/Caches/rmsprop-bench`` on macOS.
+    """
     if os.environ.get("RMSPROP_BENCH_CACHE_DIR"):
         return Path(os.environ["RMSPROP_BENCH_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rmsprop-bench"
+    return Path(platformdirs.user_cache_dir("rmsprop-bench", appauthor=False))
