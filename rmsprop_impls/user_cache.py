@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import platformdirs
-
 
 def cache_dir() -> Path:
     """``$RMSPROP_BENCH_CACHE_DIR``, else the platform's user cache for rmsprop-bench (``platformdirs``).
@@ -16,4 +14,6 @@ def cache_dir() -> Path:
     """
     if os.environ.get("RMSPROP_BENCH_CACHE_DIR"):
         return Path(os.environ["RMSPROP_BENCH_CACHE_DIR"])
+    import platformdirs  # here, not at import: asv's benchmark environments install only what the suites need
+
     return Path(platformdirs.user_cache_dir("rmsprop-bench", appauthor=False))
