@@ -183,7 +183,7 @@ def test_cpu_kernel_defaults_to_these_threads(monkeypatch):
     assert create("cpu_kernel", 1e-3).threads == 3
 
 
-WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+WORKFLOWS = sorted(p for p in (ROOT / ".github" / "workflows").glob("*.y*ml") if p.suffix in (".yml", ".yaml"))
 
 
 def test_the_workflows_pass_actionlint():
