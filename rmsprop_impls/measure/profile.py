@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..registry import create, partition_available
 from .bandwidth import measure_bandwidth
+from .mlx_settings import current_cache_limit, on_cpu_allocator
 from .trees import leaves_of, step_bytes
 
 #: A step whose page faults cover this fraction of its peak growth is fed by the OS, not by MLX's cache.
@@ -59,13 +60,6 @@ class VariantProfile:
     faults_per_step: float
     traces_per_step: float | None  # None where the variant does not count its traces
     findings: list[str] = field(default_factory=list)
-
-
-def current_cache_limit() -> int:
-    """MLX's allocator cache limit in bytes (MLX only reports it when it is set, so set it back at once)."""
-    limit = mx.set_cache_limit(1 << 62)  # raising it frees nothing
-    mx.set_cache_limit(limit)
-    return limit
 
 
 def _minor_faults() -> int:
@@ -134,12 +128,18 @@ def findings(p: VariantProfile, params: Any, bandwidth_gbps: float, alternatives
     needed = 2 * max(p.peak_growth_bytes, step_bytes(params))
     if cache_limit < needed and fault_bytes >= FAULTING_FRACTION * p.peak_growth_bytes > 0:
         suggest = -(-int(needed) // MB)
+        if on_cpu_allocator():
+            allocator, source, or_default = "MLX's CPU allocator", "they come from the OS each time", ""
+        else:  # Metal's (or CUDA's) allocator: its own default cache is large, so a small one was set on purpose
+            allocator = f"MLX's {mx.default_device()} allocator"
+            source = "new GPU buffers are allocated (and their pages faulted in) each time"
+            or_default = ", or leave out --cache-limit-mb to keep MLX's own default for the GPU"
         out.append(
             f"{p.variant}: every step page-faults ({p.faults_per_step:,.0f} minor faults, "
-            f"{fault_bytes / MB:.0f} MB, per step) because MLX's allocator cache limit ({cache_limit / MB:.0f} MB) "
+            f"{fault_bytes / MB:.0f} MB, per step) because {allocator} cache limit ({cache_limit / MB:.0f} MB) "
             f"cannot hold a step's buffers (it raises memory by {p.peak_growth_bytes / MB:.0f} MB and moves "
-            f"{step_bytes(params) / MB:.0f} MB), so they come from the OS each time; raise it: "
-            f"--cache-limit-mb {suggest} or mx.set_cache_limit({suggest} * 1024**2)."
+            f"{step_bytes(params) / MB:.0f} MB), so {source}; raise it: "
+            f"--cache-limit-mb {suggest} or mx.set_cache_limit({suggest} * 1024**2){or_default}."
         )
     if p.traces_per_step:
         out.append(

@@ -15,14 +15,13 @@ has them."""
 
 from __future__ import annotations
 
-import os
-
+from ..cpu_threads import default_threads
 from ..optimizer import RMSpropBase
 from ..registry import VariantUnavailableError
 
 
 class CpuKernelRMSprop(RMSpropBase):
-    """Args (beyond RMSprop's): ``threads``, how many threads share a step (default: every core)."""
+    """Args (beyond RMSprop's): ``threads``, how many threads share a step (default: ``default_threads()``)."""
 
     name = "cpu_kernel"
     summary = "C++ extension: fused, threaded; 8 big leaves per node, small leaves packed"
@@ -30,7 +29,7 @@ class CpuKernelRMSprop(RMSpropBase):
     def __init__(self, learning_rate, alpha=0.99, eps=1e-8, threads: int | None = None):
         super().__init__(learning_rate, alpha, eps)
         if threads is None:
-            threads = os.cpu_count() or 1
+            threads = default_threads()
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, not {threads!r}")
         reason = self.unavailable_reason()
