@@ -42,13 +42,17 @@ class CpuKernelRMSprop(RMSpropBase):
 
     @classmethod
     def unavailable_reason(cls):
+        """Why the C++ extension does not load (it is built on first use, so this may build it)."""
+        where = "the C++ extension rmsprop_impls.kernels._cpu_ext does not load"
         try:
-            from ..kernels import _cpu_ext  # noqa: F401
+            from ..kernels import _cpu_ext
         except ImportError as e:
-            return (
-                f"the C++ extension rmsprop_impls.kernels._cpu_ext does not load ({e}); reinstall with a C++ compiler "
-                "and without RMSPROP_BENCH_NO_EXTENSION=1"
-            )
+            how = "it builds on first use with CMake and a C++ compiler, unless RMSPROP_BENCH_NO_EXTENSION=1"
+            return f"{where} ({e}); {how}"
+        try:
+            _cpu_ext.load()
+        except ImportError as e:
+            return f"{where} ({e})"
         return None
 
     def update_leaves(self, w, g, v, lr):
