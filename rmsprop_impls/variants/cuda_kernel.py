@@ -15,6 +15,7 @@ from ..kernels.gpu_kernels import CUDA, GpuKernelRMSprop
 class CudaKernelRMSprop(GpuKernelRMSprop):
     name = "cuda_kernel"
     summary = "mx.fast.cuda_kernel: one fused launch per dtype buffer"
+    device = "gpu"
     backend = CUDA
 
     @classmethod

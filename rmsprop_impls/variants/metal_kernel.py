@@ -14,6 +14,7 @@ from ..kernels.gpu_kernels import METAL, GpuKernelRMSprop
 class MetalKernelRMSprop(GpuKernelRMSprop):
     name = "metal_kernel"
     summary = "mx.fast.metal_kernel: one fused launch per dtype buffer"
+    device = "gpu"
     backend = METAL
 
     @classmethod
