@@ -128,7 +128,7 @@ def variant_device(variant: str) -> str:
     ran them all on MLX's default device."""
     try:
         declared = getattr(rmsprop_impls.variant_class("flat" if variant == FLAT_PACKED else variant), "device", None)
-    except (ValueError, RuntimeError):  # unknown here, or its module does not import: setup skips it anyway
+    except (AttributeError, ValueError, RuntimeError):  # an old commit, an unknown name, a module that does not import
         declared = None
     if declared in ("cpu", "gpu"):
         return declared
