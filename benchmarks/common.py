@@ -140,15 +140,30 @@ def make_optimizer(variant: str, grads) -> tuple:
     return rmsprop_impls.create(name, 1e-3), grads
 
 
-def measure_limit() -> float:
-    """The machine's memory-bandwidth limit in GB/s, measured once per ``asv run``.
+def measure_limit() -> dict[str, float | None]:
+    """Each device's memory-bandwidth limit in GB/s, measured once per ``asv run``: ``{"cpu": .., "gpu": ..}``.
 
     Used as ``setup_cache`` by every class that needs it: asv keys that cache on
-    this function's module and line, so one triad serves the whole run.
+    this function's module and line, so one measurement serves the whole run. The
+    GPU's is ``None`` where MLX has no GPU; a commit from before per-device limits
+    measures the CPU's only.
     """
-    from rmsprop_impls.measure.bandwidth import measure_bandwidth
+    from rmsprop_impls.measure import bandwidth
 
-    return measure_bandwidth()
+    measure = getattr(bandwidth, "measure_limits", None)
+    return measure() if measure else {"cpu": bandwidth.measure_bandwidth(), "gpu": None}
 
 
 measure_limit.timeout = 300
+
+
+def variant_device(variant: str) -> str:
+    """``"cpu"`` or ``"gpu"``: where ``variant`` runs in this process; a commit whose variants declare no device
+    ran them all on MLX's default device."""
+    try:
+        declared = getattr(rmsprop_impls.variant_class("flat" if variant == FLAT_PACKED else variant), "device", None)
+    except (AttributeError, ValueError, RuntimeError):  # an old commit, an unknown name, a module that does not import
+        declared = None
+    if declared in ("cpu", "gpu"):
+        return declared
+    return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from ..measure import mlx_settings
 from ..measure.mlx_settings import CPU_CACHE_LIMIT_MB
 from ..measure.trees import DTYPES, parse_dtype, tree_by_name, tree_from_file, tree_info
+from ..registry import VariantUnavailableError, variant_device
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -128,3 +129,11 @@ def check_tree_name(name: str) -> None:
         tree_info(name)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def device_label(variant: str) -> str | None:
+    """Where ``variant`` runs (``"cpu"``/``"gpu"``), for a table; ``None`` where its module does not even import."""
+    try:
+        return variant_device(variant)
+    except VariantUnavailableError:
+        return None

@@ -4,7 +4,8 @@ Per variant: the time of the update call (building the lazy graph: Python and
 op dispatch; ``cpu_kernel`` also updates its small leaves right there) against
 the time to evaluate it, the first step (init, compile, kernel build), MLX's
 peak and active memory, how far a step raises memory, the minor page faults
-per step and the effective GB/s against the machine's bandwidth limit.
+per step and the effective GB/s against the bandwidth limit of the device it
+runs on.
 
 * New allocations are measured with MLX's memory statistics, as the step's
   peak growth: its peak memory (after ``mx.reset_peak_memory``) minus the
@@ -28,8 +29,8 @@ from typing import Any
 import mlx.core as mx
 from tqdm import tqdm
 
-from ..registry import create, partition_available
-from .bandwidth import measure_bandwidth
+from ..registry import create, partition_available, variant_device
+from .bandwidth import limit_for, measure_limits
 from .mlx_settings import current_cache_limit, on_cpu_allocator
 from .trees import leaves_of, step_bytes
 
@@ -48,6 +49,7 @@ class VariantProfile:
     """Seconds are medians per step over the timed steps; bytes are MLX memory statistics."""
 
     variant: str
+    device: str  # "cpu" or "gpu": where its steps ran, whose limit of_limit divides by
     first_step_s: float
     build_s: float
     eval_s: float
@@ -69,7 +71,9 @@ def _minor_faults() -> int:
 def profile_optimizer(
     optimizer: Any, params: Any, grads: Any, bandwidth_gbps: float, steps: int = 10, warmup: int = 2
 ) -> VariantProfile:
-    """Profile ``steps`` evaluated steps of ``optimizer`` after its first step and ``warmup`` more."""
+    """Profile ``steps`` evaluated steps of ``optimizer`` after its first step and ``warmup`` more.
+
+    ``bandwidth_gbps`` is the limit of the device ``optimizer`` runs on."""
     mx.eval(params, grads)
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -100,6 +104,7 @@ def profile_optimizer(
     traces = getattr(optimizer, "traces", None)
     result = VariantProfile(
         variant=getattr(optimizer, "name", type(optimizer).__name__),
+        device=optimizer.concrete_device() if hasattr(optimizer, "concrete_device") else "cpu",
         first_step_s=first,
         build_s=statistics.median(builds),
         eval_s=statistics.median(evals),
@@ -169,23 +174,27 @@ def profile_variants(
     grads: Any,
     variants: list[str] | None = None,
     steps: int = 10,
-    bandwidth_gbps: float | None = None,
+    limits: dict[str, float | None] | None = None,
     learning_rate: float = 1e-3,
     progress: bool = False,
-) -> tuple[list[VariantProfile], dict[str, str], float]:
-    """Profile each variant that runs here; returns the profiles, why the others cannot run, and the
-    bandwidth limit (measured here once unless given)."""
+) -> tuple[list[VariantProfile], dict[str, str], dict[str, float | None]]:
+    """Profile each variant that runs here; returns the profiles, why the others cannot run, and each
+    device's bandwidth limit (measured here once unless given), which each variant's GB/s is a fraction of."""
     runnable, unavailable = partition_available(variants)
-    if bandwidth_gbps is None:
-        bandwidth_gbps = measure_bandwidth()
+    if limits is None:
+        limits = measure_limits()
+
+    def limit_of(name: str) -> float:
+        return limit_for(limits, variant_device(name)) or float("nan")
+
     profiles = [
-        profile_optimizer(create(name, learning_rate), params, grads, bandwidth_gbps, steps)
+        profile_optimizer(create(name, learning_rate), params, grads, limit_of(name), steps)
         for name in tqdm(runnable, desc="profiling", unit="variant", disable=not progress, leave=False)
     ]
     for p in profiles:  # now that every variant ran, suggest only the multi-tensor ones that were faster here
         faster = [q.variant for q in profiles if q.variant in MULTI_TENSOR and q.step_s < p.step_s]
-        p.findings = findings(p, params, bandwidth_gbps, faster)
-    return profiles, unavailable, bandwidth_gbps
+        p.findings = findings(p, params, limit_of(p.variant), faster)
+    return profiles, unavailable, limits
 
 
 def plot_profiles(profiles: list[VariantProfile], title: str, path: str) -> None:
@@ -195,7 +204,7 @@ def plot_profiles(profiles: list[VariantProfile], title: str, path: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [p.variant for p in profiles]
+    names = [f"{p.variant} ({p.device})" for p in profiles]
     build = [p.build_s * 1e3 for p in profiles]
     evaluate = [p.eval_s * 1e3 for p in profiles]
     fig, ax = plt.subplots(figsize=(1.4 * len(names) + 3, 4))

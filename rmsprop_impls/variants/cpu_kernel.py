@@ -25,6 +25,7 @@ class CpuKernelRMSprop(RMSpropBase):
 
     name = "cpu_kernel"
     summary = "C++ extension: fused, threaded; 8 big leaves per node, small leaves packed"
+    device = "cpu"
 
     def __init__(self, learning_rate, alpha=0.99, eps=1e-8, threads: int | None = None):
         super().__init__(learning_rate, alpha, eps)

@@ -15,6 +15,7 @@ from ..kernels.gpu_kernels import CUDA, GpuKernelRMSprop
 class CudaKernelRMSprop(GpuKernelRMSprop):
     name = "cuda_kernel"
     summary = "mx.fast.cuda_kernel: w and v packed, gradients read in place, 25 leaves per launch"
+    device = "gpu"
     backend = CUDA
 
     @classmethod

@@ -14,6 +14,7 @@ from ..kernels.gpu_kernels import METAL, GpuKernelRMSprop
 class MetalKernelRMSprop(GpuKernelRMSprop):
     name = "metal_kernel"
     summary = "mx.fast.metal_kernel: w and v packed, gradients read in place, 25 leaves per launch"
+    device = "gpu"
     backend = METAL
 
     @classmethod
