@@ -24,8 +24,13 @@ BENCHMARKS = r"Step\.time_step|Bandwidth|Environment"
 _built: dict[str, AsvHistory] = {}
 
 
-def machines_history(workdir: Path, releases: bool = True) -> AsvHistory:
-    """Built once per test session (``workdir`` from the first caller); ``releases`` adds the virtualenv runs."""
+def machines_history(workdir: Path, releases: bool = False) -> AsvHistory:
+    """Built once per test session (``workdir`` from the first caller); ``releases`` adds the virtualenv runs.
+
+    The two machines' runs take about half a minute; the virtualenvs (installing two MLX releases, building
+    the project's wheel in each) several minutes on a busy 2-core machine, so only the tests that need
+    them ask for them.
+    """
     if "history" not in _built:
         repo = copy_project(workdir / "repo")
         env = {

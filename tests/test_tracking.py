@@ -58,7 +58,14 @@ def test_run_conf_for_other_releases(platform, monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def history(tmp_path_factory):
+    """Two machines' results of one commit."""
     return machines_history(tmp_path_factory.mktemp("machines-history"))
+
+
+@pytest.fixture(scope="module")
+def releases(history, tmp_path_factory):
+    """The same history with machine-a's results under two MLX releases, from ``rmsprop-bench run --mlx``."""
+    return machines_history(tmp_path_factory.mktemp("machines-history"), releases=True)
 
 
 def test_loader_reads_two_machines_from_one_directory_or_several(history, tmp_path):
@@ -100,7 +107,8 @@ def test_report_over_two_machines_directories(history, tmp_path):
     assert (tmp_path / "report" / "machine_comparison.png").is_file()
 
 
-def test_run_mlx_records_each_release_in_its_own_virtualenv(history):
+def test_run_mlx_records_each_release_in_its_own_virtualenv(releases):
+    history = releases
     out = release_run()
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "step time per MLX release" in out.stdout and all(f"MLX {r} ms" in out.stdout for r in RELEASES)
@@ -119,7 +127,8 @@ def test_run_mlx_records_each_release_in_its_own_virtualenv(history):
     assert results["params"]["mlx"] == "0.31.2"  # what the dashboard shows as the environment parameter
 
 
-def test_a_slower_release_is_flagged_like_a_slower_commit(history):
+def test_a_slower_release_is_flagged_like_a_slower_commit(releases):
+    history = releases
     df = load_asv_results(history.results_dir)
     older = df[df["environment"].str.startswith("virtualenv") & (df["mlx"] == RELEASES[0])]
     newer = older.assign(mlx=RELEASES[-1])  # the same timings, but eager on 4x1K three times slower

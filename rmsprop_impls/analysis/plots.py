@@ -365,6 +365,10 @@ FIGURES = {
     "per_leaf_overhead": per_leaf_overhead,
     "speedup_heatmap": speedup_heatmap,
     "history": history,
+}
+
+#: Figures over several machines or MLX releases, which the report draws only where the results hold them.
+COMPARISON_FIGURES = {
     "machine_comparison": machine_comparison,
     "release_comparison": release_comparison,
 }

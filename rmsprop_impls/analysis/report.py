@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from .plots import FIGURES, NothingToPlot
+from .plots import COMPARISON_FIGURES, FIGURES, NothingToPlot
 from .regressions import find_regressions, find_release_regressions
 from .results import STEP_BENCHMARK, bandwidth_limit, latest
 from .tables import markdown_table
@@ -142,11 +142,13 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, source: str = "") -> Pat
     sections += [s for s in (_machines_section(df), _releases_section(df)) if s]
     sections.append(_regressions_section(df))
     sections.append("## Figures")
-    for name, make in tqdm(FIGURES.items(), desc="drawing figures", unit="figure", leave=False):
+    for name, make in tqdm({**FIGURES, **COMPARISON_FIGURES}.items(), desc="drawing figures", unit="figure",
+                           leave=False):  # fmt: skip
         try:
             fig = make(df)
         except NothingToPlot as e:
-            sections.append(f"*{name} not drawn: {e}.*")
+            if name in FIGURES:  # a comparison with one machine or one release in the results goes unmentioned
+                sections.append(f"*{name} not drawn: {e}.*")
             continue
         fig.savefig(out / f"{name}.png", dpi=110)
         sections.append(f"![{name}]({name}.png)\n\n{fig.caption}")
