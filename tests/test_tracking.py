@@ -108,11 +108,10 @@ def test_report_over_two_machines_directories(history, tmp_path):
 
 
 def test_run_mlx_records_each_release_in_its_own_virtualenv(releases):
-    history = releases
     out = release_run()
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "step time per MLX release" in out.stdout and all(f"MLX {r} ms" in out.stdout for r in RELEASES)
-    df = load_asv_results(history.results_dir)
+    df = load_asv_results(releases.results_dir)
     venvs = df[df["environment"].str.startswith("virtualenv") & (df["machine"] == MACHINES[0])]
     assert sorted(venvs["mlx"].unique()) == list(RELEASES)
     for release, runs in venvs.groupby("mlx"):
@@ -121,15 +120,16 @@ def test_run_mlx_records_each_release_in_its_own_virtualenv(releases):
         assert tracked.tolist() == [major * 10000 + minor * 100 + patch]  # the env really imported that release
     table = by_release(df)
     assert releases_in(table) == list(RELEASES) and set(table["tree"]) == {"4x1K", "16x256"}
-    summary = (history.repo / "report" / "summary.md").read_text()
-    assert "## MLX releases compared" in summary and (history.repo / "report" / "release_comparison.png").is_file()
-    results = json.loads(next((history.results_dir / MACHINES[0]).glob("*-virtualenv-*mlx0.31.2*.json")).read_text())
-    assert results["params"]["mlx"] == "0.31.2"  # what the dashboard shows as the environment parameter
+    summary = (releases.repo / "report" / "summary.md").read_text()
+    assert "## MLX releases compared" in summary and (releases.repo / "report" / "release_comparison.png").is_file()
+    results = json.loads(next((releases.results_dir / MACHINES[0]).glob("*-virtualenv-*mlx0.31.2*.json")).read_text())
+    assert results["params"]["mlx"] == "0.31.2"
+    published = json.loads((releases.repo / ".asv" / "html" / "index.json").read_text())
+    assert set(RELEASES) <= set(published["params"]["mlx"])  # the dashboard's MLX selector (run publishes it)
 
 
 def test_a_slower_release_is_flagged_like_a_slower_commit(releases):
-    history = releases
-    df = load_asv_results(history.results_dir)
+    df = load_asv_results(releases.results_dir)
     older = df[df["environment"].str.startswith("virtualenv") & (df["mlx"] == RELEASES[0])]
     newer = older.assign(mlx=RELEASES[-1])  # the same timings, but eager on 4x1K three times slower
     slowed = (newer["variant"] == "eager") & (newer["tree"] == "4x1K") & (newer["benchmark"].str.endswith("time_step"))
