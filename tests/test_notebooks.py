@@ -8,6 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from analysis_history import analysis_history
+from machines_history import machines_history
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
@@ -27,6 +28,7 @@ def test_there_are_the_three_notebooks():
         "1_choosing_a_variant.ipynb",
         "2_scaling_and_roofline.ipynb",
         "3_regression_history.ipynb",
+        "4_machines_and_mlx_releases.ipynb",
     ]
 
 
@@ -50,9 +52,12 @@ def test_notebook_has_one_parameter_cell_first_and_says_what_to_read(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_and_every_figure_cell_draws_an_image(path, rich_results, asv_history):
-    # The history notebook reads the shared history with its planted regression; the others the richer one.
+def test_notebook_runs_and_every_figure_cell_draws_an_image(path, rich_results, asv_history, tmp_path_factory):
+    # The history notebook reads the shared history with its planted regression; the machines and releases one
+    # two machines' results and two MLX releases' (tests/machines_history.py); the others the richer one.
     results = asv_history.results_dir if "regression" in path.stem else rich_results
+    if path.stem.startswith("4_"):
+        results = machines_history(tmp_path_factory.mktemp("machines-history"), releases=True).results_dir
     nb = nbformat.read(path, as_version=4)
     parameters = next(c for c in nb.cells if _tagged(c, "parameters"))
     # jupyter_client starts "python3" kernels with sys.executable; the assert proves it is this venv's.

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from ..registry import variant_names
 from .regressions import commit_series, find_regressions
 from .results import ITEMSIZE, STEP_BENCHMARK, device_limits, latest
+from .tracking import by_machine, by_release, releases_in
 
 
 class NothingToPlot(ValueError):
@@ -288,6 +289,86 @@ def history(
     return _finish(fig, f"History of {benchmark.split('.', 1)[-1]} over commits", caption)
 
 
+def _grouped_bars(ax, table: pd.DataFrame, groups: list[str], values: str, scale: float = 1.0) -> None:
+    """Bars of ``values`` per variant (x), one bar per group (a machine, a release), side by side."""
+    order = _variant_order(table["variant"])
+    width = 0.8 / len(groups)
+    for i, group in enumerate(groups):
+        per = table[table["group"] == group].set_index("variant").reindex(order)
+        ax.bar(np.arange(len(order)) + (i - (len(groups) - 1) / 2) * width, per[values] * scale, width, label=group)
+    ax.set_xticks(np.arange(len(order)), order, rotation=30, ha="right")
+
+
+def machine_comparison(df: pd.DataFrame, dtype: str | None = None, max_trees: int = 4) -> CaptionedFigure:
+    """Per tree, each variant's step time and fraction of its own machine's limit, machine by machine."""
+    rows = by_machine(df)
+    machines = sorted(rows["machine"].unique())
+    if len(machines) < 2:
+        raise NothingToPlot(f"results from one machine only ({', '.join(machines) or 'none'}); pass several")
+    dtypes = rows["dtype"].unique().tolist()
+    rows = rows[rows["dtype"] == (dtype or ("float32" if "float32" in dtypes else dtypes[0]))].assign(
+        group=lambda t: t["machine"]
+    )
+    trees = _trees_by_size(rows)[:max_trees]
+    fig = CaptionedFigure(figsize=(max(7.0, 3.4 * len(trees)), 7.5))
+    axes = fig.subplots(2, len(trees), squeeze=False)
+    for (top, bottom), tree in zip(axes.T, trees):
+        per = rows[rows["tree"] == tree]
+        _grouped_bars(top, per, machines, "median", 1e3)
+        top.set_title(
+            f"{tree}\n{int(per['n_params'].max()):,} params, {int(per['n_leaves'].max())} leaves", fontsize=10
+        )
+        top.set_ylabel("median step time (ms)")
+        _grouped_bars(bottom, per, machines, "fraction_of_limit", 100)
+        bottom.axhline(100, color="k", linestyle="--", linewidth=1)
+        bottom.set_ylabel("% of its machine's limit")
+        bottom.set_xlabel("variant")
+    axes[0][0].legend(title="machine", fontsize=8)
+    limits = rows.groupby("machine")["limit_gbps"].median()
+    named = ", ".join(f"{m} {limits[m]:.1f} GB/s" if pd.notna(limits[m]) else f"{m} no limit" for m in machines)
+    caption = (
+        "Top: shorter bars are faster on that machine; bottom: each bar is a share of its own machine's "
+        f"bandwidth limit ({named}), so a variant that is slow on a slow machine but near 100% there is doing "
+        "all the machine allows."
+    )
+    return _finish(fig, f"Machines compared ({rows['dtype'].iloc[0]}, each machine's newest commit)", caption)
+
+
+def release_comparison(df: pd.DataFrame, machine: str | None = None, max_trees: int = 4) -> CaptionedFigure:
+    """Per tree, each variant's step time under each MLX release, on one machine and commit."""
+    table = by_release(df)
+    if table.empty:
+        raise NothingToPlot("no machine has results of two MLX releases on one commit (rmsprop-bench run --mlx)")
+    machine = machine or table["machine"].value_counts().idxmax()
+    table = table[table["machine"] == machine]
+    releases = releases_in(table)
+    dtypes = table["dtype"].unique().tolist()
+    table = table[table["dtype"] == ("float32" if "float32" in dtypes else dtypes[0])]
+    long = table.melt(id_vars=["tree", "n_params", "n_leaves", "variant"], value_vars=releases, var_name="group",
+                      value_name="median")  # fmt: skip
+    trees = _trees_by_size(long)[:max_trees]
+    fig, axes = _figure(len(trees), width=max(7.0, 3.4 * len(trees)))
+    for ax, tree in zip(axes, trees):
+        _grouped_bars(ax, long[long["tree"] == tree], releases, "median", 1e3)
+        ax.set_title(tree, fontsize=10)
+        ax.set_xlabel("variant")
+        ax.set_ylabel("median step time (ms)")
+    axes[0].legend(title="MLX", fontsize=8)
+    ratios = table.dropna(subset=["ratio"])
+    worst = (
+        f"; the biggest slow-down from {releases[0]} to {releases[-1]} is {r['variant']} on {r['tree']}, "
+        f"{r['ratio']:.2f}x the time"
+        if len(ratios) and (r := ratios.loc[ratios["ratio"].idxmax()]) is not None
+        else ""
+    )
+    caption = (
+        f"Bars side by side are one variant under each MLX release ({', '.join(releases)}), same commit "
+        f"({table['commit'].iloc[0][:8]}) and machine ({machine}); a taller bar on the right is slower in the "
+        f"newer release{worst}."
+    )
+    return _finish(fig, "MLX releases compared", caption)
+
+
 #: Every figure by file name, in the order the report shows them.
 FIGURES = {
     "variant_comparison": variant_comparison,
@@ -296,4 +377,10 @@ FIGURES = {
     "per_leaf_overhead": per_leaf_overhead,
     "speedup_heatmap": speedup_heatmap,
     "history": history,
+}
+
+#: Figures over several machines or MLX releases, which the report draws only where the results hold them.
+COMPARISON_FIGURES = {
+    "machine_comparison": machine_comparison,
+    "release_comparison": release_comparison,
 }

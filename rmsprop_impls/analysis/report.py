@@ -8,10 +8,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..measure.bandwidth import limit_text
-from .plots import FIGURES, NothingToPlot
-from .regressions import find_regressions
+from .plots import COMPARISON_FIGURES, FIGURES, NothingToPlot
+from .regressions import find_regressions, find_release_regressions
 from .results import STEP_BENCHMARK, device_limits, latest
 from .tables import markdown_table
+from .tracking import by_machine, by_release, releases_in
 
 SUMMARY = "summary.md"
 
@@ -69,13 +70,64 @@ def _regressions_section(df: pd.DataFrame) -> str:
     return "## Regressions (asv step detection)\n\n" + markdown_table(headers, rows)
 
 
+def _releases_section(df: pd.DataFrame) -> str | None:
+    """Each variant per MLX release, tree by tree, and the releases that made a step slower."""
+    table = by_release(df)
+    if table.empty:
+        return None
+    parts = ["## MLX releases compared"]
+    for machine, per in table.groupby("machine", sort=True):
+        releases = releases_in(per)
+        rows = [
+            [r["tree"], r["dtype"], r["variant"], *(_number(r[m] * 1e3, ".3f") for m in releases),
+             _number(r["ratio"], ".2f")]
+            for _, r in per.iterrows()
+        ]  # fmt: skip
+        headers = ["tree", "dtype", "variant", *(f"MLX {m} ms" for m in releases), f"{releases[-1]} / {releases[0]}"]
+        parts.append(f"Machine {machine}, commit `{per['commit'].iloc[0][:8]}`:\n\n" + markdown_table(headers, rows))
+    found = find_release_regressions(df)
+    if found.empty:
+        parts.append("asv's step detection finds no regression from one MLX release to the next.")
+    else:
+        rows = [
+            [r.machine, r.benchmark, f"{r.variant}/{r.tree}/{r.dtype}", r.mlx, r.previous, f"{r.ratio:.2f}x"]
+            for r in found.itertuples()
+        ]
+        headers = ["machine", "benchmark", "series", "first slow release", "last good release", "slower by"]
+        parts.append("Regressions between releases (asv step detection):\n\n" + markdown_table(headers, rows))
+    return "\n\n".join(parts)
+
+
+def _machines_section(df: pd.DataFrame) -> str | None:
+    """Each machine's newest run side by side: step time and the fraction of that machine's own limit."""
+    table = by_machine(df)
+    machines = sorted(table["machine"].unique())
+    if len(machines) < 2:
+        return None
+    wide = table.pivot_table(index=["n_params", "tree", "dtype", "variant"], columns="machine",
+                             values=["median", "fraction_of_limit"])  # fmt: skip
+    rows = [
+        [tree, dtype, variant]
+        + [c for m in machines for c in (_number(r.get(("median", m), float("nan")) * 1e3, ".3f"),
+                                         _number(100 * r.get(("fraction_of_limit", m), float("nan")), ".0f"))]
+        for (_, tree, dtype, variant), r in wide.iterrows()
+    ]  # fmt: skip
+    headers = ["tree", "dtype", "variant"] + [h for m in machines for h in (f"{m} ms", f"{m} % of limit")]
+    limits = table.groupby("machine")["limit_gbps"].median()
+    named = "; ".join(f"{m}: {_number(limits[m], '.1f') or 'not measured'} GB/s" for m in machines)
+    return (
+        "## Machines compared\n\nEach machine's newest run; a fraction is of that machine's own bandwidth limit "
+        f"({named}).\n\n" + markdown_table(headers, rows)
+    )
+
+
 def write_report(df: pd.DataFrame, out_dir: str | Path, source: str = "") -> Path:
     """Write every figure as ``<name>.png`` and ``summary.md`` into ``out_dir``; returns the summary's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     newest = latest(df)
     limits = device_limits(newest)
-    machines = ", ".join(sorted(newest["machine"].unique()))
+    machines = ", ".join(sorted(df["machine"].unique()))
     sections = [
         "# rmsprop-bench results",
         f"Source: `{source}`; machine: {machines}; newest commit: `{newest['commit'].iloc[0][:8]}` "
@@ -90,13 +142,16 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, source: str = "") -> Pat
     if len(skipped):
         lines = [f"- {r.variant} on {r.tree} ({r.dtype}): {r.skip_reason}" for r in skipped.itertuples()]
         sections.append("## Unavailable here\n\n" + "\n".join(lines))
+    sections += [s for s in (_machines_section(df), _releases_section(df)) if s]
     sections.append(_regressions_section(df))
     sections.append("## Figures")
-    for name, make in tqdm(FIGURES.items(), desc="drawing figures", unit="figure", leave=False):
+    for name, make in tqdm({**FIGURES, **COMPARISON_FIGURES}.items(), desc="drawing figures", unit="figure",
+                           leave=False):  # fmt: skip
         try:
             fig = make(df)
         except NothingToPlot as e:
-            sections.append(f"*{name} not drawn: {e}.*")
+            if name in FIGURES:  # a comparison with one machine or one release in the results goes unmentioned
+                sections.append(f"*{name} not drawn: {e}.*")
             continue
         fig.savefig(out / f"{name}.png", dpi=110)
         sections.append(f"![{name}]({name}.png)\n\n{fig.caption}")

@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ LIMIT_BENCHMARK = "bench_bandwidth.Bandwidth.track_triad_gbps"
 GPU_LIMIT_BENCHMARK = "bench_bandwidth.GpuBandwidth.track_triad_gbps"
 LIMIT_BENCHMARKS = {"cpu": LIMIT_BENCHMARK, "gpu": GPU_LIMIT_BENCHMARK}
 STEP_BENCHMARK = "bench_step.Step.time_step"
+#: The MLX release a run imported, as major*10000 + minor*100 + patch (``benchmarks/bench_environment.py``).
+MLX_RELEASE_BENCHMARK = "bench_environment.Environment.track_mlx_release"
 
 #: Bytes per element of each dtype name the suites use.
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -45,6 +48,7 @@ COLUMNS = [
     "commit",
     "commit_date",
     "environment",
+    "mlx",
     "started_at",
     "benchmark",
     "unit",
@@ -72,8 +76,12 @@ class ResultsError(Exception):
     """The results directory cannot give a table; the message is one line that names the path."""
 
 
-def load_asv_results(results_dir: str | Path) -> pd.DataFrame:
+def load_asv_results(results_dir: str | Path | Sequence[str | Path]) -> pd.DataFrame:
     """Every measurement under ``results_dir`` (asv's ``results_dir``) as a tidy DataFrame.
+
+    ``results_dir`` may also be several directories (one per machine, or CI artifacts), or one directory
+    holding several results directories: see :func:`results_dirs`. Each run's ``machine`` and ``mlx``
+    (the MLX release of its asv environment, from asv.conf.json's matrix) are columns.
 
     Columns are ``COLUMNS`` plus ``limit_gbps``, the bandwidth limit of the row's ``device`` measured in the
     same run (NaN where the run has none). ``device`` is where the row ran, ``"cpu"`` or ``"gpu"``: a variant's
@@ -83,28 +91,46 @@ def load_asv_results(results_dir: str | Path) -> pd.DataFrame:
     Unreadable result files are skipped with a warning and listed in
     ``df.attrs["skipped_files"]`` as ``(path, reason)``; the rest still load.
     """
-    root = Path(results_dir)
-    if not root.is_dir():
-        raise ResultsError(f"no asv results directory at {root}: run the benchmarks first (rmsprop-bench run)")
-    benchmarks = _benchmark_descriptions(root)
+    roots = results_dirs(results_dir)
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
-    for path in sorted(root.glob("*/*.json")):
-        if path.name in ("machine.json", "benchmarks.json"):
-            continue
-        try:
-            rows += _rows_of(Results.load(str(path)), benchmarks)
-        except (AsvUserError, KeyError, TypeError, ValueError, IndexError, OSError) as e:
-            reason = f"{type(e).__name__}: {e}".splitlines()[0]
-            warnings.warn(f"skipping unreadable asv results file {path}: {reason}", stacklevel=2)
-            skipped.append((str(path), reason))
+    for root in roots:
+        benchmarks = _benchmark_descriptions(root)
+        for path in sorted(root.glob("*/*.json")):
+            if path.name in ("machine.json", "benchmarks.json"):
+                continue
+            try:
+                rows += _rows_of(Results.load(str(path)), benchmarks)
+            except (AsvUserError, KeyError, TypeError, ValueError, IndexError, OSError) as e:
+                reason = f"{type(e).__name__}: {e}".splitlines()[0]
+                warnings.warn(f"skipping unreadable asv results file {path}: {reason}", stacklevel=2)
+                skipped.append((str(path), reason))
     if not rows:
         detail = f"; unreadable: {', '.join(p for p, _ in skipped)}" if skipped else ""
-        raise ResultsError(f"no asv results in {root}{detail}")
-    df = _add_throughput(pd.DataFrame(rows, columns=COLUMNS))
+        raise ResultsError(f"no asv results in {', '.join(map(str, roots))}{detail}")
+    df = _add_mlx_release(_add_throughput(pd.DataFrame(rows, columns=COLUMNS)))
     df = df.sort_values(["commit_date", "machine", "environment", "benchmark"], kind="stable", ignore_index=True)
     df.attrs["skipped_files"] = skipped
     return df
+
+
+def results_dirs(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The asv results directories in ``paths``: each path is one, or holds several (downloaded CI artifacts).
+
+    A results directory holds one folder per machine (with asv's ``machine.json``) and
+    ``benchmarks.json``; a directory without either is searched one level down.
+    """
+    found: list[Path] = []
+    for root in [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]:
+        if not root.is_dir():
+            raise ResultsError(f"no asv results directory at {root}: run the benchmarks first (rmsprop-bench run)")
+        inside = [d for d in sorted(root.iterdir()) if d.is_dir() and _is_results_dir(d)]
+        found += [root] if _is_results_dir(root) or not inside else inside
+    return list(dict.fromkeys(found))
+
+
+def _is_results_dir(path: Path) -> bool:
+    return (path / "benchmarks.json").is_file() or any(path.glob("*/machine.json"))
 
 
 def _benchmark_descriptions(root: Path) -> dict[str, dict]:
@@ -121,6 +147,7 @@ def _rows_of(run: Results, benchmarks: dict[str, dict]) -> list[dict[str, Any]]:
         "commit": run.commit_hash,
         "commit_date": pd.to_datetime(run.date, unit="ms", utc=True),
         "environment": run.env_name,
+        "mlx": run.params.get("mlx"),
     }
     rows = []
     for benchmark in run.get_all_result_keys():
@@ -233,6 +260,16 @@ def _attribute_devices(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=["cpu_limit", "gpu_limit"])
 
 
+def _add_mlx_release(df: pd.DataFrame) -> pd.DataFrame:
+    """Where a run's environment names no MLX release (asv's ``existing``), the one it tracked."""
+    run = ["machine", "commit", "environment"]
+    tracked = df[(df["benchmark"] == MLX_RELEASE_BENCHMARK) & df["available"]].groupby(run)["median"].max()
+    named = tracked.map(lambda n: f"{int(n) // 10000}.{int(n) // 100 % 100}.{int(n) % 100}").rename("tracked_mlx")
+    df = df.join(named, on=run)
+    df["mlx"] = df["mlx"].fillna(df.pop("tracked_mlx"))
+    return df
+
+
 def latest(df: pd.DataFrame) -> pd.DataFrame:
     """The rows of the newest run: the newest commit and, of its runs (machines, environments), the last started."""
     if df.empty:
@@ -241,6 +278,13 @@ def latest(df: pd.DataFrame) -> pd.DataFrame:
     runs = df.groupby(run, sort=False)[["commit_date", "started_at"]].max()
     newest = runs.sort_values(["commit_date", "started_at"]).index[-1]
     return df[(df[run] == pd.Series(newest, index=run)).all(axis=1)]
+
+
+def latest_by(df: pd.DataFrame, keys: str | list[str]) -> pd.DataFrame:
+    """:func:`latest` for each value of ``keys``: each machine's (or MLX release's) newest run."""
+    if df.empty:
+        return df
+    return pd.concat([latest(group) for _, group in df.groupby(keys, sort=True, dropna=False)])
 
 
 def bandwidth_limit(df: pd.DataFrame, device: str = "cpu") -> float | None:

@@ -1,9 +1,10 @@
-"""Run the asv suite on the current commit with the Python at hand.
+"""Run the asv suite on the current commit with the Python at hand, or in virtualenvs across MLX releases.
 
 ``rmsprop-bench run`` is this module behind a command line. It benchmarks the
 installed package through asv's ``existing`` environment (this Python), so it
 starts in seconds and needs no build; ``asv run`` in the checkout builds real
-virtualenvs instead. asv saves a commit's results once all its benchmarks
+virtualenvs instead, one per MLX release in asv.conf.json's matrix, and
+``rmsprop-bench run --mlx`` does too, for the releases it is given. asv saves a commit's results once all its benchmarks
 have run, and an interrupted run puts back every results file as it was
 before (:class:`KeptResults`), whatever asv managed to write.
 """
@@ -16,7 +17,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,14 +54,35 @@ def read_conf(project: Path) -> dict:
     return json.loads((project / "asv.conf.json").read_text())
 
 
-def write_run_conf(project: Path) -> Path:
+def mlx_matrix(conf: dict, releases: Sequence[str]) -> dict:
+    """``conf`` with its matrix holding ``releases`` of MLX: one virtualenv each, on macOS and Linux alike.
+
+    On Linux MLX's CPU back-end is the separate ``mlx-cpu`` package (``mlx[cpu]``;
+    asv drops extras), which has Linux wheels only. asv crosses every matrix
+    entry with every other, so ``mlx-cpu`` is "none" or one of the releases,
+    and exclude rules (which match ``sys_platform`` too) keep on Linux the
+    pairs of one release and elsewhere ``mlx`` alone. asv.conf.json holds this
+    for its own releases (a test checks).
+    """
+    release = [re.escape(r) for r in releases]
+    exclude = [
+        {"sys_platform": "linux", "req": {"mlx-cpu": None}},
+        {"sys_platform": "(?!linux$).*", "req": {"mlx-cpu": ".+"}},
+        *({"req": {"mlx": r, "mlx-cpu": f"(?!{r}$).+"}} for r in release),
+    ]
+    req = {**conf["matrix"]["req"], "mlx": list(releases), "mlx-cpu": [None, *releases]}
+    return {**conf, "matrix": {**conf["matrix"], "req": req}, "exclude": exclude}
+
+
+def write_run_conf(project: Path, mlx: Sequence[str] | None = None) -> Path:
     """The project's asv configuration, tracking the checked-out branch; returns the file to pass as ``--config``.
 
     asv refuses a checkout without the configured ``main`` branch, and its
     dashboard draws only commits on the configured branches, so a clone of a
-    feature branch gets its own branch here (``HEAD`` when detached).
+    feature branch gets its own branch here (``HEAD`` when detached). ``mlx``
+    replaces the matrix's MLX releases (:func:`mlx_matrix`).
     """
-    conf = read_conf(project)
+    conf = mlx_matrix(read_conf(project), mlx) if mlx else read_conf(project)
     for key, default in [("repo", "."), ("benchmark_dir", "benchmarks"), ("env_dir", "env"), ("results_dir", "results"),
                          ("html_dir", "html")]:  # fmt: skip
         conf[key] = str((project / conf.get(key, default)).resolve())
@@ -83,6 +105,7 @@ class RunSettings:
     cache_limit_mb: int | None = None  # None: 8 GiB on the CPU, MLX's own default on a GPU (measure.mlx_settings)
     compile_dir: Path | None = None  # TMPDIR, where mx.compile caches its g++ kernels
     machine: str | None = None
+    mlx: list[str] | None = None  # MLX releases, one virtualenv each; None: this Python (asv's existing environment)
 
     def environment(self, base: dict[str, str]) -> dict[str, str]:
         env = dict(base)
@@ -99,13 +122,27 @@ class RunSettings:
         grid = "full grid" if self.full else "default subset"
         compile_dir = self.compile_dir or os.environ.get("TMPDIR", "/tmp")
         memory_mb = int(os.environ.get("RMSPROP_BENCH_MEMORY_LIMIT_MB", MEMORY_LIMIT_MB))
+        where = (
+            f"MLX {', '.join(self.mlx)} in asv virtualenvs (the committed HEAD, built by asv)"
+            if self.mlx
+            else f"MLX {_installed_mlx()} (this Python)"
+        )
         # Only MLX's CPU back-end builds mx.compile kernels with a C++ compiler and caches them under $TMPDIR/mlx.
         compile_cache = f"; mx.compile kernel cache under TMPDIR={compile_dir}" if on_cpu_allocator() else ""
-        return f"{grid}; {describe_cache_limit(self.cache_limit_mb)}; {memory_cap(memory_mb)}{compile_cache}"
+        return f"{grid}; {where}; {describe_cache_limit(self.cache_limit_mb)}; {memory_cap(memory_mb)}{compile_cache}"
 
 
-def asv_command(project: Path, command: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "asv", command, "--config", str(write_run_conf(project)), *args]
+def _installed_mlx() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlx")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def asv_command(project: Path, command: str, *args: str, mlx: Sequence[str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "asv", command, "--config", str(write_run_conf(project, mlx)), *args]
 
 
 def _git(project: Path, *args: str) -> str:
@@ -146,21 +183,29 @@ class KeptResults:
 def run_benchmarks(project: Path, settings: RunSettings, python: str, on_line: Callable[[str], None]) -> int:
     """``asv run`` for HEAD with ``python``, a progress bar from asv's ``[ NN%]`` lines; returns asv's exit status.
 
-    Ctrl-C reaches asv too (same process group); a SIGINT sent to this process
-    alone is passed on, so asv stops its benchmark and saves nothing partial.
+    With ``settings.mlx``, asv builds HEAD in one virtualenv per MLX release instead of using ``python``
+    (named by a hash file: ``HEAD^!`` has no parent to exclude on a first commit). Ctrl-C reaches
+    asv too (same process group); a SIGINT sent to this process alone is passed on, so asv stops
+    its benchmark and saves nothing partial.
     """
     env = {**settings.environment(dict(os.environ)), "PYTHONUNBUFFERED": "1"}  # asv's lines as they happen
     machine = ["--machine", settings.machine] if settings.machine else []
     subprocess.run(
         asv_command(project, "machine", "--yes", *machine), cwd=project, env=env, check=True, capture_output=True
     )
-    args = ["-E", f"existing:{python}", "--set-commit-hash", git_head(project), "--show-stderr", *machine]
+    if settings.mlx:
+        hashes = Path(read_conf(project).get("results_dir", "results")).parent / "rmsprop-bench.hashes"
+        (project / hashes).parent.mkdir(parents=True, exist_ok=True)
+        (project / hashes).write_text(git_head(project) + "\n")
+        args = [f"HASHFILE:{project / hashes}", "--show-stderr", *machine]
+    else:
+        args = ["-E", f"existing:{python}", "--set-commit-hash", git_head(project), "--show-stderr", *machine]
     if settings.quick:
         args.append("--quick")
     for regex in settings.bench or []:
         args += ["-b", regex]
     with subprocess.Popen(
-        asv_command(project, "run", *args),
+        asv_command(project, "run", *args, mlx=settings.mlx),
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,

@@ -86,12 +86,14 @@ def load_tree(name: str, dtype: str) -> dict:
 def add_results_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--results",
-        default=".asv/results",
-        help="asv results directory to read (default .asv/results, where asv.conf.json puts them)",
+        nargs="+",
+        default=[".asv/results"],
+        help="asv results directories to read: one, or several machines' (each may hold several, as downloaded CI "
+        "artifacts do; default .asv/results, where asv.conf.json puts them)",
     )
 
 
-def load_results(results_dir: str) -> pd.DataFrame:
+def load_results(results_dir: str | list[str]) -> pd.DataFrame:
     """The tidy results table, with unreadable files reported as warnings and a bad directory as a user error."""
     from ..analysis.results import (  # pandas and asv: only for the commands that read results
         ResultsError,

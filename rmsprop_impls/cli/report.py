@@ -22,6 +22,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     df = load_results(args.results)
-    summary = write_report(df, args.out, source=args.results)
+    summary = write_report(df, args.out, source=", ".join(args.results))
     print(f"wrote {summary} and {len(list(summary.parent.glob('*.png')))} figures in {summary.parent}/")
     return 0

@@ -33,6 +33,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--project", type=Path, help="the checkout to benchmark (default: the one this package runs from)")
     p.add_argument("--machine", help="asv machine name (default: this host's name)")
     p.add_argument(
+        "--mlx",
+        nargs="+",
+        metavar="RELEASE",
+        help="benchmark the committed HEAD under each of these MLX releases, one asv virtualenv each (e.g. --mlx "
+        "0.31.2 0.32.4), instead of with this Python; the report compares the releases",
+    )
+    p.add_argument(
         "--compile-dir",
         type=Path,
         help="TMPDIR for the benchmarks, where mx.compile caches its g++ kernels (default: .asv/tmp in the project)",
@@ -45,8 +52,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     project = find_project(args.project)
     compile_dir = args.compile_dir or project / ".asv" / "tmp"
-    settings = RunSettings(args.full, args.quick, args.bench, args.cache_limit_mb, compile_dir.resolve(), args.machine)
-    print(f"benchmarking {project} at {git_head(project)[:8]} with {sys.executable}")
+    settings = RunSettings(
+        args.full, args.quick, args.bench, args.cache_limit_mb, compile_dir.resolve(), args.machine, args.mlx
+    )
+    where = "in asv virtualenvs (uncommitted changes are not measured)" if args.mlx else f"with {sys.executable}"
+    print(f"benchmarking {project} at {git_head(project)[:8]} {where}")
     print(f"settings: {settings.describe()}", flush=True)
     log: list[str] = []
 
@@ -75,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if this_run.empty:
         raise UserError(f"asv saved no results for this commit under {results_dir}")
     print(summary(this_run))
+    if args.mlx:
+        print(release_summary(this_run))
     from ..analysis.report import write_report  # matplotlib: only once there are results to draw
 
     print()
@@ -112,3 +124,20 @@ def summary(results: pd.DataFrame) -> str:
     ]
     head = f"\n{describe_limits(limits)}\n" if limits["cpu"] else "\n"
     return head + format_table(["tree", "dtype", "fastest", "device", "median ms", "GB/s", "of limit"], rows)
+
+
+def release_summary(results: pd.DataFrame) -> str:
+    """Per tree and variant, the median step time under each MLX release and the newest over the oldest."""
+    from ..analysis.tracking import by_release, releases_in
+
+    table = by_release(results)
+    if table.empty:
+        return "\nno two MLX releases have results for this commit (see the failures above)"
+    releases = releases_in(table)
+    rows = [
+        [r["machine"], r["tree"], r["dtype"], r["variant"], *(f"{r[m] * 1e3:.3f}" for m in releases),
+         f"{r['ratio']:.2f}x"]
+        for _, r in table.iterrows()
+    ]  # fmt: skip
+    headers = ["machine", "tree", "dtype", "variant", *(f"MLX {m} ms" for m in releases), "newest/oldest"]
+    return "\nstep time per MLX release:\n" + format_table(headers, rows)
