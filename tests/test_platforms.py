@@ -113,7 +113,7 @@ def test_on_the_cpu_the_settings_say_the_compile_cache():
 def _faulting_profile() -> VariantProfile:
     growth = 64 * MIB
     return VariantProfile(
-        variant="eager", first_step_s=0.01, build_s=0.0, eval_s=0.01, step_s=0.01, gbps=1.0, of_limit=0.1,
+        variant="eager", device="cpu", first_step_s=0.01, build_s=0.0, eval_s=0.01, step_s=0.01, gbps=1.0, of_limit=0.1,
         peak_bytes=growth, active_bytes=growth, peak_growth_bytes=growth,
         faults_per_step=growth / resource.getpagesize(), traces_per_step=None,
     )  # fmt: skip
