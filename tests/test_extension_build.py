@@ -204,3 +204,22 @@ def test_first_error_is_the_compilers_line_or_cmakes_message():
     expected = "CMake: The CMAKE_CXX_COMPILER: /x is not a full path to an existing compiler tool."
     assert build.first_error(cmake) == expected
     assert build.first_error("$ cmake\nsomething odd\n") == "something odd"
+
+
+def test_the_command_builds_unless_cached_forces_and_respects_no_extension(monkeypatch, capsys, tmp_path):
+    calls = []
+    monkeypatch.setattr(build, "cached_extension", lambda force=False: calls.append(force) or tmp_path / "_ext.so")
+    monkeypatch.delenv("RMSPROP_BENCH_NO_EXTENSION", raising=False)
+    assert build.main([]) == 0 and build.main(["--force"]) == 0
+    assert calls == [False, True]
+    monkeypatch.setenv("RMSPROP_BENCH_NO_EXTENSION", "1")
+    assert build.main([]) == 0 and calls == [False, True]
+    assert "RMSPROP_BENCH_NO_EXTENSION=1" in capsys.readouterr().err
+
+    def failing(out_dir, cmake_args):
+        assert (out_dir, cmake_args) == (tmp_path, ["-DX=1"])
+        raise build.BuildError("no")
+
+    monkeypatch.setattr(build, "build_extension", failing)
+    assert build.main(["--out", str(tmp_path), "--", "-DX=1"]) == 1
+    assert capsys.readouterr().err == "not built: no\n"
