@@ -121,21 +121,30 @@ def build_extension(out_dir: Path, *, cmake_args: Sequence[str] = (), env: Mappi
     return built[0]
 
 
+COMPILER_ERROR = re.compile(r"(^|\s|:)(fatal )?error:")
+
+
 def first_error(log: str) -> str:
-    """The line a person needs from a failed build: the compiler's first error, else CMake's first error message."""
+    """The line a person needs from a failed build: the compiler's first error, else CMake's first error message.
+
+    A CMake error that wraps a compiler's output (a compiler that cannot build a test program)
+    keeps its first sentence and adds the compiler's first error line.
+    """
     lines = log.splitlines()
     for i, line in enumerate(lines):
-        if re.search(r"(^|\s|:)(fatal )?error:", line) and not line.startswith("CMake"):
+        if COMPILER_ERROR.search(line) and not line.startswith("CMake"):
             return line.strip().replace(f"{SOURCE_DIR}{os.sep}", "")
         if line.startswith("CMake Error"):
-            message = []
+            block = []
             for follow in lines[i + 1 :]:
                 if follow.startswith(("CMake ", "-- ", "$ ", "Call Stack")):
                     break
-                message.append(follow.strip())
-            text = " ".join(" ".join(message).split())
-            return f"CMake: {text[:300]}" if text else line.strip()
-        if re.search(r"undefined reference to|ld: .*error|collect2: error", line):
+                block.append(follow.strip())
+            message = " ".join(" ".join(block).split("It fails with the following output:")[0].split())
+            inner = next((b for b in block if COMPILER_ERROR.search(b)), None)
+            text = f"CMake: {message[:300]}" if message else line.strip()
+            return f"{text} ({inner})" if inner else text
+        if re.search(r"undefined reference to|ld: .*error", line):
             return line.strip()
     tail = [line.strip() for line in lines if line.strip() and not line.startswith("$ ")]
     return tail[-1] if tail else "the build failed and printed nothing"
