@@ -128,7 +128,9 @@ def tree_and_gradients(tree: str, dtype: str) -> tuple:
 def make_optimizer(variant: str, grads) -> tuple:
     """A fresh optimizer for ``variant`` and the gradients it takes; ``NotImplementedError`` where it cannot run."""
     name = "flat" if variant == FLAT_PACKED else variant
-    reason = rmsprop_impls.availability().get(name, "not in this commit")
+    if name not in rmsprop_impls.variant_names():
+        raise NotImplementedError("not in this commit")
+    reason = rmsprop_impls.registry.unavailable_reason(name)  # this one only: cpu_kernel's may build its extension
     if reason is not None:
         raise NotImplementedError(reason)
     if variant == FLAT_PACKED:

@@ -204,3 +204,36 @@ def test_first_error_is_the_compilers_line_or_cmakes_message():
     expected = "CMake: The CMAKE_CXX_COMPILER: /x is not a full path to an existing compiler tool."
     assert build.first_error(cmake) == expected
     assert build.first_error("$ cmake\nsomething odd\n") == "something odd"
+    wrapped = "CMake Error at x.cmake:1 (message):\n  The C++ compiler\n\n  is not able to compile a simple test"
+    wrapped += " program.\n\n  It fails with the following output:\n\n    c++ -o a.o\n    a.cpp:1:1: error: bad\n\n"
+    assert build.first_error(wrapped) == (
+        "CMake: The C++ compiler is not able to compile a simple test program. (a.cpp:1:1: error: bad)"
+    )
+
+
+def test_a_compile_error_is_the_compilers_first_error_line(tmp_path):
+    """A real compiler failing on the real sources: build_extension with the lanes' cmake_args."""
+    force_include = "-DCMAKE_CXX_FLAGS_RELEASE=-include /nonexistent/missing.h"  # not used by CMake's compiler check
+    with pytest.raises(build.BuildError) as failed:
+        build.build_extension(tmp_path, cmake_args=[force_include])
+    assert "fatal error: /nonexistent/missing.h" in failed.value.reason
+    assert failed.value.log == tmp_path / build.LOG_NAME and failed.value.log.is_file()
+
+
+def test_the_command_builds_unless_cached_forces_and_respects_no_extension(monkeypatch, capsys, tmp_path):
+    calls = []
+    monkeypatch.setattr(build, "cached_extension", lambda force=False: calls.append(force) or tmp_path / "_ext.so")
+    monkeypatch.delenv("RMSPROP_BENCH_NO_EXTENSION", raising=False)
+    assert build.main([]) == 0 and build.main(["--force"]) == 0
+    assert calls == [False, True]
+    monkeypatch.setenv("RMSPROP_BENCH_NO_EXTENSION", "1")
+    assert build.main([]) == 0 and calls == [False, True]
+    assert "RMSPROP_BENCH_NO_EXTENSION=1" in capsys.readouterr().err
+
+    def failing(out_dir, cmake_args):
+        assert (out_dir, cmake_args) == (tmp_path, ["-DX=1"])
+        raise build.BuildError("no")
+
+    monkeypatch.setattr(build, "build_extension", failing)
+    assert build.main(["--out", str(tmp_path), "--", "-DX=1"]) == 1
+    assert capsys.readouterr().err == "not built: no\n"

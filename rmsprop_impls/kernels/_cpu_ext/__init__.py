@@ -74,7 +74,7 @@ def _find() -> Path:
     except build.BuildError as e:
         raise ExtensionUnavailable(
             f"its build failed: {e.reason}" + (f" (log: {e.log})" if e.log else "") + "; after fixing that, "
-            "python -m rmsprop_impls.kernels._cpu_ext.build rebuilds it"
+            "python -m rmsprop_impls.kernels._cpu_ext.build --force rebuilds it"
         ) from e
 
 

@@ -15,8 +15,10 @@ loads it; this module builds it.
   A failed build records why, and it is not retried until its inputs change
   (the sources, mlx, ``CXX``, the cmake found) or a rebuild is forced.
 
-``python -m rmsprop_impls.kernels._cpu_ext.build`` forces a rebuild into the
-cache. ``--out DIR`` builds into DIR instead, for ``$RMSPROP_BENCH_CPU_EXT_DIR``.
+``python -m rmsprop_impls.kernels._cpu_ext.build`` builds it into the cache now
+if it is not there (asv's install step runs it, so that no benchmark waits for
+it), ``--force`` rebuilds it, and ``--out DIR`` builds into DIR instead, for
+``$RMSPROP_BENCH_CPU_EXT_DIR``.
 """
 
 from __future__ import annotations
@@ -119,21 +121,30 @@ def build_extension(out_dir: Path, *, cmake_args: Sequence[str] = (), env: Mappi
     return built[0]
 
 
+COMPILER_ERROR = re.compile(r"(^|\s|:)(fatal )?error:")
+
+
 def first_error(log: str) -> str:
-    """The line a person needs from a failed build: the compiler's first error, else CMake's first error message."""
+    """The line a person needs from a failed build: the compiler's first error, else CMake's first error message.
+
+    A CMake error that wraps a compiler's output (a compiler that cannot build a test program)
+    keeps its first sentence and adds the compiler's first error line.
+    """
     lines = log.splitlines()
     for i, line in enumerate(lines):
-        if re.search(r"(^|\s|:)(fatal )?error:", line) and not line.startswith("CMake"):
+        if COMPILER_ERROR.search(line) and not line.startswith("CMake"):
             return line.strip().replace(f"{SOURCE_DIR}{os.sep}", "")
         if line.startswith("CMake Error"):
-            message = []
+            block = []
             for follow in lines[i + 1 :]:
                 if follow.startswith(("CMake ", "-- ", "$ ", "Call Stack")):
                     break
-                message.append(follow.strip())
-            text = " ".join(" ".join(message).split())
-            return f"CMake: {text[:300]}" if text else line.strip()
-        if re.search(r"undefined reference to|ld: .*error|collect2: error", line):
+                block.append(follow.strip())
+            message = " ".join(" ".join(block).split("It fails with the following output:")[0].split())
+            inner = next((b for b in block if COMPILER_ERROR.search(b)), None)
+            text = f"CMake: {message[:300]}" if message else line.strip()
+            return f"{text} ({inner})" if inner else text
+        if re.search(r"undefined reference to|ld: .*error", line):
             return line.strip()
     tail = [line.strip() for line in lines if line.strip() and not line.startswith("$ ")]
     return tail[-1] if tail else "the build failed and printed nothing"
@@ -264,36 +275,49 @@ def cached_extension(*, force: bool = False, announce=None) -> Path:
 
     Raises :class:`BuildError` with the recorded reason when the build failed, now or earlier with
     the same inputs. ``force`` rebuilds even so. ``announce(message)`` is told before a build starts
-    (default: one line on stderr).
+    or a wait for another process's build (default: one line on stderr).
     """
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
+    announce = announce or _to_stderr
     entry = cache_root() / cache_key()
     entry.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(entry) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        announce(f"rmsprop-bench: waiting for another process that builds the cpu_kernel C++ extension in {entry}")
+        lock.acquire()
+    try:
+        return _cached_or_built(entry, force, announce)
+    finally:
+        lock.release()
+
+
+def _cached_or_built(entry: Path, force: bool, announce) -> Path:
+    """``cached_extension``'s work, under the lock."""
+    built = sorted(entry.glob("_ext*.so"))
+    if built and not force:
+        return built[0]
     failure = entry / FAILURE_NAME
-    with FileLock(str(entry) + ".lock"):
-        built = sorted(entry.glob("_ext*.so"))
-        if built and not force:
-            return built[0]
-        if failure.is_file() and not force:
-            recorded = json.loads(failure.read_text())
-            if recorded.get("inputs") == _build_inputs():
-                log = Path(recorded["log"]) if recorded.get("log") else None
-                raise BuildError(recorded["reason"], log)
-        (announce or _to_stderr)(
-            f"rmsprop-bench: building the cpu_kernel C++ extension for mlx {_mlx_version()} "
-            f"(once per mlx release; about a minute) in {entry}"
-        )
-        failure.unlink(missing_ok=True)
-        try:
-            so = build_extension(entry)
-        except BuildError as e:
-            entry.mkdir(parents=True, exist_ok=True)
-            record = {"reason": e.reason, "log": str(e.log) if e.log else None, "inputs": _build_inputs()}
-            failure.write_text(json.dumps(record, indent=1))
-            raise
-        shutil.rmtree(entry / "build", ignore_errors=True)  # the log stays; the object files are not needed
-        return so
+    if failure.is_file() and not force:
+        recorded = json.loads(failure.read_text())
+        if recorded.get("inputs") == _build_inputs():
+            raise BuildError(recorded["reason"], Path(recorded["log"]) if recorded.get("log") else None)
+    announce(
+        f"rmsprop-bench: building the cpu_kernel C++ extension for mlx {_mlx_version()} "
+        f"(once per mlx release; about a minute) in {entry}"
+    )
+    failure.unlink(missing_ok=True)
+    try:
+        so = build_extension(entry)
+    except BuildError as e:
+        entry.mkdir(parents=True, exist_ok=True)
+        record = {"reason": e.reason, "log": str(e.log) if e.log else None, "inputs": _build_inputs()}
+        failure.write_text(json.dumps(record, indent=1))
+        raise
+    shutil.rmtree(entry / "build", ignore_errors=True)  # the log stays; the object files are not needed
+    return so
 
 
 def _to_stderr(message: str) -> None:
@@ -303,15 +327,19 @@ def _to_stderr(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rmsprop_impls.kernels._cpu_ext.build",
-        description="Build the cpu_kernel C++ extension now: into the user cache (a forced rebuild), or into --out.",
+        description="Build the cpu_kernel C++ extension now, into the user cache unless it is there, or into --out.",
     )
+    parser.add_argument("--force", action="store_true", help="rebuild it even if it is cached or failed before")
     parser.add_argument("--out", type=Path, help="build into this directory instead (for $RMSPROP_BENCH_CPU_EXT_DIR)")
     parser.add_argument("cmake_args", nargs="*", help="extra CMake arguments, after --, with --out only")
     args = parser.parse_args(argv)
     if args.cmake_args and args.out is None:
         parser.error("extra CMake arguments need --out (the cache holds the default build only)")
+    if args.out is None and os.environ.get("RMSPROP_BENCH_NO_EXTENSION") == "1":
+        print("not built: RMSPROP_BENCH_NO_EXTENSION=1 is set", file=sys.stderr)
+        return 0
     try:
-        so = build_extension(args.out, cmake_args=args.cmake_args) if args.out else cached_extension(force=True)
+        so = build_extension(args.out, cmake_args=args.cmake_args) if args.out else cached_extension(force=args.force)
     except BuildError as e:
         print(f"not built: {e}", file=sys.stderr)
         return 1
