@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from ..analysis.dashboard import DashboardError, build_dashboard
 from ..analysis.suite import KeptResults, RunSettings, find_project, git_head, read_conf, run_benchmarks, write_run_conf
 from ..analysis.tables import format_table
+from ..registry import unavailable_reason
 from ..measure.bandwidth import describe_limits
 from .common import UserError, add_cache_limit_argument, load_results
 
@@ -58,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     where = "in asv virtualenvs (uncommitted changes are not measured)" if args.mlx else f"with {sys.executable}"
     print(f"benchmarking {project} at {git_head(project)[:8]} {where}")
     print(f"settings: {settings.describe()}", flush=True)
+    if not args.mlx:
+        # The C++ extension builds on first use: here, once, rather than inside a benchmark under asv's timeout.
+        reason = unavailable_reason("cpu_kernel")
+        print(f"cpu_kernel: {'ready' if reason is None else f'skipped ({reason})'}", flush=True)
     log: list[str] = []
 
     def on_line(line: str) -> None:
