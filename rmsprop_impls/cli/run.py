@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from ..analysis.dashboard import DashboardError, build_dashboard
 from ..analysis.suite import KeptResults, RunSettings, find_project, git_head, read_conf, run_benchmarks, write_run_conf
 from ..analysis.tables import format_table
-from ..registry import unavailable_reason
 from ..measure.bandwidth import describe_limits
+from ..registry import unavailable_reason
 from .common import UserError, add_cache_limit_argument, load_results
 
 if TYPE_CHECKING:
