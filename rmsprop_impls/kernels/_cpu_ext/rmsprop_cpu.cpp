@@ -5,14 +5,13 @@
 // buffers nobody else holds (donation). Smaller leaves are updated at once, outside the graph,
 // into one packed allocation: as graph nodes they would cost MLX far more than their work.
 // Either way the elements are split evenly over a persistent thread pool (MLX's CPU back-end runs
-// each task on one thread) and each thread streams its share once, in float32, with AVX2 and
-// software prefetch where the CPU has them.
+// each task on one thread) and each thread streams its share once, in float32, with the vector
+// kernel simd/simd.h picks for this CPU (AVX2, NEON, or the scalar loop) and software prefetch.
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -23,7 +22,6 @@
 #include <mutex>
 #include <optional>
 #include <pthread.h>
-#include <sys/mman.h>
 #include <stdexcept>
 #include <thread>
 #include <unordered_map>
@@ -32,10 +30,16 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "platform.h"
+#include "simd/simd.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 using namespace mlx::core;
+using rmsprop::bf16;
+using rmsprop::f16;
+using rmsprop::Hyper;
+using rmsprop::Kernel;
 
 namespace {
 
@@ -173,8 +177,8 @@ class HugePages {
       }
       seen.moved = true;
     }
-    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-    if (madvise(reinterpret_cast<void*>(lo), hi - lo, kCollapse) == 0) {
+    rmsprop::platform::advise_huge_pages(reinterpret_cast<void*>(lo), hi - lo);
+    if (rmsprop::platform::collapse_to_huge_pages(reinterpret_cast<void*>(lo), hi - lo)) {
       moves_.fetch_add(1, std::memory_order_relaxed);
     }
   }
@@ -183,22 +187,24 @@ class HugePages {
   // past a page boundary, which leaves a 4 MiB buffer half on small pages; beyond 1 GiB the
   // edges hardly matter.
   static bool worth_aligning(size_t bytes) {
-    return bytes >= kHuge && bytes <= (size_t(1) << 30);
+    size_t huge = rmsprop::platform::huge_page_bytes();
+    return huge > 0 && bytes >= huge && bytes <= std::max(huge, size_t(1) << 30);
   }
 
   static bool starts_on_huge_page(const void* data) {
-    return reinterpret_cast<uintptr_t>(data) % kHuge == 0;
+    return reinterpret_cast<uintptr_t>(data) % rmsprop::platform::huge_page_bytes() == 0;
   }
 
-  // Gives `out` a fresh buffer that starts on a 2 MiB boundary and gets huge pages as it is first
-  // written. The slack in front is never touched: it costs address space, not memory.
+  // Gives `out` a fresh buffer that starts on a huge-page boundary and gets huge pages as it is
+  // first written. The slack in front is never touched: it costs address space, not memory.
   static void set_aligned_data(array& out) {
+    const size_t huge = rmsprop::platform::huge_page_bytes();
     size_t bytes = out.nbytes();
-    array base(allocator::malloc(bytes + kHuge), Shape{static_cast<ShapeElem>(bytes + kHuge)}, uint8);
+    array base(allocator::malloc(bytes + huge), Shape{static_cast<ShapeElem>(bytes + huge)}, uint8);
     uintptr_t start = reinterpret_cast<uintptr_t>(base.data<void>());
-    size_t offset = round_up(start, kHuge) - start;
+    size_t offset = round_up(start, huge) - start;
     share_row_major(out, base, offset);
-    madvise(reinterpret_cast<void*>(start + offset), bytes & ~(kHuge - 1), MADV_HUGEPAGE);
+    rmsprop::platform::advise_huge_pages(reinterpret_cast<void*>(start + offset), bytes & ~(huge - 1));
   }
 
   uint64_t moves() const {
@@ -206,18 +212,19 @@ class HugePages {
   }
 
  private:
-  static constexpr uintptr_t kHuge = 2u << 20;
-  static constexpr int kCollapse = 25;  // MADV_COLLAPSE (Linux 6.1); older headers lack the name.
-
   struct Sighting {
     std::weak_ptr<allocator::Data> owner;  // weak: a freed buffer expires here
     bool moved;
   };
 
-  // The 2 MiB-aligned part of a buffer: advice outside it would reach other allocations.
+  // The huge-page-aligned part of a buffer: advice outside it would reach other allocations.
   static std::pair<uintptr_t, uintptr_t> whole_huge_pages(const void* data, size_t bytes) {
+    const uintptr_t huge = rmsprop::platform::huge_page_bytes();
+    if (huge == 0) {
+      return {0, 0};
+    }
     uintptr_t start = reinterpret_cast<uintptr_t>(data);
-    return {round_up(start, kHuge), (start + bytes) & ~(kHuge - 1)};
+    return {round_up(start, huge), (start + bytes) & ~(huge - 1)};
   }
 
   void forget_freed_if_full() {
@@ -238,109 +245,19 @@ class HugePages {
   std::atomic<uint64_t> moves_{0};
 };
 
-HugePages huge_pages;
+// Leaked like the pool: a CPU task still queued in MLX's (deliberately leaked) scheduler at exit
+// may still use it after static destructors have run.
+HugePages& huge_pages = *new HugePages();
 
 // ------------------------------------------------------------------ math ---
-
-struct Hyper {
-  float lr, alpha, one_minus_alpha, eps;
-};
 
 // The learning rate is filled in once its array has been evaluated.
 Hyper hyper(double alpha, double eps) {
   return {0.0f, static_cast<float>(alpha), static_cast<float>(1.0 - alpha), static_cast<float>(eps)};
 }
 
-// Stock RMSprop's order of operations, in float32.
-inline void step_scalar(float w, float g, float v, const Hyper& h, float& w_out, float& v_out) {
-  v_out = h.alpha * v + h.one_minus_alpha * (g * g);
-  w_out = w - (h.lr * g) / (std::sqrt(v_out) + h.eps);
-}
-
-template <typename T>
-inline float to_f32(T x) {
-  return static_cast<float>(x);
-}
-template <typename T>
-inline T from_f32(float x) {
-  return static_cast<T>(x);
-}
-
-template <typename T>
-void update_scalar(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
-  for (size_t i = 0; i < n; ++i) {
-    float nw, nv;
-    step_scalar(to_f32(w[i]), to_f32(g[i]), to_f32(v[i]), h, nw, nv);
-    v_out[i] = from_f32<T>(nv);
-    w_out[i] = from_f32<T>(nw);
-  }
-}
-
-// AVX2 loads and stores widen and narrow 8 elements at a time.
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-
-AVX2 inline __m256 load8(const float* p) {
-  return _mm256_loadu_ps(p);
-}
-AVX2 inline __m256 load8(const float16_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-AVX2 inline __m256 load8(const bfloat16_t* p) {
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-AVX2 inline void store8(float* p, __m256 x) {
-  _mm256_storeu_ps(p, x);
-}
-AVX2 inline void store8(float16_t* p, __m256 x) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
-}
-// Round to nearest even, as MLX's scalar bfloat16 does; NaN stays a quiet NaN.
-AVX2 inline void store8(bfloat16_t* p, __m256 x) {
-  __m256i u = _mm256_castps_si256(x);
-  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-  __m256i bits = _mm256_blendv_epi8(rounded, nan, is_nan);
-  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0b1000);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
-
-// Bytes ahead of the loads that the loop asks the cache for: the hardware prefetcher alone
-// left this kernel at about 44 of its 48 GB/s here (five streams, measured in C).
-constexpr size_t kPrefetchBytes = 2048;
-
-template <typename T>
-AVX2 void update_avx2(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
-  const __m256 lr = _mm256_set1_ps(h.lr), alpha = _mm256_set1_ps(h.alpha);
-  const __m256 one_minus_alpha = _mm256_set1_ps(h.one_minus_alpha), eps = _mm256_set1_ps(h.eps);
-  auto step8 = [&](size_t i) AVX2 {
-    __m256 gi = load8(g + i);
-    // Separate multiplies and adds (no FMA), so both paths round alike.
-    __m256 nv = _mm256_add_ps(_mm256_mul_ps(alpha, load8(v + i)), _mm256_mul_ps(one_minus_alpha, _mm256_mul_ps(gi, gi)));
-    __m256 step = _mm256_div_ps(_mm256_mul_ps(lr, gi), _mm256_add_ps(_mm256_sqrt_ps(nv), eps));
-    store8(v_out + i, nv);
-    store8(w_out + i, _mm256_sub_ps(load8(w + i), step));
-  };
-  constexpr size_t ahead = kPrefetchBytes / sizeof(T);
-  size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    if (i + ahead < n) {
-      for (const T* p : {w, g, v}) {
-        _mm_prefetch(reinterpret_cast<const char*>(p + i + ahead), _MM_HINT_T0);
-      }
-    }
-    step8(i);
-    step8(i + 8);
-  }
-  for (; i + 8 <= n; i += 8) {
-    step8(i);
-  }
-  update_scalar(w + i, g + i, v + i, w_out + i, v_out + i, n - i, h);
-}
-
-const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+// The kernel every step runs: picked once, the fastest this CPU has; tests switch it.
+std::atomic<Kernel> active_kernel{rmsprop::available_kernels().front()};
 
 // ------------------------------------------------------------------ leaves ---
 
@@ -363,11 +280,8 @@ void update_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h) {
   auto at = [&](const void* p) { return static_cast<const T*>(p) + lo; };
   T* w_out = static_cast<T*>(leaf.w_out) + lo;
   T* v_out = static_cast<T*>(leaf.v_out) + lo;
-  if (has_avx2) {
-    update_avx2(at(leaf.w), at(leaf.g), at(leaf.v), w_out, v_out, hi - lo, h);
-  } else {
-    update_scalar(at(leaf.w), at(leaf.g), at(leaf.v), w_out, v_out, hi - lo, h);
-  }
+  rmsprop::update<T, false>(active_kernel.load(std::memory_order_relaxed), at(leaf.w), at(leaf.g), at(leaf.v), w_out,
+                            v_out, hi - lo, h);
 }
 
 void update_leaf_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h) {
@@ -375,9 +289,9 @@ void update_leaf_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h) {
     case Dtype::Val::float32:
       return update_range<float>(leaf, lo, hi, h);
     case Dtype::Val::float16:
-      return update_range<float16_t>(leaf, lo, hi, h);
+      return update_range<f16>(leaf, lo, hi, h);
     default:
-      return update_range<bfloat16_t>(leaf, lo, hi, h);
+      return update_range<bf16>(leaf, lo, hi, h);
   }
 }
 
@@ -722,5 +636,24 @@ NB_MODULE(_ext, m) {
   m.def("huge_page_moves", [] { return huge_pages.moves(); },
         "How many long-lived buffers so far were moved onto 2 MiB pages.");
   m.attr("EAGER_MAX_ELEMENTS") = kEagerMaxElements;
-  m.def("uses_avx2", [] { return has_avx2; }, "Whether this CPU runs the AVX2 path.");
+  m.def("uses_avx2", [] { return active_kernel.load() == Kernel::avx2; }, "Whether steps run the AVX2 kernel.");
+  m.def("kernel", [] { return rmsprop::kernel_name(active_kernel.load()); }, "The kernel steps run now.");
+  m.def("kernels", [] {
+        std::vector<std::string> names;
+        for (Kernel k : rmsprop::available_kernels()) names.push_back(rmsprop::kernel_name(k));
+        return names;
+      },
+      "The kernels this build has and this CPU runs, the default first.");
+  m.def("set_kernel", [](const std::string& name) {
+        std::string here;
+        for (Kernel k : rmsprop::available_kernels()) {
+          if (name == rmsprop::kernel_name(k)) {
+            active_kernel.store(k);
+            return;
+          }
+          here += std::string(here.empty() ? "" : ", ") + rmsprop::kernel_name(k);
+        }
+        throw std::invalid_argument("set_kernel: no kernel '" + name + "' here; this build and CPU run " + here);
+      },
+      "name"_a, "Runs every later step on this kernel (for tests: each one gives the same bits).");
 }
