@@ -75,14 +75,45 @@ def test_every_kernel_gives_the_same_bits(on_kernel, n, dtype):
 
 
 @pytest.mark.parametrize("n", SIZES)
-def test_float32_is_stock_bit_for_bit_on_every_kernel(on_kernel, n):
-    w, g, v = inputs(n, mx.float32, seed=n + 1)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_stock_bit_for_bit_over_20_steps_on_every_kernel(on_kernel, n, dtype):
+    """The default precision is stock's in every dtype: lr and the constants rounded to the dtype,
+    every intermediate rounded in stock's order. eps 1e-8 is 0 in float16, so g = v = 0 gives NaN there,
+    as in stock."""
+    w0, _, v0 = inputs(n, dtype, seed=n + 1)
+    grads = [inputs(n, dtype, seed=100 * n + k)[1] for k in range(20)]
     lr = mx.array(0.01)
-    sw, sv = rmsprop_update(w, g, v, lr, 0.9, 1e-6)
+    sw, sv = w0, v0
+    for g in grads:
+        sw, sv = rmsprop_update(sw, g, sv, lr, 0.99, 1e-8)
+    mx.eval(sw, sv)
     for name in KERNELS:
         on_kernel(name)
-        kw, kv = kernel_step(w, g, v, lr, 0.9, 1e-6)
-        assert np.array_equal(bits(kw), bits(sw)) and np.array_equal(bits(kv), bits(sv)), name
+        kw, kv = w0, v0
+        for g in grads:
+            kw, kv = kernel_step(kw, g, kv, lr, 0.99, 1e-8)
+        assert np.array_equal(bits(kw), bits(sw)), name
+        assert np.array_equal(bits(kv), bits(sv)), name
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
+def test_float32_precision_is_the_same_on_every_kernel(on_kernel, dtype):
+    w, g, v = inputs(1003, dtype, seed=9)
+    results = []
+    for name in KERNELS:
+        on_kernel(name)
+        results.append([bits(x) for x in kernel_step(w, g, v, mx.array(0.01), 0.9, 1e-6, precision="float32")])
+    assert all(np.array_equal(r[0], results[0][0]) and np.array_equal(r[1], results[0][1]) for r in results)
+
+
+def test_float16_zero_gradient_and_state_give_nan_as_stock_does():
+    w = mx.ones((70001,), dtype=mx.float16)
+    g = v = mx.zeros((70001,), dtype=mx.float16)
+    sw, _ = rmsprop_update(w, g, v, mx.array(0.01), 0.99, 1e-8)
+    kw, _ = kernel_step(w, g, v, mx.array(0.01), 0.99, 1e-8)
+    assert mx.isnan(sw).all().item() and mx.isnan(kw).all().item()
+    fw, _ = kernel_step(w, g, v, mx.array(0.01), 0.99, 1e-8, precision="float32")
+    assert (fw == 1).all().item()
 
 
 def test_set_kernel_refuses_one_this_machine_lacks():

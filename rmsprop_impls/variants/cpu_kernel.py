@@ -22,13 +22,17 @@ from ..registry import VariantUnavailableError
 
 
 class CpuKernelRMSprop(RMSpropBase):
-    """Args (beyond RMSprop's): ``threads``, how many threads share a step (default: every core)."""
+    """Args (beyond RMSprop's): ``threads``, how many threads share a step (default: every core);
+    ``precision``, ``"stock"`` (default: bit-identical to ``mlx.optimizers.RMSprop`` in every dtype)
+    or ``"float32"`` (float16 and bfloat16 computed in float32 and rounded once)."""
 
     name = "cpu_kernel"
     summary = "C++ extension: fused, threaded; 8 big leaves per node, small leaves packed"
 
-    def __init__(self, learning_rate, alpha=0.99, eps=1e-8, threads: int | None = None):
+    def __init__(self, learning_rate, alpha=0.99, eps=1e-8, threads: int | None = None, precision: str = "stock"):
         super().__init__(learning_rate, alpha, eps)
+        if precision not in ("stock", "float32"):
+            raise ValueError(f'precision must be "stock" or "float32", not {precision!r}')
         if threads is None:
             threads = os.cpu_count() or 1
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -39,6 +43,7 @@ class CpuKernelRMSprop(RMSpropBase):
         from ..kernels import _cpu_ext
 
         self.threads = threads
+        self.precision = precision
         self._update = _cpu_ext.rmsprop_update
 
     @classmethod
@@ -53,7 +58,7 @@ class CpuKernelRMSprop(RMSpropBase):
         return None
 
     def update_leaves(self, w, g, v, lr):
-        return self._update(w, g, v, lr, self.alpha, self.eps, self.threads)
+        return self._update(w, g, v, lr, self.alpha, self.eps, self.threads, self.precision)
 
 
 VARIANT = CpuKernelRMSprop
