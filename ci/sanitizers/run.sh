@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The sanitizer lane: the cpu_kernel extension built with AddressSanitizer + UndefinedBehaviorSanitizer
+# and, separately, with ThreadSanitizer (for the thread pool), each running the kernel tests and the
+# hypothesis fuzz of the entry point (tests/test_cpu_kernel_fuzz.py) with more examples.
+#
+# A Python extension cannot bring its own sanitizer runtime: the runtime must be the first library
+# the process loads, and python3 is not built with it. So each run preloads it:
+#   LD_PRELOAD=$(gcc -print-file-name=libasan.so) python -m pytest ...   # ASan (+UBSan, linked by the build)
+#   LD_PRELOAD=$(gcc -print-file-name=libtsan.so) python -m pytest ...   # TSan
+# Leak detection is off (the interpreter and MLX keep their allocations until exit, on purpose).
+#
+#   ci/sanitizers/run.sh                  # both builds, about 10 minutes
+#   RMSPROP_SANITIZER_DIR=/tmp/x          # where the builds go (kept between runs)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+W=${RMSPROP_SANITIZER_DIR:-/tmp/rmsprop-sanitizers}
+PY=$PWD/.venv/bin/python
+mkdir -p "$W"
+start=$(date +%s)
+say() { echo "[sanitizers $(($(date +%s) - start))s] $*"; }
+
+[ -x "$PY" ] || { python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'; }
+"$PY" -c "import nanobind" 2>/dev/null || .venv/bin/pip install -q 'nanobind>=3' 'cmake>=3.24'
+
+TESTS=(tests/test_cpu_kernel.py tests/test_cpu_kernel_paths.py tests/test_cpu_kernel_hardening.py tests/test_cpu_kernel_fuzz.py)
+
+lane() {  # name, -fsanitize= list, runtime library, fuzz examples, extra pytest arguments...
+  local name=$1 sanitize=$2 runtime=$3 examples=$4
+  shift 4
+  say "$name: building with -fsanitize=$sanitize"
+  cmake -S rmsprop_impls/kernels/_cpu_ext -B "$W/$name-build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DPython_EXECUTABLE="$PY" -DRMSPROP_SANITIZE="$sanitize" >"$W/$name-cmake.log"
+  cmake --build "$W/$name-build" --parallel "$(nproc)" >>"$W/$name-cmake.log"
+  rm -rf "$W/$name-ext" && mkdir -p "$W/$name-ext" && cp "$W/$name-build"/_ext*.so "$W/$name-ext/"
+  local src
+  src=$(ci/package_with_extension.sh "$W/$name-ext" "$W/$name-src")
+  say "$name: tests, fuzz with $examples examples"
+  (cd "$src" && RMSPROP_BENCH_CPU_EXT_DIR="$W/$name-ext" PYTHONPATH="$src" RMSPROP_FUZZ_EXAMPLES=$examples \
+    LD_PRELOAD="$(gcc -print-file-name="$runtime")" \
+    "$PY" -m pytest -q -p no:cacheprovider --noconftest -o addopts= --hypothesis-show-statistics "$@" "${TESTS[@]}")
+}
+
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+lane asan address,undefined libasan.so 300
+unset ASAN_OPTIONS UBSAN_OPTIONS
+
+export TSAN_OPTIONS=halt_on_error=1:report_signal_unsafe=0:second_deadlock_stack=1
+# Under TSan the big-tree tests of test_cpu_kernel.py take minutes; the pool is exercised by the
+# two-thread tests and the fuzz.
+lane tsan thread libtsan.so 60 -k "thread or fuzz or fork or paths or hardening"
+say "done"
