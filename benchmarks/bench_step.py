@@ -6,7 +6,16 @@ from rmsprop_impls.measure import timing
 from rmsprop_impls.measure.timing import run_step
 from rmsprop_impls.measure.trees import step_bytes
 
-from .common import apply_settings, dtypes, make_optimizer, measure_limit, tree_and_gradients, trees, variants
+from .common import (
+    apply_settings,
+    dtypes,
+    make_optimizer,
+    measure_limit,
+    tree_and_gradients,
+    trees,
+    variant_device,
+    variants,
+)
 
 
 class Step:
@@ -45,8 +54,10 @@ class Step:
 
     track_gbps.unit = "GB/s"
 
-    def track_fraction_of_limit(self, limit, variant, tree, dtype):
-        return self.track_gbps(limit, variant, tree, dtype) / limit
+    def track_fraction_of_limit(self, limits, variant, tree, dtype):
+        """Of the limit of the device the variant runs on; NaN (no value) where that device has none."""
+        limit = limits[variant_device(variant)]
+        return self.track_gbps(limits, variant, tree, dtype) / limit if limit else float("nan")
 
     track_fraction_of_limit.unit = "fraction"
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import resource
+import sys
 
 import mlx.core as mx
 
@@ -34,10 +34,12 @@ DEFAULT_TREES = ["1x1K", "16x1M", "1024x16K", "mlp-small", "transformer-small"]
 FULL_DTYPES = ["float32", "float16", "bfloat16"]
 DEFAULT_DTYPES = ["float32"]
 
-#: MLX's CPU allocator caches only 32 MB by default, so big steps would mostly measure page faults.
-CACHE_LIMIT_MB = int(os.environ.get("RMSPROP_BENCH_CACHE_LIMIT_MB", "8192"))
+#: MLX's CPU allocator caches only 32 MB by default, so big steps would mostly measure page faults. Metal's
+#: caches most of RAM already: on a GPU device MLX's own default stays unless the variable sets a limit.
+CPU_CACHE_LIMIT_MB = 8192
 #: A benchmark process that allocates more than this fails instead of taking the machine down.
 MEMORY_LIMIT_MB = int(os.environ.get("RMSPROP_BENCH_MEMORY_LIMIT_MB", "8192"))
+MIB = 1024 * 1024
 
 
 def _axis(variable: str, default: list[str], full: list[str]) -> list[str]:
@@ -70,11 +72,43 @@ def safe_import():
         pass
 
 
-def apply_settings() -> None:
-    """Set the MLX cache limit and the memory cap deliberately, in the benchmark process only."""
-    mx.set_cache_limit(CACHE_LIMIT_MB * 1024 * 1024)
-    limit = MEMORY_LIMIT_MB * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+def cache_limit_mb() -> int | None:
+    """``RMSPROP_BENCH_CACHE_LIMIT_MB``, else 8 GiB on the CPU; ``None`` keeps MLX's own default (a GPU's)."""
+    value = os.environ.get("RMSPROP_BENCH_CACHE_LIMIT_MB")
+    if value:
+        return int(value)
+    return CPU_CACHE_LIMIT_MB if mx.default_device() == mx.cpu else None
+
+
+def cap_memory(limit_mb: int) -> str:
+    """Cap what this process may allocate, never failing a benchmark over it; returns the cap in force.
+
+    ``RLIMIT_AS`` on Linux. macOS refuses it once Metal has mapped its address space
+    (``ValueError: current limit exceeds maximum limit``) and would not enforce it: there, and
+    wherever ``setrlimit`` is refused, MLX's portable ``mx.set_memory_limit`` is the cap.
+    """
+    why = f"{sys.platform} does not take RLIMIT_AS"
+    if sys.platform.startswith("linux"):
+        try:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (limit_mb * MIB, resource.getrlimit(resource.RLIMIT_AS)[1]))
+            return f"address space capped at {limit_mb} MiB (RLIMIT_AS)"
+        except (ImportError, ValueError, OSError) as e:
+            why = f"RLIMIT_AS refused: {e}"
+    try:
+        mx.set_memory_limit(limit_mb * MIB)
+    except (AttributeError, ValueError, RuntimeError) as e:
+        return f"no memory cap ({why}; mx.set_memory_limit failed: {e})"
+    return f"MLX memory limit {limit_mb} MiB (mx.set_memory_limit; {why})"
+
+
+def apply_settings() -> str:
+    """Set the MLX cache limit and the memory cap deliberately, in the benchmark process only; says what is in force."""
+    limit = cache_limit_mb()
+    if limit is not None:
+        mx.set_cache_limit(limit * MIB)
+    return cap_memory(MEMORY_LIMIT_MB)
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,15 +140,30 @@ def make_optimizer(variant: str, grads) -> tuple:
     return rmsprop_impls.create(name, 1e-3), grads
 
 
-def measure_limit() -> float:
-    """The machine's memory-bandwidth limit in GB/s, measured once per ``asv run``.
+def measure_limit() -> dict[str, float | None]:
+    """Each device's memory-bandwidth limit in GB/s, measured once per ``asv run``: ``{"cpu": .., "gpu": ..}``.
 
     Used as ``setup_cache`` by every class that needs it: asv keys that cache on
-    this function's module and line, so one triad serves the whole run.
+    this function's module and line, so one measurement serves the whole run. The
+    GPU's is ``None`` where MLX has no GPU; a commit from before per-device limits
+    measures the CPU's only.
     """
-    from rmsprop_impls.measure.bandwidth import measure_bandwidth
+    from rmsprop_impls.measure import bandwidth
 
-    return measure_bandwidth()
+    measure = getattr(bandwidth, "measure_limits", None)
+    return measure() if measure else {"cpu": bandwidth.measure_bandwidth(), "gpu": None}
 
 
 measure_limit.timeout = 300
+
+
+def variant_device(variant: str) -> str:
+    """``"cpu"`` or ``"gpu"``: where ``variant`` runs in this process; a commit whose variants declare no device
+    ran them all on MLX's default device."""
+    try:
+        declared = getattr(rmsprop_impls.variant_class("flat" if variant == FLAT_PACKED else variant), "device", None)
+    except (AttributeError, ValueError, RuntimeError):  # an old commit, an unknown name, a module that does not import
+        declared = None
+    if declared in ("cpu", "gpu"):
+        return declared
+    return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"

@@ -24,6 +24,7 @@ from .registry import (
     available_variants,
     create,
     variant_class,
+    variant_device,
     variant_names,
 )
 from .tree_paths import TreeMismatchError
@@ -51,6 +52,7 @@ __all__ = [
     "availability",
     "available_variants",
     "create",
+    "variant_device",
     "reference_step",
     "reference_trajectory",
     "variant_class",

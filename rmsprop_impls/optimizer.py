@@ -19,6 +19,22 @@ from .tree_paths import TreeMismatchError, match_leaves
 
 LearningRate = float | mx.array | Callable[[mx.array], mx.array]
 
+#: Where a variant's update runs: the CPU, the GPU, or MLX's default device when the step runs.
+DEVICES = ("cpu", "default", "gpu")
+
+
+def resolve_device(declared: str) -> str:
+    """The concrete device, ``"cpu"`` or ``"gpu"``, that a variant declaring ``declared`` runs on now.
+
+    ``"default"`` follows ``mx.default_device()``: the GPU on Apple silicon and CUDA builds, the CPU elsewhere
+    (or where a program moved the default), so it is resolved when the step runs, not at import.
+    """
+    if declared not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {declared!r}")
+    if declared == "default":
+        return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
+    return declared
+
 
 class RMSpropBase(optim.Optimizer):
     """RMSprop with the update strategy left to subclasses.
@@ -35,6 +51,8 @@ class RMSpropBase(optim.Optimizer):
     name: ClassVar[str] = ""
     #: One line for tables: how this variant runs the update.
     summary: ClassVar[str] = ""
+    #: Where the update runs (one of ``DEVICES``); its bandwidth limit is the one its GB/s is a fraction of.
+    device: ClassVar[str] = "default"
 
     def __init__(self, learning_rate: LearningRate, alpha: float = DEFAULT_ALPHA, eps: float = DEFAULT_EPS):
         super().__init__()
@@ -49,6 +67,11 @@ class RMSpropBase(optim.Optimizer):
     def unavailable_reason(cls) -> str | None:
         """``None`` where the variant runs on this machine, else why not."""
         return None
+
+    @classmethod
+    def concrete_device(cls) -> str:
+        """``"cpu"`` or ``"gpu"``: where this variant's steps run now (``device`` resolved)."""
+        return resolve_device(cls.device)
 
     def init_single(self, parameter: mx.array, state: dict) -> None:
         state["v"] = mx.zeros_like(parameter)

@@ -60,6 +60,12 @@ def variant_class(name: str) -> type[RMSpropBase]:
     return module.VARIANT
 
 
+def variant_device(name: str, resolve: bool = True) -> str:
+    """Where variant ``name`` runs: ``"cpu"`` or ``"gpu"`` now, or as declared (``"default"`` too) unresolved."""
+    cls = variant_class(name)
+    return cls.concrete_device() if resolve else cls.device
+
+
 def unavailable_reason(name: str) -> str | None:
     """``None`` where ``name`` runs here, else the reason it does not."""
     try:

@@ -7,8 +7,13 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """``$RMSPROP_BENCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/rmsprop-bench``, else ``~/.cache/rmsprop-bench``."""
+    """``$RMSPROP_BENCH_CACHE_DIR``, else the platform's user cache for rmsprop-bench (``platformdirs``).
+
+    That is ``$XDG_CACHE_HOME/rmsprop-bench`` or ``~/.cache/rmsprop-bench`` on Linux,
+    ``~/Library/Caches/rmsprop-bench`` on macOS.
+    """
     if os.environ.get("RMSPROP_BENCH_CACHE_DIR"):
         return Path(os.environ["RMSPROP_BENCH_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rmsprop-bench"
+    import platformdirs  # here, not at import: asv's benchmark environments install only what the suites need
+
+    return Path(platformdirs.user_cache_dir("rmsprop-bench", appauthor=False))

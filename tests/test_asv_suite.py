@@ -81,7 +81,7 @@ def test_run_prints_the_fastest_variant_per_tree_and_publishes(finished_run):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "memory-bandwidth limit (in-place triad, all cores)" in out.stdout
     table = out.stdout[out.stdout.index("tree  ") : out.stdout.index("\n\nreport:")].splitlines()
-    assert table[0].split() == ["tree", "dtype", "fastest", "median", "ms", "GB/s", "of", "limit"]
+    assert table[0].split() == ["tree", "dtype", "fastest", "device", "median", "ms", "GB/s", "of", "limit"]
     assert [row.split()[:3] for row in table[2:]] in ([["4x1K", "float32", "eager"]], [["4x1K", "float32", "flat"]])
     assert (project / ".asv" / "html" / "index.html").is_file()
     assert f"report:    {project / 'report' / 'summary.md'}" in out.stdout

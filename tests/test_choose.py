@@ -160,6 +160,15 @@ def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "home" / ".cache" / "rmsprop-bench"
 
 
+def test_cache_directory_on_a_mac_is_the_library_caches(monkeypatch, tmp_path):
+    import platformdirs.macos
+
+    monkeypatch.delenv("RMSPROP_BENCH_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(platformdirs, "PlatformDirs", platformdirs.macos.MacOS)  # what platformdirs picks on darwin
+    assert cache_dir() == tmp_path / "home" / "Library" / "Caches" / "rmsprop-bench"
+
+
 def test_auto_is_not_a_variant_to_benchmark():
     from rmsprop_impls import variant_names
 

@@ -1,4 +1,4 @@
-"""The published dashboard works offline, checked in a real headless Chromium (Debian's ``chromium``).
+"""The published dashboard works offline, checked in a real headless Chromium or Chrome.
 
 Chromium runs with every host but 127.0.0.1 unresolvable, so a page can only
 pass by loading what we vendored. Screenshots are kept in the pytest tmp dir
@@ -23,11 +23,27 @@ from rmsprop_impls.analysis.dashboard import dashboard_server
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "report" / "test-artifacts"
-CHROMIUM = shutil.which("chromium")
 DEPENDENCY_ERROR = "dependencies of airspeed velocity failed to load"
+#: Linux distributions' names on PATH, then the macOS app bundles.
+BROWSER_NAMES = ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"]
+BROWSER_BUNDLES = [
+    "/Applications/Chromium.app/Contents/MacOS/Chromium",
+    "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
+]
+
+
+def find_chromium(names=BROWSER_NAMES, bundles=BROWSER_BUNDLES) -> str | None:
+    """A Chromium or Chrome to drive headless: the first of ``names`` on PATH, else an installed macOS app."""
+    found = next(filter(None, map(shutil.which, names)), None)
+    return found or next((b for b in bundles if Path(b).is_file()), None)
+
+
+CHROMIUM = find_chromium()
 
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"
+    CHROMIUM is None,
+    reason=f"no Chromium or Chrome: none of {', '.join(BROWSER_NAMES)} is on PATH and no macOS app is in "
+    "/Applications (Debian: apt-get install chromium, which .ci/run does; macOS: brew install --cask chromium)",
 )
 
 

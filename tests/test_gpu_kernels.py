@@ -10,9 +10,12 @@ it says nothing about the kernel source itself.
 
 from __future__ import annotations
 
+import io
 import math
+import re
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -22,14 +25,17 @@ from rmsprop_impls import FlatLayout, PackedGradients, VariantUnavailableError, 
 from rmsprop_impls.kernels import gpu_kernels
 from rmsprop_impls.kernels.gpu_kernels import (
     CUDA,
-    INPUT_NAMES,
+    MAX_LEAVES_PER_LAUNCH,
     METAL,
     OUTPUT_NAMES,
     THREADS_PER_GROUP,
     dispatch,
     hyperparameters,
+    input_names,
     kernel_source,
     launch_geometry,
+    plan_launches,
+    stock_constants,
 )
 from rmsprop_impls.registry import unavailable_reason
 
@@ -48,11 +54,14 @@ class FakeLauncher:
             dict(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup, stream=stream,
                  output_shapes=output_shapes, output_dtypes=output_dtypes)
         )  # fmt: skip
-        w, g, v, hyper = (x.astype(mx.float32) for x in inputs)
+        self.launches[-1]["input_ops"] = [materialising_ops(x) for x in inputs]  # before evaluating drops the graph
+        w, v, hyper, _offsets, *gs = (x.astype(mx.float32) for x in inputs)
+        g = mx.concatenate(gs) if len(gs) > 1 else gs[0]
         lr, alpha, one_minus_alpha, eps = (hyper[k] for k in range(4))
         v_new = alpha * v + one_minus_alpha * (g * g)
         w_new = w - (lr * g) / (mx.sqrt(v_new) + eps)
         outputs = [x.astype(dt).reshape(s) for x, dt, s in zip((w_new, v_new), output_dtypes, output_shapes)]
+        mx.eval(outputs)  # a kernel's outputs are where the step's graph starts, as on the device
         self.launches[-1]["outputs"] = outputs
         return outputs
 
@@ -61,32 +70,44 @@ class FakeLauncher:
 def fake_launcher(monkeypatch):
     """Make both GPU variants constructible here, launching on a ``FakeLauncher``."""
     launcher = FakeLauncher()
-    monkeypatch.setattr(gpu_kernels, "shared_kernel", lambda backend: launcher)
+    monkeypatch.setattr(gpu_kernels, "shared_kernel", lambda *args: launcher)
     for name in BACKENDS:
         monkeypatch.setattr(f"rmsprop_impls.variants.{name}.VARIANT.unavailable_reason", classmethod(lambda cls: None))
     return launcher
 
 
 @pytest.mark.parametrize("backend", BACKENDS.values(), ids=BACKENDS.keys())
-def test_source_is_the_fused_update_in_float32(backend):
-    src = kernel_source(backend)
-    for name in INPUT_NAMES[:3]:
-        assert backend.to_float.format(f"{name}[i]") in src
-    for name in OUTPUT_NAMES:
-        assert f"{name}[i] = {backend.from_float.format('')[:-1]}" in src  # stored through a cast to T
-    assert "hyper[0]" in src and "hyper[3]" in src and "w_shape[0]" in src
-    assert "const float v_i = alpha * " in src and "one_minus_alpha * (g_i * g_i)" in src
-    assert f"{backend.sqrt}(v_i) + eps" in src
-    assert "1e-" not in src and "0.99" not in src  # hyper-parameters are inputs, never baked in
+def test_source_rounds_each_operation_to_T_in_stock_mode_and_once_in_float32(backend):
+    stock, single = kernel_source(backend, "stock", 3), kernel_source(backend, "float32", 3)
+    cast = backend.from_float.format("")[:-1]  # "T(" or "static_cast<T>("
+    assert stock.count(cast) == 10 and single.count(cast) == 2  # 8 operations and 2 stores; only the stores
+    for src in (stock, single):
+        assert "v[i]" in src and "w[i]" in src and "g0[i - offsets[0]]" in src and "g2[i - offsets[2]]" in src
+        assert "if (i >= offsets[3]) return;" in src and "hyper[0]" in src and "hyper[3]" in src
+        assert "1e-" not in src and "0.99" not in src  # hyper-parameters are inputs, never baked in
+        assert "_shape" not in src and "_strides" not in src  # no extra buffer arguments
+    assert (
+        backend.divide.format(f"{backend.to_float.format(cast + backend.mul.format('lr', 'g_i') + ')')}", "denom")
+        in stock
+    )
 
 
 def test_each_backend_speaks_its_language():
     metal, cuda = kernel_source(METAL), kernel_source(CUDA)
     assert "thread_position_in_grid.x" in metal and "metal::precise::sqrt" in metal and "precise::divide" in metal
-    assert "this_grid().thread_rank()" in cuda and "sqrtf(" in cuda and "static_cast<T>(" in cuda
+    assert "this_grid().thread_rank()" in cuda and "__fsqrt_rn(" in cuda and "static_cast<T>(" in cuda
+    assert "__fdiv_rn(" in cuda and "__fmul_rn(" in cuda and "__fadd_rn(" in cuda  # never fused into an fma
     assert "metal::" not in cuda and "cooperative_groups" not in metal
-    # the division must bind as (lr * g) / (sqrt(v) + eps)
-    assert "(lr * g_i) / (sqrtf(v_i) + eps)" in cuda
+
+
+@pytest.mark.parametrize("bad", [dict(precision="half"), dict(n_gradients=0), dict(n_gradients=26)])
+def test_source_refuses_what_it_cannot_build(bad):
+    with pytest.raises(ValueError):
+        kernel_source(METAL, **bad)
+
+
+def test_metal_buffer_arguments_fit_its_limit_of_31():
+    assert len(input_names(MAX_LEAVES_PER_LAUNCH)) + len(OUTPUT_NAMES) <= 31
 
 
 @pytest.mark.parametrize("n", [1, 255, 256, 257, 1000003])
@@ -139,12 +160,15 @@ def test_unavailable_here_with_the_reason(variant):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16", "bfloat16"])
 def test_dispatch_launches_once_with_the_expected_arguments(dtype):
     launcher = FakeLauncher()
-    w, g, v = (mx.random.normal((1000003,)).astype(dtype) for _ in range(3))
-    v = mx.abs(v)
-    hyper = hyperparameters(mx.array(0.01), mx.array([0.9, 0.1, 1e-3], dtype=mx.float32))
-    w_new, v_new = dispatch(launcher, w, g, v, hyper)
+    w, v = (mx.random.normal((1000003,)).astype(dtype) for _ in range(2))
+    gs = [mx.random.normal((3,)).astype(dtype), mx.random.normal((1000000,)).astype(dtype)]
+    offsets = mx.array([0, 3, 1000003], dtype=mx.uint32)
+    hyper = hyperparameters(mx.array(0.01), stock_constants(0.9, 1e-3, dtype, "float32"), dtype, "float32")
+    w_new, v_new = dispatch(launcher, w, mx.abs(v), gs, offsets, hyper)
     (call,) = launcher.launches
-    assert all(a is b for a, b in zip(call["inputs"], [w, g, v, hyper]))
+    assert (
+        call["inputs"][0] is w and call["inputs"][3] is offsets and all(a is b for a, b in zip(call["inputs"][4:], gs))
+    )
     assert call["template"] == [("T", dtype)]
     assert call["grid"] == (1000003, 1, 1) and call["threadgroup"] == (THREADS_PER_GROUP, 1, 1)
     assert call["output_shapes"] == [(1000003,), (1000003,)] and call["output_dtypes"] == [dtype, dtype]
@@ -153,18 +177,37 @@ def test_dispatch_launches_once_with_the_expected_arguments(dtype):
     assert w_new.dtype == dtype and v_new.shape == (1000003,)
 
 
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
+def test_stock_mode_rounds_the_hyperparameters_as_stock_does(dtype):
+    hyper = hyperparameters(mx.array(0.01), stock_constants(0.99, 1e-8, dtype, "stock"), dtype, "stock")
+    one = mx.ones((), dtype=dtype)
+    want = [mx.array(0.01).astype(dtype), 0.99 * one, (1 - 0.99) * one, 1e-8 * one]
+    assert np.array(hyper).tolist() == [x.astype(mx.float32).item() for x in want]
+    assert (
+        np.array(stock_constants(0.99, 1e-8, dtype, "float32")).tolist() == np.float32([0.99, 1 - 0.99, 1e-8]).tolist()
+    )
+
+
 def test_dispatch_skips_empty_buffers_and_refuses_other_dtypes():
     launcher = FakeLauncher()
     empty = mx.zeros((0,))
-    assert dispatch(launcher, empty, empty, empty, mx.zeros((4,)))[0] is empty
+    assert dispatch(launcher, empty, empty, [empty], mx.zeros((2,), mx.uint32), mx.zeros((4,)))[0] is empty
     ints = mx.zeros((4,), dtype=mx.int32)
     with pytest.raises(ValueError, match="float32, float16 and bfloat16"):
-        dispatch(launcher, ints, ints, ints, mx.zeros((4,)))
+        dispatch(launcher, ints, ints, [ints], mx.zeros((2,), mx.uint32), mx.zeros((4,)))
     assert launcher.launches == []
 
 
+def test_launches_take_at_most_25_leaves_of_one_dtype_and_skip_empty_ones():
+    leaves = [mx.zeros((k + 1,)) for k in range(60)] + [mx.zeros((0,)), mx.zeros((2,), mx.float16)]
+    launches = plan_launches(FlatLayout(leaves))
+    assert [len(launch.group.indices) for launch in launches] == [25, 25, 10, 1]
+    assert launches[1].start == sum(range(1, 26)) and launches[1].group.offsets[:3] == (0, 26, 53)
+    assert 60 not in {i for launch in launches for i in launch.group.indices}
+
+
 @pytest.mark.parametrize("variant", BACKENDS)
-def test_one_launch_per_dtype_and_buffers_reused(variant, fake_launcher):
+def test_launches_per_chunk_of_leaves_and_buffers_reused(variant, fake_launcher):
     params = {
         f"layer{i}": {"w": mx.random.normal((33, 3)), "b": mx.random.normal((3,)).astype(mx.float16)} for i in range(50)
     }
@@ -173,12 +216,13 @@ def test_one_launch_per_dtype_and_buffers_reused(variant, fake_launcher):
     for g in grads:
         params = opt.apply_gradients(g, params)
         mx.eval(params, opt.state)
-    assert len(fake_launcher.launches) == 2 * len(grads)
-    first, second = fake_launcher.launches[:2], fake_launcher.launches[2:4]
-    assert sorted(c["grid"][0] for c in first) == [150, 50 * 99]
+    assert len(fake_launcher.launches) == 4 * len(grads)  # 50 leaves of each dtype, 25 per launch
+    first, second = fake_launcher.launches[:4], fake_launcher.launches[4:8]
+    assert sorted(c["grid"][0] for c in first) == [75, 75, 25 * 99, 25 * 99]
     for before, after in zip(first, second):  # step 2 gets back the very buffers step 1 produced: no repacking
-        assert after["inputs"][0] is before["outputs"][0] and after["inputs"][2] is before["outputs"][1]
-    lr, alpha, one_minus_alpha, eps = np.array(first[0]["inputs"][3]).tolist()
+        assert after["inputs"][0] is before["outputs"][0] and after["inputs"][1] is before["outputs"][1]
+        assert len(after["inputs"]) == 4 + 25  # the gradients come as they are, one buffer per leaf
+    lr, alpha, one_minus_alpha, eps = np.array(first[0]["inputs"][2]).tolist()
     assert [lr, alpha, one_minus_alpha, eps] == pytest.approx([1e-2, 0.9, 0.1, 1e-6], rel=1e-6)  # float32
 
 
@@ -199,8 +243,8 @@ def test_the_kernel_object_is_built_once(monkeypatch):
     finally:
         gpu_kernels.shared_kernel.cache_clear()
     (kw,) = built
-    assert kw["input_names"] == list(INPUT_NAMES) and kw["output_names"] == list(OUTPUT_NAMES)
-    assert kw["source"] == kernel_source(METAL)
+    assert kw["input_names"] == ["w", "v", "hyper", "offsets", "g0"] and kw["output_names"] == list(OUTPUT_NAMES)
+    assert kw["source"] == kernel_source(METAL, "stock", 1)
 
 
 @pytest.mark.parametrize("variant", BACKENDS)
@@ -211,8 +255,16 @@ def test_on_the_device(variant):
     for dtype in DTYPES:
         mx.random.seed(1)
         params = {"x": mx.random.normal((1000003,)).astype(dtype), "y": [mx.random.normal((3, 257)).astype(dtype)]}
-        check_against_reference_and_stock(variant, params, gradient_sequence(params, 20), 1e-2)
-        assert all(x.dtype == dtype for _, x in tree_flatten(params))
+        grads = gradient_sequence(params, 20)
+        opt, got = check_against_reference_and_stock(variant, params, grads, 1e-2)
+        assert all(x.dtype == dtype for _, x in tree_flatten(got))
+        stock = optim.RMSprop(1e-2)  # the default precision is stock's, bit for bit, on the same GPU
+        want = params
+        for g in grads:
+            want = stock.apply_gradients(g, want)
+        mx.eval(want)
+        for (k, a), (_, b) in zip(tree_flatten(got), tree_flatten(want)):
+            assert mx.array_equal(a, b).item(), f"{variant} {dtype} {k} differs from stock"
 
 
 def test_prepacked_gradients_reach_the_kernel_as_they_are(fake_launcher):
@@ -220,4 +272,65 @@ def test_prepacked_gradients_reach_the_kernel_as_they_are(fake_launcher):
     packed = PackedGradients.pack(gradient_sequence(params, 1)[0])
     create("cuda_kernel", 1e-2).apply_gradients(packed, params)
     (launch,) = fake_launcher.launches
-    assert launch["inputs"][1] is packed.buffers[mx.float32]
+    assert launch["inputs"][4] is packed.buffers[mx.float32] and len(launch["inputs"]) == 5
+
+
+#: Primitives that give a view of their input's buffer (row-contiguous here) rather than writing a new one.
+VIEWS = {"Reshape", "Slice", "Split", "Flatten", "Squeeze", "ExpandDims"}
+
+
+def materialising_ops(*arrays) -> list[str]:
+    """The primitives in the graph behind ``arrays`` that write a buffer of their own: copies, concatenations, casts."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *arrays)
+    return [op for op in re.findall(r'label ="(\w+)"', dot.getvalue()) if op not in VIEWS]
+
+
+def test_materialising_ops_sees_copies_and_concatenations():
+    a, b = mx.ones((4,)), mx.ones((3,))
+    mx.eval(a, b)
+    assert materialising_ops(mx.split(mx.concatenate([a, b]), [4])[0].reshape(2, 2)) == ["Concatenate"]
+    assert materialising_ops(a.astype(mx.float16)) == ["AsType"] and materialising_ops(a[1:].reshape(3)) == []
+
+
+@pytest.mark.parametrize("variant", BACKENDS)
+def test_a_step_moves_20_bytes_per_parameter(variant, fake_launcher):
+    """Per step: the kernels read w, g, v and write w, v (20 B per float32 parameter); nothing else is materialised.
+
+    The launcher evaluates its outputs, so the graph a step leaves behind is the step's own work around the kernels:
+    what produced each kernel input, and what turns the kernels' outputs into the new parameters and state.
+    """
+    params = {f"layer{i}": {"w": mx.random.normal((33, 3)), "b": mx.random.normal((3,))} for i in range(30)}
+    n_params = sum(x.size for _, x in tree_flatten(params))
+    grads = gradient_sequence(params, 2)
+    opt = create(variant, 1e-2)
+    params = opt.apply_gradients(grads[0], params)  # the first step packs w and v once
+    mx.eval(params, opt.state)
+    fake_launcher.launches.clear()
+    params = opt.apply_gradients(grads[1], params)
+    kernel_bytes = extra_bytes = 0
+    for launch in fake_launcher.launches:
+        w, v, hyper, offsets, *gs = launch["inputs"]
+        assert hyper.size == 4 and offsets.size == len(gs) + 1  # per launch, not per parameter
+        kernel_bytes += sum(x.nbytes for x in (w, v, *gs, *launch["outputs"]))
+        for x, ops in zip((w, v, *gs), launch["input_ops"][:2] + launch["input_ops"][4:]):
+            extra_bytes += 2 * x.nbytes if ops else 0  # a materialised input was written, then read by the kernel
+    new_state = [x for k, x in tree_flatten(opt.state) if k.endswith(".v")]
+    assert materialising_ops(*[x for _, x in tree_flatten(params)], *new_state) == []  # views of the outputs
+    assert len(fake_launcher.launches) == 3  # 60 leaves, 25 per launch
+    assert (kernel_bytes + extra_bytes) / n_params == 20
+
+
+def test_a_launch_stays_within_the_grid_mlx_can_launch(monkeypatch):
+    monkeypatch.setattr(gpu_kernels, "MAX_GRID", 10)
+    launches = plan_launches(FlatLayout([mx.zeros((4,)), mx.zeros((5,)), mx.zeros((2,)), mx.zeros((10,))]))
+    assert [launch.group.offsets for launch in launches] == [(0, 4, 9), (0, 2), (0, 10)]
+    assert [launch.start for launch in launches] == [0, 9, 11]
+
+
+@pytest.mark.parametrize("variant", BACKENDS)
+def test_precision_is_an_option_of_create(variant, fake_launcher):
+    assert create(variant, 1e-2).precision == "stock"
+    assert create(variant, 1e-2, precision="float32").precision == "float32"
+    with pytest.raises(ValueError, match="precision is one of"):
+        create(variant, 1e-2, precision="half")

@@ -82,12 +82,12 @@ def test_profile_reports_real_memory_and_unavailable_variants(monkeypatch, tmp_p
     monkeypatch.setitem(registry._MODULES, "broken", "no_such_module")
     params = tree_by_name("2x64K")
     profiles, unavailable, limit = profile_variants(
-        params, random_like(params), ["eager", "broken"], steps=2, bandwidth_gbps=BANDWIDTH_GBPS
+        params, random_like(params), ["eager", "broken"], steps=2, limits={"cpu": BANDWIDTH_GBPS, "gpu": None}
     )
     (p,) = profiles
-    assert limit == BANDWIDTH_GBPS and "cannot import" in unavailable["broken"]
+    assert limit == {"cpu": BANDWIDTH_GBPS, "gpu": None} and "cannot import" in unavailable["broken"]
     assert p.peak_bytes >= p.active_bytes >= 3 * 2 * 64 * 1024 * 4  # params, grads and v are all alive
-    assert p.build_s > 0 and p.eval_s > 0 and p.step_s >= p.eval_s and p.of_limit == p.gbps / limit
+    assert p.build_s > 0 and p.eval_s > 0 and p.step_s >= p.eval_s and p.of_limit == p.gbps / BANDWIDTH_GBPS
     figure = tmp_path / "profile.png"
     plot_profiles(profiles, "test", str(figure))
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,7 @@ import shutil
 import warnings
 
 import pytest
-from analysis_history import analysis_history
+from analysis_history import UNAVAILABLE, analysis_history
 from test_cli import cli
 
 from rmsprop_impls.analysis import plots
@@ -43,7 +43,7 @@ def test_one_row_per_measurement_with_sizes_and_throughput(asv_history):
 
 
 def test_skipped_variant_is_a_row_with_its_reason_and_fraction_uses_the_runs_limit(rich_df):
-    skipped = rich_df[rich_df["variant"] == "metal_kernel"]
+    skipped = rich_df[rich_df["variant"] == UNAVAILABLE]
     assert len(skipped) and not skipped["available"].any() and skipped["median"].isna().all()
     assert skipped["skip_reason"].str.contains("NotImplementedError").all()
     newest = rich_df[rich_df["commit"] == rich_df["commit"].iloc[-1]]
@@ -104,7 +104,7 @@ def test_every_figure_has_a_title_labelled_axes_and_a_caption(name, rich_df, tmp
 def test_unavailable_variants_are_drawn_as_such(rich_df):
     fig = plots.variant_comparison(rich_df)
     for ax in fig.axes:
-        assert "metal_kernel" in [t.get_text() for t in ax.get_xticklabels()]
+        assert UNAVAILABLE in [t.get_text() for t in ax.get_xticklabels()]
         assert any("unavailable" in t.get_text() for t in ax.texts)
 
 
@@ -121,7 +121,7 @@ def test_winners_pick_the_fastest_measured_variant(rich_df):
     newest = rich_df[(rich_df["commit"] == rich_df["commit"].iloc[-1]) & (rich_df["benchmark"] == STEP_BENCHMARK)]
     for row in table.itertuples():
         ran = newest[(newest["tree"] == row.tree) & newest["available"]]
-        assert row.median == ran["median"].min() and row.variant != "metal_kernel"
+        assert row.median == ran["median"].min() and row.variant != UNAVAILABLE
 
 
 def test_report_command_writes_figures_and_a_summary(asv_history, tmp_path):

@@ -53,8 +53,9 @@ rm -rf "$W/ext" && mkdir -p "$W/ext"
 cp "$W"/build/_ext.*.so "$W/ext/_ext.cpython-311-aarch64-linux-gnu.so"
 file "$W/ext/_ext.cpython-311-aarch64-linux-gnu.so" | grep -q aarch64
 
+# The package's loader takes the aarch64 build from here.
 export RMSPROP_BENCH_CPU_EXT_DIR="$W/ext"
-src=$(ci/package_with_extension.sh "$W/ext" "$W/src")
+src=$REPO
 
 export QEMU_LD_PREFIX=/usr/aarch64-linux-gnu
 export LD_LIBRARY_PATH=/usr/aarch64-linux-gnu/lib:/usr/lib/aarch64-linux-gnu

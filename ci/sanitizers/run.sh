@@ -20,7 +20,6 @@ start=$(date +%s)
 say() { echo "[sanitizers $(($(date +%s) - start))s] $*"; }
 
 [ -x "$PY" ] || { python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'; }
-"$PY" -c "import nanobind" 2>/dev/null || .venv/bin/pip install -q 'nanobind>=3' 'cmake>=3.24'
 
 TESTS=(tests/test_cpu_kernel.py tests/test_cpu_kernel_paths.py tests/test_cpu_kernel_hardening.py tests/test_cpu_kernel_fuzz.py)
 
@@ -28,14 +27,17 @@ lane() {  # name, -fsanitize= list, runtime library, fuzz examples, extra pytest
   local name=$1 sanitize=$2 runtime=$3 examples=$4
   shift 4
   say "$name: building with -fsanitize=$sanitize"
-  cmake -S rmsprop_impls/kernels/_cpu_ext -B "$W/$name-build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DPython_EXECUTABLE="$PY" -DRMSPROP_SANITIZE="$sanitize" >"$W/$name-cmake.log"
-  cmake --build "$W/$name-build" --parallel "$(nproc)" >>"$W/$name-cmake.log"
-  rm -rf "$W/$name-ext" && mkdir -p "$W/$name-ext" && cp "$W/$name-build"/_ext*.so "$W/$name-ext/"
-  local src
-  src=$(ci/package_with_extension.sh "$W/$name-ext" "$W/$name-src")
+  "$PY" - "$W/$name-ext" "$sanitize" <<'PY'
+import sys
+from pathlib import Path
+
+from rmsprop_impls.kernels._cpu_ext.build import build_extension
+
+cmake_args = [f"-DRMSPROP_SANITIZE={sys.argv[2]}", "-DCMAKE_BUILD_TYPE=RelWithDebInfo"]
+print(build_extension(Path(sys.argv[1]), cmake_args=cmake_args))
+PY
   say "$name: tests, fuzz with $examples examples"
-  (cd "$src" && RMSPROP_BENCH_CPU_EXT_DIR="$W/$name-ext" PYTHONPATH="$src" RMSPROP_FUZZ_EXAMPLES=$examples \
+  (RMSPROP_BENCH_CPU_EXT_DIR="$W/$name-ext" RMSPROP_FUZZ_EXAMPLES=$examples \
     LD_PRELOAD="$(gcc -print-file-name="$runtime")" \
     "$PY" -m pytest -q -p no:cacheprovider --noconftest -o addopts= --hypothesis-show-statistics "$@" "${TESTS[@]}")
 }

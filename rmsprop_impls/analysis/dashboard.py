@@ -6,8 +6,14 @@ it shows "external (JavaScript) dependencies failed to load". Every one of
 those files is published on the npm registry, so we fetch the package
 tarballs once per machine (cached under the user cache directory), copy the
 files next to the dashboard, point the tags at them and drop the
-``integrity``/``crossorigin`` attributes. Where the npm file is the very file
-the CDN serves, its hash is checked against asv's ``integrity`` first.
+``integrity``/``crossorigin`` attributes.
+
+Whatever ends up in the page is checked first: every tarball against the
+sha512 npm publishes for it (``dist.integrity``, pinned in
+:data:`NPM_INTEGRITY`), after each download and each time a cached copy is
+used, so a tampered mirror or cache cannot put script into the dashboard; and
+where the npm file is the very file the CDN serves, against asv's own
+``integrity`` too.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import http.server
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -53,6 +60,28 @@ class NpmFile:
     def local_path(self) -> str:
         return f"{VENDOR_DIR}/{self.package}@{self.version}/{self.path}"
 
+
+#: npm's ``dist.integrity`` of every tarball the dashboard uses (``npm view <package>@<version> dist.integrity``).
+NPM_INTEGRITY = {
+    ("jquery", "3.3.1"): (
+        "sha512-Ubldcmxp5np52/ENotGxlLe6aGMvmF4R8S6tZjsP6Knsaxd/xp3Zrh50cG93lR6nPXyUFwzN3ZSOQI0wRJNdGg=="
+    ),
+    ("flot", "0.8.3"): (
+        "sha512-xg2otcTJDvS+ERK+my4wxG/ASq90QURXtoM4LhacCq0jQW2jbyjdttbRNqU2cPykrpMvJ6b2uSp6SAgYAzj9tQ=="
+    ),
+    ("stupid-table-plugin", "1.1.3"): (
+        "sha512-2Vk7XouQPxUQPRe9w0Fu7ZZ8kHLK7rDoLMsCgtKxRNJ7f4dSOGvW9CkHsq5wD6QsaEnWoyLBYH3xOEsrK3yWBg=="
+    ),
+    ("blueimp-md5", "2.19.0"): (
+        "sha512-DRQrD6gJyy8FbiE4s+bDoXS9hiW3Vbx5uCdwvcCf3zLHL+Iv7LtGHLpr+GZV8rHG8tK766FGYBwRbu8pELTt+w=="
+    ),
+    ("bootstrap", "3.1.1"): (
+        "sha512-TAzqS8E/ISpVHP29gYhy+1NSV+FJwApDVQhDfgLYsIuUDJiqJzH2DfORN5tiu+Ie2iBLrzEG34t4Rf465cigqg=="
+    ),
+    ("flot-orderbars", "1.0.0"): (
+        "sha512-Jv51fvzevUjNXEeozpwEKfPjhiZhfiJddv0WHjduUTCmSF+7T5K7C9c9Y1wIVmUhDBv5fLMjgbwKecT0GIKPZA=="
+    ),
+}
 
 #: The CDN files asv 0.6.6 loads that are not under jsdelivr's npm mirror, and their npm equivalents.
 #: flot 0.8.3 on npm ships the unminified build of the same release; npm has no stupidtable 1.0.1, so its
@@ -95,22 +124,78 @@ def npm_cache_dir() -> Path:
     return user_cache_dir() / "npm"
 
 
+def tarball_integrity(path: Path) -> str:
+    """``sha512-<base64>``, the form npm publishes as ``dist.integrity``."""
+    return "sha512-" + base64.b64encode(hashlib.sha512(path.read_bytes()).digest()).decode()
+
+
+def _pinned_integrity(package: str, version: str) -> str:
+    pinned = NPM_INTEGRITY.get((package, version))
+    if pinned is None:
+        raise DashboardError(
+            f"no sha512 pinned for npm package {package}@{version}; add its 'npm view {package}@{version} "
+            "dist.integrity' to rmsprop_impls.analysis.dashboard.NPM_INTEGRITY"
+        )
+    return pinned
+
+
+def _verify_tarball(path: Path, package: str, version: str, source: str) -> None:
+    """Fail, and remove ``path``, unless it is the tarball npm published."""
+    found, pinned = tarball_integrity(path), _pinned_integrity(package, version)
+    if found != pinned:
+        path.unlink(missing_ok=True)
+        raise DashboardError(
+            f"{source} {package}@{version} ({path}) is not the tarball npm published: its sha512 is {found}, "
+            f"npm's is {pinned}; the file was removed, try again (from another registry or network if it recurs)"
+        )
+
+
+def _ssl_context() -> ssl.SSLContext:
+    """The system's CA certificates plus certifi's bundle where installed.
+
+    python.org's macOS Python ships without CA certificates, so certifi supplies them there; the system's
+    stay, for a proxy that re-signs TLS with a CA of its own (and ``SSL_CERT_FILE`` still works).
+    """
+    context = ssl.create_default_context()
+    try:
+        import certifi
+    except ImportError:
+        return context
+    context.load_verify_locations(cafile=certifi.where())
+    return context
+
+
+def _download_error(url: str, e: Exception) -> DashboardError:
+    reason = getattr(e, "reason", e)
+    if isinstance(reason, ssl.SSLError):
+        return DashboardError(
+            f"cannot download {url}: the TLS connection failed ({reason}); the server's certificate is not signed "
+            "by a CA this Python trusts (the system's, and certifi's where installed): pip install certifi, or run "
+            "python.org's 'Install Certificates.command', or set SSL_CERT_FILE to your (proxy's) CA bundle"
+        )
+    return DashboardError(f"cannot download {url} ({e}); offline, copy {npm_cache_dir()} from a machine that has it")
+
+
 def npm_tarball(package: str, version: str) -> Path:
-    """The package's tarball from the npm registry, downloaded once per machine into ``npm_cache_dir()``."""
+    """The package's tarball from the npm registry, downloaded once per machine into ``npm_cache_dir()``.
+
+    Checked against :data:`NPM_INTEGRITY` after the download and on every later use.
+    """
+    _pinned_integrity(package, version)
     target = npm_cache_dir() / f"{package}-{version}.tgz"
     if target.exists():
+        _verify_tarball(target, package, version, "the cached")
         return target
     registry = os.environ.get("npm_config_registry", NPM_REGISTRY).rstrip("/")
     url = f"{registry}/{package}/-/{package}-{version}.tgz"
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
+        with urllib.request.urlopen(url, timeout=60, context=_ssl_context()) as response, open(partial, "wb") as f:
             shutil.copyfileobj(response, f)
-    except (urllib.error.URLError, OSError) as e:
-        raise DashboardError(
-            f"cannot download {url} ({e}); offline, copy {npm_cache_dir()} from a machine that has it"
-        ) from None
+    except (urllib.error.URLError, OSError) as e:  # ssl.SSLError is an OSError
+        raise _download_error(url, e) from None
+    _verify_tarball(partial, package, version, f"the download from {registry} of")
     partial.replace(target)
     return target
 

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from ..registry import variant_names
 from .regressions import commit_series, find_regressions
-from .results import ITEMSIZE, STEP_BENCHMARK, bandwidth_limit, latest
+from .results import ITEMSIZE, STEP_BENCHMARK, device_limits, latest
 
 
 class NothingToPlot(ValueError):
@@ -67,6 +67,12 @@ def _variant_order(variants: pd.Series) -> list[str]:
     """Registry order first (eager, compiled, ...), then anything else (peers, ``flat+packed``)."""
     known = [v for v in variant_names() if v in set(variants)]
     return known + sorted(set(variants) - set(known))
+
+
+def _label(rows: pd.DataFrame, variant: str) -> str:
+    """``variant (device)`` for a legend: each variant's GB/s is a fraction of its own device's limit."""
+    devices = rows.loc[rows["variant"] == variant, "device"].dropna().unique()
+    return f"{variant} ({'/'.join(devices)})" if len(devices) else variant
 
 
 def _trees_by_size(rows: pd.DataFrame) -> list[str]:
@@ -141,14 +147,19 @@ def scaling(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
     fig, (ax,) = _figure()
     for variant in _variant_order(rows["variant"]):
         line = rows[rows["variant"] == variant]
-        ax.plot(line["n_params"], line["median"] * 1e3, marker="o", label=variant)
-    limit = bandwidth_limit(latest(df))
+        ax.plot(line["n_params"], line["median"] * 1e3, marker="o", label=_label(rows, variant))
+    limits = device_limits(latest(df))
     sizes = np.geomspace(rows["n_params"].min(), rows["n_params"].max(), 50)
-    if limit:
-        ax.plot(sizes, _limit_seconds(sizes, dtype, limit) * 1e3, "k--", label=f"bandwidth limit ({limit:.1f} GB/s)")
+    drawn = [d for d in ("cpu", "gpu") if limits[d] and (d == "cpu" or (rows["device"] == d).any())]
+    for device, style in zip(drawn, ("k--", "k:")):
+        limit = limits[device]
+        label = f"{device} bandwidth limit ({limit:.1f} GB/s)"
+        ax.plot(sizes, _limit_seconds(sizes, dtype, limit) * 1e3, style, label=label)
+    if drawn:
         limit_text = (
-            "the dashed line is the fastest a step can be at the measured bandwidth limit, "
-            "so the gap above it is what a variant leaves on the table"
+            "the dashed line is the fastest a step can be at the measured bandwidth limit "
+            + ("(dotted: the GPU's) " if "gpu" in drawn else "")
+            + "so the gap above it is what a variant leaves on the table"
         )
     else:
         limit_text = "no bandwidth limit (track_triad_gbps) is in these results, so no limit line is drawn"
@@ -175,17 +186,18 @@ def fraction_of_limit(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFi
         for i, variant in enumerate(order):
             per = measured[measured["variant"] == variant].set_index("tree").reindex(trees)
             x = np.arange(len(trees)) + (i - (len(order) - 1) / 2) * width
-            ax.bar(x, per["fraction_of_limit"] * 100, width, label=variant)
+            ax.bar(x, per["fraction_of_limit"] * 100, width, label=_label(measured, variant))
         ax.axhline(100, color="k", linestyle="--", linewidth=1)
         ax.set_xticks(np.arange(len(trees)), trees)
         ax.legend(fontsize=8)
         best = measured.loc[measured["fraction_of_limit"].idxmax()]
         caption = (
-            f"Bars near the 100% line move memory as fast as the machine allows; the best here is {best['variant']} "
-            f"on {best['tree']} at {100 * best['fraction_of_limit']:.0f}% of the limit."
+            "Bars near the 100% line move memory as fast as their device allows (each bar is of the limit of the "
+            f"device in its label); the best here is {best['variant']} on {best['tree']} at "
+            f"{100 * best['fraction_of_limit']:.0f}% of the {best['device']} limit."
         )
     ax.set_xlabel("tree")
-    ax.set_ylabel("effective bandwidth (% of the limit)")
+    ax.set_ylabel("effective bandwidth (% of its device's limit)")
     return _finish(fig, "Fraction of the memory-bandwidth limit", caption)
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from ..measure.bandwidth import limit_text
 from .plots import FIGURES, NothingToPlot
 from .regressions import find_regressions
-from .results import STEP_BENCHMARK, bandwidth_limit, latest
+from .results import STEP_BENCHMARK, device_limits, latest
 from .tables import markdown_table
 
 SUMMARY = "summary.md"
@@ -21,7 +22,7 @@ def winners(df: pd.DataFrame, baseline: str = "eager") -> pd.DataFrame:
     best = rows.loc[rows.groupby(["tree", "dtype"])["median"].idxmin()].set_index(["tree", "dtype"])
     base = rows[rows["variant"] == baseline].set_index(["tree", "dtype"])["median"]
     best["speedup"] = base.reindex(best.index) / best["median"]
-    columns = ["n_params", "n_leaves", "variant", "median", "gbps", "fraction_of_limit", "speedup"]
+    columns = ["n_params", "n_leaves", "variant", "device", "median", "gbps", "fraction_of_limit", "speedup"]
     return best[columns].sort_values("n_params").reset_index()
 
 
@@ -44,6 +45,7 @@ def _winners_section(df: pd.DataFrame) -> str:
             f"{int(r.n_params):,}",
             int(r.n_leaves),
             r.variant,
+            r.device,
             _number(r.median * 1e3, ".3f"),
             _number(r.gbps, ".2f"),
             _number(100 * r.fraction_of_limit, ".0f"),
@@ -51,7 +53,7 @@ def _winners_section(df: pd.DataFrame) -> str:
         ]
         for r in table.itertuples()
     ]
-    headers = ["tree", "dtype", "params", "leaves", "fastest", "median ms", "GB/s", "% of limit", "x eager"]
+    headers = ["tree", "dtype", "params", "leaves", "fastest", "device", "median ms", "GB/s", "% of limit", "x eager"]
     return "## Fastest variant per tree\n\n" + markdown_table(headers, rows)
 
 
@@ -72,14 +74,15 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, source: str = "") -> Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     newest = latest(df)
-    limit = bandwidth_limit(newest)
+    limits = device_limits(newest)
     machines = ", ".join(sorted(newest["machine"].unique()))
     sections = [
         "# rmsprop-bench results",
         f"Source: `{source}`; machine: {machines}; newest commit: `{newest['commit'].iloc[0][:8]}` "
         f"({newest['commit_date'].iloc[0]:%Y-%m-%d %H:%M} UTC); {df['commit'].nunique()} commits in the history.",
-        f"**Memory-bandwidth limit:** {limit:.1f} GB/s (in-place triad, all cores)."
-        if limit
+        f"**Memory-bandwidth limit:** CPU {limit_text(limits['cpu'])} (in-place triad, all cores); "
+        f"GPU {limit_text(limits['gpu'])}. Each variant's % of limit is of its own device's."
+        if limits["cpu"]
         else "**Memory-bandwidth limit:** not in these results (bench_bandwidth did not run).",
         _winners_section(df),
     ]

@@ -23,9 +23,12 @@ from asv.results import Results
 from asv.util import UserError as AsvUserError
 
 from ..measure.trees import tree_info
+from ..registry import VariantUnavailableError, variant_class
 
-#: The benchmark whose result is the machine's bandwidth limit (GB/s), and the main time benchmark.
+#: The benchmarks whose results are the CPU's and the GPU's bandwidth limits (GB/s), and the main time benchmark.
 LIMIT_BENCHMARK = "bench_bandwidth.Bandwidth.track_triad_gbps"
+GPU_LIMIT_BENCHMARK = "bench_bandwidth.GpuBandwidth.track_triad_gbps"
+LIMIT_BENCHMARKS = {"cpu": LIMIT_BENCHMARK, "gpu": GPU_LIMIT_BENCHMARK}
 STEP_BENCHMARK = "bench_step.Step.time_step"
 
 #: Bytes per element of each dtype name the suites use.
@@ -46,6 +49,7 @@ COLUMNS = [
     "benchmark",
     "unit",
     "variant",
+    "device",
     "tree",
     "n_leaves",
     "n_params",
@@ -71,8 +75,10 @@ class ResultsError(Exception):
 def load_asv_results(results_dir: str | Path) -> pd.DataFrame:
     """Every measurement under ``results_dir`` (asv's ``results_dir``) as a tidy DataFrame.
 
-    Columns are ``COLUMNS`` plus ``limit_gbps``, the bandwidth limit measured in the same run
-    (NaN where the run has no ``track_triad_gbps``). Times are in seconds, as asv stores them.
+    Columns are ``COLUMNS`` plus ``limit_gbps``, the bandwidth limit of the row's ``device`` measured in the
+    same run (NaN where the run has none). ``device`` is where the row ran, ``"cpu"`` or ``"gpu"``: a variant's
+    declared device, with MLX's default device read as the GPU where the run measured a GPU limit (MLX picks the
+    GPU whenever it has one); the peer libraries run on the CPU. Times are in seconds, as asv stores them.
 
     Unreadable result files are skipped with a warning and listed in
     ``df.attrs["skipped_files"]`` as ``(path, reason)``; the rest still load.
@@ -146,9 +152,26 @@ def _unquote(param: str) -> str:
 
 def _describe_params(params: dict[str, str]) -> dict[str, Any]:
     variant = next((params[k] for k in _VARIANT_PARAMS if k in params), None)
+    device = _declared_device(variant) if "variant" in params else ("cpu" if "peer" in params else None)
     tree = params.get("tree")
     n_leaves, n_params = _tree_size(tree) if tree else (math.nan, math.nan)
-    return {"variant": variant, "tree": tree, "n_leaves": n_leaves, "n_params": n_params, "dtype": params.get("dtype")}
+    return {
+        "variant": variant,
+        "device": device,
+        "tree": tree,
+        "n_leaves": n_leaves,
+        "n_params": n_params,
+        "dtype": params.get("dtype"),
+    }
+
+
+@functools.cache
+def _declared_device(variant: str) -> str:
+    """``"cpu"``, ``"gpu"`` or ``"default"``; a variant this package does not know ran on the default device."""
+    try:
+        return variant_class(variant.split("+")[0]).device  # flat+packed runs flat
+    except (ValueError, VariantUnavailableError):
+        return "default"
 
 
 @functools.cache
@@ -188,13 +211,26 @@ def _add_throughput(df: pd.DataFrame) -> pd.DataFrame:
     df["gbps"] = (step_bytes / df["median"] / 1e9).where(is_time)
     tracked = df["benchmark"].str.endswith(".track_gbps")
     df.loc[tracked, "gbps"] = df.loc[tracked, "median"]
-    run = ["machine", "commit", "environment"]
-    limits = df[df["benchmark"] == LIMIT_BENCHMARK].groupby(run)["median"].median().rename("limit_gbps")
-    df = df.join(limits, on=run)
+    df = _attribute_devices(df)
     df["fraction_of_limit"] = df["gbps"] / df["limit_gbps"]
     tracked = df["benchmark"].str.endswith(".track_fraction_of_limit")
     df.loc[tracked, "fraction_of_limit"] = df.loc[tracked, "median"]
     return df
+
+
+def _attribute_devices(df: pd.DataFrame) -> pd.DataFrame:
+    """Resolve each row's device for its run and give it that device's limit as ``limit_gbps``."""
+    run = ["machine", "commit", "environment"]
+    limits = {}
+    for device, benchmark in LIMIT_BENCHMARKS.items():
+        df.loc[df["benchmark"] == benchmark, "device"] = device
+        measured = df[(df["benchmark"] == benchmark) & df["median"].notna()]
+        limits[device] = measured.groupby(run)["median"].median().rename(f"{device}_limit")
+        df = df.join(limits[device], on=run)
+    default = df["device"] == "default"
+    df.loc[default, "device"] = df.loc[default, "gpu_limit"].notna().map({True: "gpu", False: "cpu"})
+    df["limit_gbps"] = df["cpu_limit"].where(df["device"] == "cpu", df["gpu_limit"].where(df["device"] == "gpu"))
+    return df.drop(columns=["cpu_limit", "gpu_limit"])
 
 
 def latest(df: pd.DataFrame) -> pd.DataFrame:
@@ -207,7 +243,12 @@ def latest(df: pd.DataFrame) -> pd.DataFrame:
     return df[(df[run] == pd.Series(newest, index=run)).all(axis=1)]
 
 
-def bandwidth_limit(df: pd.DataFrame) -> float | None:
-    """The median bandwidth limit (GB/s) over the given rows, ``None`` where the suite did not measure it."""
-    limits = df["limit_gbps"].dropna()
+def bandwidth_limit(df: pd.DataFrame, device: str = "cpu") -> float | None:
+    """``device``'s median bandwidth limit (GB/s) over the given rows, ``None`` where the suite did not measure it."""
+    limits = df.loc[df["device"] == device, "limit_gbps"].dropna()
     return float(limits.median()) if len(limits) else None
+
+
+def device_limits(df: pd.DataFrame) -> dict[str, float | None]:
+    """Each device's limit over the given rows: ``{"cpu": ..., "gpu": ... or None}``."""
+    return {device: bandwidth_limit(df, device) for device in LIMIT_BENCHMARKS}

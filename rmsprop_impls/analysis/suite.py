@@ -22,6 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..measure.mlx_settings import MEMORY_LIMIT_MB, describe_cache_limit, memory_cap, on_cpu_allocator
+
 #: asv prefixes each line of progress with ``[ 12.50%]``.
 _PROGRESS = re.compile(r"^\[\s*(\d+(?:\.\d+)?)%\]")
 
@@ -78,12 +80,14 @@ class RunSettings:
     full: bool = False
     quick: bool = False
     bench: list[str] | None = None
-    cache_limit_mb: int = 8192
+    cache_limit_mb: int | None = None  # None: 8 GiB on the CPU, MLX's own default on a GPU (measure.mlx_settings)
     compile_dir: Path | None = None  # TMPDIR, where mx.compile caches its g++ kernels
     machine: str | None = None
 
     def environment(self, base: dict[str, str]) -> dict[str, str]:
-        env = {**base, "RMSPROP_BENCH_CACHE_LIMIT_MB": str(self.cache_limit_mb)}
+        env = dict(base)
+        if self.cache_limit_mb is not None:
+            env["RMSPROP_BENCH_CACHE_LIMIT_MB"] = str(self.cache_limit_mb)
         if self.full:
             env["RMSPROP_BENCH_GRID"] = "full"
         if self.compile_dir:
@@ -94,7 +98,10 @@ class RunSettings:
     def describe(self) -> str:
         grid = "full grid" if self.full else "default subset"
         compile_dir = self.compile_dir or os.environ.get("TMPDIR", "/tmp")
-        return f"{grid}; MLX cache limit {self.cache_limit_mb} MiB; mx.compile kernel cache under TMPDIR={compile_dir}"
+        memory_mb = int(os.environ.get("RMSPROP_BENCH_MEMORY_LIMIT_MB", MEMORY_LIMIT_MB))
+        # Only MLX's CPU back-end builds mx.compile kernels with a C++ compiler and caches them under $TMPDIR/mlx.
+        compile_cache = f"; mx.compile kernel cache under TMPDIR={compile_dir}" if on_cpu_allocator() else ""
+        return f"{grid}; {describe_cache_limit(self.cache_limit_mb)}; {memory_cap(memory_mb)}{compile_cache}"
 
 
 def asv_command(project: Path, command: str, *args: str) -> list[str]:

@@ -18,6 +18,7 @@ from .common import (
     apply_cache_limit,
     at_least,
     check_output_path,
+    device_label,
     load_params_file,
     load_tree,
 )
@@ -69,6 +70,7 @@ def _table(choice: Choice) -> str:
         rows.append(
             [
                 r.variant,
+                r.device,
                 f"{r.median_s * 1e3:.3f}",
                 f"{r.q1_s * 1e3:.3f}-{r.q3_s * 1e3:.3f}",
                 f"{r.first_s * 1e3:.1f}",
@@ -78,8 +80,9 @@ def _table(choice: Choice) -> str:
                 note,
             ]
         )
-    rows += [[name] + [None] * 6 + [f"unavailable: {why}"] for name, why in choice.unavailable.items()]
-    headers = ["variant", "median ms", "IQR ms", "first ms", "steps", "GB/s", "vs fastest", "notes"]
+    for name, why in choice.unavailable.items():
+        rows.append([name, device_label(name)] + [None] * 6 + [f"unavailable: {why}"])
+    headers = ["variant", "device", "median ms", "IQR ms", "first ms", "steps", "GB/s", "vs fastest", "notes"]
     return format_table(headers, rows)
 
 

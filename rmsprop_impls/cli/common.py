@@ -9,9 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import mlx.core as mx
-
+from ..measure import mlx_settings
+from ..measure.mlx_settings import CPU_CACHE_LIMIT_MB
 from ..measure.trees import DTYPES, parse_dtype, tree_by_name, tree_from_file, tree_info
+from ..registry import VariantUnavailableError, variant_device
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,16 +42,16 @@ def add_cache_limit_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-limit-mb",
         type=at_least(0),
-        default=8192,
-        help="MLX allocator cache limit in MiB (default 8192). MLX's CPU default of 32 MB makes big steps "
-        "mostly page faults; the value is set before timing and printed with the results.",
+        default=None,
+        help=f"MLX allocator cache limit in MiB (default: {CPU_CACHE_LIMIT_MB} where the default device is the CPU, "
+        "whose own default of 32 MB makes big steps mostly page faults; MLX's own, most of RAM, on a GPU). "
+        "What is in force is printed with the results.",
     )
 
 
-def apply_cache_limit(megabytes: int) -> str:
-    """Set MLX's allocator cache limit deliberately, and say what was set."""
-    mx.set_cache_limit(megabytes * 1024 * 1024)
-    return f"MLX cache limit {megabytes} MiB"
+def apply_cache_limit(megabytes: int | None) -> str:
+    """Set MLX's allocator cache limit deliberately (``None``: per device), and say what is in force."""
+    return mlx_settings.apply_cache_limit(megabytes)
 
 
 def add_tree_arguments(
@@ -128,3 +129,11 @@ def check_tree_name(name: str) -> None:
         tree_info(name)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def device_label(variant: str) -> str | None:
+    """Where ``variant`` runs (``"cpu"``/``"gpu"``), for a table; ``None`` where its module does not even import."""
+    try:
+        return variant_device(variant)
+    except VariantUnavailableError:
+        return None

@@ -8,7 +8,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from ..analysis.tables import format_table
-from ..measure.bandwidth import measure_bandwidth
+from ..measure.bandwidth import describe_limits, fraction_of_limit, measure_limits
 from ..measure.compare import VariantResult, compare_variants
 from ..measure.timing import time_floor
 from ..measure.trees import leaves_of, random_like
@@ -24,7 +24,7 @@ from .common import (
 
 #: The variants every other one is compared with, when they ran.
 BASELINES = ("compiled", "eager")
-HEADERS = ["tree", "variant", "median ms", "IQR ms", "us/leaf", "GB/s", "of limit"]
+HEADERS = ["tree", "variant", "device", "median ms", "IQR ms", "us/leaf", "GB/s", "of limit"]
 HEADERS += [f"vs {b}" for b in BASELINES] + ["notes"]
 
 
@@ -33,8 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "compare",
         help="time every variant on one or more trees and print a table",
         description="Time every variant on each tree in this process: median step time, time per leaf, effective "
-        "GB/s (20 bytes per float32 parameter), the fraction of this machine's bandwidth limit (measured once, "
-        "first) and the speed-up over the compiled and eager variants. Under the table, the fastest variant per tree "
+        "GB/s (20 bytes per float32 parameter), the fraction of the bandwidth limit of the device it runs on (each "
+        "device's measured once, first) and the speed-up over the compiled and eager variants. Under the table, the "
+        "fastest variant per tree "
         "and the tree's floor: the tree walk, rebuild and mx.eval that every step pays, timed with no update.",
     )
     add_tree_arguments(p, several=True)
@@ -49,14 +50,14 @@ def run(args: argparse.Namespace) -> int:
     names = list(dict.fromkeys(args.tree))
     for name in names:  # a bad name fails before any timing; each tree is built just before it is timed
         check_tree_name(name)
-    limit = measure_bandwidth()
+    limits = measure_limits()
     rows, fastest = [], []
     for name in tqdm(names, desc="trees", unit="tree", leave=False):
         params = load_tree(name, args.dtype)
         leaves = leaves_of(params)
         grads = random_like(params)
         results = compare_variants(params, grads, args.variants, repeats=args.repeats)
-        rows += [_row(name, r, len(leaves), limit, results) for r in results]
+        rows += [_row(name, r, len(leaves), limits, results) for r in results]
         ran = [r for r in results if r.timing]
         if ran:
             best = min(ran, key=lambda r: r.timing.median)
@@ -70,26 +71,31 @@ def run(args: argparse.Namespace) -> int:
             )
         del params, grads, leaves, results
         mx.clear_cache()
-    print(f"memory-bandwidth limit (in-place triad, all cores): {limit:.1f} GB/s; {setting}\n")
+    print(f"{describe_limits(limits)}; {setting}\n")
     print(format_table(HEADERS, rows))
     if fastest:
         print("\nfastest:\n" + "\n".join(f"  {line}" for line in fastest))
     return 0
 
 
-def _row(tree: str, r: VariantResult, n_leaves: int, limit: float, results: list[VariantResult]) -> list:
+def _row(tree: str, r: VariantResult, n_leaves: int, limits: dict, results: list[VariantResult]) -> list:
     if r.timing is None:
-        return [tree, r.variant] + [None] * (len(HEADERS) - 3) + [f"unavailable: {r.reason}"]
+        return [tree, r.variant, r.device] + [None] * (len(HEADERS) - 4) + [f"unavailable: {r.reason}"]
     base = {b.variant: b.timing.median for b in results if b.variant in BASELINES and b.timing}
     speedups = [f"{base[b] / r.timing.median:.2f}x" if b in base else None for b in BASELINES]
     return [
         tree,
         r.variant,
+        r.device,
         f"{r.timing.median * 1e3:.3f}",
         f"{r.timing.iqr * 1e3:.3f}",
         f"{r.timing.median / max(n_leaves, 1) * 1e6:.1f}",
         f"{r.gbps:.2f}",
-        f"{100 * r.gbps / limit:.0f}%",
+        _percent(fraction_of_limit(r.gbps, limits, r.device)),
         *speedups,
         f"first step {r.timing.first_s * 1e3:.1f} ms",
     ]
+
+
+def _percent(fraction: float | None) -> str | None:
+    return None if fraction is None else f"{100 * fraction:.0f}%"

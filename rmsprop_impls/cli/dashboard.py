@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..analysis.dashboard import DashboardError, build_dashboard, dashboard_server
+from ..analysis.dashboard import DashboardError, build_dashboard, dashboard_server, npm_cache_dir
 from .common import UserError
 
 
@@ -13,7 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "dashboard",
         help="publish asv's dashboard with its JavaScript vendored, and serve it on 127.0.0.1",
         description="Run 'asv publish', replace the CDN links in the dashboard (jQuery, flot, bootstrap, ...) with "
-        "copies from the npm registry (downloaded once per machine, cached under ~/.cache/rmsprop-bench), then "
+        f"copies from the npm registry (downloaded once per machine, cached under {npm_cache_dir()}), then "
         "serve it on 127.0.0.1 until Ctrl-C.",
     )
     p.add_argument("--config", default="asv.conf.json", help="asv configuration file (default asv.conf.json)")

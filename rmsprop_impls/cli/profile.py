@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import mlx.core as mx
 
 from ..analysis.tables import format_table
+from ..measure.bandwidth import describe_limits
 from ..measure.profile import MB, plot_profiles, profile_variants
 from ..measure.trees import leaves_of, random_like
 from ..registry import variant_names
@@ -18,6 +19,7 @@ from .common import (
     apply_cache_limit,
     at_least,
     check_output_path,
+    device_label,
     load_tree,
 )
 
@@ -28,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="explain each variant's step: build vs eval time, memory, page faults, GB/s, and the fixes",
         description="Profile each variant on one tree: graph-build vs evaluation time, first-step cost, peak and "
         "active memory, peak growth and minor page faults per step, effective GB/s against the measured "
-        "bandwidth limit; then flag a too-small allocator cache, retracing and per-leaf launch overhead.",
+        "bandwidth limit of the device each variant runs on; then flag a too-small allocator cache, retracing and "
+        "per-leaf launch overhead.",
     )
     add_tree_arguments(p)
     p.add_argument("--variants", nargs="+", choices=variant_names(), help="variants to profile (default: all)")
@@ -71,20 +74,21 @@ def run(args: argparse.Namespace) -> int:
     with _metal_capture(args.metal_capture):
         setting = apply_cache_limit(args.cache_limit_mb)
         params = load_tree(args.tree, args.dtype)
-        profiles, unavailable, limit = profile_variants(
+        profiles, unavailable, limits = profile_variants(
             params, random_like(params), args.variants, steps=args.steps, progress=True
         )
     n_params = sum(x.size for x in leaves_of(params))
     print(f"tree {args.tree} ({n_params:,} {args.dtype} parameters, {len(leaves_of(params))} leaves); {setting}")
-    print(f"memory-bandwidth limit (in-place triad, all cores): {limit:.1f} GB/s\n")
+    print(describe_limits(limits) + "\n")
     rows = [
         [
             p.variant,
+            p.device,
             f"{p.first_step_s * 1e3:.1f}",
             f"{p.build_s * 1e3:.3f}",
             f"{p.eval_s * 1e3:.3f}",
             f"{p.gbps:.2f}",
-            f"{100 * p.of_limit:.0f}%",
+            None if p.of_limit != p.of_limit else f"{100 * p.of_limit:.0f}%",  # NaN: no limit for its device
             f"{p.peak_bytes / MB:.1f}",
             f"{p.active_bytes / MB:.1f}",
             f"{p.peak_growth_bytes / MB:.2f}",
@@ -94,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
         ]
         for p in profiles
     ]
-    rows += [[name] + [None] * 10 + [f"unavailable: {why}"] for name, why in unavailable.items()]
-    headers = ["variant", "first ms", "build ms", "eval ms", "GB/s", "of limit", "peak MB", "active MB"]
+    rows += [[name, device_label(name)] + [None] * 10 + [f"unavailable: {why}"] for name, why in unavailable.items()]
+    headers = ["variant", "device", "first ms", "build ms", "eval ms", "GB/s", "of limit", "peak MB", "active MB"]
     headers += ["peak growth MB", "faults/step", "traces/step", "notes"]
     print(format_table(headers, rows))
     notes = [f for p in profiles for f in p.findings]

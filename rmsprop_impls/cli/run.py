@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from ..analysis.dashboard import DashboardError, build_dashboard
 from ..analysis.suite import KeptResults, RunSettings, find_project, git_head, read_conf, run_benchmarks, write_run_conf
 from ..analysis.tables import format_table
+from ..measure.bandwidth import describe_limits
 from .common import UserError, add_cache_limit_argument, load_results
 
 if TYPE_CHECKING:
@@ -92,21 +93,22 @@ def publish_dashboard(project: Path) -> str:
 
 
 def summary(results: pd.DataFrame) -> str:
-    """The bandwidth limit and, per tree and dtype, the fastest variant of the newest run in ``results``."""
+    """Each device's bandwidth limit and, per tree and dtype, the fastest variant of the newest run in ``results``."""
     from ..analysis.report import winners
-    from ..analysis.results import bandwidth_limit, latest
+    from ..analysis.results import device_limits, latest
 
-    limit = bandwidth_limit(latest(results))
+    limits = device_limits(latest(results))
     rows = [
         [
             r.tree,
             r.dtype,
             r.variant,
+            r.device,
             f"{r.median * 1e3:.3f}",
             None if math.isnan(r.gbps) else f"{r.gbps:.2f}",
             None if math.isnan(r.fraction_of_limit) else f"{100 * r.fraction_of_limit:.0f}%",
         ]
         for r in winners(results).itertuples()
     ]
-    head = f"\nmemory-bandwidth limit (in-place triad, all cores): {limit:.1f} GB/s\n" if limit else "\n"
-    return head + format_table(["tree", "dtype", "fastest", "median ms", "GB/s", "of limit"], rows)
+    head = f"\n{describe_limits(limits)}\n" if limits["cpu"] else "\n"
+    return head + format_table(["tree", "dtype", "fastest", "device", "median ms", "GB/s", "of limit"], rows)

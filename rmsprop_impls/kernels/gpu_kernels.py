@@ -1,31 +1,54 @@
-"""What the Metal and CUDA kernel variants share: the kernel body, its launch geometry and its dispatch.
+"""What the Metal and CUDA kernel variants share: the kernel body, its launch shape and its dispatch.
 
-Both run one fused launch per dtype buffer of the multi-tensor layout
-(:class:`~rmsprop_impls.multi_tensor.PackedRMSprop`), so a tree of any leaf
-count costs as many launches as it has dtypes. Each thread updates one
-element, in float32 whatever the storage dtype. The learning rate, ``alpha``,
-``1 - alpha`` and ``eps`` reach the kernel as one float32 input array, not as
+**Numbers.** ``precision="stock"`` (the default) gives ``mlx.optimizers.RMSprop``'s
+numbers bit for bit in every dtype: lr, ``alpha``, ``1 - alpha`` and ``eps``
+are rounded to the storage type ``T`` the way stock rounds them, and each
+operation's result is rounded to ``T`` in stock's order
+(``v = alpha*v + (1-alpha)*square(g)``, ``w - (lr*g) / (sqrt(v) + eps)``).
+Each operation runs in float32 and is rounded once to ``T``; float32 has more
+than twice the bits of float16 and bfloat16 plus two, so that gives the
+correctly rounded half-precision result, which is what MLX computes.
+``precision="float32"`` keeps every intermediate in float32 and rounds once,
+at the store: more accurate, not stock's numbers in float16 and bfloat16.
+On CUDA every float operation is spelled with its ``_rn`` intrinsic, which the
+compiler never fuses into a multiply-add (NVRTC's default ``--fmad=true``
+would), so both modes are deterministic.
+
+**Launch shape.** ``w`` and ``v`` stay packed, one buffer per chunk of leaves
+of one dtype, across steps (the parameters and ``v`` handed back are views into
+the kernel's outputs). The gradients are *not* packed: each launch takes up to
+:data:`MAX_LEAVES_PER_LAUNCH` gradient leaves as separate buffers, and each
+thread finds its leaf from an offsets table. A step reads ``w``, ``g``, ``v``
+and writes ``w``, ``v``: 20 bytes per float32 parameter, nothing else. Metal
+allows 31 buffer arguments; a launch uses 6 plus one per gradient.
+
+Hyper-parameters reach the kernel as one small float32 input array, never as
 template values: every distinct template value compiles a new kernel, and a
-schedule changes the learning rate every step. The only template value is the
-storage dtype ``T``, so each kernel object compiles at most three kernels.
+schedule changes the learning rate every step. The only template value is
+``T``; the kernel objects differ by precision and by gradient count.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 
 from ..registry import VariantUnavailableError
-from .multi_tensor import PackedRMSprop
+from .multi_tensor import BufferReuse, PackedRMSprop
+from .packing import DtypeGroup, FlatLayout, unpack_group
 
 #: Threads per threadgroup (Metal) or block (CUDA): a multiple of both warp sizes, under both limits.
 THREADS_PER_GROUP = 256
 #: MLX takes the grid as 32-bit ints, and a 1-D MLX array holds at most this many elements anyway.
 MAX_GRID = 2**31 - 1
-INPUT_NAMES = ("w", "g", "v", "hyper")
+#: Metal's limit of 31 buffer arguments, less w, v, hyper, offsets and the two outputs.
+MAX_LEAVES_PER_LAUNCH = 25
+PRECISIONS = ("stock", "float32")
+FIXED_INPUT_NAMES = ("w", "v", "hyper", "offsets")
 OUTPUT_NAMES = ("w_new", "v_new")
 SUPPORTED_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -36,9 +59,13 @@ class Backend:
 
     name: str
     factory: str  # the mx.fast function that builds the kernel object
-    index: str  # this thread's element, and the bounds check against the buffer's size
-    sqrt: str  # correctly rounded, as stock's ops are
-    divide: str  # format string, correctly rounded
+    index: str  # this thread's element, as an integer expression
+    index_type: str
+    mul: str  # format strings for float32 operations, each correctly rounded and never fused
+    add: str
+    sub: str
+    sqrt: str
+    divide: str
     to_float: str  # format strings for the casts to and from the storage type T
     from_float: str
 
@@ -46,41 +73,67 @@ class Backend:
 METAL = Backend(
     name="metal",
     factory="metal_kernel",
-    index="const uint i = thread_position_in_grid.x;\nif (i >= uint(w_shape[0])) return;",
-    sqrt="metal::precise::sqrt",
+    index="thread_position_in_grid.x",
+    index_type="uint",
+    mul="({} * {})",
+    add="({} + {})",
+    sub="({} - {})",
+    sqrt="metal::precise::sqrt({})",
     divide="metal::precise::divide({}, {})",
     to_float="float({})",
     from_float="T({})",
 )
-# CUDA rounds the grid up to whole blocks, so the last block's spare threads must stop here.
-# NVRTC's defaults (no fast math) already round sqrtf and / correctly.
+# CUDA rounds the grid up to whole blocks, so the last block's spare threads must stop at the bounds check.
 CUDA = Backend(
     name="cuda",
     factory="cuda_kernel",
-    index=(
-        "const unsigned long long i = cooperative_groups::this_grid().thread_rank();\n"
-        "if (i >= static_cast<unsigned long long>(w_shape[0])) return;"
-    ),
-    sqrt="sqrtf",
-    divide="({}) / ({})",
+    index="cooperative_groups::this_grid().thread_rank()",
+    index_type="unsigned long long",
+    mul="__fmul_rn({}, {})",
+    add="__fadd_rn({}, {})",
+    sub="__fsub_rn({}, {})",
+    sqrt="__fsqrt_rn({})",
+    divide="__fdiv_rn({}, {})",
     to_float="static_cast<float>({})",
     from_float="static_cast<T>({})",
 )
 
 
-def kernel_source(backend: Backend) -> str:
-    """The kernel body (MLX generates the signature): stock's update for element ``i``, in float32."""
-    f, t = backend.to_float.format, backend.from_float.format
-    step = backend.divide.format("lr * g_i", f"{backend.sqrt}(v_i) + eps")
-    new_w = f"{f('w[i]')} - {step}"
+def input_names(n_gradients: int) -> list[str]:
+    """``w``, ``v``, ``hyper``, ``offsets``, then one name per gradient leaf: ``g0``, ``g1``, ..."""
+    return [*FIXED_INPUT_NAMES, *(f"g{j}" for j in range(n_gradients))]
+
+
+def kernel_source(backend: Backend, precision: str = "stock", n_gradients: int = 1) -> str:
+    """The kernel body (MLX generates the signature) for element ``i`` of a launch over ``n_gradients`` leaves.
+
+    ``offsets[j]`` is where gradient ``j`` starts in the packed ``w`` and ``v``;
+    ``offsets[n_gradients]`` is their size.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision is one of {PRECISIONS}, not {precision!r}")
+    if not 1 <= n_gradients <= MAX_LEAVES_PER_LAUNCH:
+        raise ValueError(f"a launch takes 1 to {MAX_LEAVES_PER_LAUNCH} gradient leaves, not {n_gradients}")
+    b = backend
+    f, t = b.to_float.format, b.from_float.format
+    # stock rounds every operation's result to T; float32 rounds only at the stores
+    r = (lambda x: f(t(x))) if precision == "stock" else (lambda x: x)
+    n = f"offsets[{n_gradients}]"
+    pick = [f"(i < offsets[{j + 1}]) ? g{j}[i - offsets[{j}]] :" for j in range(n_gradients - 1)]
+    g_i = " ".join([*pick, f"g{n_gradients - 1}[i - offsets[{n_gradients - 1}]]"])
     return "\n".join(
         [
-            backend.index,
+            f"const {b.index_type} i = {b.index};",
+            f"if (i >= {n}) return;",
             "const float lr = hyper[0], alpha = hyper[1], one_minus_alpha = hyper[2], eps = hyper[3];",
-            f"const float g_i = {f('g[i]')};",
-            f"const float v_i = alpha * {f('v[i]')} + one_minus_alpha * (g_i * g_i);",
+            f"const float g_i = {f(f'({g_i})')};",
+            f"const float v_a = {r(b.mul.format('alpha', f('v[i]')))};",
+            f"const float v_b = {r(b.mul.format('one_minus_alpha', r(b.mul.format('g_i', 'g_i'))))};",
+            f"const float v_i = {r(b.add.format('v_a', 'v_b'))};",
+            f"const float denom = {r(b.add.format(r(b.sqrt.format('v_i')), 'eps'))};",
+            f"const float step = {r(b.divide.format(r(b.mul.format('lr', 'g_i')), 'denom'))};",
             f"v_new[i] = {t('v_i')};",
-            f"w_new[i] = {t(new_w)};",
+            f"w_new[i] = {t(b.sub.format(f('w[i]'), 'step'))};",
             "",
         ]
     )
@@ -100,33 +153,58 @@ def launch_geometry(n_elements: int, threads_per_group: int = THREADS_PER_GROUP)
 
 
 @functools.cache
-def shared_kernel(backend: Backend) -> Any:
-    """The kernel object, built once per process and back-end, then reused by every optimizer."""
+def shared_kernel(backend: Backend, precision: str = "stock", n_gradients: int = 1) -> Any:
+    """The kernel object, built once per process, back-end, precision and gradient count, then reused."""
     make = getattr(mx.fast, backend.factory)
     return make(
-        name="rmsprop_step",
-        input_names=list(INPUT_NAMES),
+        name=f"rmsprop_step_{precision}_{n_gradients}",
+        input_names=input_names(n_gradients),
         output_names=list(OUTPUT_NAMES),
-        source=kernel_source(backend),
+        source=kernel_source(backend, precision, n_gradients),
     )
 
 
-def hyperparameters(lr: mx.array, constants: mx.array) -> mx.array:
-    """``[lr, alpha, 1 - alpha, eps]`` in float32, from the step's lr and the fixed rest."""
-    return mx.concatenate([mx.reshape(lr, (1,)).astype(mx.float32), constants])
+def stock_constants(alpha: float, eps: float, dtype: mx.Dtype, precision: str) -> mx.array:
+    """``[alpha, 1 - alpha, eps]`` as float32; for ``"stock"``, rounded to ``dtype`` the way stock rounds them.
+
+    Stock multiplies ``v`` by the Python float ``alpha``, which MLX turns into
+    a scalar of ``v``'s dtype; the same product with a one of that dtype gives
+    the same rounding.
+    """
+    if precision == "float32":
+        return mx.array([alpha, 1.0 - alpha, eps], dtype=mx.float32)
+    one = mx.ones((), dtype=dtype)
+    return mx.stack([alpha * one, (1 - alpha) * one, eps * one]).astype(mx.float32)
+
+
+def hyperparameters(lr: mx.array, constants: mx.array, dtype: mx.Dtype, precision: str) -> mx.array:
+    """``[lr, alpha, 1 - alpha, eps]`` in float32; for ``"stock"``, lr rounded to ``dtype`` as stock casts it."""
+    lr = mx.reshape(lr, (1,))
+    if precision == "stock":
+        lr = lr.astype(dtype)
+    return mx.concatenate([lr.astype(mx.float32), constants])
 
 
 def dispatch(
-    kernel: Any, w: mx.array, g: mx.array, v: mx.array, hyper: mx.array, stream: Any = mx.gpu
+    kernel: Any,
+    w: mx.array,
+    v: mx.array,
+    gradients: list[mx.array],
+    offsets: mx.array,
+    hyper: mx.array,
+    stream: Any = mx.gpu,
 ) -> tuple[mx.array, mx.array]:
-    """Launch ``kernel`` once over 1-D buffers ``w``, ``g`` and ``v``; returns the new ``(w, v)``."""
+    """Launch ``kernel`` once over the packed 1-D ``w`` and ``v`` and the 1-D gradient leaves; returns new ``(w, v)``.
+
+    ``offsets`` (uint32) holds where each gradient starts in ``w`` and, last, ``w``'s size.
+    """
     if w.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"the GPU kernels update float32, float16 and bfloat16, not {w.dtype}")
     if w.size == 0:
         return w, v
     geometry = launch_geometry(w.size)
     w_new, v_new = kernel(
-        inputs=[w, g, v, hyper],
+        inputs=[w, v, hyper, offsets, *gradients],
         template=[("T", w.dtype)],
         grid=geometry.grid,
         threadgroup=geometry.threadgroup,
@@ -137,18 +215,101 @@ def dispatch(
     return w_new, v_new
 
 
+@dataclass(frozen=True)
+class Launch:
+    """The leaves one launch updates. ``group`` lays out its packed ``w`` and ``v`` (``group.offsets`` is the
+    kernel's offsets table); ``start`` places them in their dtype's packed gradients, for
+    :class:`~rmsprop_impls.packing.PackedGradients`."""
+
+    group: DtypeGroup
+    start: int
+
+
+def plan_launches(layout: FlatLayout, max_leaves: int = MAX_LEAVES_PER_LAUNCH) -> list[Launch]:
+    """Each dtype's non-empty leaves, in tree order, in runs of at most ``max_leaves`` leaves and
+    :data:`MAX_GRID` elements: one launch per run."""
+    launches = []
+    for grp in layout.groups:
+        sizes = [grp.offsets[p + 1] - grp.offsets[p] for p in range(len(grp.indices))]
+        runs: list[list[int]] = []  # positions within grp
+        run_size = 0
+        for p, size in enumerate(sizes):
+            if size == 0:
+                continue
+            if not runs or len(runs[-1]) == max_leaves or run_size + size > MAX_GRID:
+                runs.append([])
+                run_size = 0
+            runs[-1].append(p)
+            run_size += size
+        for run in runs:
+            offsets = tuple(itertools.accumulate((sizes[p] for p in run), initial=0))
+            indices, shapes = tuple(grp.indices[p] for p in run), tuple(grp.shapes[p] for p in run)
+            launches.append(Launch(DtypeGroup(grp.dtype, indices, shapes, offsets), grp.offsets[run[0]]))
+    return launches
+
+
 class GpuKernelRMSprop(PackedRMSprop):
-    """A hand-written kernel over the packed buffers; subclasses name the back-end and its availability."""
+    """A hand-written kernel over packed ``w`` and ``v`` and unpacked gradients; subclasses name the back-end.
+
+    Args (beyond RMSprop's): ``precision``, ``"stock"`` (default: stock's
+    numbers bit for bit) or ``"float32"`` (one rounding).
+    """
 
     backend: Backend
 
-    def __init__(self, learning_rate, alpha=0.99, eps=1e-8):
+    def __init__(self, learning_rate, alpha=0.99, eps=1e-8, precision: str = "stock"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision is one of {PRECISIONS}, not {precision!r}")
         reason = self.unavailable_reason()
         if reason is not None:
             raise VariantUnavailableError(self.name, reason)
         super().__init__(learning_rate, alpha, eps)
-        self._kernel = shared_kernel(self.backend)
-        self._constants = mx.array([alpha, 1.0 - alpha, eps], dtype=mx.float32)
+        self.precision = precision
+        self._launches: list[Launch] = []
+        self._launch_state: list[tuple[BufferReuse, BufferReuse, mx.array]] = []
+        self._planned_for: FlatLayout | None = None
+        self._constants: dict[mx.Dtype, mx.array] = {}
 
-    def update_buffers(self, w, g, v, lr):
-        return dispatch(self._kernel, w, g, v, hyperparameters(lr, self._constants))
+    def _plan(self, layout: FlatLayout) -> None:
+        if layout is not self._planned_for:
+            self._launches = plan_launches(layout)
+            self._launch_state = [
+                (BufferReuse(), BufferReuse(), mx.array(launch.group.offsets, dtype=mx.uint32))
+                for launch in self._launches
+            ]
+            self._planned_for = layout
+
+    def _hyper(self, dtype: mx.Dtype, lr: mx.array) -> mx.array:
+        if dtype not in self._constants:
+            self._constants[dtype] = stock_constants(self.alpha, self.eps, dtype, self.precision)
+        return hyperparameters(lr, self._constants[dtype], dtype, self.precision)
+
+    def _gradients(self, launch: Launch, g: list[mx.array]) -> tuple[list[mx.array], mx.array | None]:
+        """The launch's gradients, and the offsets to use when they are not one buffer per leaf."""
+        if self._packed_g:
+            buffer = self._packed_g[launch.group.dtype]
+            end = launch.start + launch.group.size
+            part = buffer if (launch.start, end) == (0, buffer.size) else buffer[launch.start : end]
+            return [part], mx.array([0, launch.group.size], dtype=mx.uint32)
+        return [g[i].reshape(-1) for i in launch.group.indices], None
+
+    def update_leaves(self, w, g, v, lr):
+        self._plan(self._layout_for(w))
+        new_w, new_v = list(w), list(v)  # empty leaves stay as they are
+        hyper: dict[mx.Dtype, mx.array] = {}
+        for launch, (w_reuse, v_reuse, offsets) in zip(self._launches, self._launch_state):
+            grp = launch.group
+            if grp.dtype not in hyper:
+                hyper[grp.dtype] = self._hyper(grp.dtype, lr)
+            wb = w_reuse.pack(grp, [w[i] for i in grp.indices])
+            vb = v_reuse.pack(grp, [v[i] for i in grp.indices])
+            grads, packed_offsets = self._gradients(launch, g)
+            kernel = shared_kernel(self.backend, self.precision, len(grads))
+            launch_offsets = offsets if packed_offsets is None else packed_offsets
+            wb, vb = dispatch(kernel, wb, vb, grads, launch_offsets, hyper[grp.dtype])
+            w_views, v_views = unpack_group(grp, wb), unpack_group(grp, vb)
+            w_reuse.remember(grp, wb, w_views)
+            v_reuse.remember(grp, vb, v_views)
+            for i, wi, vi in zip(grp.indices, w_views, v_views):
+                new_w[i], new_v[i] = wi, vi
+        return new_w, new_v

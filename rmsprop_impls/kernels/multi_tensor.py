@@ -1,10 +1,11 @@
 """Multi-tensor RMSprop: one update per dtype over packed buffers, like PyTorch's foreach.
 
-Shared by ``flat`` (MLX ops on each buffer) and the GPU kernels (one launch per
-buffer). Gradients are packed every step, and that copy is part of the timed
-step. The parameters and ``v`` handed back are views into the output buffers;
-when the same arrays come back next step (the usual training loop), the
-buffers are reused instead of packed again. A trainer that already holds flat
+Used by ``flat`` (MLX ops on each buffer); the GPU kernels reuse its packed
+``w`` and ``v`` but read the gradients unpacked. Here gradients are packed
+every step, and that copy is part of the timed step. The parameters and ``v``
+handed back are views into the output buffers; when the same arrays come back
+next step (the usual training loop), the buffers are reused instead of packed
+again. A trainer that already holds flat
 gradients passes :class:`~rmsprop_impls.packing.PackedGradients` and skips that
 copy too.
 """

@@ -1,7 +1,7 @@
 """Pack many leaves into one contiguous buffer per dtype, and back.
 
 Shared by the multi-tensor variants: ``flat`` runs MLX ops once per buffer,
-and the GPU kernels launch once per buffer.
+and the GPU kernels keep ``w`` and ``v`` packed, one buffer per launch.
 """
 
 from __future__ import annotations

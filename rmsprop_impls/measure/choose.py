@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 from tqdm import tqdm
 
-from ..registry import create, partition_available, variant_names
+from ..registry import create, partition_available, variant_device, variant_names
 from .timing import StepTiming, time_interleaved
 from .trees import leaves_of, parse_dtype, random_like, step_bytes
 
@@ -43,6 +43,7 @@ class RankedVariant:
     gbps: float
     slowdown: float  # median / the fastest median
     tied: bool  # within noise of the fastest
+    device: str = ""  # "cpu" or "gpu": where it ran
 
 
 @dataclass
@@ -88,6 +89,7 @@ def rank(timings: dict[str, StepTiming], nbytes: int) -> tuple[list[RankedVarian
             gbps=nbytes / t.median / 1e9,
             slowdown=t.median / best.median,
             tied=is_tied(best, t),
+            device=variant_device(name),
         )
         for name, t in ((name, timings[name]) for name in order)
     ]

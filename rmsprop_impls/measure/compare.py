@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..registry import availability, create
+from ..registry import availability, create, variant_device
 from .timing import StepTiming, time_steps
 from .trees import step_bytes
 
@@ -18,6 +18,7 @@ class VariantResult:
     timing: StepTiming | None  # None where the variant cannot run here
     reason: str | None = None  # why it cannot
     gbps: float | None = None
+    device: str | None = None  # "cpu" or "gpu": where it runs, whose limit its GB/s is a fraction of
 
 
 def compare_variants(
@@ -35,8 +36,8 @@ def compare_variants(
     results = []
     for name in tqdm(variants, desc="timing variants", unit="variant", disable=not progress, leave=False):
         if reasons.get(name) is not None:
-            results.append(VariantResult(name, None, reasons[name]))
+            results.append(VariantResult(name, None, reasons[name], device=variant_device(name)))
             continue
         timing = time_steps(create(name, learning_rate), params, grads, repeats=repeats)
-        results.append(VariantResult(name, timing, gbps=nbytes / timing.median / 1e9))
+        results.append(VariantResult(name, timing, gbps=nbytes / timing.median / 1e9, device=variant_device(name)))
     return results

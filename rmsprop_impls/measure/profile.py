@@ -4,7 +4,8 @@ Per variant: the time of the update call (building the lazy graph: Python and
 op dispatch; ``cpu_kernel`` also updates its small leaves right there) against
 the time to evaluate it, the first step (init, compile, kernel build), MLX's
 peak and active memory, how far a step raises memory, the minor page faults
-per step and the effective GB/s against the machine's bandwidth limit.
+per step and the effective GB/s against the bandwidth limit of the device it
+runs on.
 
 * New allocations are measured with MLX's memory statistics, as the step's
   peak growth: its peak memory (after ``mx.reset_peak_memory``) minus the
@@ -28,8 +29,9 @@ from typing import Any
 import mlx.core as mx
 from tqdm import tqdm
 
-from ..registry import create, partition_available
-from .bandwidth import measure_bandwidth
+from ..registry import create, partition_available, variant_device
+from .bandwidth import limit_for, measure_limits
+from .mlx_settings import current_cache_limit, on_cpu_allocator
 from .trees import leaves_of, step_bytes
 
 #: A step whose page faults cover this fraction of its peak growth is fed by the OS, not by MLX's cache.
@@ -47,6 +49,7 @@ class VariantProfile:
     """Seconds are medians per step over the timed steps; bytes are MLX memory statistics."""
 
     variant: str
+    device: str  # "cpu" or "gpu": where its steps ran, whose limit of_limit divides by
     first_step_s: float
     build_s: float
     eval_s: float
@@ -61,13 +64,6 @@ class VariantProfile:
     findings: list[str] = field(default_factory=list)
 
 
-def current_cache_limit() -> int:
-    """MLX's allocator cache limit in bytes (MLX only reports it when it is set, so set it back at once)."""
-    limit = mx.set_cache_limit(1 << 62)  # raising it frees nothing
-    mx.set_cache_limit(limit)
-    return limit
-
-
 def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -75,7 +71,9 @@ def _minor_faults() -> int:
 def profile_optimizer(
     optimizer: Any, params: Any, grads: Any, bandwidth_gbps: float, steps: int = 10, warmup: int = 2
 ) -> VariantProfile:
-    """Profile ``steps`` evaluated steps of ``optimizer`` after its first step and ``warmup`` more."""
+    """Profile ``steps`` evaluated steps of ``optimizer`` after its first step and ``warmup`` more.
+
+    ``bandwidth_gbps`` is the limit of the device ``optimizer`` runs on."""
     mx.eval(params, grads)
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -106,6 +104,7 @@ def profile_optimizer(
     traces = getattr(optimizer, "traces", None)
     result = VariantProfile(
         variant=getattr(optimizer, "name", type(optimizer).__name__),
+        device=optimizer.concrete_device() if hasattr(optimizer, "concrete_device") else "cpu",
         first_step_s=first,
         build_s=statistics.median(builds),
         eval_s=statistics.median(evals),
@@ -134,12 +133,18 @@ def findings(p: VariantProfile, params: Any, bandwidth_gbps: float, alternatives
     needed = 2 * max(p.peak_growth_bytes, step_bytes(params))
     if cache_limit < needed and fault_bytes >= FAULTING_FRACTION * p.peak_growth_bytes > 0:
         suggest = -(-int(needed) // MB)
+        if on_cpu_allocator():
+            allocator, source, or_default = "MLX's CPU allocator", "they come from the OS each time", ""
+        else:  # Metal's (or CUDA's) allocator: its own default cache is large, so a small one was set on purpose
+            allocator = f"MLX's {mx.default_device()} allocator"
+            source = "new GPU buffers are allocated (and their pages faulted in) each time"
+            or_default = ", or leave out --cache-limit-mb to keep MLX's own default for the GPU"
         out.append(
             f"{p.variant}: every step page-faults ({p.faults_per_step:,.0f} minor faults, "
-            f"{fault_bytes / MB:.0f} MB, per step) because MLX's allocator cache limit ({cache_limit / MB:.0f} MB) "
+            f"{fault_bytes / MB:.0f} MB, per step) because {allocator} cache limit ({cache_limit / MB:.0f} MB) "
             f"cannot hold a step's buffers (it raises memory by {p.peak_growth_bytes / MB:.0f} MB and moves "
-            f"{step_bytes(params) / MB:.0f} MB), so they come from the OS each time; raise it: "
-            f"--cache-limit-mb {suggest} or mx.set_cache_limit({suggest} * 1024**2)."
+            f"{step_bytes(params) / MB:.0f} MB), so {source}; raise it: "
+            f"--cache-limit-mb {suggest} or mx.set_cache_limit({suggest} * 1024**2){or_default}."
         )
     if p.traces_per_step:
         out.append(
@@ -169,23 +174,27 @@ def profile_variants(
     grads: Any,
     variants: list[str] | None = None,
     steps: int = 10,
-    bandwidth_gbps: float | None = None,
+    limits: dict[str, float | None] | None = None,
     learning_rate: float = 1e-3,
     progress: bool = False,
-) -> tuple[list[VariantProfile], dict[str, str], float]:
-    """Profile each variant that runs here; returns the profiles, why the others cannot run, and the
-    bandwidth limit (measured here once unless given)."""
+) -> tuple[list[VariantProfile], dict[str, str], dict[str, float | None]]:
+    """Profile each variant that runs here; returns the profiles, why the others cannot run, and each
+    device's bandwidth limit (measured here once unless given), which each variant's GB/s is a fraction of."""
     runnable, unavailable = partition_available(variants)
-    if bandwidth_gbps is None:
-        bandwidth_gbps = measure_bandwidth()
+    if limits is None:
+        limits = measure_limits()
+
+    def limit_of(name: str) -> float:
+        return limit_for(limits, variant_device(name)) or float("nan")
+
     profiles = [
-        profile_optimizer(create(name, learning_rate), params, grads, bandwidth_gbps, steps)
+        profile_optimizer(create(name, learning_rate), params, grads, limit_of(name), steps)
         for name in tqdm(runnable, desc="profiling", unit="variant", disable=not progress, leave=False)
     ]
     for p in profiles:  # now that every variant ran, suggest only the multi-tensor ones that were faster here
         faster = [q.variant for q in profiles if q.variant in MULTI_TENSOR and q.step_s < p.step_s]
-        p.findings = findings(p, params, bandwidth_gbps, faster)
-    return profiles, unavailable, bandwidth_gbps
+        p.findings = findings(p, params, limit_of(p.variant), faster)
+    return profiles, unavailable, limits
 
 
 def plot_profiles(profiles: list[VariantProfile], title: str, path: str) -> None:
@@ -195,7 +204,7 @@ def plot_profiles(profiles: list[VariantProfile], title: str, path: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [p.variant for p in profiles]
+    names = [f"{p.variant} ({p.device})" for p in profiles]
     build = [p.build_s * 1e3 for p in profiles]
     evaluate = [p.eval_s * 1e3 for p in profiles]
     fig, ax = plt.subplots(figsize=(1.4 * len(names) + 3, 4))

@@ -20,6 +20,7 @@ from ..optimizer import RMSpropBase
 class CompiledRMSprop(RMSpropBase):
     name = "compiled"
     summary = "whole-tree step under mx.compile"
+    device = "default"
 
     def __init__(self, learning_rate, alpha=0.99, eps=1e-8):
         super().__init__(learning_rate, alpha, eps)

@@ -16,26 +16,26 @@ float32 (``precision="float32"``); docs/kernels/cpu.md has the contract."""
 
 from __future__ import annotations
 
-import os
-
+from ..cpu_threads import default_threads
 from ..optimizer import RMSpropBase
 from ..registry import VariantUnavailableError
 
 
 class CpuKernelRMSprop(RMSpropBase):
-    """Args (beyond RMSprop's): ``threads``, how many threads share a step (default: every core);
+    """Args (beyond RMSprop's): ``threads``, how many threads share a step (default: ``default_threads()``);
     ``precision``, ``"stock"`` (default: bit-identical to ``mlx.optimizers.RMSprop`` in every dtype)
     or ``"float32"`` (float16 and bfloat16 computed in float32 and rounded once)."""
 
     name = "cpu_kernel"
     summary = "C++ extension: fused, threaded; 8 big leaves per node, small leaves packed"
+    device = "cpu"
 
     def __init__(self, learning_rate, alpha=0.99, eps=1e-8, threads: int | None = None, precision: str = "stock"):
         super().__init__(learning_rate, alpha, eps)
         if precision not in ("stock", "float32"):
             raise ValueError(f'precision must be "stock" or "float32", not {precision!r}')
         if threads is None:
-            threads = os.cpu_count() or 1
+            threads = default_threads()
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, not {threads!r}")
         reason = self.unavailable_reason()
@@ -49,13 +49,17 @@ class CpuKernelRMSprop(RMSpropBase):
 
     @classmethod
     def unavailable_reason(cls):
+        """Why the C++ extension does not load (it is built on first use, so this may build it)."""
+        where = "the C++ extension rmsprop_impls.kernels._cpu_ext does not load"
         try:
-            from ..kernels import _cpu_ext  # noqa: F401
+            from ..kernels import _cpu_ext
         except ImportError as e:
-            return (
-                f"the C++ extension rmsprop_impls.kernels._cpu_ext does not load ({e}); reinstall with a C++ compiler "
-                "and without RMSPROP_BENCH_NO_EXTENSION=1"
-            )
+            how = "it builds on first use with CMake and a C++ compiler, unless RMSPROP_BENCH_NO_EXTENSION=1"
+            return f"{where} ({e}); {how}"
+        try:
+            _cpu_ext.load()
+        except ImportError as e:
+            return f"{where} ({e})"
         return None
 
     def update_leaves(self, w, g, v, lr):

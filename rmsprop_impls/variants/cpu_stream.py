@@ -15,6 +15,7 @@ from .eager import EagerRMSprop
 class CpuStreamRMSprop(EagerRMSprop):
     name = "cpu_stream"
     summary = "eager MLX ops on the mx.cpu stream"
+    device = "cpu"
 
     def update_leaves(self, w, g, v, lr):
         with mx.stream(mx.cpu):

@@ -1,6 +1,6 @@
-"""A hand-written CUDA kernel (``mx.fast.cuda_kernel``): one fused launch per dtype buffer.
+"""A hand-written CUDA kernel (``mx.fast.cuda_kernel``): w and v stay packed, gradients are read in place.
 
-The kernel, its geometry and its dispatch live in :mod:`rmsprop_impls.gpu_kernels`,
+The kernel, its geometry and its dispatch live in :mod:`rmsprop_impls.kernels.gpu_kernels`,
 shared with ``metal_kernel``. It needs MLX's CUDA back-end: ``mlx[cuda12]`` or
 ``mlx[cuda13]`` on Linux with an NVIDIA GPU.
 """
@@ -14,7 +14,8 @@ from ..kernels.gpu_kernels import CUDA, GpuKernelRMSprop
 
 class CudaKernelRMSprop(GpuKernelRMSprop):
     name = "cuda_kernel"
-    summary = "mx.fast.cuda_kernel: one fused launch per dtype buffer"
+    summary = "mx.fast.cuda_kernel: w and v packed, gradients read in place, 25 leaves per launch"
+    device = "gpu"
     backend = CUDA
 
     @classmethod

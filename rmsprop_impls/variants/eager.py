@@ -9,6 +9,7 @@ from ..optimizer import RMSpropBase
 class EagerRMSprop(RMSpropBase):
     name = "eager"
     summary = "MLX ops per leaf, like stock"
+    device = "default"
 
     def update_leaves(self, w, g, v, lr):
         pairs = [rmsprop_update(wi, gi, vi, lr, self.alpha, self.eps) for wi, gi, vi in zip(w, g, v)]

@@ -14,6 +14,7 @@ from ..kernels.multi_tensor import PackedRMSprop
 class FlatRMSprop(PackedRMSprop):
     name = "flat"
     summary = "one MLX update per dtype over packed buffers"
+    device = "default"
 
     def update_buffers(self, w, g, v, lr):
         return rmsprop_update(w, g, v, lr, self.alpha, self.eps)

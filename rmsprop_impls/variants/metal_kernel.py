@@ -1,6 +1,6 @@
-"""A hand-written Metal kernel (``mx.fast.metal_kernel``): one fused launch per dtype buffer.
+"""A hand-written Metal kernel (``mx.fast.metal_kernel``): w and v stay packed, gradients are read in place.
 
-The kernel, its geometry and its dispatch live in :mod:`rmsprop_impls.gpu_kernels`,
+The kernel, its geometry and its dispatch live in :mod:`rmsprop_impls.kernels.gpu_kernels`,
 shared with ``cuda_kernel``.
 """
 
@@ -13,7 +13,8 @@ from ..kernels.gpu_kernels import METAL, GpuKernelRMSprop
 
 class MetalKernelRMSprop(GpuKernelRMSprop):
     name = "metal_kernel"
-    summary = "mx.fast.metal_kernel: one fused launch per dtype buffer"
+    summary = "mx.fast.metal_kernel: w and v packed, gradients read in place, 25 leaves per launch"
+    device = "gpu"
     backend = METAL
 
     @classmethod

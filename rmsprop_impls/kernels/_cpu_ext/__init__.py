@@ -1,25 +1,30 @@
 """The ``cpu_kernel`` variant's C++ extension: ``rmsprop_cpu.cpp``, its CMake build and the compiled ``_ext``.
 
-``setup.py`` builds ``_ext`` with the installed mlx wheel's headers and
-libmlx. Importing this package fails with ``ImportError`` where the build was
-skipped or where it was built against another mlx than the one running, since
-MLX's C++ ABI is not stable across releases.
+``_ext`` is loaded on first use of one of its names (``_cpu_ext.rmsprop_update``), from
+
+1. the directory in ``$RMSPROP_BENCH_CPU_EXT_DIR``, when set: a prebuilt ``_ext*.so``
+   (the CI lanes build their own with ``build.build_extension``);
+2. else the per-user cache, where ``build.cached_extension`` builds it for the running
+   mlx on first use (``RMSPROP_BENCH_NO_EXTENSION=1`` says not to, and not to load it).
+
+Where it cannot load, using it raises :class:`ExtensionUnavailable` (an ``ImportError``)
+with the reason: the build's first error line, ``unsupported platform``, and so on.
+It refuses to load under another mlx than the one it was built against, since
+MLX's C++ ABI changes between releases.
 """
 
-import mlx.core as mx  # loads libmlx and registers mx.array with nanobind before _ext needs them
+from __future__ import annotations
 
-from ._ext import (
-    EAGER_MAX_ELEMENTS,
-    MLX_VERSION,
-    donated_buffers,
-    hardware_threads,
-    huge_page_moves,
-    rmsprop_update,
-    uses_avx2,
-)
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
 
-if MLX_VERSION != mx.__version__:
-    raise ImportError(f"it was built against mlx {MLX_VERSION} but mlx {mx.__version__} is running; reinstall it")
+from . import build
+
+DIR_VARIABLE = "RMSPROP_BENCH_CPU_EXT_DIR"
+SKIP_VARIABLE = "RMSPROP_BENCH_NO_EXTENSION"
 
 __all__ = [
     "EAGER_MAX_ELEMENTS",
@@ -29,3 +34,77 @@ __all__ = [
     "rmsprop_update",
     "uses_avx2",
 ]
+_FROM_EXT = {*__all__, "MLX_VERSION"}
+
+
+class ExtensionUnavailable(ImportError):
+    """``_ext`` cannot load here; the message is the reason, one line."""
+
+
+_loaded: ModuleType | None = None
+_failure: ExtensionUnavailable | None = None
+
+
+def load() -> ModuleType:
+    """The ``_ext`` module, built first if need be; else raises :class:`ExtensionUnavailable`, the same each call."""
+    global _loaded, _failure
+    if _loaded is not None:
+        return _loaded
+    if _failure is not None:
+        raise _failure
+    try:
+        _loaded = _import(_find())
+    except ExtensionUnavailable as e:
+        _failure = e
+        raise
+    return _loaded
+
+
+def _find() -> Path:
+    if os.environ.get(DIR_VARIABLE):
+        where = Path(os.environ[DIR_VARIABLE])
+        found = sorted(where.glob("_ext*.so"))
+        if not found:
+            raise ExtensionUnavailable(f"${DIR_VARIABLE} is {where}, which holds no _ext*.so")
+        return found[0]
+    if os.environ.get(SKIP_VARIABLE) == "1":
+        raise ExtensionUnavailable(f"{SKIP_VARIABLE}=1 is set, so it is neither built nor loaded")
+    try:
+        return build.cached_extension()
+    except build.BuildError as e:
+        raise ExtensionUnavailable(
+            f"its build failed: {e.reason}" + (f" (log: {e.log})" if e.log else "") + "; after fixing that, "
+            "python -m rmsprop_impls.kernels._cpu_ext.build rebuilds it"
+        ) from e
+
+
+def _import(path: Path) -> ModuleType:
+    import mlx.core as mx  # loads libmlx and registers mx.array with nanobind before _ext needs them
+
+    name = f"{__name__}._ext"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        raise ExtensionUnavailable(f"{path} does not load: {e}") from e
+    if module.MLX_VERSION != mx.__version__:
+        raise ExtensionUnavailable(
+            f"{path} was built against mlx {module.MLX_VERSION} but mlx {mx.__version__} is running"
+        )
+    registries = build.mlx_nanobind_keys()
+    if len(registries) > 1:
+        raise ExtensionUnavailable(
+            f"{path} was built with another nanobind than mlx.core (registries {', '.join(registries)}): "
+            "it could not take an mx.array"
+        )
+    sys.modules[name] = module
+    return module
+
+
+def __getattr__(name: str):
+    if name in _FROM_EXT:
+        return getattr(load(), name)
+    if name == "_ext":
+        return load()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,6 +33,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "mlx_compat.h"
 #include "platform.h"
 #include "simd/simd.h"
 
@@ -175,7 +176,7 @@ void share_row_major(array& out, const array& base, size_t byte_offset) {
 // on this: the calls change no values, and a kernel without MADV_COLLAPSE just refuses them.
 class HugePages {
  public:
-  void use_for(const void* data, size_t bytes, const std::weak_ptr<allocator::Data>& owner) {
+  void use_for(const void* data, size_t bytes, const std::weak_ptr<array::Data>& owner) {
     auto [lo, hi] = whole_huge_pages(data, bytes);
     if (hi <= lo) {
       return;
@@ -231,7 +232,7 @@ class HugePages {
 
  private:
   struct Sighting {
-    std::weak_ptr<allocator::Data> owner;  // weak: a freed buffer expires here
+    std::weak_ptr<array::Data> owner;  // weak: a freed buffer expires here
     bool moved;
   };
 
@@ -300,7 +301,7 @@ struct Leaf {
   size_t itemsize;
   // The allocations behind w_out, g and v_out, which the huge-page move keys on. Weak: a handle
   // here must not count as a holder when the next step asks whether it may donate a buffer.
-  std::weak_ptr<allocator::Data> w_owner, g_owner, v_owner;
+  std::weak_ptr<array::Data> w_owner, g_owner, v_owner;
 };
 
 // The two numeric contracts (docs/kernels/cpu.md): stock's, which rounds lr, the constants and
@@ -594,7 +595,7 @@ class RMSpropStep : public Primitive {
     long handles = reinterpret_cast<const std::shared_ptr<void>&>(in).use_count();
     const auto& data = in.data_shared_ptr();
     bool donatable = in.flags().row_contiguous && handles == static_cast<long>(holders_in_this_node) &&
-                     data.use_count() == 1 && data->is_owned() && in.data_size() == out.size();
+                     data.use_count() == 1 && mlx_compat::allocator_owns(*data) && in.data_size() == out.size();
     bool aligning = HugePages::worth_aligning(out.nbytes());
     bool misplaced = aligning && !HugePages::starts_on_huge_page(in.data<void>());
     if (donatable && !misplaced) {

@@ -1,0 +1,172 @@
+"""``rmsprop-bench selftest``: the first command on new hardware; its Markdown goes into a bug report as is."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from ..analysis.tables import markdown_table
+from ..measure.selftest import CASES, SPEED_TREE, STEPS, SelftestResult, VariantReport, run_selftest
+from ..registry import variant_names
+from .common import UserError, add_cache_limit_argument, apply_cache_limit, at_least, check_output_path, check_tree_name
+
+_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "selftest",
+        help="check every variant against the float64 reference and stock RMSprop, and time it: run this first",
+        description="Run every variant that works here against the float64 reference and stock "
+        "mlx.optimizers.RMSprop in float32, float16 and bfloat16 (nested trees with odd sizes, a 0-d leaf, a "
+        "schedule, 100 steps), count its largest error in ulps of stock and relative to float64, and time it "
+        "against the bandwidth limit of its device. Writes the results as JSON and a Markdown summary to paste "
+        "into a bug report; exits 1 when any variant disagrees.",
+    )
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        default="selftest.json",
+        help="where to write the results (default selftest.json); the Markdown summary goes beside it as .md",
+    )
+    p.add_argument("--variants", nargs="+", choices=variant_names(), help="variants to check (default: all)")
+    p.add_argument("--steps", type=at_least(1), default=STEPS, help=f"steps per trajectory (default {STEPS})")
+    p.add_argument(
+        "--speed-tree",
+        default=SPEED_TREE,
+        help=f"tree for the speed check (default {SPEED_TREE}); 'none' skips the speed check",
+    )
+    add_cache_limit_argument(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output_path(args.json, "--json")
+    speed_tree = None if args.speed_tree.lower() == "none" else args.speed_tree
+    if speed_tree:
+        check_tree_name(speed_tree)
+    setting = apply_cache_limit(args.cache_limit_mb)
+    result = run_selftest(args.variants, steps=args.steps, speed_tree=speed_tree, progress=True)
+    json_path = Path(args.json)
+    md_path = json_path.with_suffix(".md")
+    summary = markdown_summary(result, setting)
+    try:
+        json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        md_path.write_text(summary + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {e.filename}: {e.strerror}") from None
+    print(summary)
+    print(f"\nwrote {json_path} and {md_path}: attach both to a bug report")
+    return 0 if result.passed else 1
+
+
+def _number(value: float | None, fmt: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, fmt) if math.isfinite(value) else str(value)
+
+
+def _per_dtype(report: VariantReport, attribute: str, fmt: str) -> str:
+    dtypes = dict.fromkeys(c.dtype for c in report.checks)
+    return " / ".join(_number(report.worst(attribute, d), fmt) for d in dtypes) or "-"
+
+
+def _bit_identical(report: VariantReport) -> str:
+    dtypes = list(dict.fromkeys(c.dtype for c in report.checks))
+    if not dtypes:
+        return "-"
+    differ = {d: report.worst("differing_vs_stock", d) for d in dtypes}
+    if not any(differ.values()):
+        text = "yes"
+    else:
+        text = (
+            "no: " + ", ".join(f"{100 * share:.2g}% of {_SHORT[d]}" for d, share in differ.items() if share) + " differ"
+        )
+    promised = report.stock_exact.startswith("promised")
+    return f"{text} (promised)" if promised else text
+
+
+def _result_text(report: VariantReport) -> str:
+    return "pass" if report.passed else "**FAIL**"
+
+
+def markdown_summary(result: SelftestResult, setting: str = "") -> str:
+    """The summary a user pastes into a bug report: the machine, then one row per variant, then what went wrong."""
+    info = result.platform
+    failures = [
+        (v.variant, f)
+        for v in result.variants
+        for f in ([v.error] if v.error else []) + [x for c in v.checks for x in c.failures]
+    ]
+    failures += [
+        ("stock", f"{s['case']} {s['dtype']}: stock drifts from float64 ({s['rel_w_vs_reference']:.3g} > "
+         f"{s['w_tolerance']:.3g}): MLX changed, or the tolerance is too tight")
+        for s in result.stock
+        if not s["passed"]
+    ]  # fmt: skip
+    verdict = "PASSED" if result.passed else f"FAILED ({len(failures)} disagreement{'s' * (len(failures) != 1)})"
+    cores = f"{info['cpu_cores']} cores" + (
+        " (" + ", ".join(f"{n} {k}" for k, n in info["core_types"].items()) + ")" if info["core_types"] else ""
+    )
+    limits = {"cpu limit (in-place triad, all cores)": info["limits"]["cpu"], "gpu limit": info["limits"]["gpu"]}
+    packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items())
+    dtypes = " / ".join(_SHORT[d] for d in ("float32", "float16", "bfloat16"))
+    speed = next((v.speed["tree"] for v in result.variants if v.speed), None)
+    machine = [
+        ["platform", f"{info['platform']} ({info['machine']}), Python {info['python']}"],
+        ["CPU", f"{info['cpu']}, {cores}"],
+        ["GPU", info["gpu"] or "none"],
+        ["MLX", f"{info['mlx']} ({packages})"],
+        [
+            "devices",
+            f"default {info['default_device']}; " + "; ".join(f"{d} {t}" for d, t in limits.items()),
+        ],
+        [
+            "checks",
+            f"{len(CASES)} trees ({', '.join(c.name for c in CASES)}) x {dtypes} x {result.steps} steps against the "
+            "float64 reference and mlx.optimizers.RMSprop" + (f"; speed on {speed} float32" if speed else ""),
+        ],
+        ["wall time", f"{result.wall_s:.0f} s" + (f"; {setting}" if setting else "")],
+    ]
+    rows = []
+    for v in result.variants:
+        if v.unavailable:
+            continue
+        fraction = v.speed["fraction_of_limit"] if v.speed else None
+        rows.append(
+            [
+                v.variant,
+                v.device,
+                _result_text(v),
+                _per_dtype(v, "ulps_vs_stock", "g"),
+                _bit_identical(v),
+                _per_dtype(v, "rel_w_vs_reference", ".1e"),
+                _number(v.speed["gbps"], ".2f") if v.speed else "-",
+                f"{100 * fraction:.0f}%" if fraction is not None else "-",
+            ]
+        )
+    headers = ["variant", "device", "result", f"max ulps vs stock ({dtypes})", "bit-identical with stock"]
+    headers += [f"max rel. error vs float64 ({dtypes})", "GB/s", "of limit"]
+    stock = " / ".join(
+        f"{s['case']} {_SHORT[s['dtype']]} {_number(s['rel_w_vs_reference'], '.1e')}" for s in result.stock
+    )
+    sections = [
+        f"## rmsprop-bench selftest: {verdict}",
+        markdown_table(["", ""], machine),
+        markdown_table(headers, rows),
+        f"Stock RMSprop against float64 (largest relative error of w): {stock}.",
+        "Errors of w are `|w - w_ref| / (1 + |w_ref|)` after the last step; the bound is `c*sqrt(steps)` times the "
+        "largest step `lr/sqrt(1-alpha)` where that exceeds 1, with `c` = 1e-6 (float32), 1e-3 (float16), 1e-2 "
+        "(bfloat16); against stock, twice that. Ulps of the dtype against stock are `|x - x_stock| / ulp(max(|x|, "
+        '|x_stock|, 1))` over w and v, the scale of the relative errors; "(promised)" marks variants whose '
+        "precision='stock' must give stock's bits exactly.",
+    ]
+    unavailable = [v for v in result.variants if v.unavailable]
+    if unavailable:
+        lines = [f"- {v.variant} ({v.device or 'device unknown'}): {v.unavailable}" for v in unavailable]
+        sections.append("### Unavailable here\n\n" + "\n".join(lines))
+    if failures:
+        sections.append("### Disagreements\n\n" + "\n".join(f"- {name}: {f}" for name, f in failures))
+    return "\n\n".join(sections)

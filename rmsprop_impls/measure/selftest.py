@@ -1,0 +1,457 @@
+"""Does every variant compute the right numbers on this machine, and at what fraction of its device's limit?
+
+The first thing to run on new hardware (a Mac, a CUDA machine) or a new MLX
+release. Every variant that runs here takes the same steps as stock
+``mlx.optimizers.RMSprop`` and the float64 reference
+(:mod:`rmsprop_impls.reference`), in float32, float16 and bfloat16, over trees
+made to catch what goes wrong: odd sizes, nesting in dicts and lists, a 0-d
+leaf, a transposed leaf, a leaf big enough for ``cpu_kernel``'s graph-node path,
+a schedule with non-default ``alpha`` and ``eps``, and a hundred steps so that
+drift adds up. The tolerances are the agreement tests' (see
+:func:`rmsprop_impls.reference.tolerance`): relative to ``1 + |w|``, growing
+with the square root of the step count.
+
+Against stock the error is also counted in ulps of the dtype (see
+:func:`ulps_apart`), with the share of elements whose bits differ. A variant
+that promises bit-identity with stock (``precision="stock"``, the default of
+the kernels that take a ``precision`` option) fails on any differing bit; the
+others only report it. A short speed check then times each variant on one
+big tree against the limit of the device it runs on.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import math
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+from tqdm import tqdm
+
+from ..reference import largest_step, reference_step, tolerance
+from ..registry import create, partition_available, variant_class, variant_device
+from .bandwidth import core_types, fraction_of_limit, gpu_available, limit_text, measure_limits
+from .timing import time_steps
+from .trees import dtype_name, random_like, step_bytes, tree_by_name
+
+DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+#: Steps per case: enough for a per-step bias to show over the random walk of rounding.
+STEPS = 100
+#: The speed check's tree: 32 MiB per float32 buffer, larger than any cache.
+SPEED_TREE = "8x1M"
+#: Variants whose contract is bit-identity with stock when they take ``precision`` (default ``"stock"``).
+STOCK_EXACT = ("cpu_kernel", "metal_kernel", "cuda_kernel")
+#: NumPy type whose spacing gives the dtype's ulp, times this (bfloat16 is float32 with 16 fewer mantissa bits).
+_SPACING = {mx.float32: (np.float32, 1), mx.float16: (np.float16, 1), mx.bfloat16: (np.float32, 1 << 16)}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One trajectory: a tree maker, the hyper-parameters and how the learning rate moves."""
+
+    name: str
+    describe: str
+    make_tree: Callable[[np.random.Generator], dict[str, Any]]  # float64 leaves, cast per dtype
+    learning_rate: float | Callable[[mx.array], mx.array]
+    alpha: float = 0.99
+    eps: float = 1e-8
+
+
+def _nested(rng: np.random.Generator) -> dict[str, Any]:
+    return {
+        "embed": rng.normal(size=(7, 5)),
+        "layers": [
+            {"w": rng.normal(size=(3, 5)).T, "b": rng.normal(size=(3,))},
+            {"w": rng.normal(size=(3, 3)), "scale": np.array(0.5)},
+        ],
+        "head": {"deep": {"w": rng.normal(size=(2, 3, 4))}},
+        "big": rng.normal(size=(257, 263)),  # 67,591 elements: past cpu_kernel's 64K graph-node threshold
+    }
+
+
+def _scheduled(rng: np.random.Generator) -> dict[str, Any]:
+    return {
+        "w": rng.normal(size=(1001,)),
+        "blocks": [{"a": rng.normal(size=(31, 33))}, {"a": rng.normal(size=(65537,))}],
+    }
+
+
+CASES = (
+    Case(
+        "nested",
+        "dicts in lists in dicts, odd shapes, a 0-d and a transposed leaf, a 67,591-element leaf",
+        _nested,
+        1e-2,
+    ),
+    Case(
+        "schedule",
+        "cosine learning-rate decay 1e-2 to 1e-4, alpha 0.9, eps 1e-6; leaves of 1,001, 31x33 and 65,537",
+        _scheduled,
+        optim.cosine_decay(1e-2, STEPS, 1e-4),
+        alpha=0.9,
+        eps=1e-6,
+    ),
+)
+
+
+@dataclass
+class Check:
+    """One variant, case and dtype: the largest errors and whether each is within its tolerance."""
+
+    case: str
+    dtype: str
+    steps: int
+    rel_w_vs_reference: float
+    rel_v_vs_reference: float
+    rel_w_vs_stock: float
+    ulps_vs_stock: float  # largest, over w and v, at max(|value|, 1); inf where one is NaN and the other is not
+    differing_vs_stock: float  # fraction of the elements of w and v whose bits differ from stock's
+    w_tolerance: float
+    v_tolerance: float
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class VariantReport:
+    variant: str
+    device: str | None
+    unavailable: str | None = None
+    stock_exact: str = "not promised"  # "promised (precision='stock')" where the contract applies
+    checks: list[Check] = field(default_factory=list)
+    speed: dict[str, Any] | None = None
+    error: str | None = None  # an exception that stopped a check
+
+    @property
+    def passed(self) -> bool | None:
+        if self.unavailable:
+            return None
+        return self.error is None and all(c.passed for c in self.checks)
+
+    def worst(self, attribute: str, dtype: str | None = None) -> float | None:
+        values = [getattr(c, attribute) for c in self.checks if dtype is None or c.dtype == dtype]
+        return max(values, default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["passed"] = self.passed
+        for c, d in zip(self.checks, out["checks"]):
+            d["passed"] = c.passed
+        dtypes = dict.fromkeys(c.dtype for c in self.checks)
+        out["max_ulps_vs_stock"] = {d: self.worst("ulps_vs_stock", d) for d in dtypes}
+        out["bit_identical_with_stock"] = {d: self.worst("differing_vs_stock", d) == 0 for d in dtypes}
+        out["max_rel_error_vs_reference"] = {d: self.worst("rel_w_vs_reference", d) for d in dtypes}
+        return out
+
+
+@dataclass
+class SelftestResult:
+    platform: dict[str, Any]
+    limits: dict[str, float | None]
+    variants: list[VariantReport]
+    stock: list[dict[str, Any]]  # stock RMSprop against the float64 reference, per case and dtype
+    steps: int
+    wall_s: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        stock_ok = all(s["passed"] for s in self.stock)
+        return stock_ok and all(v.passed is not False for v in self.variants)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite_json(
+            {
+                "passed": self.passed,
+                "wall_s": self.wall_s,
+                "steps": self.steps,
+                "platform": self.platform,
+                "limits_gbps": self.limits,
+                "limits": {d: limit_text(g, d) for d, g in self.limits.items()},
+                "cases": [{"name": c.name, "tree": c.describe} for c in CASES],
+                "dtypes": [dtype_name(d) for d in DTYPES],
+                "stock_vs_reference": self.stock,
+                "variants": [v.to_dict() for v in self.variants],
+            }
+        )
+
+
+def _finite_json(value: Any) -> Any:
+    """JSON has no NaN or infinity: they become the strings ``"nan"``, ``"inf"``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def platform_info(limits: dict[str, float | None]) -> dict[str, Any]:
+    """What a bug report needs to reproduce: the OS, CPU, GPU, MLX and its packages, the devices."""
+    packages = {}
+    for dist in ("rmsprop-bench", "mlx", "mlx-metal", "mlx-cpu", "mlx-cuda", "mlx-cuda-12", "mlx-cuda-13"):
+        try:
+            packages[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    gpu = None
+    if gpu_available():
+        try:
+            info = mx.device_info()
+            gpu = str(info.get("device_name") or info.get("architecture") or info)
+        except (AttributeError, RuntimeError):
+            gpu = "present (MLX gives no name)"
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "core_types": core_types(),
+        "gpu": gpu,
+        "mlx": mx.__version__,
+        "packages": packages,
+        "default_device": str(mx.default_device()),
+        "devices": ["cpu", "gpu"] if gpu else ["cpu"],
+        "limits": {d: limit_text(g, d) for d, g in limits.items()},
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        if platform.system() == "Darwin":
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+            return out.stdout.strip() or platform.processor()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "Hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _as_mx(tree: Any, dtype: mx.Dtype) -> Any:
+    return tree_map(lambda x: mx.array(np.asarray(x, dtype=np.float32)).astype(dtype), tree)
+
+
+def _gradients(params: Any, steps: int, rng: np.random.Generator) -> list[Any]:
+    """Bounded away from zero: in float16 stock divides by zero once ``(1-alpha)*g^2`` underflows (the README)."""
+
+    def one(x: mx.array) -> mx.array:
+        magnitude = rng.uniform(0.05, 2.0, size=x.shape)
+        sign = np.where(rng.random(size=x.shape) < 0.5, -1.0, 1.0)
+        return mx.array((magnitude * sign).astype(np.float32)).astype(x.dtype)
+
+    grads = [tree_map(one, params) for _ in range(steps)]
+    mx.eval(grads)
+    return grads
+
+
+def _leaves(tree: Any) -> list[mx.array]:
+    return [x for _, x in tree_flatten(tree)]
+
+
+def _v_leaves(state: dict) -> list[mx.array]:
+    return [x for k, x in tree_flatten(state) if k.endswith(".v")]
+
+
+def _f64(leaves: list[mx.array]) -> list[np.ndarray]:
+    return [np.array(x.astype(mx.float32), dtype=np.float64) for x in leaves]
+
+
+def _run(optimizer: Any, params: Any, grads: list[Any]) -> tuple[list[mx.array], list[mx.array]]:
+    for g in grads:
+        params = optimizer.apply_gradients(g, params)
+        mx.eval(params, optimizer.state)
+    return _leaves(params), _v_leaves(optimizer.state)
+
+
+def _reference(params: Any, grads: list[Any], case: Case) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    w = _f64(_leaves(params))
+    v = [np.zeros_like(x) for x in w]
+    for step, g in enumerate(grads):
+        lr = case.learning_rate
+        lr = float(lr(mx.array(step))) if callable(lr) else lr
+        pairs = [reference_step(*wgv, lr, case.alpha, case.eps) for wgv in zip(w, _f64(_leaves(g)), v)]
+        w, v = [p[0] for p in pairs], [p[1] for p in pairs]
+    return w, v
+
+
+def max_rel_error(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    """The largest ``|a - e| / (1 + |e|)``; NaN where either holds a NaN, so that it fails every bound."""
+    worst = 0.0
+    for a, e in zip(actual, expected):
+        err = np.abs(a - e) / (1 + np.abs(e))
+        if err.size:
+            worst = max(worst, float(np.max(err)))  # np.max propagates NaN; max(0.0, nan) keeps the 0.0
+            if np.isnan(err).any():
+                return math.nan
+    return worst
+
+
+def ulps_apart(a: mx.array, b: mx.array) -> tuple[float, int]:
+    """How far ``a`` is from ``b`` in ulps of the dtype, and in how many elements their bits differ.
+
+    The ulps are counted at each element's magnitude, floored at 1: ``|a - b| / ulp(max(|a|, |b|, 1))``, the
+    same scale as the relative errors (of ``1 + |w|``). Counting every representable value in between instead
+    would make one rounding near 0, where ``w - step`` cancels, look like thousands of ulps. Two NaNs are
+    equal, as are +0 and -0; a NaN against a number is infinitely far.
+    """
+    if a.size == 0:
+        return 0.0, 0
+    x, y = (np.array(t.astype(mx.float32), dtype=np.float64).ravel() for t in (a, b))
+    nan_x, nan_y = np.isnan(x), np.isnan(y)
+    if (nan_x != nan_y).any():
+        return math.inf, int((nan_x != nan_y).sum() + ((x != y) & ~nan_x & ~nan_y).sum())
+    same = (x == y) | (nan_x & nan_y)  # exact: every value of the dtype is exact in float32 and float64
+    scale = np.where(same, 1.0, np.maximum(np.maximum(np.abs(x), np.abs(y)), 1.0))  # no NaN: both NaN are same
+    ulp = np.spacing(scale.astype(_SPACING[a.dtype][0])).astype(np.float64) * _SPACING[a.dtype][1]
+    ulps = np.where(same, 0.0, np.abs(x - y) / ulp)
+    return float(np.max(ulps)), int((~same).sum())
+
+
+def _stock_exact(name: str) -> bool:
+    """Whether this build of ``name`` promises bit-identity with stock: it takes ``precision`` (default "stock")."""
+    if name not in STOCK_EXACT:
+        return False
+    parameters = inspect.signature(variant_class(name).__init__).parameters
+    return "precision" in parameters and parameters["precision"].default in ("stock", inspect.Parameter.empty)
+
+
+def check_variant(
+    name: str, case: Case, dtype: mx.Dtype, params: Any, grads: list[Any], stock: tuple, reference: tuple
+) -> Check:
+    """Run ``name`` over ``grads`` and compare it with ``stock``'s and ``reference``'s final ``(w, v)``."""
+    steps = len(grads)
+    v_tol = tolerance(dtype, steps)
+    w_tol = tolerance(dtype, steps, largest_step(case.learning_rate, case.alpha))
+    w, v = _run(create(name, case.learning_rate, alpha=case.alpha, eps=case.eps), params, grads)
+    stock_w, stock_v = stock
+    ref_w, ref_v = reference
+    apart = [ulps_apart(a, b) for a, b in zip(w + v, stock_w + stock_v)]
+    check = Check(
+        case=case.name,
+        dtype=dtype_name(dtype),
+        steps=steps,
+        rel_w_vs_reference=max_rel_error(_f64(w), ref_w),
+        rel_v_vs_reference=max_rel_error(_f64(v), ref_v),
+        rel_w_vs_stock=max_rel_error(_f64(w), _f64(stock_w)),
+        ulps_vs_stock=max([u for u, _ in apart], default=0.0),
+        differing_vs_stock=sum(n for _, n in apart) / max(sum(x.size for x in w + v), 1),
+        w_tolerance=w_tol,
+        v_tolerance=v_tol,
+    )
+    where = f"{case.name} {check.dtype}"
+    if not check.rel_w_vs_reference <= w_tol:
+        check.failures.append(f"{where}: w drifts from float64 ({check.rel_w_vs_reference:.3g} > {w_tol:.3g})")
+    if not check.rel_v_vs_reference <= v_tol:
+        check.failures.append(f"{where}: v drifts from float64 ({check.rel_v_vs_reference:.3g} > {v_tol:.3g})")
+    if not check.rel_w_vs_stock <= 2 * w_tol:
+        check.failures.append(f"{where}: w disagrees with stock ({check.rel_w_vs_stock:.3g} > {2 * w_tol:.3g})")
+    if _stock_exact(name) and check.differing_vs_stock:
+        check.failures.append(
+            f"{where}: {100 * check.differing_vs_stock:.2g}% of the elements differ from stock (by up to "
+            f"{check.ulps_vs_stock:.3g} ulps) though precision='stock' promises bit-identity"
+        )
+    return check
+
+
+def speed_check(name: str, limits: dict[str, float | None], tree: str, repeats: int = 5) -> dict[str, Any]:
+    """Median step time on ``tree`` (float32), its GB/s and the fraction of the limit of ``name``'s device."""
+    params = tree_by_name(tree)
+    grads = random_like(params)
+    timing = time_steps(create(name, 1e-3), params, grads, repeats=repeats)
+    gbps = step_bytes(params) / timing.median / 1e9
+    return {
+        "tree": tree,
+        "median_ms": timing.median * 1e3,
+        "gbps": gbps,
+        "fraction_of_limit": fraction_of_limit(gbps, limits, variant_device(name)),
+    }
+
+
+def run_selftest(
+    variants: list[str] | None = None,
+    steps: int = STEPS,
+    speed_tree: str | None = SPEED_TREE,
+    limits: dict[str, float | None] | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> SelftestResult:
+    """Check every variant that runs here (or ``variants``); ``speed_tree=None`` skips the speed check."""
+    start = time.perf_counter()
+    runnable, unavailable = partition_available(variants)
+    limits = measure_limits() if limits is None else limits
+    reports = {name: VariantReport(name, variant_device(name)) for name in runnable}
+    for name in runnable:
+        reports[name].stock_exact = "promised (precision='stock')" if _stock_exact(name) else "not promised"
+    for name, reason in unavailable.items():
+        reports[name] = VariantReport(name, _declared_or_none(name), unavailable=reason)
+    stock_rows = []
+    total = len(CASES) * len(DTYPES) * (len(runnable) + 1) + (len(runnable) if speed_tree else 0)
+    with tqdm(total=total, desc="selftest", unit="check", disable=not progress, leave=False) as bar:
+        for case in CASES:
+            tree64 = case.make_tree(np.random.default_rng(seed))
+            for dtype in DTYPES:
+                params = _as_mx(tree64, dtype)
+                grads = _gradients(params, steps, np.random.default_rng(seed + 1))
+                stock = _run(optim.RMSprop(case.learning_rate, alpha=case.alpha, eps=case.eps), params, grads)
+                reference = _reference(params, grads, case)
+                stock_rows.append(_stock_row(case, dtype, steps, stock, reference))
+                bar.update()
+                for name in runnable:
+                    bar.set_postfix_str(f"{name} {case.name} {dtype_name(dtype)}")
+                    if reports[name].error is None:
+                        try:
+                            reports[name].checks.append(
+                                check_variant(name, case, dtype, params, grads, stock, reference)
+                            )
+                        except Exception as e:  # noqa: BLE001 - a crash is a finding to report, not to hide
+                            reports[name].error = f"{case.name} {dtype_name(dtype)}: {type(e).__name__}: {e}"
+                    bar.update()
+        if speed_tree:
+            for name in runnable:
+                bar.set_postfix_str(f"speed {name}")
+                try:
+                    reports[name].speed = speed_check(name, limits, speed_tree)
+                except Exception as e:  # noqa: BLE001
+                    reports[name].error = reports[name].error or f"speed check: {type(e).__name__}: {e}"
+                bar.update()
+                mx.clear_cache()
+    ordered = [reports[name] for name in (variants or list(reports)) if name in reports]
+    result = SelftestResult(platform_info(limits), limits, ordered, stock_rows, steps)
+    result.wall_s = time.perf_counter() - start
+    return result
+
+
+def _declared_or_none(name: str) -> str | None:
+    try:
+        return variant_device(name)
+    except (ValueError, RuntimeError):
+        return None
+
+
+def _stock_row(case: Case, dtype: mx.Dtype, steps: int, stock: tuple, reference: tuple) -> dict[str, Any]:
+    w_tol = tolerance(dtype, steps, largest_step(case.learning_rate, case.alpha))
+    err = max_rel_error(_f64(stock[0]), reference[0])
+    return {
+        "case": case.name,
+        "dtype": dtype_name(dtype),
+        "rel_w_vs_reference": err,
+        "w_tolerance": w_tol,
+        "passed": err <= w_tol,  # False for NaN too
+    }
