@@ -4,10 +4,14 @@
 # hypothesis fuzz of the entry point (tests/test_cpu_kernel_fuzz.py) with more examples.
 #
 # A Python extension cannot bring its own sanitizer runtime: the runtime must be the first library
-# the process loads, and python3 is not built with it. So each run preloads it:
-#   LD_PRELOAD=$(gcc -print-file-name=libasan.so) python -m pytest ...   # ASan (+UBSan, linked by the build)
-#   LD_PRELOAD=$(gcc -print-file-name=libtsan.so) python -m pytest ...   # TSan
-# Leak detection is off (the interpreter and MLX keep their allocations until exit, on purpose).
+# the process loads, and python3 is not built with it. So each run preloads it, with libstdc++
+# (python3 does not link it, and the runtime's __cxa_throw interceptor needs it at start-up, or the
+# first C++ exception, such as MLX's StopIteration, aborts):
+#   LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so.6)" python -m pytest ...
+#   LD_PRELOAD="$(gcc -print-file-name=libtsan.so) $(g++ -print-file-name=libstdc++.so.6)" python -m pytest ...
+# (ASan's build links UBSan too.) Leak detection is off: the interpreter and MLX keep their
+# allocations until exit, on purpose. -s: a sanitizer report ends the process, and pytest's
+# capture would lose it.
 #
 #   ci/sanitizers/run.sh                  # both builds, about 10 minutes
 #   RMSPROP_SANITIZER_DIR=/tmp/x          # where the builds go (kept between runs)
@@ -38,8 +42,8 @@ print(build_extension(Path(sys.argv[1]), cmake_args=cmake_args))
 PY
   say "$name: tests, fuzz with $examples examples"
   (RMSPROP_BENCH_CPU_EXT_DIR="$W/$name-ext" RMSPROP_FUZZ_EXAMPLES=$examples \
-    LD_PRELOAD="$(gcc -print-file-name="$runtime")" \
-    "$PY" -m pytest -q -p no:cacheprovider --noconftest -o addopts= --hypothesis-show-statistics "$@" "${TESTS[@]}")
+    LD_PRELOAD="$(gcc -print-file-name="$runtime") $(g++ -print-file-name=libstdc++.so.6)" \
+    "$PY" -m pytest -q -s -p no:cacheprovider --noconftest -o addopts= --hypothesis-show-statistics "$@" "${TESTS[@]}")
 }
 
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1
