@@ -22,9 +22,11 @@ inline V maybe_round(V x) {
 
 template <typename T, bool kExact>
 inline V step_v(V w, V g, V v, V lr, V alpha, V one_minus_alpha, V eps, V& w_out) {
-  constexpr auto r = maybe_round<T, kExact>;
-  V nv = r(add(r(mul(alpha, v)), r(mul(one_minus_alpha, r(mul(g, g))))));
-  V step = r(div(r(mul(lr, g)), r(add(r(sqrt(nv)), eps))));
+  V g2 = maybe_round<T, kExact>(mul(g, g));
+  V decayed = maybe_round<T, kExact>(mul(alpha, v));
+  V nv = maybe_round<T, kExact>(add(decayed, maybe_round<T, kExact>(mul(one_minus_alpha, g2))));
+  V denominator = maybe_round<T, kExact>(add(maybe_round<T, kExact>(sqrt(nv)), eps));
+  V step = maybe_round<T, kExact>(div(maybe_round<T, kExact>(mul(lr, g)), denominator));
   w_out = sub(w, step);
   return nv;
 }
