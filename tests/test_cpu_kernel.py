@@ -84,12 +84,13 @@ def test_non_contiguous_inputs(make):
 
 @pytest.mark.parametrize("dtype, ulp", [(mx.float16, 2.0**-10), (mx.bfloat16, 2.0**-7)], ids=["float16", "bfloat16"])
 def test_half_precision_rounds_once_from_float32(dtype, ulp):
-    """Arithmetic in float32, one rounding to the storage dtype: within one ulp of the float64 step."""
+    """precision="float32": arithmetic in float32, one rounding to the storage dtype, so within one ulp
+    of the float64 step."""
     mx.random.seed(4)
     n = 100003  # two threads' worth, with an AVX2 tail
     w, g = (mx.random.normal((n,)).astype(dtype) for _ in range(2))
     v = mx.random.uniform(0.1, 2.0, (n,)).astype(dtype)
-    (kw,), (kv,) = _cpu_ext.rmsprop_update([w], [g], [v], mx.array(0.01), 0.9, 1e-6, 2)
+    (kw,), (kv,) = _cpu_ext.rmsprop_update([w], [g], [v], mx.array(0.01), 0.9, 1e-6, 2, precision="float32")
     f64 = [np.array(x.astype(mx.float32), dtype=np.float64) for x in (w, g, v)]
     rw, rv = reference_step(*f64, 0.01, 0.9, 1e-6)
     for got, want in ((kw, rw), (kv, rv)):

@@ -7,11 +7,12 @@ holds (MLX's donation), so a training loop that drops its old parameters
 updates them in place; big buffers are first moved to start on a 2 MiB page,
 and buffers that live on are moved onto 2 MiB pages.
 Smaller leaves cost MLX more as graph nodes than as work, so they are updated
-at once, outside the graph, into one packed allocation per step (under
+at once, outside the graph, into packed allocations of at most 4 MiB (under
 ``mx.compile`` they stay in the graph). Either way the work is split over a
 persistent thread pool (MLX's CPU back-end has none of its own) and w, g and v
-are streamed once, in float32, with AVX2 and software prefetch where the CPU
-has them."""
+are streamed once, with AVX2 or NEON and software prefetch where the CPU has
+them, rounding exactly as stock does (``precision="stock"``) or once from
+float32 (``precision="float32"``); docs/kernels/cpu.md has the contract."""
 
 from __future__ import annotations
 
@@ -21,14 +22,18 @@ from ..registry import VariantUnavailableError
 
 
 class CpuKernelRMSprop(RMSpropBase):
-    """Args (beyond RMSprop's): ``threads``, how many threads share a step (default: ``default_threads()``)."""
+    """Args (beyond RMSprop's): ``threads``, how many threads share a step (default: ``default_threads()``);
+    ``precision``, ``"stock"`` (default: bit-identical to ``mlx.optimizers.RMSprop`` in every dtype)
+    or ``"float32"`` (float16 and bfloat16 computed in float32 and rounded once)."""
 
     name = "cpu_kernel"
     summary = "C++ extension: fused, threaded; 8 big leaves per node, small leaves packed"
     device = "cpu"
 
-    def __init__(self, learning_rate, alpha=0.99, eps=1e-8, threads: int | None = None):
+    def __init__(self, learning_rate, alpha=0.99, eps=1e-8, threads: int | None = None, precision: str = "stock"):
         super().__init__(learning_rate, alpha, eps)
+        if precision not in ("stock", "float32"):
+            raise ValueError(f'precision must be "stock" or "float32", not {precision!r}')
         if threads is None:
             threads = default_threads()
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -39,6 +44,7 @@ class CpuKernelRMSprop(RMSpropBase):
         from ..kernels import _cpu_ext
 
         self.threads = threads
+        self.precision = precision
         self._update = _cpu_ext.rmsprop_update
 
     @classmethod
@@ -57,7 +63,7 @@ class CpuKernelRMSprop(RMSpropBase):
         return None
 
     def update_leaves(self, w, g, v, lr):
-        return self._update(w, g, v, lr, self.alpha, self.eps, self.threads)
+        return self._update(w, g, v, lr, self.alpha, self.eps, self.threads, self.precision)
 
 
 VARIANT = CpuKernelRMSprop

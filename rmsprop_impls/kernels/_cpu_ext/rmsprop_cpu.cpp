@@ -3,29 +3,30 @@
 // Leaves of kEagerMaxElements or more: an RMSpropStep node takes the w, g and v of up to
 // kLeavesPerNode leaves plus the learning rate and yields their new w and v, reusing input
 // buffers nobody else holds (donation). Smaller leaves are updated at once, outside the graph,
-// into one packed allocation: as graph nodes they would cost MLX far more than their work.
-// Either way the elements are split evenly over a persistent thread pool (MLX's CPU back-end runs
-// each task on one thread) and each thread streams its share once, in float32, with AVX2 and
-// software prefetch where the CPU has them.
+// into packed allocations of at most 4 MiB: as graph nodes they would cost MLX far more than their
+// work. Either way the elements are split evenly over a persistent thread pool (MLX's CPU back-end
+// runs each task on one thread) and each thread streams its share once, with the vector kernel
+// simd/simd.h picks for this CPU (AVX2, NEON, or the scalar loop) and software prefetch, rounding
+// as stock does (precision "stock") or once from float32 (precision "float32").
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <optional>
 #include <pthread.h>
-#include <sys/mman.h>
 #include <stdexcept>
 #include <thread>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
@@ -33,10 +34,16 @@
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 #include "mlx_compat.h"
+#include "platform.h"
+#include "simd/simd.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 using namespace mlx::core;
+using rmsprop::bf16;
+using rmsprop::f16;
+using rmsprop::Hyper;
+using rmsprop::Kernel;
 
 namespace {
 
@@ -61,9 +68,22 @@ class Pool {
       ++generation_;
     }
     wake_.notify_all();
-    fn(0);
+    // The workers run `fn`, which lives in the caller's frame: wait for them even if share 0 throws.
+    std::exception_ptr error;
+    try {
+      fn(0);
+    } catch (...) {
+      error = std::current_exception();
+    }
     std::unique_lock<std::mutex> lock(mutex_);
     done_.wait(lock, [&] { return pending_ == 0; });
+    if (!error) {
+      error = std::exchange(worker_error_, nullptr);
+    }
+    worker_error_ = nullptr;
+    if (error) {
+      std::rethrow_exception(error);
+    }
   }
 
  private:
@@ -90,8 +110,16 @@ class Pool {
       if (index >= threads) {
         continue;
       }
-      (*job)(index);
+      std::exception_ptr error;
+      try {
+        (*job)(index);
+      } catch (...) {
+        error = std::current_exception();
+      }
       std::lock_guard<std::mutex> lock(mutex_);
+      if (error && !worker_error_) {
+        worker_error_ = error;
+      }
       if (--pending_ == 0) {
         done_.notify_one();
       }
@@ -107,20 +135,14 @@ class Pool {
   int job_threads_ = 0;
   int pending_ = 0;
   uint64_t generation_ = 0;
+  std::exception_ptr worker_error_;
 };
 
 // Never destroyed: parked workers would otherwise have to be joined from a
 // static destructor while MLX's scheduler may still be tearing down. A forked
-// child has none of the parent's workers, so it starts a fresh pool (the old
-// one is leaked: its mutexes may have been held at the fork).
-Pool* the_pool = nullptr;
+// child has none of the parent's workers, so it gets a fresh pool (see below).
+Pool* the_pool = new Pool();
 Pool& pool() {
-  static const bool ready = [] {
-    the_pool = new Pool();
-    pthread_atfork(nullptr, nullptr, [] { the_pool = new Pool(); });
-    return true;
-  }();
-  (void)ready;
   return *the_pool;
 }
 
@@ -174,8 +196,8 @@ class HugePages {
       }
       seen.moved = true;
     }
-    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-    if (madvise(reinterpret_cast<void*>(lo), hi - lo, kCollapse) == 0) {
+    rmsprop::platform::advise_huge_pages(reinterpret_cast<void*>(lo), hi - lo);
+    if (rmsprop::platform::collapse_to_huge_pages(reinterpret_cast<void*>(lo), hi - lo)) {
       moves_.fetch_add(1, std::memory_order_relaxed);
     }
   }
@@ -184,22 +206,24 @@ class HugePages {
   // past a page boundary, which leaves a 4 MiB buffer half on small pages; beyond 1 GiB the
   // edges hardly matter.
   static bool worth_aligning(size_t bytes) {
-    return bytes >= kHuge && bytes <= (size_t(1) << 30);
+    size_t huge = rmsprop::platform::huge_page_bytes();
+    return huge > 0 && bytes >= huge && bytes <= std::max(huge, size_t(1) << 30);
   }
 
   static bool starts_on_huge_page(const void* data) {
-    return reinterpret_cast<uintptr_t>(data) % kHuge == 0;
+    return reinterpret_cast<uintptr_t>(data) % rmsprop::platform::huge_page_bytes() == 0;
   }
 
-  // Gives `out` a fresh buffer that starts on a 2 MiB boundary and gets huge pages as it is first
-  // written. The slack in front is never touched: it costs address space, not memory.
+  // Gives `out` a fresh buffer that starts on a huge-page boundary and gets huge pages as it is
+  // first written. The slack in front is never touched: it costs address space, not memory.
   static void set_aligned_data(array& out) {
+    const size_t huge = rmsprop::platform::huge_page_bytes();
     size_t bytes = out.nbytes();
-    array base(allocator::malloc(bytes + kHuge), Shape{static_cast<ShapeElem>(bytes + kHuge)}, uint8);
+    array base(allocator::malloc(bytes + huge), Shape{static_cast<ShapeElem>(bytes + huge)}, uint8);
     uintptr_t start = reinterpret_cast<uintptr_t>(base.data<void>());
-    size_t offset = round_up(start, kHuge) - start;
+    size_t offset = round_up(start, huge) - start;
     share_row_major(out, base, offset);
-    madvise(reinterpret_cast<void*>(start + offset), bytes & ~(kHuge - 1), MADV_HUGEPAGE);
+    rmsprop::platform::advise_huge_pages(reinterpret_cast<void*>(start + offset), bytes & ~(huge - 1));
   }
 
   uint64_t moves() const {
@@ -207,18 +231,19 @@ class HugePages {
   }
 
  private:
-  static constexpr uintptr_t kHuge = 2u << 20;
-  static constexpr int kCollapse = 25;  // MADV_COLLAPSE (Linux 6.1); older headers lack the name.
-
   struct Sighting {
     std::weak_ptr<array::Data> owner;  // weak: a freed buffer expires here
     bool moved;
   };
 
-  // The 2 MiB-aligned part of a buffer: advice outside it would reach other allocations.
+  // The huge-page-aligned part of a buffer: advice outside it would reach other allocations.
   static std::pair<uintptr_t, uintptr_t> whole_huge_pages(const void* data, size_t bytes) {
+    const uintptr_t huge = rmsprop::platform::huge_page_bytes();
+    if (huge == 0) {
+      return {0, 0};
+    }
     uintptr_t start = reinterpret_cast<uintptr_t>(data);
-    return {round_up(start, kHuge), (start + bytes) & ~(kHuge - 1)};
+    return {round_up(start, huge), (start + bytes) & ~(huge - 1)};
   }
 
   void forget_freed_if_full() {
@@ -239,109 +264,29 @@ class HugePages {
   std::atomic<uint64_t> moves_{0};
 };
 
-HugePages huge_pages;
+// Leaked like the pool: a CPU task still queued in MLX's (deliberately leaked) scheduler at exit
+// may still use it after static destructors have run.
+HugePages* the_huge_pages = new HugePages();
+
+// fork(): the child has only the forking thread, so the pool's workers are gone, and a mutex that
+// another thread held at the fork stays locked for good. The child starts on fresh objects; the
+// old ones are leaked, never unlocked or destroyed.
+const bool fork_handler_installed = [] {
+  return pthread_atfork(nullptr, nullptr, [] {
+           the_pool = new Pool();
+           the_huge_pages = new HugePages();
+         }) == 0;
+}();
 
 // ------------------------------------------------------------------ math ---
-
-struct Hyper {
-  float lr, alpha, one_minus_alpha, eps;
-};
 
 // The learning rate is filled in once its array has been evaluated.
 Hyper hyper(double alpha, double eps) {
   return {0.0f, static_cast<float>(alpha), static_cast<float>(1.0 - alpha), static_cast<float>(eps)};
 }
 
-// Stock RMSprop's order of operations, in float32.
-inline void step_scalar(float w, float g, float v, const Hyper& h, float& w_out, float& v_out) {
-  v_out = h.alpha * v + h.one_minus_alpha * (g * g);
-  w_out = w - (h.lr * g) / (std::sqrt(v_out) + h.eps);
-}
-
-template <typename T>
-inline float to_f32(T x) {
-  return static_cast<float>(x);
-}
-template <typename T>
-inline T from_f32(float x) {
-  return static_cast<T>(x);
-}
-
-template <typename T>
-void update_scalar(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
-  for (size_t i = 0; i < n; ++i) {
-    float nw, nv;
-    step_scalar(to_f32(w[i]), to_f32(g[i]), to_f32(v[i]), h, nw, nv);
-    v_out[i] = from_f32<T>(nv);
-    w_out[i] = from_f32<T>(nw);
-  }
-}
-
-// AVX2 loads and stores widen and narrow 8 elements at a time.
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-
-AVX2 inline __m256 load8(const float* p) {
-  return _mm256_loadu_ps(p);
-}
-AVX2 inline __m256 load8(const float16_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-AVX2 inline __m256 load8(const bfloat16_t* p) {
-  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-AVX2 inline void store8(float* p, __m256 x) {
-  _mm256_storeu_ps(p, x);
-}
-AVX2 inline void store8(float16_t* p, __m256 x) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
-}
-// Round to nearest even, as MLX's scalar bfloat16 does; NaN stays a quiet NaN.
-AVX2 inline void store8(bfloat16_t* p, __m256 x) {
-  __m256i u = _mm256_castps_si256(x);
-  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-  __m256i bits = _mm256_blendv_epi8(rounded, nan, is_nan);
-  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0b1000);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
-
-// Bytes ahead of the loads that the loop asks the cache for: the hardware prefetcher alone
-// left this kernel at about 44 of its 48 GB/s here (five streams, measured in C).
-constexpr size_t kPrefetchBytes = 2048;
-
-template <typename T>
-AVX2 void update_avx2(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
-  const __m256 lr = _mm256_set1_ps(h.lr), alpha = _mm256_set1_ps(h.alpha);
-  const __m256 one_minus_alpha = _mm256_set1_ps(h.one_minus_alpha), eps = _mm256_set1_ps(h.eps);
-  auto step8 = [&](size_t i) AVX2 {
-    __m256 gi = load8(g + i);
-    // Separate multiplies and adds (no FMA), so both paths round alike.
-    __m256 nv = _mm256_add_ps(_mm256_mul_ps(alpha, load8(v + i)), _mm256_mul_ps(one_minus_alpha, _mm256_mul_ps(gi, gi)));
-    __m256 step = _mm256_div_ps(_mm256_mul_ps(lr, gi), _mm256_add_ps(_mm256_sqrt_ps(nv), eps));
-    store8(v_out + i, nv);
-    store8(w_out + i, _mm256_sub_ps(load8(w + i), step));
-  };
-  constexpr size_t ahead = kPrefetchBytes / sizeof(T);
-  size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    if (i + ahead < n) {
-      for (const T* p : {w, g, v}) {
-        _mm_prefetch(reinterpret_cast<const char*>(p + i + ahead), _MM_HINT_T0);
-      }
-    }
-    step8(i);
-    step8(i + 8);
-  }
-  for (; i + 8 <= n; i += 8) {
-    step8(i);
-  }
-  update_scalar(w + i, g + i, v + i, w_out + i, v_out + i, n - i, h);
-}
-
-const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+// The kernel every step runs: picked once, the fastest this CPU has; tests switch it.
+std::atomic<Kernel> active_kernel{rmsprop::available_kernels().front()};
 
 // ------------------------------------------------------------------ leaves ---
 
@@ -359,26 +304,38 @@ struct Leaf {
   std::weak_ptr<array::Data> w_owner, g_owner, v_owner;
 };
 
+// The two numeric contracts (docs/kernels/cpu.md): stock's, which rounds lr, the constants and
+// every intermediate to the storage dtype as stock RMSprop does, and one rounding from float32.
+enum class Precision { stock, float32 };
+
+Precision parse_precision(const std::string& name) {
+  if (name == "stock") return Precision::stock;
+  if (name == "float32") return Precision::float32;
+  throw std::invalid_argument("rmsprop_update: precision must be \"stock\" or \"float32\", not \"" + name + "\"");
+}
+
 template <typename T>
-void update_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h) {
+void update_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h, Precision precision) {
   auto at = [&](const void* p) { return static_cast<const T*>(p) + lo; };
   T* w_out = static_cast<T*>(leaf.w_out) + lo;
   T* v_out = static_cast<T*>(leaf.v_out) + lo;
-  if (has_avx2) {
-    update_avx2(at(leaf.w), at(leaf.g), at(leaf.v), w_out, v_out, hi - lo, h);
+  Kernel k = active_kernel.load(std::memory_order_relaxed);
+  if (precision == Precision::stock) {
+    rmsprop::update<T, true>(k, at(leaf.w), at(leaf.g), at(leaf.v), w_out, v_out, hi - lo, rmsprop::rounded_to<T>(h));
   } else {
-    update_scalar(at(leaf.w), at(leaf.g), at(leaf.v), w_out, v_out, hi - lo, h);
+    rmsprop::update<T, false>(k, at(leaf.w), at(leaf.g), at(leaf.v), w_out, v_out, hi - lo, h);
   }
 }
 
-void update_leaf_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h) {
+void update_leaf_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h, Precision precision) {
   switch (leaf.dtype) {
     case Dtype::Val::float32:
-      return update_range<float>(leaf, lo, hi, h);
+      // float32 has the bits for both contracts to be the same: one instantiation.
+      return update_range<float>(leaf, lo, hi, h, Precision::float32);
     case Dtype::Val::float16:
-      return update_range<float16_t>(leaf, lo, hi, h);
+      return update_range<f16>(leaf, lo, hi, h, precision);
     default:
-      return update_range<bfloat16_t>(leaf, lo, hi, h);
+      return update_range<bf16>(leaf, lo, hi, h, precision);
   }
 }
 
@@ -387,7 +344,7 @@ constexpr size_t kMinElementsPerThread = 1 << 15;
 // Thread shares start on 64-element boundaries so no two threads write one cache line.
 constexpr size_t kShareAlign = 64;
 
-void update_all(const std::vector<Leaf>& leaves, const Hyper& h, int max_threads) {
+void update_all(const std::vector<Leaf>& leaves, const Hyper& h, Precision precision, int max_threads) {
   std::vector<size_t> starts(leaves.size() + 1, 0);
   for (size_t i = 0; i < leaves.size(); ++i) {
     starts[i + 1] = starts[i] + leaves[i].size;
@@ -402,7 +359,7 @@ void update_all(const std::vector<Leaf>& leaves, const Hyper& h, int max_threads
       size_t a = std::max(lo, starts[i]) - starts[i];
       size_t b = std::min(hi, starts[i + 1]) - starts[i];
       if (a < b) {
-        update_leaf_range(leaves[i], a, b, h);
+        update_leaf_range(leaves[i], a, b, h, precision);
       }
     }
   };
@@ -428,15 +385,67 @@ void gather_row_major(const array& src, array& dst) {
   }
 }
 
+// ---------------------------------------------------------------- checks ---
+
+bool supported(Dtype t) {
+  return t == float32 || t == float16 || t == bfloat16;
+}
+
+// What every step needs of leaf i: w, g and v of one supported dtype and one shape. Checked where
+// the graph is built and again where it runs (sizes and dtypes) and where shapes are inferred
+// (mx.compile(shapeless=True) replays a graph on new inputs without building it again): the
+// kernel reads and writes w's size in all five streams.
+void check_leaf(size_t i, const array& w, const array& g, const array& v) {
+  if (!supported(w.dtype()) || g.dtype() != w.dtype() || v.dtype() != w.dtype()) {
+    throw std::invalid_argument("rmsprop_update: leaf " + std::to_string(i) +
+                                " needs w, g and v of one dtype among float32, float16, bfloat16");
+  }
+  if (g.shape() != w.shape() || v.shape() != w.shape()) {
+    throw std::invalid_argument("rmsprop_update: leaf " + std::to_string(i) + " has w, g and v of different shapes");
+  }
+}
+
+// ---------------------------------------------------------------- formula ---
+
+// Stock RMSprop's step in MLX ops, op for op (rmsprop_impls/formula.py): what the transforms of
+// RMSpropStep (grad, jvp, vmap) differentiate and batch. Precision::float32 computes in float32
+// and rounds once, as the kernel does in that mode.
+std::pair<array, array> formula(const array& w, const array& g, const array& v, const array& lr, double alpha,
+                                double eps, Precision precision, const Stream& s) {
+  Dtype t = g.dtype();
+  if (precision == Precision::float32 && t != float32) {
+    auto [nw, nv] = formula(astype(w, float32, s), astype(g, float32, s), astype(v, float32, s), lr, alpha, eps,
+                            Precision::stock, s);
+    return {astype(nw, t, s), astype(nv, t, s)};
+  }
+  // Python floats meet an array as weakly typed scalars: float32, then the array's dtype.
+  auto scalar = [&](double x) { return array(static_cast<float>(x), t); };
+  array nv = add(multiply(scalar(alpha), v, s), multiply(scalar(1.0 - alpha), square(g, s), s), s);
+  array step = divide(multiply(astype(lr, t, s), g, s), add(sqrt(nv, s), scalar(eps), s), s);
+  return {subtract(w, step, s), nv};
+}
+
 // ---------------------------------------------------------------- primitive ---
 
 class RMSpropStep : public Primitive {
  public:
-  RMSpropStep(Stream stream, double alpha, double eps, int threads)
-      : Primitive(stream), alpha_(alpha), eps_(eps), threads_(threads) {}
+  RMSpropStep(Stream stream, double alpha, double eps, Precision precision, int threads)
+      : Primitive(stream), alpha_(alpha), eps_(eps), precision_(precision), threads_(threads) {}
 
   void eval_cpu(const std::vector<array>& inputs, std::vector<array>& outputs) override {
     size_t n = outputs.size() / 2;
+    for (size_t i = 0; i < n; ++i) {
+      const array &w = inputs[i], &g = inputs[n + i], &v = inputs[2 * n + i];
+      check_leaf(i, w, g, v);
+      for (const array* out : {&outputs[i], &outputs[n + i]}) {
+        if (out->size() != w.size() || out->dtype() != w.dtype()) {
+          throw std::invalid_argument("rmsprop_update: leaf " + std::to_string(i) + "'s outputs do not match its w");
+        }
+      }
+    }
+    if (inputs[3 * n].size() != 1 || inputs[3 * n].dtype() != float32) {
+      throw std::invalid_argument("rmsprop_update: the learning rate must be a float32 scalar");
+    }
     auto& encoder = cpu::get_command_encoder(stream());
     std::vector<array> strided_sources, contiguous_copies;
     std::vector<Leaf> leaves;
@@ -462,24 +471,25 @@ class RMSpropStep : public Primitive {
                         outputs[i].data_shared_ptr(), g.data_shared_ptr(), outputs[n + i].data_shared_ptr()});
     }
     Hyper h = hyper(alpha_, eps_);
+    Precision precision = precision_;
     // The task holds weak copies only; MLX keeps the buffers alive (inputs, outputs, temporaries) until it ran.
     std::vector<std::pair<array, array>> gathers;
     for (size_t k = 0; k < strided_sources.size(); ++k) {
       gathers.emplace_back(array::unsafe_weak_copy(strided_sources[k]), array::unsafe_weak_copy(contiguous_copies[k]));
     }
     encoder.dispatch([leaves = std::move(leaves), h, lr = array::unsafe_weak_copy(inputs[3 * n]),
-                      gathers = std::move(gathers), threads = threads_]() mutable {
+                      gathers = std::move(gathers), precision, threads = threads_]() mutable {
       for (auto& [source, copy] : gathers) {
         gather_row_major(source, copy);
       }
       h.lr = *lr.data<float>();
       for (const Leaf& leaf : leaves) {
         size_t bytes = leaf.size * leaf.itemsize;
-        huge_pages.use_for(leaf.w_out, bytes, leaf.w_owner);
-        huge_pages.use_for(leaf.g, bytes, leaf.g_owner);
-        huge_pages.use_for(leaf.v_out, bytes, leaf.v_owner);
+        the_huge_pages->use_for(leaf.w_out, bytes, leaf.w_owner);
+        the_huge_pages->use_for(leaf.g, bytes, leaf.g_owner);
+        the_huge_pages->use_for(leaf.v_out, bytes, leaf.v_owner);
       }
-      update_all(leaves, h, threads);
+      update_all(leaves, h, precision, threads);
     });
     encoder.add_temporaries(std::move(strided_sources));
     encoder.add_temporaries(std::move(contiguous_copies));
@@ -491,6 +501,9 @@ class RMSpropStep : public Primitive {
 
   std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
     size_t n = (inputs.size() - 1) / 3;
+    for (size_t i = 0; i < n; ++i) {
+      check_leaf(i, inputs[i], inputs[n + i], inputs[2 * n + i]);
+    }
     std::vector<Shape> shapes;
     for (size_t i = 0; i < n; ++i) shapes.push_back(inputs[i].shape());
     for (size_t i = 0; i < n; ++i) shapes.push_back(inputs[2 * n + i].shape());
@@ -503,7 +516,72 @@ class RMSpropStep : public Primitive {
 
   bool is_equivalent(const Primitive& other) const override {
     auto& o = static_cast<const RMSpropStep&>(other);
-    return alpha_ == o.alpha_ && eps_ == o.eps_ && threads_ == o.threads_;
+    return alpha_ == o.alpha_ && eps_ == o.eps_ && precision_ == o.precision_ && threads_ == o.threads_;
+  }
+
+  // The transforms run the formula in MLX ops, leaf by leaf: the inputs are w..., g..., v..., lr
+  // and the outputs new w..., new v....
+  std::vector<array> vjp(const std::vector<array>& primals, const std::vector<array>& cotangents,
+                         const std::vector<int>& argnums, const std::vector<array>&) override {
+    size_t n = (primals.size() - 1) / 3;
+    std::vector<std::optional<array>> grads(primals.size());
+    for (size_t i = 0; i < n; ++i) {
+      auto [outs, vjps] = mlx::core::vjp(leaf_formula(), leaf_inputs(primals, i), {cotangents[i], cotangents[n + i]});
+      for (size_t k = 0; k < 3; ++k) {
+        grads[k * n + i] = vjps[k];
+      }
+      grads[3 * n] = grads[3 * n] ? add(*grads[3 * n], vjps[3], stream()) : vjps[3];
+    }
+    std::vector<array> result;
+    for (int a : argnums) {
+      result.push_back(*grads[a]);
+    }
+    return result;
+  }
+
+  std::vector<array> jvp(const std::vector<array>& primals, const std::vector<array>& tangents,
+                         const std::vector<int>& argnums) override {
+    size_t n = (primals.size() - 1) / 3;
+    std::vector<array> full;
+    for (const array& p : primals) {
+      full.push_back(zeros_like(p, stream()));
+    }
+    for (size_t k = 0; k < argnums.size(); ++k) {
+      full[argnums[k]] = tangents[k];
+    }
+    std::vector<array> out(2 * n, array(0.0f));
+    for (size_t i = 0; i < n; ++i) {
+      auto [outs, jvps] = mlx::core::jvp(leaf_formula(), leaf_inputs(primals, i), leaf_inputs(full, i));
+      out[i] = jvps[0];
+      out[n + i] = jvps[1];
+    }
+    return out;
+  }
+
+  std::pair<std::vector<array>, std::vector<int>> vmap(const std::vector<array>& inputs,
+                                                       const std::vector<int>& axes) override {
+    size_t n = (inputs.size() - 1) / 3;
+    // Batch axes to the front; an unbatched input broadcasts against a batched one as it is.
+    std::vector<array> moved;
+    for (size_t k = 0; k < inputs.size(); ++k) {
+      moved.push_back(axes[k] < 0 || axes[k] == 0 ? inputs[k] : moveaxis(inputs[k], axes[k], 0, stream()));
+    }
+    std::vector<array> out(2 * n, array(0.0f));
+    std::vector<int> out_axes(2 * n, -1);
+    for (size_t i = 0; i < n; ++i) {
+      array lr = moved[3 * n];
+      if (axes[3 * n] >= 0) {  // a batch of learning rates: one per row of every leaf
+        Shape shape(1 + ndim_of_leaf(inputs, axes, i), 1);
+        shape[0] = lr.shape(0);
+        lr = reshape(lr, shape, stream());
+      }
+      auto [nw, nv] = formula(moved[i], moved[n + i], moved[2 * n + i], lr, alpha_, eps_, precision_, stream());
+      bool batched = axes[i] >= 0 || axes[n + i] >= 0 || axes[2 * n + i] >= 0 || axes[3 * n] >= 0;
+      out[i] = nw;
+      out[n + i] = nv;
+      out_axes[i] = out_axes[n + i] = batched ? 0 : -1;
+    }
+    return {out, out_axes};
   }
 
  private:
@@ -531,13 +609,27 @@ class RMSpropStep : public Primitive {
     }
   }
 
+  std::function<std::vector<array>(const std::vector<array>&)> leaf_formula() {
+    return [alpha = alpha_, eps = eps_, precision = precision_, s = stream()](const std::vector<array>& x) {
+      auto [nw, nv] = formula(x[0], x[1], x[2], x[3], alpha, eps, precision, s);
+      return std::vector<array>{nw, nv};
+    };
+  }
+
+  static std::vector<array> leaf_inputs(const std::vector<array>& all, size_t i) {
+    size_t n = (all.size() - 1) / 3;
+    return {all[i], all[n + i], all[2 * n + i], all[3 * n]};
+  }
+
+  // The unbatched rank of leaf i.
+  static int ndim_of_leaf(const std::vector<array>& inputs, const std::vector<int>& axes, size_t i) {
+    return static_cast<int>(inputs[i].ndim()) - (axes[i] >= 0 ? 1 : 0);
+  }
+
   double alpha_, eps_;
+  Precision precision_;
   int threads_;
 };
-
-bool supported(Dtype t) {
-  return t == float32 || t == float16 || t == bfloat16;
-}
 
 // One node per this many leaves. Each output of an MLX node holds a copy of the node's input list
 // and of its sibling list, so a node of k leaves costs O(k^2) references: one node for a
@@ -584,9 +676,12 @@ void update_in_graph(const std::vector<array>& w, const std::vector<array>& g, c
 // update (about 25 us per leaf on this machine against 0.1 us for 256 elements), so such leaves
 // are updated at once into one packed allocation, with no node per leaf.
 constexpr size_t kEagerMaxElements = 1 << 16;
-// Each output starts on a cache line; one packed allocation holds at most this many bytes.
+// Each output starts on a cache line (its address, not just its offset), so that no two threads
+// write one line. One packed allocation holds at most kMaxPackBytes: a caller that keeps one small
+// leaf (an EMA of a norm weight, a logged bias) keeps its whole allocation alive, so that is what
+// one kept leaf can cost. 4 MiB packs cost one allocation per 4 MiB, nothing next to the update.
 constexpr size_t kPackAlign = 64;
-constexpr size_t kMaxPackBytes = size_t(1) << 30;
+constexpr size_t kMaxPackBytes = size_t(4) << 20;
 
 // An evaluated, row-major array of `like`'s shape and dtype, `offset` bytes into `base`'s buffer.
 array view_into(const array& base, size_t offset, const array& like) {
@@ -600,7 +695,7 @@ array view_into(const array& base, size_t offset, const array& like) {
 // now, outside the graph. Returns the leaves whose evaluated inputs turned out strided, for the
 // graph path to gather.
 Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, const std::vector<array>& v, array lr,
-                  const Leaves& which, Hyper h, int threads, Outputs& new_w, Outputs& new_v) {
+                  const Leaves& which, Hyper h, Precision precision, int threads, Outputs& new_w, Outputs& new_v) {
   std::vector<array> pending;
   if (!lr.is_available()) {
     pending.push_back(lr);
@@ -635,14 +730,18 @@ Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, cons
     allocation_bytes.back() += bytes;
   }
   std::vector<array> bases;
+  std::vector<size_t> base_offsets;  // from each allocation's start to its first cache line
   for (size_t bytes : allocation_bytes) {
-    bases.emplace_back(allocator::malloc(bytes), Shape{static_cast<ShapeElem>(bytes)}, uint8);
+    bases.emplace_back(allocator::malloc(bytes + kPackAlign), Shape{static_cast<ShapeElem>(bytes + kPackAlign)}, uint8);
+    uintptr_t start = reinterpret_cast<uintptr_t>(bases.back().data<void>());
+    base_offsets.push_back(round_up(start, kPackAlign) - start);
   }
   std::vector<Leaf> leaves;
   leaves.reserve(packed.size());
   for (size_t k = 0; k < packed.size(); ++k) {
     size_t i = packed[k];
-    auto [allocation, offset] = slots[k];
+    auto [allocation, slot_offset] = slots[k];
+    size_t offset = base_offsets[allocation] + slot_offset;
     new_w[i] = view_into(bases[allocation], offset, w[i]);
     new_v[i] = view_into(bases[allocation], offset + round_up(w[i].nbytes(), kPackAlign), w[i]);
     leaves.push_back({w[i].data<void>(), g[i].data<void>(), v[i].data<void>(), new_w[i]->data<void>(),
@@ -650,7 +749,7 @@ Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, cons
   }
   {
     nb::gil_scoped_release no_gil;
-    update_all(leaves, h, threads);
+    update_all(leaves, h, precision, threads);
   }
   return strided;
 }
@@ -658,7 +757,9 @@ Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, cons
 std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vector<array>& w,
                                                                  const std::vector<array>& g,
                                                                  const std::vector<array>& v, const array& lr,
-                                                                 double alpha, double eps, int threads) {
+                                                                 double alpha, double eps, int threads,
+                                                                 const std::string& precision_name) {
+  Precision precision = parse_precision(precision_name);
   size_t n = w.size();
   if (g.size() != n || v.size() != n) {
     throw std::invalid_argument("rmsprop_update: w, g and v need one entry per leaf each");
@@ -670,13 +771,7 @@ std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vect
     throw std::invalid_argument("rmsprop_update: threads must be >= 1");
   }
   for (size_t i = 0; i < n; ++i) {
-    if (!supported(w[i].dtype()) || g[i].dtype() != w[i].dtype() || v[i].dtype() != w[i].dtype()) {
-      throw std::invalid_argument("rmsprop_update: leaf " + std::to_string(i) +
-                                  " needs w, g and v of one dtype among float32, float16, bfloat16");
-    }
-    if (g[i].shape() != w[i].shape() || v[i].shape() != w[i].shape()) {
-      throw std::invalid_argument("rmsprop_update: leaf " + std::to_string(i) + " has w, g and v of different shapes");
-    }
+    check_leaf(i, w[i], g[i], v[i]);
   }
   std::pair<std::vector<array>, std::vector<array>> out;
   if (n == 0) {
@@ -696,10 +791,10 @@ std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vect
   }
   Outputs new_w(n), new_v(n);
   if (!small.empty()) {
-    Leaves strided = update_now(w, g, v, lr32, small, hyper(alpha, eps), threads, new_w, new_v);
+    Leaves strided = update_now(w, g, v, lr32, small, hyper(alpha, eps), precision, threads, new_w, new_v);
     large.insert(large.end(), strided.begin(), strided.end());
   }
-  update_in_graph(w, g, v, lr32, large, std::make_shared<RMSpropStep>(s, alpha, eps, threads), new_w, new_v);
+  update_in_graph(w, g, v, lr32, large, std::make_shared<RMSpropStep>(s, alpha, eps, precision, threads), new_w, new_v);
   out.first.reserve(n);
   out.second.reserve(n);
   for (size_t i = 0; i < n; ++i) {
@@ -709,19 +804,78 @@ std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vect
   return out;
 }
 
+// ------------------------------------------------------------- at import ---
+
+// mx.array crosses into this module only if both were built with one nanobind ABI and the same
+// NB_DOMAIN ("mlx"); otherwise the first call would fail with a baffling type error.
+void check_nanobind_abi() {
+  nb::module_::import_("mlx.core");
+  if (!nb::type<array>().is_valid()) {
+    std::string why =
+        "rmsprop_impls.kernels._cpu_ext: mlx.core's arrays are not visible to this extension (built with nanobind " +
+        std::to_string(NB_VERSION_MAJOR) + "." + std::to_string(NB_VERSION_MINOR) +
+        " in NB_DOMAIN mlx): the nanobind it was built with has another ABI than mlx's; rebuild it with the "
+        "nanobind version mlx was built with";
+    throw nb::import_error(why.c_str());  // std::runtime_error copies the message
+  }
+}
+
+// give_buffer() donates an input when its handle count is exactly what this node's own input
+// lists hold, which rests on a type pun over mlx::core::array and on how many copies of its input
+// list MLX keeps. Checked once here, where a wrong answer is cheap: an input someone still holds
+// must come back unchanged and undonated.
+void check_donation_invariant() {
+  Shape shape{static_cast<ShapeElem>(kEagerMaxElements)};
+  array w = full(shape, 1.0f, Device::cpu), g = full(shape, 1.0f, Device::cpu), v = full(shape, 1.0f, Device::cpu);
+  eval({w, g, v});
+  uint64_t before = donated_buffers.load();
+  auto [nw, nv] = rmsprop_update({w}, {g}, {v}, array(0.5f), 0.5, 1e-6, 1, "stock");
+  eval({nw[0], nv[0]});
+  bool unchanged = w.data<float>()[0] == 1.0f && v.data<float>()[0] == 1.0f && nw[0].data<float>()[0] != 1.0f;
+  if (donated_buffers.load() != before || nw[0].data<void>() == w.data<void>() || !unchanged) {
+    donated_buffers.store(before);
+    throw nb::import_error(
+        "rmsprop_impls.kernels._cpu_ext: a held input was donated (overwritten) in the import-time check; this MLX "
+        "keeps its graph's inputs differently from the one the donation rule was written for");
+  }
+}
+
 }  // namespace
 
 NB_MODULE(_ext, m) {
   m.doc() = "A fused, multi-tensor, threaded RMSprop step for MLX's CPU back-end.";
+  check_nanobind_abi();
+  check_donation_invariant();
   m.attr("MLX_VERSION") = RMSPROP_MLX_VERSION;
   m.def("rmsprop_update", &rmsprop_update, "w"_a, "g"_a, "v"_a, "lr"_a, "alpha"_a, "eps"_a, "threads"_a,
-        "One step over every leaf: returns (new w list, new v list) from one graph node.");
+        "precision"_a = "stock",
+        "One step over every leaf: returns (new w list, new v list). precision=\"stock\" rounds as stock RMSprop "
+        "does in every dtype; \"float32\" computes in float32 and rounds once.");
   m.def("hardware_threads", [] { return std::max(1u, std::thread::hardware_concurrency()); },
         "The number of hardware threads, the default thread count.");
   m.def("donated_buffers", [] { return donated_buffers.load(); },
         "How many outputs so far reused an input's buffer instead of allocating one.");
-  m.def("huge_page_moves", [] { return huge_pages.moves(); },
+  m.def("huge_page_moves", [] { return the_huge_pages->moves(); },
         "How many long-lived buffers so far were moved onto 2 MiB pages.");
   m.attr("EAGER_MAX_ELEMENTS") = kEagerMaxElements;
-  m.def("uses_avx2", [] { return has_avx2; }, "Whether this CPU runs the AVX2 path.");
+  m.def("uses_avx2", [] { return active_kernel.load() == Kernel::avx2; }, "Whether steps run the AVX2 kernel.");
+  m.def("kernel", [] { return rmsprop::kernel_name(active_kernel.load()); }, "The kernel steps run now.");
+  m.def("kernels", [] {
+        std::vector<std::string> names;
+        for (Kernel k : rmsprop::available_kernels()) names.push_back(rmsprop::kernel_name(k));
+        return names;
+      },
+      "The kernels this build has and this CPU runs, the default first.");
+  m.def("set_kernel", [](const std::string& name) {
+        std::string here;
+        for (Kernel k : rmsprop::available_kernels()) {
+          if (name == rmsprop::kernel_name(k)) {
+            active_kernel.store(k);
+            return;
+          }
+          here += std::string(here.empty() ? "" : ", ") + rmsprop::kernel_name(k);
+        }
+        throw std::invalid_argument("set_kernel: no kernel '" + name + "' here; this build and CPU run " + here);
+      },
+      "name"_a, "Runs every later step on this kernel (for tests: each one gives the same bits).");
 }

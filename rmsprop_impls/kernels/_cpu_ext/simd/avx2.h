@@ -1,0 +1,128 @@
+// The x86-64 kernel: AVX2 arithmetic on 8 floats, F16C for float16, integer rounding for bfloat16.
+//
+// Compiled for AVX2 whatever the build's -march (simd.h runs it only where the CPU has it), so
+// one binary runs on every x86-64 CPU. NaN is narrowed to the bits MLX's own float16_t and
+// bfloat16_t give it, so a NaN that stock would produce has the same bits here.
+#pragma once
+
+#include <immintrin.h>
+
+#include "scalar.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
+#endif
+
+namespace rmsprop::avx2 {
+
+constexpr size_t N = 8;
+using V = __m256;
+
+template <typename T>
+V load(const T* p);
+template <>
+inline V load(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+template <>
+inline V load(const f16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <>
+inline V load(const bf16* p) {
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+inline __m256i is_nan(V x) {
+  return _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+// 8 float16 values in the low halves of 8 lanes, rounded to nearest even; NaN as sign | 0x7D00.
+inline __m128i to_f16(V x) {
+  __m128i bits = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 16), _mm256_set1_epi32(0x8000));
+  __m256i nan32 = _mm256_or_si256(sign, _mm256_set1_epi32(0x7D00));
+  __m128i nan = _mm_packus_epi32(_mm256_castsi256_si128(nan32), _mm256_extracti128_si256(nan32, 1));
+  __m256i mask32 = is_nan(x);
+  __m128i mask = _mm_packs_epi32(_mm256_castsi256_si128(mask32), _mm256_extracti128_si256(mask32, 1));
+  return _mm_blendv_epi8(bits, nan, mask);
+}
+
+// bfloat16 bits in the low half of each lane, rounded to nearest even; NaN as 0x7FC0.
+inline __m256i to_bf16(V x) {
+  __m256i u = _mm256_castps_si256(x);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), is_nan(x));
+}
+
+inline void store(float* p, V x) {
+  _mm256_storeu_ps(p, x);
+}
+inline void store(f16* p, V x) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_f16(x));
+}
+inline void store(bf16* p, V x) {
+  __m256i bits = to_bf16(x);
+  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0b1000);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+template <typename T>
+V round(V x);
+template <>
+inline V round<float>(V x) {
+  return x;
+}
+template <>
+inline V round<f16>(V x) {
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+template <>
+inline V round<bf16>(V x) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(to_bf16(x), 16));
+}
+
+inline V broadcast(float x) {
+  return _mm256_set1_ps(x);
+}
+inline V add(V a, V b) {
+  return _mm256_add_ps(a, b);
+}
+inline V sub(V a, V b) {
+  return _mm256_sub_ps(a, b);
+}
+inline V mul(V a, V b) {
+  return _mm256_mul_ps(a, b);
+}
+inline V div(V a, V b) {
+  return _mm256_div_ps(a, b);
+}
+inline V sqrt(V a) {
+  return _mm256_sqrt_ps(a);
+}
+
+#include "loop.h"
+
+}  // namespace rmsprop::avx2
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace rmsprop::avx2 {
+
+// Whether this CPU runs the kernel above. __builtin_cpu_init() first: the answer may be asked
+// from a static initialiser, before the runtime has filled in what __builtin_cpu_supports reads.
+inline bool supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}
+
+}  // namespace rmsprop::avx2

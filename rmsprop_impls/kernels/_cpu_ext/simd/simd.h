@@ -1,0 +1,60 @@
+// Picks the update kernel for this CPU, once: AVX2 on x86-64 CPUs that have it, NEON on aarch64,
+// the scalar loop anywhere else. All of them run loop.h and round alike, so they give the same
+// bits; tests force each one the machine has through set_kernel() and compare them.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "scalar.h"
+#if defined(__x86_64__)
+#include "avx2.h"
+#elif defined(__aarch64__)
+#include "neon.h"
+#endif
+
+namespace rmsprop {
+
+enum class Kernel { scalar, avx2, neon };
+
+inline const char* kernel_name(Kernel k) {
+  switch (k) {
+    case Kernel::avx2:
+      return "avx2";
+    case Kernel::neon:
+      return "neon";
+    default:
+      return "scalar";
+  }
+}
+
+// The kernels this build has and this CPU runs, the fastest first.
+inline std::vector<Kernel> available_kernels() {
+  std::vector<Kernel> kernels;
+#if defined(__x86_64__)
+  if (avx2::supported()) kernels.push_back(Kernel::avx2);
+#elif defined(__aarch64__)
+  if (neon::supported()) kernels.push_back(Kernel::neon);
+#endif
+  kernels.push_back(Kernel::scalar);
+  return kernels;
+}
+
+// One range of one leaf, on the chosen kernel. kExact: stock's rounding after every operation.
+template <typename T, bool kExact>
+void update(Kernel k, const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
+  switch (k) {
+#if defined(__x86_64__)
+    case Kernel::avx2:
+      return avx2::update<T, kExact>(w, g, v, w_out, v_out, n, h);
+#elif defined(__aarch64__)
+    case Kernel::neon:
+      return neon::update<T, kExact>(w, g, v, w_out, v_out, n, h);
+#endif
+    default:
+      return scalar::update<T, kExact>(w, g, v, w_out, v_out, n, h);
+  }
+}
+
+}  // namespace rmsprop
