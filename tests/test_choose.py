@@ -164,6 +164,7 @@ def test_cache_directory_on_a_mac_is_the_library_caches(monkeypatch, tmp_path):
     import platformdirs.macos
 
     monkeypatch.delenv("RMSPROP_BENCH_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)  # platformdirs honours it on macOS too
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setattr(platformdirs, "PlatformDirs", platformdirs.macos.MacOS)  # what platformdirs picks on darwin
     assert cache_dir() == tmp_path / "home" / "Library" / "Caches" / "rmsprop-bench"
