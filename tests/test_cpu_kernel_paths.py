@@ -3,6 +3,8 @@ and the same bits as stock RMSprop where stock's rounding is the contract."""
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -121,3 +123,27 @@ def test_set_kernel_refuses_one_this_machine_lacks():
         _cpu_ext._ext.set_kernel("mmx")
     assert _cpu_ext._ext.kernel() == KERNELS[0]
     assert KERNELS[-1] == "scalar"
+
+
+def _erfinv_seconds(stream) -> float:
+    """The fastest of three evaluations of MLX's erfinv (libm's SSE code) on ``stream``."""
+    times = []
+    for _ in range(3):
+        x = mx.full((1 << 18,), 0.3)
+        mx.eval(x)
+        start = time.perf_counter()
+        mx.eval(mx.erfinv(x, stream=stream))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_step_leaves_mlx_own_kernels_at_full_speed(on_kernel, kernel):
+    """A kernel that left the YMM registers' upper halves dirty on MLX's stream thread (it runs a share of
+    each step there) made every later SSE instruction on that thread pay a transition penalty: erfinv, and
+    so mx.random.normal, ran 45x slower than on a fresh stream. One run, as a ratio: 10x is far above noise."""
+    on_kernel(kernel)
+    w, g, v = (mx.ones((1 << 17,)) for _ in range(3))  # the graph path: its share runs on the stream thread
+    mx.eval(_cpu_ext.rmsprop_update([w], [g], [v], mx.array(0.01), 0.9, 1e-6, 2))
+    fresh = mx.new_stream(mx.cpu)
+    assert _erfinv_seconds(mx.default_stream(mx.cpu)) < 10 * _erfinv_seconds(fresh)

@@ -47,7 +47,7 @@ void update(Kernel k, const T* w, const T* g, const T* v, T* w_out, T* v_out, si
   switch (k) {
 #if defined(__x86_64__)
     case Kernel::avx2:
-      return avx2::update<T, kExact>(w, g, v, w_out, v_out, n, h);
+      return avx2::update_then_clear<T, kExact>(w, g, v, w_out, v_out, n, h);
 #elif defined(__aarch64__)
     case Kernel::neon:
       return neon::update<T, kExact>(w, g, v, w_out, v_out, n, h);
