@@ -156,6 +156,11 @@ def test_entry_point_against_stock(case):
         assert isinstance(want, Exception) or not in_contract(leaves), repr(got)
         return
     assert in_contract(leaves) and not isinstance(want, Exception), f"kernel ran where stock raised {want!r}"
+    if transform in ("compile", "shapeless"):
+        # MLX compiles its fused CPU kernels with the host's C++ compiler, which on aarch64 contracts
+        # alpha*v + (1-alpha)*g*g into an FMA: compiled stock is 1 ulp off eager stock there. The
+        # kernel gives eager stock's bits inside mx.compile as outside.
+        want = outcome(stock_step, leaves, "none")
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert same(a, b), (transform, a.dtype, a.shape)

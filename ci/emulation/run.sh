@@ -44,6 +44,8 @@ aarch64-linux-gnu-gcc -O2 -I"$W/include/$PY" ci/emulation/launcher.c -o "$W/pyth
   -L/usr/lib/aarch64-linux-gnu -l$PY
 
 say "cross-building the extension"
+# A fresh configure: a CMake cache left by a checkout elsewhere names that source directory and CMake refuses it.
+rm -rf "$W/build"
 "$W/host/bin/cmake" -S rmsprop_impls/kernels/_cpu_ext -B "$W/build" -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_TOOLCHAIN_FILE="$REPO/ci/emulation/aarch64-linux-gnu.cmake" \
   -DPython_EXECUTABLE="$W/host/bin/python" -DPython_INCLUDE_DIR="$W/include/$PY" \
