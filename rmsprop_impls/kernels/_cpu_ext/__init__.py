@@ -32,6 +32,7 @@ __all__ = [
     "hardware_threads",
     "huge_page_moves",
     "rmsprop_update",
+    "step_tree",
     "uses_avx2",
 ]
 _FROM_EXT = {*__all__, "MLX_VERSION"}

@@ -36,6 +36,7 @@
 #include "mlx_compat.h"
 #include "platform.h"
 #include "simd/simd.h"
+#include "tree_walk.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -804,6 +805,47 @@ std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vect
   return out;
 }
 
+// ------------------------------------------------------------ whole step ---
+
+// step + 1, computed now where step has its value: a lazy scalar in the state would make the
+// caller's mx.eval walk every array it is given (about 2 us per leaf) instead of returning at once.
+array advanced(const array& step) {
+  if (step.is_tracer() || !step.is_available() || step.dtype() != uint64 || step.size() != 1) {
+    return add(step, array(1, step.dtype()), default_stream(Device::cpu));
+  }
+  return array(step.item<uint64_t>() + 1, uint64);
+}
+
+// One whole optimizer step in one call: the trees walked in C++ (tree_walk.h), every leaf updated
+// (rmsprop_update), the new v stored in the state, its step counter advanced and the new parameter
+// tree returned. None, with nothing changed, where the trees are not plain: the Python walk then
+// runs and names the problem.
+nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state, const array& lr, double alpha,
+                     double eps, int threads, const std::string& precision) {
+  static const rmsprop::tree::Walker* walker = new rmsprop::tree::Walker();  // leaked: holds a Python str
+  rmsprop::tree::Leaves leaves;
+  if (!PyDict_Check(gradients.ptr()) || !walker->walk(gradients.ptr(), parameters.ptr(), state.ptr(), leaves)) {
+    return nb::none();
+  }
+  PyObject* step = PyDict_GetItemString(state.ptr(), "step");
+  if (!step || !walker->is_array(step)) {
+    return nb::none();
+  }
+  array next_step = advanced(*nb::inst_ptr<array>(step));
+  auto [new_w, new_v] = rmsprop_update(leaves.w, leaves.g, leaves.v, lr, alpha, eps, threads, precision);
+  std::vector<nb::object> new_leaves;
+  new_leaves.reserve(new_w.size());
+  for (array& w : new_w) {
+    new_leaves.push_back(nb::cast(std::move(w)));
+  }
+  nb::object new_parameters = walker->rebuild(gradients.ptr(), new_leaves);  // before the state changes: it may throw
+  for (size_t i = 0; i < new_v.size(); ++i) {
+    walker->set_v(leaves.states[i], nb::cast(std::move(new_v[i])));
+  }
+  state["step"] = nb::cast(std::move(next_step));
+  return new_parameters;
+}
+
 // ------------------------------------------------------------- at import ---
 
 // mx.array crosses into this module only if both were built with one nanobind ABI and the same
@@ -851,6 +893,11 @@ NB_MODULE(_ext, m) {
         "precision"_a = "stock",
         "One step over every leaf: returns (new w list, new v list). precision=\"stock\" rounds as stock RMSprop "
         "does in every dtype; \"float32\" computes in float32 and rounds once.");
+  m.def("step_tree", &step_tree, "gradients"_a, "parameters"_a, "state"_a, "lr"_a, "alpha"_a, "eps"_a, "threads"_a,
+        "precision"_a = "stock",
+        "One whole optimizer step: walks the trees, updates every leaf, stores each new v in the state and advances "
+        "state['step']; returns the new parameter tree, or None (nothing changed) where the trees are not plain "
+        "dicts, lists and tuples of arrays with the stock state.");
   m.def("hardware_threads", [] { return std::max(1u, std::thread::hardware_concurrency()); },
         "The number of hardware threads, the default thread count.");
   m.def("donated_buffers", [] { return donated_buffers.load(); },

@@ -1,0 +1,160 @@
+// The optimizer's tree walk in C++: gradients, parameters and state walked together in one call,
+// so that a step over 16384 leaves crosses between Python and C++ once, not once per leaf and
+// list. It takes only plain trees (dicts, lists and tuples of mx.array, and the stock state
+// layout) and says no to anything else; the Python walk (tree_paths.py) then runs instead and
+// names what is wrong, so both walks accept the same trees and report errors one way.
+#pragma once
+
+#include <nanobind/nanobind.h>
+
+#include <stdexcept>
+#include <vector>
+
+#include "mlx/array.h"
+
+namespace rmsprop::tree {
+
+namespace nb = nanobind;
+using mlx::core::array;
+
+// The leaves of one step, in the gradients' order. The state dicts are held (not borrowed): the
+// step releases the GIL, and another thread may drop them from the state tree meanwhile.
+struct Leaves {
+  std::vector<array> w, g, v;
+  std::vector<nb::object> states;
+};
+
+class Walker {
+ public:
+  Walker() : array_type_(reinterpret_cast<PyTypeObject*>(nb::type<array>().ptr())), v_key_(nb::str("v")) {}
+
+  // Appends the leaves of (g, w, s) to `out`; false where a tree is not plain or leaves disagree.
+  bool walk(PyObject* g, PyObject* w, PyObject* s, Leaves& out, int depth = 0) const {
+    if (depth > kMaxDepth) {
+      return false;
+    }
+    if (Py_TYPE(g) == array_type_) {
+      return leaf(g, w, s, out);
+    }
+    if (PyDict_Check(g)) {
+      if (!PyDict_Check(w) || !PyDict_Check(s)) {
+        return false;
+      }
+      Py_ssize_t position = 0;
+      PyObject *key, *gk;
+      while (PyDict_Next(g, &position, &key, &gk)) {
+        if (!PyUnicode_CheckExact(key)) {
+          return false;  // hashing or comparing another key could run Python code mid-walk
+        }
+        PyObject* wk = PyDict_GetItemWithError(w, key);
+        PyObject* sk = wk ? PyDict_GetItemWithError(s, key) : nullptr;
+        if (!sk || !walk(gk, wk, sk, out, depth + 1)) {
+          PyErr_Clear();  // a key that hashes badly: the Python walk raises it
+          return false;
+        }
+      }
+      return true;
+    }
+    if (PyList_CheckExact(g) || PyTuple_CheckExact(g)) {
+      Py_ssize_t n = PySequence_Fast_GET_SIZE(g);
+      if (!is_sequence(w) || !is_sequence(s) || PySequence_Fast_GET_SIZE(w) != n || PySequence_Fast_GET_SIZE(s) != n) {
+        return false;
+      }
+      for (Py_ssize_t i = 0; i < n; ++i) {
+        if (!walk(PySequence_Fast_GET_ITEM(g, i), PySequence_Fast_GET_ITEM(w, i), PySequence_Fast_GET_ITEM(s, i), out,
+                  depth + 1)) {
+          return false;
+        }
+      }
+      return true;
+    }
+    return false;
+  }
+
+  // A tree shaped like `g` (plain dicts, lists and tuples) holding `leaves`, in walk order. The
+  // step released the GIL since the walk, so `g` is checked again: another thread may have changed it.
+  nb::object rebuild(PyObject* g, const std::vector<nb::object>& leaves) const {
+    auto next = leaves.cbegin();
+    nb::object tree = rebuild(g, next, leaves.cend(), 0);
+    if (next != leaves.cend()) {
+      throw changed();
+    }
+    return tree;
+  }
+
+  // Stores a new v in a state dict the walk returned.
+  void set_v(const nb::object& state, nb::object v) const {
+    nb::borrow<nb::dict>(state)[v_key_] = std::move(v);
+  }
+
+  bool is_array(PyObject* x) const {
+    return Py_TYPE(x) == array_type_;
+  }
+
+ private:
+  using Next = std::vector<nb::object>::const_iterator;
+
+  nb::object rebuild(PyObject* g, Next& next, Next end, int depth) const {
+    if (Py_TYPE(g) == array_type_ && next != end) {
+      return *next++;
+    }
+    if (PyDict_Check(g) && depth < kMaxDepth) {
+      nb::dict out;
+      Py_ssize_t position = 0;
+      PyObject *key, *gk;
+      while (PyDict_Next(g, &position, &key, &gk)) {
+        if (!PyUnicode_CheckExact(key)) {
+          throw changed();
+        }
+        out[nb::handle(key)] = rebuild(gk, next, end, depth + 1);
+      }
+      return out;
+    }
+    if ((PyList_CheckExact(g) || PyTuple_CheckExact(g)) && depth < kMaxDepth) {
+      Py_ssize_t n = PySequence_Fast_GET_SIZE(g);
+      nb::list items;
+      for (Py_ssize_t i = 0; i < n && i < PySequence_Fast_GET_SIZE(g); ++i) {
+        items.append(rebuild(PySequence_Fast_GET_ITEM(g, i), next, end, depth + 1));
+      }
+      return PyTuple_CheckExact(g) ? nb::object(nb::tuple(items)) : nb::object(items);
+    }
+    throw changed();
+  }
+
+  static std::runtime_error changed() {
+    return std::runtime_error("cpu_kernel: the gradient tree changed (in another thread) while the step ran");
+  }
+
+  // A gradient leaf, its parameter, and the stock state {"v": array} of the same shape and dtype.
+  bool leaf(PyObject* g, PyObject* w, PyObject* s, Leaves& out) const {
+    if (Py_TYPE(w) != array_type_ || !PyDict_CheckExact(s)) {
+      return false;
+    }
+    PyObject* v = PyDict_GetItemWithError(s, v_key_.ptr());
+    if (!v || Py_TYPE(v) != array_type_) {
+      PyErr_Clear();
+      return false;
+    }
+    const array& ga = *nb::inst_ptr<array>(g);
+    const array& wa = *nb::inst_ptr<array>(w);
+    if (ga.shape() != wa.shape() || ga.dtype() != wa.dtype()) {
+      return false;
+    }
+    out.g.push_back(ga);
+    out.w.push_back(wa);
+    out.v.push_back(*nb::inst_ptr<array>(v));
+    out.states.push_back(nb::borrow(s));
+    return true;
+  }
+
+  static bool is_sequence(PyObject* x) {
+    return PyList_Check(x) || PyTuple_Check(x);
+  }
+
+  // Deeper than any model: a cyclic or absurd tree goes to the Python walk.
+  static constexpr int kMaxDepth = 256;
+  PyTypeObject* array_type_;
+  nb::str v_key_;
+};
+
+}  // namespace rmsprop::tree

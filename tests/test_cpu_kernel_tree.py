@@ -1,0 +1,183 @@
+"""``cpu_kernel``'s whole step in C++ (``_cpu_ext.step_tree``): the same numbers and state as the
+Python walk, refusal (with nothing changed) where a tree is not plain, and no crash when threads
+share or change the trees."""
+
+from __future__ import annotations
+
+import threading
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+
+from rmsprop_impls import TreeMismatchError, create
+from rmsprop_impls.registry import unavailable_reason
+
+REASON = unavailable_reason("cpu_kernel")
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cpu_kernel unavailable here: {REASON}")
+
+if REASON is None:
+    from rmsprop_impls.kernels import _cpu_ext
+
+
+def nested(dtype=mx.float32, seed=0):
+    """Dicts, lists and tuples; small leaves and one past the eager limit (a graph node)."""
+    mx.random.seed(seed)
+    big = _cpu_ext.EAGER_MAX_ELEMENTS + 5
+
+    def r(*shape):
+        return mx.random.normal(shape).astype(dtype)
+
+    return {"a": r(3, 5), "layers": [{"w": r(7), "b": r(1)}, (r(2, 2), r(big))], "deep": {"er": {"x": r(300)}}}
+
+
+def without_fast_path(opt):
+    """The same optimizer with the C++ walk switched off: every step takes the Python walk."""
+    opt._step_tree = lambda *args: None
+    return opt
+
+
+def flat(tree):
+    from mlx.utils import tree_flatten
+
+    return [(k, np.array(v.astype(mx.float32))) for k, v in tree_flatten(tree)]
+
+
+def assert_same_trees(a, b):
+    fa, fb = flat(a), flat(b)
+    assert [k for k, _ in fa] == [k for k, _ in fb]
+    for (k, x), (_, y) in zip(fa, fb):
+        np.testing.assert_array_equal(x, y, err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("learning_rate", [1e-2, optim.cosine_decay(1e-2, 10)], ids=["float", "schedule"])
+def test_same_bits_and_state_as_the_python_walk_and_stock(dtype, learning_rate):
+    params = nested(dtype)
+    fast, slow = create("cpu_kernel", learning_rate), without_fast_path(create("cpu_kernel", learning_rate))
+    stock = optim.RMSprop(learning_rate)
+    pf = ps = pk = params
+    for step in range(6):
+        grads = nested(dtype, seed=step + 1)
+        pf, ps, pk = fast.apply_gradients(grads, pf), slow.apply_gradients(grads, ps), stock.apply_gradients(grads, pk)
+        mx.eval(pf, ps, pk, fast.state, slow.state, stock.state)
+    assert type(pf["layers"][1]) is tuple and type(pf["layers"]) is list
+    assert_same_trees(pf, ps)
+    assert_same_trees(pf, pk)
+    assert_same_trees(fast.state, slow.state)
+    assert fast.state["step"].dtype == mx.uint64 and fast.state["step"].item() == 6
+    assert_same_trees(fast.state, stock.state)
+
+
+def test_a_module_as_parameters_and_gradients_for_part_of_it():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    stock_model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    stock_model.update(model.parameters())
+    opt, stock = create("cpu_kernel", 1e-2), optim.RMSprop(1e-2)
+    x = mx.random.normal((16, 4))
+    for _ in range(4):
+        for m, o in ((model, opt), (stock_model, stock)):
+            grads = nn.value_and_grad(m, lambda m, x: (m(x) ** 2).sum())(m, x)[1]
+            grads = {"layers": [grads["layers"][0], {}, {"weight": grads["layers"][2]["weight"]}]}  # part of it
+            o.update(m, grads)
+            mx.eval(m.parameters(), o.state)
+    assert_same_trees(model.parameters(), stock_model.parameters())
+
+
+def test_step_tree_refuses_trees_that_are_not_plain_and_changes_nothing():
+    opt = create("cpu_kernel", 1e-2)
+    params = {"w": mx.ones((4,)), "l": [mx.ones((2,))]}
+    grads = {"w": mx.ones((4,)), "l": [mx.ones((2,))]}
+    params = opt.apply_gradients(grads, params)  # the first step makes the state
+    mx.eval(params, opt.state)
+    step, v = opt.state["step"], opt.state["w"]["v"]
+    args = (opt.learning_rate, opt.alpha, opt.eps, 1, "stock")
+    refused = {
+        "a leaf that is not an array": ({"w": 1.0, "l": [mx.ones((2,))]}, params),
+        "a missing parameter": (grads, {"l": params["l"]}),
+        "another shape": ({"w": mx.ones((5,)), "l": [mx.ones((2,))]}, params),
+        "another dtype": ({"w": mx.ones((4,), mx.float16), "l": [mx.ones((2,))]}, params),
+        "a list against a dict": ({"w": mx.ones((4,)), "l": {"0": mx.ones((2,))}}, params),
+        "a list of another length": ({"w": mx.ones((4,)), "l": [mx.ones((2,)), mx.ones((2,))]}, params),
+        "a key that is not a str": ({1: mx.ones((4,))}, {1: mx.ones((4,))}),
+        "a list at the top": ([mx.ones((4,))], [mx.ones((4,))]),
+    }
+    for why, (g, p) in refused.items():
+        assert _cpu_ext.step_tree(g, p, opt.state, *args) is None, why
+        assert opt.state["step"] is step and opt.state["w"]["v"] is v, why
+    assert _cpu_ext.step_tree(grads, params, opt.state, *args) is not None
+    assert opt.state["step"].item() == 2 and opt.state["w"]["v"] is not v
+
+
+def test_errors_still_name_the_leaf_after_the_first_step():
+    opt = create("cpu_kernel", 1e-2)
+    params = {"block": [{"w": mx.ones((4,))}]}
+    params = opt.apply_gradients({"block": [{"w": mx.ones((4,))}]}, params)
+    with pytest.raises(TreeMismatchError, match="block.0.w"):
+        opt.apply_gradients({"block": [{"w": mx.ones((5,))}]}, params)
+    with pytest.raises(TreeMismatchError, match="block.0.x"):
+        opt.apply_gradients({"block": [{"x": mx.ones((4,))}]}, params)
+
+
+def test_threads_stepping_their_own_optimizers_match_one_thread():
+    grads = nested(seed=3)
+
+    def run(out, i):
+        opt, p = create("cpu_kernel", 1e-2), nested()
+        for _ in range(20):
+            p = opt.apply_gradients(grads, p)
+            mx.eval(p, opt.state)
+        out[i] = p
+
+    serial, threaded = [None], [None] * 4
+    run(serial, 0)
+    workers = [threading.Thread(target=run, args=(threaded, i)) for i in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for p in threaded:
+        assert_same_trees(p, serial[0])
+
+
+def test_threads_sharing_one_optimizer_and_changing_its_trees_do_not_crash():
+    """Misuse, but reachable from Python: steps on one optimizer from two threads while a third
+    swaps state entries and the gradient tree. Each step either runs or raises; the process lives."""
+    opt = create("cpu_kernel", 1e-2)
+    params = {"l": [mx.ones((256,)) for _ in range(64)]}
+    grads = {"l": [mx.ones((256,)) for _ in range(64)]}
+    params = opt.apply_gradients(grads, params)
+    mx.eval(params, opt.state)
+    stop, errors = threading.Event(), []
+
+    def stepper():
+        p = params
+        while not stop.is_set():
+            try:
+                p = opt.apply_gradients(grads, p)
+                mx.eval(p, opt.state)
+            except (ValueError, RuntimeError, TypeError) as e:  # a changed tree may be refused
+                errors.append(e)
+
+    def meddler():
+        k = 0
+        while not stop.is_set():
+            v = mx.zeros((256,))
+            mx.eval(v)  # MLX evaluates an array on its own thread's stream only
+            opt.state["l"][k % 64] = {"v": v}
+            grads["l"].append(grads["l"][0])
+            grads["l"].pop()
+            k += 1
+
+    threads = [threading.Thread(target=f) for f in (stepper, stepper, meddler)]
+    for t in threads:
+        t.start()
+    stop.wait(2.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    p = opt.apply_gradients(grads, params)
+    mx.eval(p, opt.state)
+    assert all(np.isfinite(np.array(x)).all() for x in p["l"])
