@@ -32,6 +32,6 @@ def test_bfloat16_is_skipped():
 
 
 def test_a_peer_without_its_package_is_skipped_with_the_extra_to_install(monkeypatch):
-    monkeypatch.setattr(peers, "installed_peers", lambda: ["numpy"])
+    monkeypatch.setitem(peers.PEER_PACKAGES, "optax", ("jax", "a_package_that_is_not_installed"))
     with pytest.raises(NotImplementedError, match=r"optax needs the \[peers\] extra"):
         bench_peers.PeerStep().setup("optax", "4x1K", "float32")

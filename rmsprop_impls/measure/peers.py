@@ -77,9 +77,14 @@ def _import_error(package: str) -> str | None:
     return None
 
 
+def peer_installed(peer: str) -> bool:
+    """Whether ``peer``'s packages import here (importing them: torch and jax take a second or two)."""
+    return not any(_import_error(m) for m in PEER_PACKAGES[peer])
+
+
 def installed_peers() -> list[str]:
     """The peers whose packages import here, in :data:`PEERS` order (numpy always)."""
-    return [p for p in PEERS if not any(_import_error(m) for m in PEER_PACKAGES[p])]
+    return [p for p in PEERS if peer_installed(p)]
 
 
 def peer_unavailable_reason(peer: str, dtype: mx.Dtype | str = mx.float32, n_leaves: int = 0) -> str | None:
@@ -87,7 +92,7 @@ def peer_unavailable_reason(peer: str, dtype: mx.Dtype | str = mx.float32, n_lea
     name is a ``ValueError``."""
     if peer not in PEERS:
         raise ValueError(f"unknown peer {peer!r}; the peers are {', '.join(PEERS)}")
-    if peer not in installed_peers():
+    if not peer_installed(peer):
         return f"{peer} {NEEDS_EXTRA}"
     if dtype in (mx.bfloat16, "bfloat16"):
         return NO_BFLOAT16
