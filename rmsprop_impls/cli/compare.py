@@ -1,4 +1,5 @@
-"""``rmsprop-bench compare``: a quick, asv-free comparison of the variants on one or more trees."""
+"""``rmsprop-bench compare``: a quick, asv-free comparison of the variants on one or more trees, and with
+``--peers`` of the same step in numpy, optax and torch (``measure.peers``)."""
 
 from __future__ import annotations
 
