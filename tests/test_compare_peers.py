@@ -129,3 +129,18 @@ def test_a_bad_peer_name_is_one_line():
     out = cli("compare", "--tree", "4x1K", "--peers", "numpy", "nope")
     assert out.returncode == 2 and "argument --peers: invalid choice: 'nope'" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_peers_alone_takes_the_installed_ones_and_names_the_others(monkeypatch, capsys):
+    from rmsprop_impls.cli import compare, main
+
+    for peer in peers.PEERS[1:]:  # as if the [peers] extra were not installed
+        monkeypatch.setitem(peers.PEER_PACKAGES, peer, ("a_package_that_is_not_installed",))
+    monkeypatch.setattr(compare, "measure_limits", lambda: {"cpu": 10.0, "gpu": None})
+    assert main(["compare", "--tree", "4x1K", "--variants", "compiled", "--peers", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("4x1K  ")] == ["compiled", "numpy"]
+    assert out.rstrip().endswith(
+        "  not installed: torch-foreach, torch-per-tensor, optax: needs the [peers] extra "
+        "(pip install 'rmsprop-bench[peers]')"
+    )
