@@ -50,11 +50,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=PEERS,
         metavar="PEER",
         help="also time peers: a peer is the same RMSprop step written in another library, run on the CPU on the "
-        "same parameters and gradients (converted with numpy), as a yardstick for the MLX variants. numpy (in "
-        f"place, no allocation per step), optax (under jax.jit with donated buffers; trees of up to {OPTAX_MAX_LEAVES} "
-        "leaves), "
-        "torch-foreach and torch-per-tensor (torch.optim.RMSprop). numpy comes with this package; the others need "
-        "the [peers] extra. With no names, every peer installed here; bfloat16 has none (numpy has no bfloat16)",
+        "same parameters and gradients (converted with numpy), as a yardstick for the MLX variants: numpy (in "
+        "place, no allocation per step), optax (under jax.jit with donated buffers; trees of up to "
+        f"{OPTAX_MAX_LEAVES} leaves), torch-foreach and torch-per-tensor (torch.optim.RMSprop). numpy comes with "
+        "this package, the others with the [peers] extra. With no names, every peer installed here. None runs on "
+        "bfloat16 (numpy has no bfloat16)",
     )
     p.add_argument("--repeats", type=at_least(1), default=10, help="timed steps per variant (default 10)")
     add_cache_limit_argument(p)
