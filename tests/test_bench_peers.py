@@ -1,28 +1,37 @@
-"""The numpy peer, the one update the peers suite writes itself, computes RMSprop."""
+"""The asv peers suite times the package's peer steps (``rmsprop_impls.measure.peers``), and skips what cannot run."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import numpy as np
+import pytest
 
-from rmsprop_impls import reference_step
+from rmsprop_impls.measure import peers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package sits beside tests/
 
-from benchmarks.bench_peers import ALPHA, EPS, LR, numpy_step  # noqa: E402
+from benchmarks import bench_peers  # noqa: E402
 
 
-def test_numpy_peer_matches_the_reference_over_steps():
-    rng = np.random.default_rng(0)
-    w = [rng.normal(size=n).astype(np.float32) for n in (1, 7, 1000)]
-    g = [rng.normal(size=x.size).astype(np.float32) for x in w]
-    v = [np.zeros_like(x) for x in w]
-    expected = [(x.astype(np.float64), np.zeros(x.size)) for x in w]
-    for _ in range(5):
-        numpy_step(w, g, v, [np.empty_like(x) for x in w])
-        expected = [reference_step(we, gi, ve, LR, ALPHA, EPS) for (we, ve), gi in zip(expected, g)]
-    for wi, vi, (we, ve) in zip(w, v, expected):
-        np.testing.assert_allclose(wi, we, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(vi, ve, rtol=1e-5, atol=1e-8)
+def test_the_suite_builds_its_steps_in_the_package():
+    assert bench_peers.build_peer is peers.build_peer and bench_peers.numpy_leaves is peers.numpy_leaves
+    assert tuple(bench_peers.PEERS) == peers.PEERS
+
+
+def test_the_numpy_peer_sets_up_and_steps():
+    bench = bench_peers.PeerStep()
+    bench.setup("numpy", "4x1K", "float32")
+    bench.time_step("numpy", "4x1K", "float32")
+    assert bench.built_for == ("numpy", "4x1K", "float32")
+
+
+def test_bfloat16_is_skipped():
+    with pytest.raises(NotImplementedError, match="no bfloat16"):
+        bench_peers.PeerStep().setup("numpy", "4x1K", "bfloat16")
+
+
+def test_a_peer_without_its_package_is_skipped_with_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(peers.PEER_PACKAGES, "optax", ("jax", "a_package_that_is_not_installed"))
+    with pytest.raises(NotImplementedError, match=r"optax needs the \[peers\] extra"):
+        bench_peers.PeerStep().setup("optax", "4x1K", "float32")
