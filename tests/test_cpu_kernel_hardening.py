@@ -82,7 +82,9 @@ def test_one_kept_small_leaf_pins_a_few_mib_at_most():
     gc.collect()
     pinned = mx.get_active_memory() - before
     assert kept.size == 60_000
-    assert pinned <= 5 * 2**20, f"{pinned / 2**20:.1f} MiB pinned by one 240 KB leaf"
+    # A pack of at most 4 MiB, and up to 2 MiB of never-touched address space in front of it that
+    # puts it on a huge page (MLX's count includes that slack).
+    assert pinned <= 7 * 2**20, f"{pinned / 2**20:.1f} MiB pinned by one 240 KB leaf"
 
 
 def address(x: mx.array) -> int:

@@ -26,7 +26,8 @@ say() { echo "[sanitizers $(($(date +%s) - start))s] $*"; }
 
 [ -x "$PY" ] || { python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'; }
 
-TESTS=(tests/test_cpu_kernel.py tests/test_cpu_kernel_paths.py tests/test_cpu_kernel_hardening.py tests/test_cpu_kernel_fuzz.py)
+TESTS=(tests/test_cpu_kernel.py tests/test_cpu_kernel_paths.py tests/test_cpu_kernel_hardening.py tests/test_cpu_kernel_tree.py
+  tests/test_cpu_kernel_fuzz.py)
 
 lane() {  # name, -fsanitize= list, runtime library, fuzz examples, extra pytest arguments...
   local name=$1 sanitize=$2 runtime=$3 examples=$4

@@ -75,7 +75,7 @@ def _nested(rng: np.random.Generator) -> dict[str, Any]:
             {"w": rng.normal(size=(3, 3)), "scale": np.array(0.5)},
         ],
         "head": {"deep": {"w": rng.normal(size=(2, 3, 4))}},
-        "big": rng.normal(size=(257, 263)),  # 67,591 elements: past cpu_kernel's 64K graph-node threshold
+        "big": rng.normal(size=(513, 521)),  # 267,273 elements: past cpu_kernel's 256K graph-node threshold
     }
 
 

@@ -5,15 +5,16 @@ parameter and state trees there, updates every leaf, stores the new ``v`` and
 advances the step counter (computed at once, so ``mx.eval`` of the new state
 has nothing left to run), and returns the new parameter tree.
 
-Leaves of 64K elements or more go through ``RMSpropStep`` graph nodes, up to
+Leaves of 256K elements or more go through ``RMSpropStep`` graph nodes, up to
 eight leaves per node (MLX's multi-output nodes cost the square of their output
 count in references). Their outputs reuse the buffers of inputs nobody else
 holds (MLX's donation), so a training loop that drops its old parameters
 updates them in place; big buffers are first moved to start on a 2 MiB page,
 and buffers that live on are moved onto 2 MiB pages.
 Smaller leaves cost MLX more as graph nodes than as work, so they are updated
-at once, outside the graph, into packed allocations of at most 4 MiB (under
-``mx.compile`` they stay in the graph). Either way the work is split over a
+at once, outside the graph, into packed allocations of at most 4 MiB, written
+with streaming stores and, from 2 MiB, on huge pages (under ``mx.compile`` they
+stay in the graph). Either way the work is split over a
 persistent thread pool (MLX's CPU back-end has none of its own) and w, g and v
 are streamed once, with AVX2 or NEON and software prefetch where the CPU has
 them, rounding exactly as stock does (``precision="stock"``) or once from

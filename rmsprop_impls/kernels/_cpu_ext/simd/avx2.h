@@ -66,10 +66,28 @@ inline void store(float* p, V x) {
 inline void store(f16* p, V x) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_f16(x));
 }
-inline void store(bf16* p, V x) {
+// 8 bfloat16 values, packed into 16 bytes.
+inline __m128i to_bf16_packed(V x) {
   __m256i bits = to_bf16(x);
-  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0b1000);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0b1000));
+}
+inline void store(bf16* p, V x) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16_packed(x));
+}
+
+// Non-temporal stores, which need an aligned address (32 bytes for 8 floats, 16 for 8 halves):
+// elsewhere a plain store. update_then_clear() fences them.
+inline bool aligned(const void* p, uintptr_t to) {
+  return (reinterpret_cast<uintptr_t>(p) & (to - 1)) == 0;
+}
+inline void stream(float* p, V x) {
+  aligned(p, 32) ? _mm256_stream_ps(p, x) : store(p, x);
+}
+inline void stream(f16* p, V x) {
+  aligned(p, 16) ? _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_f16(x)) : store(p, x);
+}
+inline void stream(bf16* p, V x) {
+  aligned(p, 16) ? _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16_packed(x)) : store(p, x);
 }
 
 template <typename T>
@@ -111,9 +129,13 @@ inline V sqrt(V a) {
 // update(), then the upper halves of the YMM registers cleared. Left dirty, they make every SSE
 // instruction that runs next on this thread pay a transition penalty: MLX's CPU stream thread runs
 // a share of each step, and its libm-based kernels (erfinv, so mx.random.normal) ran 45x slower.
-template <typename T, bool kExact>
+// Streamed stores are fenced first, so that whoever reads the outputs next sees them.
+template <typename T, bool kExact, bool kStream>
 void update_then_clear(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
-  update<T, kExact>(w, g, v, w_out, v_out, n, h);
+  update<T, kExact, kStream>(w, g, v, w_out, v_out, n, h);
+  if constexpr (kStream) {
+    _mm_sfence();
+  }
   _mm256_zeroupper();
 }
 

@@ -31,7 +31,20 @@ inline V step_v(V w, V g, V v, V lr, V alpha, V one_minus_alpha, V eps, V& w_out
   return nv;
 }
 
-template <typename T, bool kExact>
+// kStream: the outputs are fresh memory (a new pack or allocation), so they are written past the
+// cache with stream() rather than read in first by every store that misses: 20 bytes of traffic
+// per float32 parameter instead of 28. In place (a donated buffer) the lines are in the cache
+// already, and plain stores are faster.
+template <typename T, bool kStream>
+inline void put(T* p, V x) {
+  if constexpr (kStream) {
+    stream(p, x);
+  } else {
+    store(p, x);
+  }
+}
+
+template <typename T, bool kExact, bool kStream = false>
 void update(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
   const V lr = broadcast(h.lr), alpha = broadcast(h.alpha);
   const V one_minus_alpha = broadcast(h.one_minus_alpha), eps = broadcast(h.eps);
@@ -46,8 +59,8 @@ void update(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, co
     for (size_t k = i; k < i + 2 * N; k += N) {
       V nw;
       V nv = step_v<T, kExact>(load(w + k), load(g + k), load(v + k), lr, alpha, one_minus_alpha, eps, nw);
-      store(v_out + k, nv);
-      store(w_out + k, nw);
+      put<T, kStream>(v_out + k, nv);
+      put<T, kStream>(w_out + k, nw);
     }
   }
   if constexpr (N > 1) {

@@ -56,6 +56,11 @@ inline void store(f16* p, V x) {
 inline void store(bf16* p, V x) {
   vst1_u16(reinterpret_cast<uint16_t*>(p), vmovn_u32(to_bf16(x)));
 }
+// NEON has no non-temporal store intrinsic (STNP is only a hint): fresh outputs are stored plainly.
+template <typename T>
+inline void stream(T* p, V x) {
+  store(p, x);
+}
 
 template <typename T>
 V round(V x);

@@ -53,6 +53,11 @@ template <typename T>
 inline void store(T* p, V x) {
   *p = static_cast<T>(x);
 }
+// One float at a time has no write that skips the cache.
+template <typename T>
+inline void stream(T* p, V x) {
+  store(p, x);
+}
 // Rounds to T and widens back: what storing an intermediate in stock's dtype does to it.
 template <typename T>
 inline V round(V x) {
