@@ -375,6 +375,7 @@ void update_all(const std::vector<Leaf>& leaves, const Hyper& h, Precision preci
         update_leaf_range(leaves[i], a, b, h, precision);
       }
     }
+    rmsprop::fence_streams(active_kernel.load(std::memory_order_relaxed));
   };
   pool().run(threads, share);
 }

@@ -76,7 +76,7 @@ inline void store(bf16* p, V x) {
 }
 
 // Non-temporal stores, which need an aligned address (32 bytes for 8 floats, 16 for 8 halves):
-// elsewhere a plain store. update_then_clear() fences them.
+// elsewhere a plain store. fence() orders them before what the thread does next.
 inline bool aligned(const void* p, uintptr_t to) {
   return (reinterpret_cast<uintptr_t>(p) & (to - 1)) == 0;
 }
@@ -129,14 +129,17 @@ inline V sqrt(V a) {
 // update(), then the upper halves of the YMM registers cleared. Left dirty, they make every SSE
 // instruction that runs next on this thread pay a transition penalty: MLX's CPU stream thread runs
 // a share of each step, and its libm-based kernels (erfinv, so mx.random.normal) ran 45x slower.
-// Streamed stores are fenced first, so that whoever reads the outputs next sees them.
 template <typename T, bool kExact, bool kStream>
 void update_then_clear(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
   update<T, kExact, kStream>(w, g, v, w_out, v_out, n, h);
-  if constexpr (kStream) {
-    _mm_sfence();
-  }
   _mm256_zeroupper();
+}
+
+// Streamed stores are weakly ordered: once per thread and step, after its last one, so that
+// whoever reads the outputs next sees them. (Once per leaf, the wait for them to drain cost more
+// than a 256-element leaf's update.)
+inline void fence() {
+  _mm_sfence();
 }
 
 }  // namespace rmsprop::avx2

@@ -58,4 +58,13 @@ void update(Kernel k, const T* w, const T* g, const T* v, T* w_out, T* v_out, si
   }
 }
 
+// Orders a thread's streamed stores (kStream) before its next ones: called once after its updates.
+inline void fence_streams(Kernel k) {
+#if defined(__x86_64__)
+  if (k == Kernel::avx2) avx2::fence();
+#else
+  (void)k;  // NEON and the scalar loop store plainly
+#endif
+}
+
 }  // namespace rmsprop
