@@ -181,3 +181,47 @@ def test_threads_sharing_one_optimizer_and_changing_its_trees_do_not_crash():
     p = opt.apply_gradients(grads, params)
     mx.eval(p, opt.state)
     assert all(np.isfinite(np.array(x)).all() for x in p["l"])
+
+
+def small_tree(seed=0):
+    mx.random.seed(seed)
+    return {"a": mx.random.normal((1000,)), "b": [mx.random.normal((300,)), mx.random.normal((7, 5))]}
+
+
+def test_v_is_updated_in_place_when_only_the_state_holds_it():
+    opt, stock = create("cpu_kernel", 1e-2), optim.RMSprop(1e-2)
+    p = pk = small_tree()
+    grads = small_tree(seed=1)
+    before = _cpu_ext.v_updated_in_place()
+    for _ in range(5):
+        p, pk = opt.apply_gradients(grads, p), stock.apply_gradients(grads, pk)
+        mx.eval(p, pk, opt.state, stock.state)
+    assert _cpu_ext.v_updated_in_place() - before >= 3 * 3  # every leaf from the third step on
+    assert_same_trees(p, pk)
+    assert_same_trees(opt.state, stock.state)
+
+
+def test_a_v_that_anything_else_holds_is_never_overwritten():
+    """A held v, an evaluated slice of one (which shares its buffer), and a lazy graph reading one
+    that is in flight keep the values they had; the other v's of a pack are then left alone too."""
+    opt = create("cpu_kernel", 1e-2)
+    p = small_tree()
+    grads = small_tree(seed=1)
+    for _ in range(3):
+        p = opt.apply_gradients(grads, p)
+        mx.eval(p, opt.state)
+    held = opt.state["a"]["v"]
+    view = opt.state["b"][0]["v"][2:5]
+    mx.eval(view)
+    doubled = opt.state["b"][1]["v"] * 2
+    mx.async_eval(doubled)
+    snapshots = [np.array(held), np.array(view), 2 * np.array(opt.state["b"][1]["v"])]
+    before = _cpu_ext.v_updated_in_place()
+    for _ in range(3):
+        p = opt.apply_gradients(grads, p)
+        mx.eval(p, opt.state)
+    np.testing.assert_array_equal(np.array(held), snapshots[0])
+    np.testing.assert_array_equal(np.array(view), snapshots[1])
+    np.testing.assert_array_equal(np.array(doubled), snapshots[2])
+    assert opt.state["a"]["v"] is not held
+    assert _cpu_ext.v_updated_in_place() - before < 3 * 3

@@ -12,9 +12,10 @@ holds (MLX's donation), so a training loop that drops its old parameters
 updates them in place; big buffers are first moved to start on a 2 MiB page,
 and buffers that live on are moved onto 2 MiB pages.
 Smaller leaves cost MLX more as graph nodes than as work, so they are updated
-at once, outside the graph, into packed allocations of at most 4 MiB, written
-with streaming stores and, from 2 MiB, on huge pages (under ``mx.compile`` they
-stay in the graph). Either way the work is split over a
+at once, outside the graph: the new w into packed allocations of at most 4 MiB,
+written with streaming stores and, from 2 MiB, on huge pages, and the new v over
+the old one where nothing but the optimizer state can see it (under
+``mx.compile`` they stay in the graph). Either way the work is split over a
 persistent thread pool (MLX's CPU back-end has none of its own) and w, g and v
 are streamed once, with AVX2 or NEON and software prefetch where the CPU has
 them, rounding exactly as stock does (``precision="stock"``) or once from

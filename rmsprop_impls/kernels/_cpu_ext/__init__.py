@@ -33,6 +33,7 @@ __all__ = [
     "huge_page_moves",
     "rmsprop_update",
     "step_tree",
+    "v_updated_in_place",
     "uses_avx2",
 ]
 _FROM_EXT = {*__all__, "MLX_VERSION"}

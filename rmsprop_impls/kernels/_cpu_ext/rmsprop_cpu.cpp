@@ -3,8 +3,8 @@
 // Leaves of kEagerMaxElements or more: an RMSpropStep node takes the w, g and v of up to
 // kLeavesPerNode leaves plus the learning rate and yields their new w and v, reusing input
 // buffers nobody else holds (donation). Smaller leaves are updated at once, outside the graph,
-// into packed allocations of at most 4 MiB, written past the cache: as graph nodes they would cost
-// MLX more than their work. After the first step, step_tree() walks the trees here too. Either way
+// into packed allocations of at most 4 MiB, written past the cache (and v in place where only the
+// optimizer state can see it): as graph nodes they would cost MLX more than their work. After the first step, step_tree() walks the trees here too. Either way
 // the elements are split evenly over a persistent thread pool (MLX's CPU back-end runs each task on
 // one thread) and each thread streams its share once, with the vector kernel
 // simd/simd.h picks for this CPU (AVX2, NEON, or the scalar loop) and software prefetch, rounding
@@ -151,6 +151,12 @@ Pool& pool() {
 std::atomic<uint64_t> donated_buffers{0};
 
 // ---------------------------------------------------------------- buffers ---
+
+// How many handles share this array's descriptor (mlx::core::array is one shared_ptr).
+long handles(const array& x) {
+  static_assert(sizeof(array) == sizeof(std::shared_ptr<void>), "mlx::core::array is one shared_ptr");
+  return reinterpret_cast<const std::shared_ptr<void>&>(x).use_count();
+}
 
 // `x` rounded up to a multiple of `to`, a power of two.
 constexpr uintptr_t round_up(uintptr_t x, uintptr_t to) {
@@ -302,7 +308,8 @@ struct Leaf {
   Dtype::Val dtype;
   size_t itemsize;
   // Whether w_out and v_out are fresh memory, which the kernel writes past the cache (loop.h).
-  bool fresh_outputs;
+  // v_out streams only where w_out does: a packed leaf's v may be updated in place.
+  bool fresh_w, fresh_v;
   // The allocations behind w_out, g and v_out, which the huge-page move keys on. Weak: a handle
   // here must not count as a holder when the next step asks whether it may donate a buffer.
   std::weak_ptr<array::Data> w_owner, g_owner, v_owner;
@@ -318,26 +325,28 @@ Precision parse_precision(const std::string& name) {
   throw std::invalid_argument("rmsprop_update: precision must be \"stock\" or \"float32\", not \"" + name + "\"");
 }
 
-template <typename T, bool kStream>
+template <typename T, bool kStreamW, bool kStreamV>
 void update_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h, Precision precision) {
   auto at = [&](const void* p) { return static_cast<const T*>(p) + lo; };
   T* w_out = static_cast<T*>(leaf.w_out) + lo;
   T* v_out = static_cast<T*>(leaf.v_out) + lo;
   Kernel k = active_kernel.load(std::memory_order_relaxed);
   if (precision == Precision::stock) {
-    rmsprop::update<T, true, kStream>(k, at(leaf.w), at(leaf.g), at(leaf.v), w_out, v_out, hi - lo,
-                                      rmsprop::rounded_to<T>(h));
+    rmsprop::update<T, true, kStreamW, kStreamV>(k, at(leaf.w), at(leaf.g), at(leaf.v), w_out, v_out, hi - lo,
+                                                 rmsprop::rounded_to<T>(h));
   } else {
-    rmsprop::update<T, false, kStream>(k, at(leaf.w), at(leaf.g), at(leaf.v), w_out, v_out, hi - lo, h);
+    rmsprop::update<T, false, kStreamW, kStreamV>(k, at(leaf.w), at(leaf.g), at(leaf.v), w_out, v_out, hi - lo, h);
   }
 }
 
 template <typename T>
 void update_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h, Precision precision) {
-  if (leaf.fresh_outputs) {
-    update_range<T, true>(leaf, lo, hi, h, precision);
+  if (!leaf.fresh_w) {
+    update_range<T, false, false>(leaf, lo, hi, h, precision);
+  } else if (leaf.fresh_v) {
+    update_range<T, true, true>(leaf, lo, hi, h, precision);
   } else {
-    update_range<T, false>(leaf, lo, hi, h, precision);
+    update_range<T, true, false>(leaf, lo, hi, h, precision);
   }
 }
 
@@ -483,7 +492,8 @@ class RMSpropStep : public Primitive {
       array w = readable(inputs[i]), g = readable(inputs[n + i]), v = readable(inputs[2 * n + i]);
       leaves.push_back({w.data<void>(), g.data<void>(), v.data<void>(), outputs[i].data<void>(),
                         outputs[n + i].data<void>(), outputs[i].size(), outputs[i].dtype().val(), outputs[i].itemsize(),
-                        fresh, outputs[i].data_shared_ptr(), g.data_shared_ptr(), outputs[n + i].data_shared_ptr()});
+                        fresh, fresh, outputs[i].data_shared_ptr(), g.data_shared_ptr(),
+                        outputs[n + i].data_shared_ptr()});
     }
     Hyper h = hyper(alpha_, eps_);
     Precision precision = precision_;
@@ -607,10 +617,8 @@ class RMSpropStep : public Primitive {
   // input that nobody else holds has one holder per output. Anything else that holds it (Python,
   // another node, a view of its buffer, a tracer's siblings) only adds to the counts.
   static bool give_buffer(const array& in, array& out, size_t holders_in_this_node) {
-    static_assert(sizeof(array) == sizeof(std::shared_ptr<void>), "mlx::core::array is one shared_ptr");
-    long handles = reinterpret_cast<const std::shared_ptr<void>&>(in).use_count();
     const auto& data = in.data_shared_ptr();
-    bool donatable = in.flags().row_contiguous && handles == static_cast<long>(holders_in_this_node) &&
+    bool donatable = in.flags().row_contiguous && handles(in) == static_cast<long>(holders_in_this_node) &&
                      data.use_count() == 1 && mlx_compat::allocator_owns(*data) && in.data_size() == out.size();
     bool aligning = HugePages::worth_aligning(out.nbytes());
     bool misplaced = aligning && !HugePages::starts_on_huge_page(in.data<void>());
@@ -713,82 +721,146 @@ array view_into(const array& base, size_t offset, const array& like) {
   return out;
 }
 
-// Eager: evaluates the inputs of `which` (gradients are usually still lazy here) and updates them
-// now, outside the graph. Returns the leaves whose evaluated inputs turned out strided, for the
-// graph path to gather.
-Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, const std::vector<array>& v, array lr,
-                  const Leaves& which, Hyper h, Precision precision, int threads, Outputs& new_w, Outputs& new_v) {
-  std::vector<array> pending;
-  if (!lr.is_available()) {
-    pending.push_back(lr);
+// Slots of at most kMaxPackBytes per allocation, each on a cache line.
+class PackLayout {
+ public:
+  // The (allocation, byte offset) of a new slot of `bytes`.
+  std::pair<size_t, size_t> add(size_t bytes) {
+    bytes = round_up(bytes, kPackAlign);
+    if (bytes_.back() > 0 && bytes_.back() + bytes > kMaxPackBytes) {
+      bytes_.push_back(0);
+    }
+    std::pair<size_t, size_t> slot{bytes_.size() - 1, bytes_.back()};
+    bytes_.back() += bytes;
+    return slot;
   }
-  for (size_t i : which) {
-    for (auto* group : {&w, &g, &v}) {
-      if (!(*group)[i].is_available()) {
-        pending.push_back((*group)[i]);
+
+  // The allocations, and the offset from each one's start to its first slot. A pack of a huge
+  // page or more starts on one, advised onto huge pages when first written, as big leaves'
+  // buffers are (HugePages), for the TLB's sake; on 1024x16K here the gain was within the noise.
+  // The slack in front is never touched.
+  std::pair<std::vector<array>, std::vector<size_t>> allocate() const {
+    std::vector<array> bases;
+    std::vector<size_t> offsets;
+    for (size_t bytes : bytes_) {
+      bool huge = HugePages::worth_aligning(bytes);
+      size_t align = huge ? rmsprop::platform::huge_page_bytes() : kPackAlign;
+      bases.emplace_back(allocator::malloc(bytes + align), Shape{static_cast<ShapeElem>(bytes + align)}, uint8);
+      uintptr_t start = reinterpret_cast<uintptr_t>(bases.back().data<void>());
+      offsets.push_back(round_up(start, align) - start);
+      if (huge) {
+        rmsprop::platform::advise_huge_pages(reinterpret_cast<void*>(start + offsets.back()), bytes & ~(align - 1));
       }
     }
+    return {std::move(bases), std::move(offsets)};
   }
-  if (!pending.empty()) {
-    nb::gil_scoped_release no_gil;
-    eval(pending);
+
+ private:
+  std::vector<size_t> bytes_{0};
+};
+
+// The leaves among `which` whose v may be overwritten in place: nothing can see the old v but the
+// optimizer state. Its Python object is held by the state dict and the caller's walk only
+// (`v_objects`), its array by that object and the walk's copy, it is row-major and whole, and the
+// buffer it lies in is shared by no array but such v's (a pack of v's of the last step, whose w's
+// live in packs of their own). Anything else that holds it, a view of it or a graph still reading
+// it adds to one of those counts. Checked with the GIL held, which the update then keeps, so no
+// Python thread can take a new handle on them meanwhile.
+std::vector<bool> free_v(const std::vector<array>& v, const Leaves& which, const std::vector<nb::object>& v_objects) {
+  std::vector<bool> in_place(v.size(), false);
+  if (v_objects.empty()) {
+    return in_place;
+  }
+  std::unordered_map<const array::Data*, long> holders;
+  for (size_t i : which) {
+    const array& x = v[i];
+    in_place[i] = Py_REFCNT(v_objects[i].ptr()) == 2 && handles(x) == 2 && x.is_available() && !x.is_tracer() &&
+                  x.flags().row_contiguous && x.data_size() == x.size() && x.size() > 0 &&
+                  mlx_compat::allocator_owns(*x.data_shared_ptr());
+    if (in_place[i]) {
+      ++holders[x.data_shared_ptr().get()];
+    }
+  }
+  for (size_t i : which) {
+    in_place[i] = in_place[i] && holders[v[i].data_shared_ptr().get()] == v[i].data_shared_ptr().use_count();
+  }
+  return in_place;
+}
+
+std::atomic<uint64_t> v_in_place{0};
+
+// Eager: evaluates the inputs of `which` (gradients are usually still lazy here) and updates them
+// now, outside the graph: the new w into packs, the new v into packs or, where free_v() allows,
+// over the old v. Returns the leaves whose evaluated inputs turned out strided, for the graph path
+// to gather.
+Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, const std::vector<array>& v, array lr,
+                  const Leaves& which, Hyper h, Precision precision, int threads, Outputs& new_w, Outputs& new_v,
+                  const std::vector<nb::object>& v_objects) {
+  {
+    std::vector<array> pending;
+    if (!lr.is_available()) {
+      pending.push_back(lr);
+    }
+    for (size_t i : which) {
+      for (auto* group : {&w, &g, &v}) {
+        if (!(*group)[i].is_available()) {
+          pending.push_back((*group)[i]);
+        }
+      }
+    }
+    if (!pending.empty()) {
+      nb::gil_scoped_release no_gil;
+      eval(pending);
+    }
   }
   h.lr = *lr.data<float>();
-  // Lay the new w and v of each leaf out in packed allocations of at most kMaxPackBytes.
   Leaves strided, packed;
-  std::vector<std::pair<size_t, size_t>> slots;  // (allocation, byte offset) of each packed leaf
-  std::vector<size_t> allocation_bytes{0};
   for (size_t i : which) {
-    if (!w[i].flags().row_contiguous || !g[i].flags().row_contiguous || !v[i].flags().row_contiguous) {
-      strided.push_back(i);
-      continue;
-    }
-    size_t bytes = 2 * round_up(w[i].nbytes(), kPackAlign);
-    if (allocation_bytes.back() > 0 && allocation_bytes.back() + bytes > kMaxPackBytes) {
-      allocation_bytes.push_back(0);
-    }
-    packed.push_back(i);
-    slots.emplace_back(allocation_bytes.size() - 1, allocation_bytes.back());
-    allocation_bytes.back() += bytes;
+    bool row_major = w[i].flags().row_contiguous && g[i].flags().row_contiguous && v[i].flags().row_contiguous;
+    (row_major ? packed : strided).push_back(i);
   }
-  std::vector<array> bases;
-  std::vector<size_t> base_offsets;  // from each allocation's start to its first cache line
-  for (size_t bytes : allocation_bytes) {
-    // A pack of a huge page or more starts on one, advised onto huge pages when first written, as
-    // big leaves' buffers are (HugePages), for the TLB's sake; on 1024x16K here the gain was within
-    // the noise. The slack in front is never touched.
-    bool huge = HugePages::worth_aligning(bytes);
-    size_t align = huge ? rmsprop::platform::huge_page_bytes() : kPackAlign;
-    bases.emplace_back(allocator::malloc(bytes + align), Shape{static_cast<ShapeElem>(bytes + align)}, uint8);
-    uintptr_t start = reinterpret_cast<uintptr_t>(bases.back().data<void>());
-    base_offsets.push_back(round_up(start, align) - start);
-    if (huge) {
-      rmsprop::platform::advise_huge_pages(reinterpret_cast<void*>(start + base_offsets.back()), bytes & ~(align - 1));
-    }
+  std::vector<bool> in_place = free_v(v, packed, v_objects);
+  PackLayout w_packs, v_packs;
+  std::vector<std::pair<size_t, size_t>> w_slots, v_slots;  // (allocation, byte offset) of each packed leaf
+  for (size_t i : packed) {
+    w_slots.push_back(w_packs.add(w[i].nbytes()));
+    v_slots.push_back(in_place[i] ? std::pair<size_t, size_t>{} : v_packs.add(w[i].nbytes()));
   }
+  auto [w_bases, w_offsets] = w_packs.allocate();
+  auto [v_bases, v_offsets] = v_packs.allocate();
   std::vector<Leaf> leaves;
   leaves.reserve(packed.size());
+  bool any_in_place = false;
   for (size_t k = 0; k < packed.size(); ++k) {
     size_t i = packed[k];
-    auto [allocation, slot_offset] = slots[k];
-    size_t offset = base_offsets[allocation] + slot_offset;
-    new_w[i] = view_into(bases[allocation], offset, w[i]);
-    new_v[i] = view_into(bases[allocation], offset + round_up(w[i].nbytes(), kPackAlign), w[i]);
+    new_w[i] = view_into(w_bases[w_slots[k].first], w_offsets[w_slots[k].first] + w_slots[k].second, w[i]);
+    if (in_place[i]) {
+      new_v[i] = v[i];
+      any_in_place = true;
+    } else {
+      new_v[i] = view_into(v_bases[v_slots[k].first], v_offsets[v_slots[k].first] + v_slots[k].second, w[i]);
+    }
     leaves.push_back({w[i].data<void>(), g[i].data<void>(), v[i].data<void>(), new_w[i]->data<void>(),
-                      new_v[i]->data<void>(), w[i].size(), w[i].dtype().val(), w[i].itemsize(), true});
+                      new_v[i]->data<void>(), w[i].size(), w[i].dtype().val(), w[i].itemsize(), true, !in_place[i]});
   }
-  {
+  if (any_in_place) {
+    v_in_place.fetch_add(std::count(in_place.begin(), in_place.end(), true), std::memory_order_relaxed);
+    update_all(leaves, h, precision, threads);  // with the GIL held: see free_v()
+  } else {
     nb::gil_scoped_release no_gil;
     update_all(leaves, h, precision, threads);
   }
   return strided;
 }
 
-std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vector<array>& w,
-                                                                 const std::vector<array>& g,
-                                                                 const std::vector<array>& v, const array& lr,
-                                                                 double alpha, double eps, int threads,
-                                                                 const std::string& precision_name) {
+// One step over every leaf: (new w, new v). `v_objects`, where the caller has them (step_tree),
+// are the Python objects the state holds each v in, which let free_v() update a v in place.
+std::pair<std::vector<array>, std::vector<array>> update_leaves(const std::vector<array>& w,
+                                                                const std::vector<array>& g,
+                                                                const std::vector<array>& v, const array& lr,
+                                                                double alpha, double eps, int threads,
+                                                                const std::string& precision_name,
+                                                                const std::vector<nb::object>& v_objects) {
   Precision precision = parse_precision(precision_name);
   size_t n = w.size();
   if (g.size() != n || v.size() != n) {
@@ -821,7 +893,7 @@ std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vect
   }
   Outputs new_w(n), new_v(n);
   if (!small.empty()) {
-    Leaves strided = update_now(w, g, v, lr32, small, hyper(alpha, eps), precision, threads, new_w, new_v);
+    Leaves strided = update_now(w, g, v, lr32, small, hyper(alpha, eps), precision, threads, new_w, new_v, v_objects);
     large.insert(large.end(), strided.begin(), strided.end());
   }
   update_in_graph(w, g, v, lr32, large, std::make_shared<RMSpropStep>(s, alpha, eps, precision, threads), new_w, new_v);
@@ -832,6 +904,14 @@ std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vect
     out.second.push_back(std::move(*new_v[i]));
   }
   return out;
+}
+
+std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vector<array>& w,
+                                                                 const std::vector<array>& g,
+                                                                 const std::vector<array>& v, const array& lr,
+                                                                 double alpha, double eps, int threads,
+                                                                 const std::string& precision) {
+  return update_leaves(w, g, v, lr, alpha, eps, threads, precision, {});
 }
 
 // ------------------------------------------------------------ whole step ---
@@ -861,7 +941,7 @@ nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state
     return nb::none();
   }
   array next_step = advanced(*nb::inst_ptr<array>(step));
-  auto [new_w, new_v] = rmsprop_update(leaves.w, leaves.g, leaves.v, lr, alpha, eps, threads, precision);
+  auto [new_w, new_v] = update_leaves(leaves.w, leaves.g, leaves.v, lr, alpha, eps, threads, precision, leaves.v_objects);
   std::vector<nb::object> new_leaves;
   new_leaves.reserve(new_w.size());
   for (array& w : new_w) {
@@ -869,7 +949,9 @@ nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state
   }
   nb::object new_parameters = walker->rebuild(gradients.ptr(), new_leaves);  // before the state changes: it may throw
   for (size_t i = 0; i < new_v.size(); ++i) {
-    walker->set_v(leaves.states[i], nb::cast(std::move(new_v[i])));
+    if (new_v[i].id() != leaves.v[i].id()) {  // else updated in place: the state holds it already
+      walker->set_v(leaves.states[i], nb::cast(std::move(new_v[i])));
+    }
   }
   state["step"] = nb::cast(std::move(next_step));
   return new_parameters;
@@ -931,6 +1013,8 @@ NB_MODULE(_ext, m) {
         "The number of hardware threads, the default thread count.");
   m.def("donated_buffers", [] { return donated_buffers.load(); },
         "How many outputs so far reused an input's buffer instead of allocating one.");
+  m.def("v_updated_in_place", [] { return v_in_place.load(); },
+        "How many leaves' v so far were updated in place, as nothing but the optimizer state could see them.");
   m.def("huge_page_moves", [] { return the_huge_pages->moves(); },
         "How many long-lived buffers so far were moved onto 2 MiB pages.");
   m.attr("EAGER_MAX_ELEMENTS") = kEagerMaxElements;

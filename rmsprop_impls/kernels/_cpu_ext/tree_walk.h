@@ -17,11 +17,11 @@ namespace rmsprop::tree {
 namespace nb = nanobind;
 using mlx::core::array;
 
-// The leaves of one step, in the gradients' order. The state dicts are held (not borrowed): the
-// step releases the GIL, and another thread may drop them from the state tree meanwhile.
+// The leaves of one step, in the gradients' order. The state dicts and v's Python objects are held
+// (not borrowed): the step releases the GIL, and another thread may drop them meanwhile.
 struct Leaves {
   std::vector<array> w, g, v;
-  std::vector<nb::object> states;
+  std::vector<nb::object> states, v_objects;
 };
 
 class Walker {
@@ -144,6 +144,7 @@ class Walker {
     out.w.push_back(wa);
     out.v.push_back(*nb::inst_ptr<array>(v));
     out.states.push_back(nb::borrow(s));
+    out.v_objects.push_back(nb::borrow(v));
     return true;
   }
 

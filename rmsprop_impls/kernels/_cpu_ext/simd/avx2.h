@@ -129,9 +129,9 @@ inline V sqrt(V a) {
 // update(), then the upper halves of the YMM registers cleared. Left dirty, they make every SSE
 // instruction that runs next on this thread pay a transition penalty: MLX's CPU stream thread runs
 // a share of each step, and its libm-based kernels (erfinv, so mx.random.normal) ran 45x slower.
-template <typename T, bool kExact, bool kStream>
+template <typename T, bool kExact, bool kStreamW, bool kStreamV>
 void update_then_clear(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
-  update<T, kExact, kStream>(w, g, v, w_out, v_out, n, h);
+  update<T, kExact, kStreamW, kStreamV>(w, g, v, w_out, v_out, n, h);
   _mm256_zeroupper();
 }
 

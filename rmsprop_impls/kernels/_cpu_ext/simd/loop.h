@@ -31,10 +31,10 @@ inline V step_v(V w, V g, V v, V lr, V alpha, V one_minus_alpha, V eps, V& w_out
   return nv;
 }
 
-// kStream: the outputs are fresh memory (a new pack or allocation), so they are written past the
-// cache with stream() rather than read in first by every store that misses: 20 bytes of traffic
-// per float32 parameter instead of 28. In place (a donated buffer) the lines are in the cache
-// already, and plain stores are faster.
+// kStreamW, kStreamV: that output is fresh memory (a new pack or allocation), so it is written
+// past the cache with stream() rather than read in first by every store that misses: 20 bytes of
+// traffic per float32 parameter instead of 28. In place (a donated buffer, a free v) the lines are
+// in the cache already, and plain stores are faster.
 template <typename T, bool kStream>
 inline void put(T* p, V x) {
   if constexpr (kStream) {
@@ -44,7 +44,7 @@ inline void put(T* p, V x) {
   }
 }
 
-template <typename T, bool kExact, bool kStream = false>
+template <typename T, bool kExact, bool kStreamW = false, bool kStreamV = false>
 void update(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
   const V lr = broadcast(h.lr), alpha = broadcast(h.alpha);
   const V one_minus_alpha = broadcast(h.one_minus_alpha), eps = broadcast(h.eps);
@@ -59,8 +59,8 @@ void update(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, co
     for (size_t k = i; k < i + 2 * N; k += N) {
       V nw;
       V nv = step_v<T, kExact>(load(w + k), load(g + k), load(v + k), lr, alpha, one_minus_alpha, eps, nw);
-      put<T, kStream>(v_out + k, nv);
-      put<T, kStream>(w_out + k, nw);
+      put<T, kStreamV>(v_out + k, nv);
+      put<T, kStreamW>(w_out + k, nw);
     }
   }
   if constexpr (N > 1) {

@@ -42,23 +42,24 @@ inline std::vector<Kernel> available_kernels() {
 }
 
 // One range of one leaf, on the chosen kernel. kExact: stock's rounding after every operation;
-// kStream: the outputs are fresh memory, written past the cache where the kernel can (loop.h).
-template <typename T, bool kExact, bool kStream>
+// kStreamW, kStreamV: that output is fresh memory, written past the cache where the kernel can
+// (loop.h).
+template <typename T, bool kExact, bool kStreamW, bool kStreamV>
 void update(Kernel k, const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
   switch (k) {
 #if defined(__x86_64__)
     case Kernel::avx2:
-      return avx2::update_then_clear<T, kExact, kStream>(w, g, v, w_out, v_out, n, h);
+      return avx2::update_then_clear<T, kExact, kStreamW, kStreamV>(w, g, v, w_out, v_out, n, h);
 #elif defined(__aarch64__)
     case Kernel::neon:
-      return neon::update<T, kExact, kStream>(w, g, v, w_out, v_out, n, h);
+      return neon::update<T, kExact, kStreamW, kStreamV>(w, g, v, w_out, v_out, n, h);
 #endif
     default:
       return scalar::update<T, kExact>(w, g, v, w_out, v_out, n, h);
   }
 }
 
-// Orders a thread's streamed stores (kStream) before its next ones: called once after its updates.
+// Orders a thread's streamed stores before its next ones: called once after its updates.
 inline void fence_streams(Kernel k) {
 #if defined(__x86_64__)
   if (k == Kernel::avx2) avx2::fence();
