@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from ..formula import DEFAULT_ALPHA, DEFAULT_EPS
 from .compare import VariantResult
-from .timing import StepTiming
+from .timing import time_calls
 from .trees import leaves_of, step_bytes
 
 #: Every peer, in the order tables list them (and asv's parameter order).
@@ -199,20 +198,6 @@ def build_peer(
     return _torch_peer(w, g, lr, alpha, eps, foreach=peer == "torch-foreach")
 
 
-def time_peer(step: Callable[[], None], repeats: int = 10, warmup: int = 1) -> StepTiming:
-    """Time ``repeats`` steps after the first one (jit compile, allocation) and ``warmup`` more, as
-    :func:`~rmsprop_impls.measure.timing.time_steps` times an MLX variant."""
-    start = time.perf_counter()
-    step()
-    timing = StepTiming(first_s=time.perf_counter() - start)
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        step()
-        if i >= warmup:
-            timing.samples.append(time.perf_counter() - start)
-    return timing
-
-
 def compare_peers(
     params: Any,
     grads: Any,
@@ -242,7 +227,7 @@ def compare_peers(
         if w is None:
             w, g = numpy_leaves(params), numpy_leaves(grads)
         peer = build_peer(name, w, g, lr=learning_rate)
-        timing = time_peer(peer.step, repeats=repeats)
+        timing = time_calls(peer.step, repeats=repeats)
         del peer
         results.append(VariantResult(name, timing, gbps=nbytes / timing.median / 1e9, device=PEER_DEVICE))
     return results

@@ -61,6 +61,20 @@ def run_step(optimizer: Any, params: Any, grads: Any) -> Any:
     return params
 
 
+def time_calls(step: Callable[[], object], repeats: int = 10, warmup: int = 1) -> StepTiming:
+    """Time ``repeats`` calls of ``step`` after the first one (init, compile, kernel build) and
+    ``warmup`` more. ``step`` must finish its work before it returns (``mx.eval`` for MLX)."""
+    start = time.perf_counter()
+    step()
+    timing = StepTiming(first_s=time.perf_counter() - start)
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        step()
+        if i >= warmup:
+            timing.samples.append(time.perf_counter() - start)
+    return timing
+
+
 def time_steps(optimizer: Any, params: Any, grads: Any, repeats: int = 10, warmup: int = 1) -> StepTiming:
     """Time ``repeats`` steps after the first one and ``warmup`` more.
 
@@ -68,16 +82,13 @@ def time_steps(optimizer: Any, params: Any, grads: Any, repeats: int = 10, warmu
     dropped and MLX may donate their buffers, as in ``params = opt.apply_gradients(g, params)``.
     """
     mx.eval(params, grads)
-    start = time.perf_counter()
-    params = run_step(optimizer, params, grads)
-    timing = StepTiming(first_s=time.perf_counter() - start)
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
+
+    def step() -> None:
+        nonlocal params
         params = optimizer.apply_gradients(grads, params)
         mx.eval(params, optimizer.state)
-        if i >= warmup:
-            timing.samples.append(time.perf_counter() - start)
-    return timing
+
+    return time_calls(step, repeats, warmup)
 
 
 class _NoUpdate:
