@@ -704,7 +704,8 @@ void update_in_graph(const std::vector<array>& w, const std::vector<array>& g, c
 // than the update (about 25 us per leaf on this machine against 0.1 us for 256 elements); for
 // mid-size ones one pool job over every leaf, with streamed stores into packs on huge pages, beat
 // nodes of eight leaves updated in place (256x64K: 10 ms against 12.5 on this machine) even though
-// the new w and v live beside the old ones until the caller drops those.
+// the new w (and the new v, where free_v() finds the old one seen elsewhere) lives beside the old
+// one until the caller drops that.
 constexpr size_t kEagerMaxElements = 1 << 18;
 // Each output starts on a cache line (its address, not just its offset), so that no two threads
 // write one line. One packed allocation holds at most kMaxPackBytes: a caller that keeps one small
@@ -732,6 +733,7 @@ class PackLayout {
     }
     std::pair<size_t, size_t> slot{bytes_.size() - 1, bytes_.back()};
     bytes_.back() += bytes;
+    ++slots_;
     return slot;
   }
 
@@ -742,6 +744,9 @@ class PackLayout {
   std::pair<std::vector<array>, std::vector<size_t>> allocate() const {
     std::vector<array> bases;
     std::vector<size_t> offsets;
+    if (slots_ == 0) {
+      return {};  // no slot, no allocation: in a training loop every v of a step is usually in place
+    }
     for (size_t bytes : bytes_) {
       bool huge = HugePages::worth_aligning(bytes);
       size_t align = huge ? rmsprop::platform::huge_page_bytes() : kPackAlign;
@@ -757,6 +762,7 @@ class PackLayout {
 
  private:
   std::vector<size_t> bytes_{0};
+  size_t slots_ = 0;  // an empty leaf's slot has no bytes, but it still needs its allocation
 };
 
 // The leaves among `which` whose v may be overwritten in place: nothing can see the old v but the
@@ -926,7 +932,7 @@ array advanced(const array& step) {
 }
 
 // One whole optimizer step in one call: the trees walked in C++ (tree_walk.h), every leaf updated
-// (rmsprop_update), the new v stored in the state, its step counter advanced and the new parameter
+// (update_leaves), the new v stored in the state, its step counter advanced and the new parameter
 // tree returned. None, with nothing changed, where the trees are not plain: the Python walk then
 // runs and names the problem.
 nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state, const array& lr, double alpha,
