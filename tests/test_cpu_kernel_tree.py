@@ -4,7 +4,9 @@ share or change the trees."""
 
 from __future__ import annotations
 
+import copy
 import threading
+import weakref
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -93,7 +95,7 @@ def test_step_tree_refuses_trees_that_are_not_plain_and_changes_nothing():
     params = opt.apply_gradients(grads, params)  # the first step makes the state
     mx.eval(params, opt.state)
     step, v = opt.state["step"], opt.state["w"]["v"]
-    args = (opt.learning_rate, opt.alpha, opt.eps, 1, "stock")
+    args = (opt.learning_rate, opt.alpha, opt.eps, 1, "stock", [])
     refused = {
         "a leaf that is not an array": ({"w": 1.0, "l": [mx.ones((2,))]}, params),
         "a missing parameter": (grads, {"l": params["l"]}),
@@ -183,6 +185,14 @@ def test_threads_sharing_one_optimizer_and_changing_its_trees_do_not_crash():
     assert all(np.isfinite(np.array(x)).all() for x in p["l"])
 
 
+def rebinding_steps(opt, p, grads, n):
+    """``n`` steps of a loop that rebinds its parameters, as training does; the last parameters."""
+    for _ in range(n):
+        p = opt.apply_gradients(grads, p)
+        mx.eval(p, opt.state)
+    return p
+
+
 def small_tree(seed=0):
     mx.random.seed(seed)
     return {"a": mx.random.normal((1000,)), "b": [mx.random.normal((300,)), mx.random.normal((7, 5))]}
@@ -207,9 +217,7 @@ def test_a_v_that_anything_else_holds_is_never_overwritten():
     opt = create("cpu_kernel", 1e-2)
     p = small_tree()
     grads = small_tree(seed=1)
-    for _ in range(3):
-        p = opt.apply_gradients(grads, p)
-        mx.eval(p, opt.state)
+    p = rebinding_steps(opt, p, grads, 3)
     held = opt.state["a"]["v"]
     view = opt.state["b"][0]["v"][2:5]
     mx.eval(view)
@@ -217,11 +225,94 @@ def test_a_v_that_anything_else_holds_is_never_overwritten():
     mx.async_eval(doubled)
     snapshots = [np.array(held), np.array(view), 2 * np.array(opt.state["b"][1]["v"])]
     before = _cpu_ext.v_updated_in_place()
-    for _ in range(3):
-        p = opt.apply_gradients(grads, p)
-        mx.eval(p, opt.state)
+    p = rebinding_steps(opt, p, grads, 3)
     np.testing.assert_array_equal(np.array(held), snapshots[0])
     np.testing.assert_array_equal(np.array(view), snapshots[1])
     np.testing.assert_array_equal(np.array(doubled), snapshots[2])
     assert opt.state["a"]["v"] is not held
     assert _cpu_ext.v_updated_in_place() - before < 3 * 3
+
+
+def test_new_w_goes_into_the_w_of_the_step_before_last_once_the_caller_dropped_it():
+    """A loop that rebinds its parameters gets each packed leaf's new w written into that leaf's w of
+    two steps before, with stock's numbers; the big leaf is still donated, as the spares hold only
+    packed leaves."""
+    opt, stock = create("cpu_kernel", 1e-2), optim.RMSprop(1e-2)
+    p = pk = nested()
+    grads = nested(seed=1)
+    spares, donated = _cpu_ext.w_into_spares(), _cpu_ext.donated_buffers()
+    for _ in range(6):
+        p, pk = opt.apply_gradients(grads, p), stock.apply_gradients(grads, pk)
+        mx.eval(p, pk, opt.state, stock.state)
+    assert _cpu_ext.w_into_spares() - spares == 3 * 5  # five packed leaves, from the fourth step on
+    assert _cpu_ext.donated_buffers() - donated >= 2 * 4
+    assert_same_trees(p, pk)
+    assert_same_trees(opt.state, stock.state)
+
+
+@pytest.mark.parametrize("how", ["held", "weak reference", "slice", "graph in flight"])
+def test_a_w_that_anything_else_can_see_is_never_written_into(how):
+    """An old parameter that is held, weakly referenced, viewed by an evaluated slice, or read by a lazy
+    graph in flight keeps its values while the loop goes on dropping the others."""
+    opt = create("cpu_kernel", 1e-2)
+    p = small_tree()
+    grads = small_tree(seed=1)
+    p = rebinding_steps(opt, p, grads, 3)
+    old = p["b"][0]
+    want = np.array(old)
+    if how == "held":
+        seen = old
+    elif how == "weak reference":
+        reference = weakref.ref(old)
+    elif how == "slice":
+        seen, want = old[2:5], want[2:5]
+        mx.eval(seen)
+    else:
+        seen, want = old * 2, want * 2
+        mx.async_eval(seen)
+    del old
+    p = rebinding_steps(opt, p, grads, 4)
+    if how == "weak reference":  # written into, it would live on in the new parameters; left alone, it was freed
+        assert reference() is None
+        return
+    np.testing.assert_array_equal(np.array(seen), want)
+    assert all(x is not seen for x in (p["a"], *p["b"]))
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain stores", "streamed"])
+def test_packed_leaves_give_stocks_bits_stored_plainly_or_streamed(streamed):
+    """Under STREAM_MIN_BYTES of packed leaves per step the new w is stored plainly, from there on
+    streamed past the cache; both give stock's bits, into new packs (the first steps) and spares."""
+    size = _cpu_ext.EAGER_MAX_ELEMENTS // 4
+    n = _cpu_ext.STREAM_MIN_BYTES // (4 * size) + 1 if streamed else 2
+    assert (4 * size * n >= _cpu_ext.STREAM_MIN_BYTES) == streamed
+    mx.random.seed(0)
+    p = pk = {f"p{i}": mx.random.normal((size + i,)) for i in range(n)}  # odd sizes: vector tails
+    grads = {k: mx.random.normal(x.shape) for k, x in p.items()}
+    opt, stock = create("cpu_kernel", 1e-2), optim.RMSprop(1e-2)
+    spares = _cpu_ext.w_into_spares()
+    for _ in range(5):
+        p, pk = opt.apply_gradients(grads, p), stock.apply_gradients(grads, pk)
+        mx.eval(p, pk, opt.state, stock.state)
+    assert _cpu_ext.w_into_spares() - spares == 2 * n
+    assert_same_trees(p, pk)
+    assert_same_trees(opt.state, stock.state)
+
+
+def test_a_deep_copy_steps_on_by_itself_as_stock_does():
+    opt, stock = create("cpu_kernel", 1e-2), optim.RMSprop(1e-2)
+    p = pk = small_tree()
+    grads = small_tree(seed=1)
+    for _ in range(3):
+        p, pk = opt.apply_gradients(grads, p), stock.apply_gradients(grads, pk)
+        mx.eval(p, pk, opt.state, stock.state)
+    twin, stock_twin = copy.deepcopy(opt), copy.deepcopy(stock)
+    q, qk = p, pk
+    for _ in range(3):
+        p, q = opt.apply_gradients(grads, p), twin.apply_gradients(grads, q)
+        qk = stock_twin.apply_gradients(grads, qk)
+        mx.eval(p, q, qk, opt.state, twin.state, stock_twin.state)
+    assert_same_trees(q, qk)
+    assert_same_trees(twin.state, stock_twin.state)
+    assert_same_trees(p, q)
+    assert opt.state["a"]["v"] is not twin.state["a"]["v"]

@@ -12,9 +12,10 @@ holds (MLX's donation), so a training loop that drops its old parameters
 updates them in place; big buffers are first moved to start on a 2 MiB page,
 and buffers that live on are moved onto 2 MiB pages.
 Smaller leaves cost MLX more as graph nodes than as work, so they are updated
-at once, outside the graph: the new w into packed allocations of at most 4 MiB,
-written with streaming stores and, from 2 MiB, on huge pages, and the new v over
-the old one where nothing but the optimizer state can see it (under
+at once, outside the graph: the new w into that leaf's w of the step before last
+where the caller has dropped it, else into packed allocations of at most 4 MiB
+(from 2 MiB on huge pages), written with streaming stores either way, and the
+new v over the old one where nothing but the optimizer state can see it (under
 ``mx.compile`` they stay in the graph). Either way the work is split over a
 persistent thread pool (MLX's CPU back-end has none of its own) and w, g and v
 are streamed once, with AVX2 or NEON and software prefetch where the CPU has
@@ -48,12 +49,27 @@ class CpuKernelRMSprop(RMSpropBase):
         reason = self.unavailable_reason()
         if reason is not None:
             raise VariantUnavailableError(self.name, reason)
-        from ..kernels import _cpu_ext
-
         self.threads = threads
         self.precision = precision
+        self._bind()
+
+    def _bind(self) -> None:
+        from ..kernels import _cpu_ext
+
         self._update = _cpu_ext.rmsprop_update
         self._step_tree = _cpu_ext.step_tree
+        # The packed leaves' new w of the last two steps: a step writes into those of the step before
+        # last, once the caller has dropped them, instead of making new arrays (step_tree).
+        self._spare_w: tuple[list, list] = ([], [])
+
+    def __getstate__(self) -> dict:
+        """What a copy (``copy.deepcopy``) takes: all but the extension's functions, which do not copy,
+        and the spares, which only save allocations."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_update", "_step_tree", "_spare_w")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._bind()
 
     @classmethod
     def unavailable_reason(cls):
@@ -78,8 +94,10 @@ class CpuKernelRMSprop(RMSpropBase):
             for param, scheduler in self._schedulers.items():
                 self.state[param] = scheduler(self.step)
             args = (self.learning_rate, self.alpha, self.eps, self.threads, self.precision)
-            stepped = self._step_tree(gradients, parameters, self.state, *args)
+            older, newer = self._spare_w
+            stepped = self._step_tree(gradients, parameters, self.state, *args, older)
             if stepped is not None:
+                self._spare_w = (newer, older)
                 return stepped
         return super().apply_gradients(gradients, parameters)
 

@@ -28,12 +28,14 @@ SKIP_VARIABLE = "RMSPROP_BENCH_NO_EXTENSION"
 
 __all__ = [
     "EAGER_MAX_ELEMENTS",
+    "STREAM_MIN_BYTES",
     "donated_buffers",
     "hardware_threads",
     "huge_page_moves",
     "rmsprop_update",
     "step_tree",
     "v_updated_in_place",
+    "w_into_spares",
     "uses_avx2",
 ]
 _FROM_EXT = {*__all__, "MLX_VERSION"}

@@ -3,8 +3,10 @@
 // Leaves of kEagerMaxElements or more: an RMSpropStep node takes the w, g and v of up to
 // kLeavesPerNode leaves plus the learning rate and yields their new w and v, reusing input
 // buffers nobody else holds (donation). Smaller leaves are updated at once, outside the graph,
-// into packed allocations of at most 4 MiB, written past the cache (and v in place where only the
-// optimizer state can see it): as graph nodes they would cost MLX more than their work. After the first step, step_tree() walks the trees here too. Either way
+// into packed allocations of at most 4 MiB, written past the cache: as graph nodes they would cost
+// MLX more than their work. There v is overwritten where only the optimizer state can see it, and
+// the new w goes into the w of the step before last once the caller has dropped it. After the
+// first step, step_tree() walks the trees here too. Either way
 // the elements are split evenly over a persistent thread pool (MLX's CPU back-end runs each task on
 // one thread) and each thread streams its share once, with the vector kernel
 // simd/simd.h picks for this CPU (AVX2, NEON, or the scalar loop) and software prefetch, rounding
@@ -307,9 +309,9 @@ struct Leaf {
   size_t size;
   Dtype::Val dtype;
   size_t itemsize;
-  // Whether w_out and v_out are fresh memory, which the kernel writes past the cache (loop.h).
-  // v_out streams only where w_out does: a packed leaf's v may be updated in place.
-  bool fresh_w, fresh_v;
+  // Whether the kernel writes w_out and v_out past the cache (loop.h): not memory it reads in this
+  // step (a new pack, a spare, not v in place) and a step of kStreamMinBytes or more.
+  bool stream_w, stream_v;
   // The allocations behind w_out, g and v_out, which the huge-page move keys on. Weak: a handle
   // here must not count as a holder when the next step asks whether it may donate a buffer.
   std::weak_ptr<array::Data> w_owner, g_owner, v_owner;
@@ -341,9 +343,9 @@ void update_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h, Precis
 
 template <typename T>
 void update_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h, Precision precision) {
-  if (!leaf.fresh_w) {
+  if (!leaf.stream_w) {
     update_range<T, false, false>(leaf, lo, hi, h, precision);
-  } else if (leaf.fresh_v) {
+  } else if (leaf.stream_v) {
     update_range<T, true, true>(leaf, lo, hi, h, precision);
   } else {
     update_range<T, true, false>(leaf, lo, hi, h, precision);
@@ -704,8 +706,8 @@ void update_in_graph(const std::vector<array>& w, const std::vector<array>& g, c
 // than the update (about 25 us per leaf on this machine against 0.1 us for 256 elements); for
 // mid-size ones one pool job over every leaf, with streamed stores into packs on huge pages, beat
 // nodes of eight leaves updated in place (256x64K: 10 ms against 12.5 on this machine) even though
-// the new w (and the new v, where free_v() finds the old one seen elsewhere) lives beside the old
-// one until the caller drops that.
+// the new w must be other memory than the old one, which the caller holds while the step runs:
+// a spare (free_spares()) or a pack.
 constexpr size_t kEagerMaxElements = 1 << 18;
 // Each output starts on a cache line (its address, not just its offset), so that no two threads
 // write one line. One packed allocation holds at most kMaxPackBytes: a caller that keeps one small
@@ -713,6 +715,12 @@ constexpr size_t kEagerMaxElements = 1 << 18;
 // one kept leaf can cost. 4 MiB packs cost one allocation per 4 MiB, nothing next to the update.
 constexpr size_t kPackAlign = 64;
 constexpr size_t kMaxPackBytes = size_t(4) << 20;
+// Below this many bytes of new w per step, the packed leaves are written with plain stores, not
+// streamed past the cache: the next step reads them back, and a step this small leaves them in the
+// cache. Measured here with the new w going into the spares: plain stores were as fast up to 16 MiB
+// (1x1K 5.5 us against 5.9; 64x16K, 4 MiB, within the noise), and streaming ones 30% faster at
+// 64 MiB (1024x16K 10.5 ms against 13.5-14.8).
+constexpr size_t kStreamMinBytes = size_t(8) << 20;
 
 // An evaluated, row-major array of `like`'s shape and dtype, `offset` bytes into `base`'s buffer.
 array view_into(const array& base, size_t offset, const array& like) {
@@ -765,43 +773,136 @@ class PackLayout {
   size_t slots_ = 0;  // an empty leaf's slot has no bytes, but it still needs its allocation
 };
 
-// The leaves among `which` whose v may be overwritten in place: nothing can see the old v but the
-// optimizer state. Its Python object is held by the state dict and the caller's walk only
-// (`v_objects`), its array by that object and the walk's copy, it is row-major and whole, and the
-// buffer it lies in is shared by no array but such v's (a pack of v's of the last step, whose w's
-// live in packs of their own). Anything else that holds it, a view of it or a graph still reading
-// it adds to one of those counts. Checked with the GIL held, which the update then keeps, so no
-// Python thread can take a new handle on them meanwhile.
-std::vector<bool> free_v(const std::vector<array>& v, const Leaves& which, const std::vector<nb::object>& v_objects) {
+// Whether a Python object has weak references, which would see its values change in place.
+// nanobind gives mx.array an explicit weak-list slot; a type with managed weak references
+// (CPython 3.12+) cannot be asked as cheaply, so its objects count as having some.
+bool has_weak_references(PyObject* object) {
+#ifdef Py_TPFLAGS_MANAGED_WEAKREF
+  if (PyType_HasFeature(Py_TYPE(object), Py_TPFLAGS_MANAGED_WEAKREF)) {
+    return true;
+  }
+#endif
+  Py_ssize_t offset = Py_TYPE(object)->tp_weaklistoffset;
+  return offset <= 0 || *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(object) + offset) != nullptr;
+}
+
+// An array, with the Python object it lives in, that a step would overwrite in place.
+struct Candidate {
+  PyObject* object;
+  const array* x;
+};
+
+// Which candidates may be overwritten in place: nothing can see them but the references the caller
+// counts, `refs` on the Python object (with no weak ones) and `handles` on the array. The array
+// is evaluated, whole and row-major, with no graph behind it, and the buffer it lies in is shared
+// by no array but such candidates (a pack). Anything else that holds one, a view of it or a graph
+// still reading it adds to one of those counts. Checked with the GIL held, which the update then
+// keeps, so no Python thread can take a new handle on them meanwhile.
+std::vector<bool> unseen(const std::vector<Candidate>& candidates, Py_ssize_t refs, long handles_expected) {
+  std::vector<bool> ok(candidates.size(), false);
+  // Per buffer, the candidates that lie in it. Neighbours usually share one (a pack), so the map is
+  // asked only when the buffer changes: on 16384 small leaves the lookups cost more than the checks.
+  std::unordered_map<const array::Data*, long> index;
+  std::vector<long> holders;
+  std::vector<long> buffer(candidates.size(), -1);
+  const array::Data* last = nullptr;
+  long last_buffer = -1;
+  for (size_t k = 0; k < candidates.size(); ++k) {
+    const auto& [object, x] = candidates[k];
+    ok[k] = object && Py_REFCNT(object) == refs && !has_weak_references(object) && handles(*x) == handles_expected &&
+            x->is_available() && !x->has_primitive() && !x->is_tracer() && x->flags().row_contiguous &&
+            x->data_size() == x->size() && x->size() > 0 && mlx_compat::allocator_owns(*x->data_shared_ptr());
+    if (!ok[k]) {
+      continue;
+    }
+    const array::Data* data = x->data_shared_ptr().get();
+    if (data != last) {
+      auto [at, added] = index.try_emplace(data, static_cast<long>(holders.size()));
+      if (added) {
+        holders.push_back(0);
+      }
+      last = data;
+      last_buffer = at->second;
+    }
+    buffer[k] = last_buffer;
+    ++holders[last_buffer];
+  }
+  for (size_t k = 0; k < candidates.size(); ++k) {
+    ok[k] = ok[k] && holders[buffer[k]] == candidates[k].x->data_shared_ptr().use_count();
+  }
+  return ok;
+}
+
+// What step_tree() knows of the leaves beyond their arrays, so that the packed path can write in
+// place: each v's Python object (held by the state and by the walk), and the spare w's.
+struct Reuse {
+  const std::vector<nb::object>* v_objects = nullptr;
+  // The new w of the step before last, per leaf (None where not packed): the caller has usually
+  // dropped them by now, and then they take this step's new w instead of new memory.
+  PyObject* spare = nullptr;
+  // Out, per leaf: the spare Python object its new w went into (or none), and whether it was packed.
+  std::vector<nb::object> spare_used;
+  std::vector<bool> packed;
+};
+
+// The packed leaves whose old v may be overwritten: the state's dict and the walk hold its object,
+// the object and the walk its array.
+std::vector<bool> free_v(const std::vector<array>& v, const Leaves& packed, const Reuse& reuse) {
   std::vector<bool> in_place(v.size(), false);
-  if (v_objects.empty()) {
+  if (!reuse.v_objects) {
     return in_place;
   }
-  std::unordered_map<const array::Data*, long> holders;
-  for (size_t i : which) {
-    const array& x = v[i];
-    in_place[i] = Py_REFCNT(v_objects[i].ptr()) == 2 && handles(x) == 2 && x.is_available() && !x.is_tracer() &&
-                  x.flags().row_contiguous && x.data_size() == x.size() && x.size() > 0 &&
-                  mlx_compat::allocator_owns(*x.data_shared_ptr());
-    if (in_place[i]) {
-      ++holders[x.data_shared_ptr().get()];
-    }
+  std::vector<Candidate> candidates;
+  candidates.reserve(packed.size());
+  for (size_t i : packed) {
+    candidates.push_back({(*reuse.v_objects)[i].ptr(), &v[i]});
   }
-  for (size_t i : which) {
-    in_place[i] = in_place[i] && holders[v[i].data_shared_ptr().get()] == v[i].data_shared_ptr().use_count();
+  std::vector<bool> ok = unseen(candidates, 2, 2);
+  for (size_t k = 0; k < packed.size(); ++k) {
+    in_place[packed[k]] = ok[k];
   }
   return in_place;
 }
 
-std::atomic<uint64_t> v_in_place{0};
+// Per leaf, the spare w its new w may be written into: an mx.array of w's shape and dtype that
+// only the spare list holds. Empty where there is none.
+std::vector<const array*> free_spares(const std::vector<array>& w, const Leaves& packed, const Reuse& reuse) {
+  static PyTypeObject* array_type = reinterpret_cast<PyTypeObject*>(nb::type<array>().ptr());
+  std::vector<const array*> spares(w.size(), nullptr);
+  if (!reuse.spare || !PyList_CheckExact(reuse.spare)) {
+    return spares;
+  }
+  Py_ssize_t n = PyList_GET_SIZE(reuse.spare);
+  std::vector<Candidate> candidates;
+  Leaves which;
+  for (size_t i : packed) {
+    PyObject* object = static_cast<Py_ssize_t>(i) < n ? PyList_GET_ITEM(reuse.spare, i) : nullptr;
+    if (object && Py_TYPE(object) == array_type) {
+      const array* x = nb::inst_ptr<array>(object);
+      if (x->shape() == w[i].shape() && x->dtype() == w[i].dtype()) {
+        candidates.push_back({object, x});
+        which.push_back(i);
+      }
+    }
+  }
+  std::vector<bool> ok = unseen(candidates, 1, 1);
+  for (size_t k = 0; k < which.size(); ++k) {
+    if (ok[k]) {
+      spares[which[k]] = candidates[k].x;
+    }
+  }
+  return spares;
+}
+
+std::atomic<uint64_t> v_in_place{0}, w_into_spares{0};
 
 // Eager: evaluates the inputs of `which` (gradients are usually still lazy here) and updates them
-// now, outside the graph: the new w into packs, the new v into packs or, where free_v() allows,
-// over the old v. Returns the leaves whose evaluated inputs turned out strided, for the graph path
-// to gather.
+// now, outside the graph: the new w into a free spare (free_spares()) or into packs, the new v over
+// the old one where free_v() allows, or into packs. Returns the leaves whose evaluated inputs turned
+// out strided, for the graph path to gather.
 Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, const std::vector<array>& v, array lr,
                   const Leaves& which, Hyper h, Precision precision, int threads, Outputs& new_w, Outputs& new_v,
-                  const std::vector<nb::object>& v_objects) {
+                  Reuse& reuse) {
   {
     std::vector<array> pending;
     if (!lr.is_available()) {
@@ -825,21 +926,35 @@ Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, cons
     bool row_major = w[i].flags().row_contiguous && g[i].flags().row_contiguous && v[i].flags().row_contiguous;
     (row_major ? packed : strided).push_back(i);
   }
-  std::vector<bool> in_place = free_v(v, packed, v_objects);
+  std::vector<bool> in_place = free_v(v, packed, reuse);
+  std::vector<const array*> spares = free_spares(w, packed, reuse);
   PackLayout w_packs, v_packs;
   std::vector<std::pair<size_t, size_t>> w_slots, v_slots;  // (allocation, byte offset) of each packed leaf
   for (size_t i : packed) {
-    w_slots.push_back(w_packs.add(w[i].nbytes()));
+    w_slots.push_back(spares[i] ? std::pair<size_t, size_t>{} : w_packs.add(w[i].nbytes()));
     v_slots.push_back(in_place[i] ? std::pair<size_t, size_t>{} : v_packs.add(w[i].nbytes()));
   }
   auto [w_bases, w_offsets] = w_packs.allocate();
   auto [v_bases, v_offsets] = v_packs.allocate();
   std::vector<Leaf> leaves;
   leaves.reserve(packed.size());
+  size_t new_w_bytes = 0;
+  for (size_t i : packed) {
+    new_w_bytes += w[i].nbytes();
+  }
+  bool stream = new_w_bytes >= kStreamMinBytes;
   bool any_in_place = false;
+  size_t n_spares = 0;
   for (size_t k = 0; k < packed.size(); ++k) {
     size_t i = packed[k];
-    new_w[i] = view_into(w_bases[w_slots[k].first], w_offsets[w_slots[k].first] + w_slots[k].second, w[i]);
+    reuse.packed[i] = true;
+    if (spares[i]) {
+      new_w[i] = *spares[i];
+      reuse.spare_used[i] = nb::borrow(PyList_GET_ITEM(reuse.spare, i));
+      ++n_spares;
+    } else {
+      new_w[i] = view_into(w_bases[w_slots[k].first], w_offsets[w_slots[k].first] + w_slots[k].second, w[i]);
+    }
     if (in_place[i]) {
       new_v[i] = v[i];
       any_in_place = true;
@@ -847,11 +962,13 @@ Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, cons
       new_v[i] = view_into(v_bases[v_slots[k].first], v_offsets[v_slots[k].first] + v_slots[k].second, w[i]);
     }
     leaves.push_back({w[i].data<void>(), g[i].data<void>(), v[i].data<void>(), new_w[i]->data<void>(),
-                      new_v[i]->data<void>(), w[i].size(), w[i].dtype().val(), w[i].itemsize(), true, !in_place[i]});
+                      new_v[i]->data<void>(), w[i].size(), w[i].dtype().val(), w[i].itemsize(), stream,
+                      stream && !in_place[i]});
   }
-  if (any_in_place) {
+  if (any_in_place || n_spares > 0) {
     v_in_place.fetch_add(std::count(in_place.begin(), in_place.end(), true), std::memory_order_relaxed);
-    update_all(leaves, h, precision, threads);  // with the GIL held: see free_v()
+    w_into_spares.fetch_add(n_spares, std::memory_order_relaxed);
+    update_all(leaves, h, precision, threads);  // with the GIL held: see unseen()
   } else {
     nb::gil_scoped_release no_gil;
     update_all(leaves, h, precision, threads);
@@ -859,14 +976,14 @@ Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, cons
   return strided;
 }
 
-// One step over every leaf: (new w, new v). `v_objects`, where the caller has them (step_tree),
-// are the Python objects the state holds each v in, which let free_v() update a v in place.
+// One step over every leaf: (new w, new v). `reuse`, where the caller has it (step_tree), names the
+// Python objects behind the leaves, which let the packed path write in place (Reuse).
 std::pair<std::vector<array>, std::vector<array>> update_leaves(const std::vector<array>& w,
                                                                 const std::vector<array>& g,
                                                                 const std::vector<array>& v, const array& lr,
                                                                 double alpha, double eps, int threads,
                                                                 const std::string& precision_name,
-                                                                const std::vector<nb::object>& v_objects) {
+                                                                Reuse* reuse) {
   Precision precision = parse_precision(precision_name);
   size_t n = w.size();
   if (g.size() != n || v.size() != n) {
@@ -898,8 +1015,12 @@ std::pair<std::vector<array>, std::vector<array>> update_leaves(const std::vecto
     (!traced && w[i].size() < kEagerMaxElements ? small : large).push_back(i);
   }
   Outputs new_w(n), new_v(n);
+  Reuse none;
+  Reuse& known = reuse ? *reuse : none;
+  known.spare_used.resize(n);
+  known.packed.assign(n, false);
   if (!small.empty()) {
-    Leaves strided = update_now(w, g, v, lr32, small, hyper(alpha, eps), precision, threads, new_w, new_v, v_objects);
+    Leaves strided = update_now(w, g, v, lr32, small, hyper(alpha, eps), precision, threads, new_w, new_v, known);
     large.insert(large.end(), strided.begin(), strided.end());
   }
   update_in_graph(w, g, v, lr32, large, std::make_shared<RMSpropStep>(s, alpha, eps, precision, threads), new_w, new_v);
@@ -917,7 +1038,7 @@ std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vect
                                                                  const std::vector<array>& v, const array& lr,
                                                                  double alpha, double eps, int threads,
                                                                  const std::string& precision) {
-  return update_leaves(w, g, v, lr, alpha, eps, threads, precision, {});
+  return update_leaves(w, g, v, lr, alpha, eps, threads, precision, nullptr);
 }
 
 // ------------------------------------------------------------ whole step ---
@@ -934,11 +1055,14 @@ array advanced(const array& step) {
 // One whole optimizer step in one call: the trees walked in C++ (tree_walk.h), every leaf updated
 // (update_leaves), the new v stored in the state, its step counter advanced and the new parameter
 // tree returned. None, with nothing changed, where the trees are not plain: the Python walk then
-// runs and names the problem.
+// runs and names the problem. `spare` holds the packed leaves' new w of the step before last (None
+// for the other leaves), which this step writes into where the caller has dropped them, and is
+// refilled with this step's: the optimizer keeps two such lists and swaps them each step.
 nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state, const array& lr, double alpha,
-                     double eps, int threads, const std::string& precision) {
+                     double eps, int threads, const std::string& precision, nb::list spare) {
   static const rmsprop::tree::Walker* walker = new rmsprop::tree::Walker();  // leaked: holds a Python str
   rmsprop::tree::Leaves leaves;
+  leaves.reserve(PyList_GET_SIZE(spare.ptr()));  // as many as the last step had, usually
   if (!PyDict_Check(gradients.ptr()) || !walker->walk(gradients.ptr(), parameters.ptr(), state.ptr(), leaves)) {
     return nb::none();
   }
@@ -947,11 +1071,12 @@ nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state
     return nb::none();
   }
   array next_step = advanced(*nb::inst_ptr<array>(step));
-  auto [new_w, new_v] = update_leaves(leaves.w, leaves.g, leaves.v, lr, alpha, eps, threads, precision, leaves.v_objects);
+  Reuse reuse{&leaves.v_objects, spare.ptr()};
+  auto [new_w, new_v] = update_leaves(leaves.w, leaves.g, leaves.v, lr, alpha, eps, threads, precision, &reuse);
   std::vector<nb::object> new_leaves;
   new_leaves.reserve(new_w.size());
-  for (array& w : new_w) {
-    new_leaves.push_back(nb::cast(std::move(w)));
+  for (size_t i = 0; i < new_w.size(); ++i) {
+    new_leaves.push_back(reuse.spare_used[i] ? std::move(reuse.spare_used[i]) : nb::cast(std::move(new_w[i])));
   }
   nb::object new_parameters = walker->rebuild(gradients.ptr(), new_leaves);  // before the state changes: it may throw
   for (size_t i = 0; i < new_v.size(); ++i) {
@@ -960,6 +1085,14 @@ nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state
     }
   }
   state["step"] = nb::cast(std::move(next_step));
+  // Only packed leaves' w's are kept: holding a big leaf's would stop the next step donating it.
+  nb::list next_spare;
+  for (size_t i = 0; i < new_leaves.size(); ++i) {
+    next_spare.append(reuse.packed[i] ? new_leaves[i] : nb::none());
+  }
+  if (PyList_SetSlice(spare.ptr(), 0, PY_SSIZE_T_MAX, next_spare.ptr()) != 0) {
+    throw nb::python_error();
+  }
   return new_parameters;
 }
 
@@ -1011,19 +1144,23 @@ NB_MODULE(_ext, m) {
         "One step over every leaf: returns (new w list, new v list). precision=\"stock\" rounds as stock RMSprop "
         "does in every dtype; \"float32\" computes in float32 and rounds once.");
   m.def("step_tree", &step_tree, "gradients"_a, "parameters"_a, "state"_a, "lr"_a, "alpha"_a, "eps"_a, "threads"_a,
-        "precision"_a = "stock",
+        "precision"_a, "spare"_a,
         "One whole optimizer step: walks the trees, updates every leaf, stores each new v in the state and advances "
         "state['step']; returns the new parameter tree, or None (nothing changed) where the trees are not plain "
-        "dicts, lists and tuples of arrays with the stock state.");
+        "dicts, lists and tuples of arrays with the stock state. spare: a list of the step before last's new "
+        "packed w's, written into where nothing else holds them, and refilled with this step's.");
   m.def("hardware_threads", [] { return std::max(1u, std::thread::hardware_concurrency()); },
         "The number of hardware threads, the default thread count.");
   m.def("donated_buffers", [] { return donated_buffers.load(); },
         "How many outputs so far reused an input's buffer instead of allocating one.");
   m.def("v_updated_in_place", [] { return v_in_place.load(); },
         "How many leaves' v so far were updated in place, as nothing but the optimizer state could see them.");
+  m.def("w_into_spares", [] { return w_into_spares.load(); },
+        "How many leaves' new w so far went into a spare: a w of the step before last that nothing else held.");
   m.def("huge_page_moves", [] { return the_huge_pages->moves(); },
         "How many long-lived buffers so far were moved onto 2 MiB pages.");
   m.attr("EAGER_MAX_ELEMENTS") = kEagerMaxElements;
+  m.attr("STREAM_MIN_BYTES") = kStreamMinBytes;
   m.def("uses_avx2", [] { return active_kernel.load() == Kernel::avx2; }, "Whether steps run the AVX2 kernel.");
   m.def("kernel", [] { return rmsprop::kernel_name(active_kernel.load()); }, "The kernel steps run now.");
   m.def("kernels", [] {

@@ -22,6 +22,14 @@ using mlx::core::array;
 struct Leaves {
   std::vector<array> w, g, v;
   std::vector<nb::object> states, v_objects;
+
+  void reserve(size_t n) {
+    for (auto* arrays : {&w, &g, &v}) {
+      arrays->reserve(n);
+    }
+    states.reserve(n);
+    v_objects.reserve(n);
+  }
 };
 
 class Walker {

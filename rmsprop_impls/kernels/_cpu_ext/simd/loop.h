@@ -31,10 +31,11 @@ inline V step_v(V w, V g, V v, V lr, V alpha, V one_minus_alpha, V eps, V& w_out
   return nv;
 }
 
-// kStreamW, kStreamV: that output is fresh memory (a new pack or allocation), so it is written
-// past the cache with stream() rather than read in first by every store that misses: 20 bytes of
-// traffic per float32 parameter instead of 28. In place (a donated buffer, a free v) the lines are
-// in the cache already, and plain stores are faster.
+// kStreamW, kStreamV: that output is memory this step does not read (a new pack or allocation, a
+// spare) on a step too big for the cache to keep, so it is written past the cache with stream()
+// rather than read in first by every store that misses: 20 bytes of traffic per float32 parameter
+// instead of 28. In place (a donated buffer, a free v) the lines are in the cache already, and
+// plain stores are faster.
 template <typename T, bool kStream>
 inline void put(T* p, V x) {
   if constexpr (kStream) {

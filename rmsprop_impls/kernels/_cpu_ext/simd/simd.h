@@ -42,8 +42,7 @@ inline std::vector<Kernel> available_kernels() {
 }
 
 // One range of one leaf, on the chosen kernel. kExact: stock's rounding after every operation;
-// kStreamW, kStreamV: that output is fresh memory, written past the cache where the kernel can
-// (loop.h).
+// kStreamW, kStreamV: that output is written past the cache where the kernel can (loop.h).
 template <typename T, bool kExact, bool kStreamW, bool kStreamV>
 void update(Kernel k, const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
   switch (k) {
