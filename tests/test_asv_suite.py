@@ -91,6 +91,12 @@ def test_run_prints_the_fastest_variant_per_tree_and_publishes(finished_run):
     assert "dashboard: " in out.stdout and "rmsprop-bench dashboard" in out.stdout
 
 
+def _as_in_a_terminal() -> None:
+    """Ctrl-C reaches a command in a terminal. A test run started in the background by a
+    non-interactive shell ignores SIGINT, and its children inherit that: the run would go on."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupting_a_run_leaves_earlier_results_intact(finished_run, asv_history):
     project, _ = finished_run
     machine_dir = project / ".asv" / "results" / "test-machine"  # benchmarks.json beside it is asv's index, rewritten
@@ -99,7 +105,7 @@ def test_interrupting_a_run_leaves_earlier_results_intact(finished_run, asv_hist
     proc = subprocess.Popen(
         [RMSPROP_BENCH, "run", "--verbose", "--project", str(project), "--machine", "test-machine"],
         env={**asv_history.env, **slow}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=_as_in_a_terminal,
     )  # fmt: skip
     for line in proc.stderr:
         if "%] ··· bench_step.Step.time_step" in line:  # a benchmark has finished, the run is under way
