@@ -3,14 +3,13 @@
 // Leaves of kEagerMaxElements or more: an RMSpropStep node takes the w, g and v of up to
 // kLeavesPerNode leaves plus the learning rate and yields their new w and v, reusing input
 // buffers nobody else holds (donation). Smaller leaves are updated at once, outside the graph,
-// into packed allocations of at most 4 MiB, written past the cache: as graph nodes they would cost
-// MLX more than their work. There v is overwritten where only the optimizer state can see it, and
-// the new w goes into the w of the step before last once the caller has dropped it. After the
-// first step, step_tree() walks the trees here too. Either way
-// the elements are split evenly over a persistent thread pool (MLX's CPU back-end runs each task on
-// one thread) and each thread streams its share once, with the vector kernel
-// simd/simd.h picks for this CPU (AVX2, NEON, or the scalar loop) and software prefetch, rounding
-// as stock does (precision "stock") or once from float32 (precision "float32").
+// into packed allocations of at most 4 MiB: as graph nodes they would cost MLX more than their
+// work. There v is overwritten where only the optimizer state can see it, and the new w goes into
+// the w of the step before last once the caller has dropped it. After the first step, step_tree()
+// walks the trees here too. Either way the elements are split evenly over a persistent thread pool
+// (MLX's CPU back-end runs each task on one thread) and each thread streams its share once, with
+// the vector kernel simd/simd.h picks for this CPU (AVX2, NEON, or the scalar loop) and software
+// prefetch, rounding as stock does (precision "stock") or once from float32 (precision "float32").
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
