@@ -14,8 +14,8 @@ and buffers that live on are moved onto 2 MiB pages.
 Smaller leaves cost MLX more as graph nodes than as work, so they are updated
 at once, outside the graph: the new w into that leaf's w of the step before last
 where the caller has dropped it, else into packed allocations of at most 4 MiB
-(from 2 MiB on huge pages), written with streaming stores either way, and the
-new v over the old one where nothing but the optimizer state can see it (under
+(from 2 MiB on huge pages), written with streaming stores on steps of 8 MiB or
+more either way, and the new v over the old one where nothing but the optimizer state can see it (under
 ``mx.compile`` they stay in the graph). Either way the work is split over a
 persistent thread pool (MLX's CPU back-end has none of its own) and w, g and v
 are streamed once, with AVX2 or NEON and software prefetch where the CPU has

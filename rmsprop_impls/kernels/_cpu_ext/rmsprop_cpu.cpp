@@ -929,21 +929,18 @@ Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, cons
   std::vector<const array*> spares = free_spares(w, packed, reuse);
   PackLayout w_packs, v_packs;
   std::vector<std::pair<size_t, size_t>> w_slots, v_slots;  // (allocation, byte offset) of each packed leaf
+  size_t new_w_bytes = 0;
   for (size_t i : packed) {
     w_slots.push_back(spares[i] ? std::pair<size_t, size_t>{} : w_packs.add(w[i].nbytes()));
     v_slots.push_back(in_place[i] ? std::pair<size_t, size_t>{} : v_packs.add(w[i].nbytes()));
+    new_w_bytes += w[i].nbytes();
   }
   auto [w_bases, w_offsets] = w_packs.allocate();
   auto [v_bases, v_offsets] = v_packs.allocate();
   std::vector<Leaf> leaves;
   leaves.reserve(packed.size());
-  size_t new_w_bytes = 0;
-  for (size_t i : packed) {
-    new_w_bytes += w[i].nbytes();
-  }
   bool stream = new_w_bytes >= kStreamMinBytes;
-  bool any_in_place = false;
-  size_t n_spares = 0;
+  size_t n_in_place = 0, n_spares = 0;
   for (size_t k = 0; k < packed.size(); ++k) {
     size_t i = packed[k];
     reuse.packed[i] = true;
@@ -956,7 +953,7 @@ Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, cons
     }
     if (in_place[i]) {
       new_v[i] = v[i];
-      any_in_place = true;
+      ++n_in_place;
     } else {
       new_v[i] = view_into(v_bases[v_slots[k].first], v_offsets[v_slots[k].first] + v_slots[k].second, w[i]);
     }
@@ -964,8 +961,8 @@ Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, cons
                       new_v[i]->data<void>(), w[i].size(), w[i].dtype().val(), w[i].itemsize(), stream,
                       stream && !in_place[i]});
   }
-  if (any_in_place || n_spares > 0) {
-    v_in_place.fetch_add(std::count(in_place.begin(), in_place.end(), true), std::memory_order_relaxed);
+  if (n_in_place > 0 || n_spares > 0) {
+    v_in_place.fetch_add(n_in_place, std::memory_order_relaxed);
     w_into_spares.fetch_add(n_spares, std::memory_order_relaxed);
     update_all(leaves, h, precision, threads);  // with the GIL held: see unseen()
   } else {
