@@ -109,6 +109,9 @@ def test_step_tree_refuses_trees_that_are_not_plain_and_changes_nothing():
     for why, (g, p) in refused.items():
         assert _cpu_ext.step_tree(g, p, opt.state, *args) is None, why
         assert opt.state["step"] is step and opt.state["w"]["v"] is v, why
+    a_v_of_another_shape = {**opt.state, "w": {"v": mx.ones((5,))}}
+    assert _cpu_ext.step_tree(grads, params, a_v_of_another_shape, *args) is None
+    assert a_v_of_another_shape["step"] is step and opt.state["w"]["v"] is v
     assert _cpu_ext.step_tree(grads, params, opt.state, *args) is not None
     assert opt.state["step"].item() == 2 and opt.state["w"]["v"] is not v
 

@@ -368,6 +368,17 @@ constexpr size_t kMinElementsPerThread = 1 << 15;
 // Thread shares start on 64-element boundaries so no two threads write one cache line.
 constexpr size_t kShareAlign = 64;
 
+// Asks the cache for the first lines of a leaf's inputs while the leaf before it is updated: the
+// kernel's own prefetch runs ahead within a leaf, and a small leaf ends before it starts.
+void prefetch_start(const Leaf& leaf) {
+  size_t bytes = std::min<size_t>(leaf.size * leaf.itemsize, 256);
+  for (const void* p : {leaf.w, leaf.g, leaf.v}) {
+    for (size_t at = 0; at < bytes; at += 64) {
+      __builtin_prefetch(static_cast<const char*>(p) + at);
+    }
+  }
+}
+
 void update_all(const std::vector<Leaf>& leaves, const Hyper& h, Precision precision, int max_threads) {
   std::vector<size_t> starts(leaves.size() + 1, 0);
   for (size_t i = 0; i < leaves.size(); ++i) {
@@ -382,6 +393,9 @@ void update_all(const std::vector<Leaf>& leaves, const Hyper& h, Precision preci
     for (; i < leaves.size() && starts[i] < hi; ++i) {
       size_t a = std::max(lo, starts[i]) - starts[i];
       size_t b = std::min(hi, starts[i + 1]) - starts[i];
+      if (i + 1 < leaves.size() && starts[i + 1] < hi) {
+        prefetch_start(leaves[i + 1]);
+      }
       if (a < b) {
         update_leaf_range(leaves[i], a, b, h, precision);
       }
@@ -416,17 +430,23 @@ bool supported(Dtype t) {
   return t == float32 || t == float16 || t == bfloat16;
 }
 
+// Thrown where a leaf's w, g and v disagree in shape or dtype, or have a dtype the kernel does not take;
+// step_tree() then leaves the step to the Python walk, which names the leaf by its path.
+struct LeafMismatch : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
 // What every step needs of leaf i: w, g and v of one supported dtype and one shape. Checked where
 // the graph is built and again where it runs (sizes and dtypes) and where shapes are inferred
 // (mx.compile(shapeless=True) replays a graph on new inputs without building it again): the
 // kernel reads and writes w's size in all five streams.
 void check_leaf(size_t i, const array& w, const array& g, const array& v) {
   if (!supported(w.dtype()) || g.dtype() != w.dtype() || v.dtype() != w.dtype()) {
-    throw std::invalid_argument("rmsprop_update: leaf " + std::to_string(i) +
-                                " needs w, g and v of one dtype among float32, float16, bfloat16");
+    throw LeafMismatch("rmsprop_update: leaf " + std::to_string(i) +
+                       " needs w, g and v of one dtype among float32, float16, bfloat16");
   }
   if (g.shape() != w.shape() || v.shape() != w.shape()) {
-    throw std::invalid_argument("rmsprop_update: leaf " + std::to_string(i) + " has w, g and v of different shapes");
+    throw LeafMismatch("rmsprop_update: leaf " + std::to_string(i) + " has w, g and v of different shapes");
   }
 }
 
@@ -664,20 +684,27 @@ class RMSpropStep : public Primitive {
 // 16384-leaf tree would need tens of GB. Eight keeps that small and the nodes few.
 constexpr size_t kLeavesPerNode = 8;
 
-using Leaves = std::vector<size_t>;  // indices into the w, g and v lists
-using Outputs = std::vector<std::optional<array>>;
+using rmsprop::tree::LeafArrays;
+using Indices = std::vector<size_t>;  // of leaves
+
+// One leaf's step: its new w and v. Empty where the step wrote into memory the caller already has:
+// v over the old one, which the state holds, or w into the spare, whose object step_tree() returns.
+struct Stepped {
+  std::optional<array> w, v;
+  nb::object w_spare;   // the spare's object, where w went into it
+  bool packed = false;  // updated at once, outside the graph (then its new w is kept as a spare)
+};
 
 // Lazy: one RMSpropStep node per kLeavesPerNode of `which`, donating buffers at eval time.
-void update_in_graph(const std::vector<array>& w, const std::vector<array>& g, const std::vector<array>& v,
-                     const array& lr, const Leaves& which, const std::shared_ptr<RMSpropStep>& step, Outputs& new_w,
-                     Outputs& new_v) {
+void update_in_graph(const std::vector<LeafArrays>& leaves, const array& lr, const Indices& which,
+                     const std::shared_ptr<RMSpropStep>& step, std::vector<Stepped>& out) {
   for (size_t lo = 0; lo < which.size(); lo += kLeavesPerNode) {
     size_t hi = std::min(which.size(), lo + kLeavesPerNode);
     std::vector<array> inputs;
     inputs.reserve(3 * (hi - lo) + 1);
-    for (auto* group : {&w, &g, &v}) {
+    for (auto member : {&LeafArrays::w, &LeafArrays::g, &LeafArrays::v}) {
       for (size_t k = lo; k < hi; ++k) {
-        inputs.push_back((*group)[which[k]]);
+        inputs.push_back(*(leaves[which[k]].*member));
       }
     }
     inputs.push_back(lr);
@@ -685,15 +712,15 @@ void update_in_graph(const std::vector<array>& w, const std::vector<array>& g, c
     std::vector<Dtype> dtypes;
     for (int twice = 0; twice < 2; ++twice) {
       for (size_t k = lo; k < hi; ++k) {
-        shapes.push_back(w[which[k]].shape());
-        dtypes.push_back(w[which[k]].dtype());
+        shapes.push_back(leaves[which[k]].w->shape());
+        dtypes.push_back(leaves[which[k]].w->dtype());
       }
     }
     auto outputs = array::make_arrays(std::move(shapes), dtypes, step, std::move(inputs));
     size_t n = hi - lo;
     for (size_t k = lo; k < hi; ++k) {
-      new_w[which[k]] = outputs[k - lo];
-      new_v[which[k]] = outputs[n + k - lo];
+      out[which[k]].w = outputs[k - lo];
+      out[which[k]].v = outputs[n + k - lo];
     }
   }
 }
@@ -706,7 +733,7 @@ void update_in_graph(const std::vector<array>& w, const std::vector<array>& g, c
 // mid-size ones one pool job over every leaf, with streamed stores into packs on huge pages, beat
 // nodes of eight leaves updated in place (256x64K: 10 ms against 12.5 on this machine) even though
 // the new w must be other memory than the old one, which the caller holds while the step runs:
-// a spare (free_spares()) or a pack.
+// a spare (read_leaves(), keep_unshared()) or a pack.
 constexpr size_t kEagerMaxElements = 1 << 18;
 // Each output starts on a cache line (its address, not just its offset), so that no two threads
 // write one line. One packed allocation holds at most kMaxPackBytes: a caller that keeps one small
@@ -785,247 +812,293 @@ bool has_weak_references(PyObject* object) {
   return offset <= 0 || *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(object) + offset) != nullptr;
 }
 
-// An array, with the Python object it lives in, that a step would overwrite in place.
+// is_available(), without the call where the status says so already.
+bool evaluated(const array& x) {
+  return x.status() == array::Status::available || x.is_available();
+}
+
+// Whether an array may be overwritten in place, as far as it alone can tell: nothing can see it but
+// the references the caller counts, `refs` on its Python object (with no weak ones) and `handles_expected`
+// on the array, and it is evaluated, whole and row-major, with no graph behind it, in memory MLX's
+// allocator owns. Anything else that holds it, or a graph still reading it, adds to one of those
+// counts. Whether another array shares its buffer is asked of all candidates together
+// (keep_unshared()). Asked with the GIL held, which the update then keeps, so that no Python thread
+// can take a new handle on it meanwhile.
+bool unseen_alone(PyObject* object, Py_ssize_t refs, const array& x, long handles_expected) {
+  return Py_REFCNT(object) == refs && !has_weak_references(object) && handles(x) == handles_expected &&
+         evaluated(x) && !x.has_primitive() && !x.is_tracer() && x.flags().row_contiguous &&
+         x.data_size() == x.size() && x.size() > 0 && mlx_compat::allocator_owns(*x.data_shared_ptr());
+}
+
+// The buffer of an array that a step may overwrite (unseen_alone()); `data` null where none.
 struct Candidate {
-  PyObject* object;
-  const array* x;
+  const array::Data* data = nullptr;
+  const std::shared_ptr<array::Data>* owner = nullptr;  // one of its holders, for their count
+
+  static Candidate of(const array& x) {
+    return {x.data_shared_ptr().get(), &x.data_shared_ptr()};
+  }
 };
 
-// Which candidates may be overwritten in place: nothing can see them but the references the caller
-// counts, `refs` on the Python object (with no weak ones) and `handles` on the array. The array
-// is evaluated, whole and row-major, with no graph behind it, and the buffer it lies in is shared
-// by no array but such candidates (a pack). Anything else that holds one, a view of it or a graph
-// still reading it adds to one of those counts. Checked with the GIL held, which the update then
-// keeps, so no Python thread can take a new handle on them meanwhile.
-std::vector<bool> unseen(const std::vector<Candidate>& candidates, Py_ssize_t refs, long handles_expected) {
-  std::vector<bool> ok(candidates.size(), false);
-  // Per buffer, the candidates that lie in it. Neighbours usually share one (a pack), so the map is
-  // asked only when the buffer changes: on 16384 small leaves the lookups cost more than the checks.
-  std::unordered_map<const array::Data*, long> index;
-  std::vector<long> holders;
-  std::vector<long> buffer(candidates.size(), -1);
+// Drops the candidates whose buffer is also held by an array that is not a candidate: a pack's
+// leaves are overwritten in place only if all of them may be. Neighbours usually share a buffer, so
+// the map is asked only when it changes: on 16384 small leaves the lookups cost more than the checks.
+void keep_unshared(std::vector<Candidate>& candidates) {
+  std::unordered_map<const array::Data*, size_t> index;
+  std::vector<long> counted, holders;  // per buffer
+  std::vector<size_t> buffer(candidates.size());
   const array::Data* last = nullptr;
-  long last_buffer = -1;
+  size_t last_buffer = 0;
   for (size_t k = 0; k < candidates.size(); ++k) {
-    const auto& [object, x] = candidates[k];
-    ok[k] = object && Py_REFCNT(object) == refs && !has_weak_references(object) && handles(*x) == handles_expected &&
-            x->is_available() && !x->has_primitive() && !x->is_tracer() && x->flags().row_contiguous &&
-            x->data_size() == x->size() && x->size() > 0 && mlx_compat::allocator_owns(*x->data_shared_ptr());
-    if (!ok[k]) {
+    if (!candidates[k].data) {
       continue;
     }
-    const array::Data* data = x->data_shared_ptr().get();
-    if (data != last) {
-      auto [at, added] = index.try_emplace(data, static_cast<long>(holders.size()));
+    if (candidates[k].data != last) {
+      auto [at, added] = index.try_emplace(candidates[k].data, counted.size());
       if (added) {
-        holders.push_back(0);
+        counted.push_back(0);
+        holders.push_back(candidates[k].owner->use_count());
       }
-      last = data;
+      last = candidates[k].data;
       last_buffer = at->second;
     }
     buffer[k] = last_buffer;
-    ++holders[last_buffer];
+    ++counted[last_buffer];
   }
   for (size_t k = 0; k < candidates.size(); ++k) {
-    ok[k] = ok[k] && holders[buffer[k]] == candidates[k].x->data_shared_ptr().use_count();
+    if (candidates[k].data && counted[buffer[k]] != holders[buffer[k]]) {
+      candidates[k] = {};
+    }
   }
-  return ok;
 }
 
-// What step_tree() knows of the leaves beyond their arrays, so that the packed path can write in
-// place: each v's Python object (held by the state and by the walk), and the spare w's.
+// What step_tree() knows of the leaves beyond their arrays, which lets the packed path write in place:
+// each v's Python object (held by the state and by the walk), and the spare w's.
 struct Reuse {
   const std::vector<nb::object>* v_objects = nullptr;
-  // The new w of the step before last, per leaf (None where not packed): the caller has usually
-  // dropped them by now, and then they take this step's new w instead of new memory.
+  // A list: per leaf, its new w of the step before last (None where it was not packed). The caller
+  // has usually dropped them by now, and then they take this step's new w instead of new memory.
   PyObject* spare = nullptr;
-  // Out, per leaf: the spare Python object its new w went into (or none), and whether it was packed.
-  std::vector<nb::object> spare_used;
-  std::vector<bool> packed;
 };
 
-// The packed leaves whose old v may be overwritten: the state's dict and the walk hold its object,
-// the object and the walk its array.
-std::vector<bool> free_v(const std::vector<array>& v, const Leaves& packed, const Reuse& reuse) {
-  std::vector<bool> in_place(v.size(), false);
-  if (!reuse.v_objects) {
-    return in_place;
+// What a step needs of one leaf, read in one pass over its arrays (read_leaves()): on 16384 small
+// leaves the arrays' descriptors (some 20 MB) fall out of the cache from one pass to the next, and
+// every pass would wait on memory for each of them again.
+struct LeafFacts {
+  bool matches = false;  // w, g and v of one shape and of one dtype the kernel takes
+  bool traced = false;   // one of them is a tracer (mx.compile, a grad): every leaf goes in the graph
+  bool evaluated = false;
+  bool packed = false;  // evaluated, row-major and small: updated at once, unless a leaf is traced
+  size_t size = 0, itemsize = 0;
+  Dtype::Val dtype = Dtype::Val::float32;
+  const void *w = nullptr, *g = nullptr, *v = nullptr;
+  Candidate v_buffer, spare_buffer;  // where v may be updated in place, and the new w go into the spare
+  PyObject* spare = nullptr;
+  void* spare_data = nullptr;
+};
+
+// How many leaves ahead read_leaves() asks for their Python objects (twice this) and descriptors
+// (this), so that memory answers while the leaves between are read.
+constexpr size_t kReadAhead = 8;
+
+// Asks the cache for the part of an array's descriptor a step reads: the control block in front, the
+// shape, and the fields from size to flags (within the first 320 bytes in MLX 0.32; elsewhere this
+// only asks for less useful lines).
+void prefetch_descriptor(const array& x) {
+  const char* desc = static_cast<const char*>(reinterpret_cast<const std::shared_ptr<void>&>(x).get());
+  for (int at = -16; at < 320; at += 64) {
+    __builtin_prefetch(desc + at);
   }
-  std::vector<Candidate> candidates;
-  candidates.reserve(packed.size());
-  for (size_t i : packed) {
-    candidates.push_back({(*reuse.v_objects)[i].ptr(), &v[i]});
-  }
-  std::vector<bool> ok = unseen(candidates, 2, 2);
-  for (size_t k = 0; k < packed.size(); ++k) {
-    in_place[packed[k]] = ok[k];
-  }
-  return in_place;
 }
 
-// Per leaf, the spare w its new w may be written into: an mx.array of w's shape and dtype that
-// only the spare list holds. Empty where there is none.
-std::vector<const array*> free_spares(const std::vector<array>& w, const Leaves& packed, const Reuse& reuse) {
+// Every leaf's LeafFacts, in one pass that asks the cache for the leaves ahead.
+std::vector<LeafFacts> read_leaves(const std::vector<LeafArrays>& leaves, const Reuse& reuse) {
   static PyTypeObject* array_type = reinterpret_cast<PyTypeObject*>(nb::type<array>().ptr());
-  std::vector<const array*> spares(w.size(), nullptr);
-  if (!reuse.spare || !PyList_CheckExact(reuse.spare)) {
-    return spares;
-  }
-  Py_ssize_t n = PyList_GET_SIZE(reuse.spare);
-  std::vector<Candidate> candidates;
-  Leaves which;
-  for (size_t i : packed) {
-    PyObject* object = static_cast<Py_ssize_t>(i) < n ? PyList_GET_ITEM(reuse.spare, i) : nullptr;
-    if (object && Py_TYPE(object) == array_type) {
-      const array* x = nb::inst_ptr<array>(object);
-      if (x->shape() == w[i].shape() && x->dtype() == w[i].dtype()) {
-        candidates.push_back({object, x});
-        which.push_back(i);
+  size_t n = leaves.size();
+  std::vector<LeafFacts> facts(n);
+  PyObject* spares = reuse.spare && PyList_CheckExact(reuse.spare) ? reuse.spare : nullptr;
+  size_t n_spares = spares ? static_cast<size_t>(PyList_GET_SIZE(spares)) : 0;
+  auto spare_at = [&](size_t i) -> const array* {
+    PyObject* object = i < n_spares ? PyList_GET_ITEM(spares, i) : nullptr;
+    return object && Py_TYPE(object) == array_type ? nb::inst_ptr<array>(object) : nullptr;
+  };
+  for (size_t i = 0; i < n; ++i) {
+    if (i + 2 * kReadAhead < n) {
+      const LeafArrays& later = leaves[i + 2 * kReadAhead];
+      for (const array* x : {later.w, later.g, later.v}) {
+        __builtin_prefetch(x);  // the handle, inside the Python object
+      }
+      if (i + 2 * kReadAhead < n_spares) {
+        __builtin_prefetch(PyList_GET_ITEM(spares, i + 2 * kReadAhead));
       }
     }
-  }
-  std::vector<bool> ok = unseen(candidates, 1, 1);
-  for (size_t k = 0; k < which.size(); ++k) {
-    if (ok[k]) {
-      spares[which[k]] = candidates[k].x;
+    if (i + kReadAhead < n) {
+      const LeafArrays& next = leaves[i + kReadAhead];
+      for (const array* x : {next.w, next.g, next.v, spare_at(i + kReadAhead)}) {
+        if (x) {
+          prefetch_descriptor(*x);
+        }
+      }
+    }
+    const array &w = *leaves[i].w, &g = *leaves[i].g, &v = *leaves[i].v;
+    LeafFacts& f = facts[i];
+    f.matches = supported(w.dtype()) && g.dtype() == w.dtype() && v.dtype() == w.dtype() && g.shape() == w.shape() &&
+                v.shape() == w.shape();
+    if (!f.matches) {
+      continue;
+    }
+    f.size = w.size();
+    f.traced = w.is_tracer() || g.is_tracer() || v.is_tracer();
+    f.evaluated = evaluated(w) && evaluated(g) && evaluated(v);
+    f.packed = !f.traced && f.evaluated && f.size < kEagerMaxElements && w.flags().row_contiguous &&
+               g.flags().row_contiguous && v.flags().row_contiguous;
+    if (!f.packed) {
+      continue;
+    }
+    f.itemsize = w.itemsize();
+    f.dtype = w.dtype().val();
+    f.w = w.data<void>();
+    f.g = g.data<void>();
+    f.v = v.data<void>();
+    // The state's dict and the walk hold v's object; only that object holds its array.
+    if (reuse.v_objects && unseen_alone((*reuse.v_objects)[i].ptr(), 2, v, 1)) {
+      f.v_buffer = Candidate::of(v);
+    }
+    // Only the spare list holds the spare.
+    const array* spare = spare_at(i);
+    if (spare && spare->shape() == w.shape() && spare->dtype() == w.dtype() &&
+        unseen_alone(PyList_GET_ITEM(spares, i), 1, *spare, 1)) {
+      f.spare = PyList_GET_ITEM(spares, i);
+      f.spare_buffer = Candidate::of(*spare);
+      f.spare_data = const_cast<array*>(spare)->data<void>();
     }
   }
-  return spares;
+  return facts;
 }
 
 std::atomic<uint64_t> v_in_place{0}, w_into_spares{0};
 
-// Eager: evaluates the inputs of `which` (gradients are usually still lazy here) and updates them
-// now, outside the graph: the new w into a free spare (free_spares()) or into packs, the new v over
-// the old one where free_v() allows, or into packs. Returns the leaves whose evaluated inputs turned
-// out strided, for the graph path to gather.
-Leaves update_now(const std::vector<array>& w, const std::vector<array>& g, const std::vector<array>& v, array lr,
-                  const Leaves& which, Hyper h, Precision precision, int threads, Outputs& new_w, Outputs& new_v,
-                  Reuse& reuse) {
-  {
-    std::vector<array> pending;
-    if (!lr.is_available()) {
-      pending.push_back(lr);
-    }
-    for (size_t i : which) {
-      for (auto* group : {&w, &g, &v}) {
-        if (!(*group)[i].is_available()) {
-          pending.push_back((*group)[i]);
-        }
-      }
-    }
-    if (!pending.empty()) {
-      nb::gil_scoped_release no_gil;
-      eval(pending);
-    }
-  }
+// Updates the packed leaves now, outside the graph: the new w into the spare where keep_unshared()
+// allows, else into packs; the new v over the old one where it allows, else into packs. With the GIL
+// held: the step reads the arrays through their Python objects, and may overwrite memory only
+// because no Python thread can take a new handle on it (unseen_alone()).
+void update_now(const std::vector<LeafArrays>& leaves, const std::vector<LeafFacts>& facts, const array& lr,
+                const Indices& packed, Hyper h, Precision precision, int threads, std::vector<Stepped>& out) {
   h.lr = *lr.data<float>();
-  Leaves strided, packed;
-  for (size_t i : which) {
-    bool row_major = w[i].flags().row_contiguous && g[i].flags().row_contiguous && v[i].flags().row_contiguous;
-    (row_major ? packed : strided).push_back(i);
+  std::vector<Candidate> v_in, w_in;  // per packed leaf
+  v_in.reserve(packed.size());
+  w_in.reserve(packed.size());
+  for (size_t i : packed) {
+    v_in.push_back(facts[i].v_buffer);
+    w_in.push_back(facts[i].spare_buffer);
   }
-  std::vector<bool> in_place = free_v(v, packed, reuse);
-  std::vector<const array*> spares = free_spares(w, packed, reuse);
+  keep_unshared(v_in);
+  keep_unshared(w_in);
   PackLayout w_packs, v_packs;
   std::vector<std::pair<size_t, size_t>> w_slots, v_slots;  // (allocation, byte offset) of each packed leaf
   size_t new_w_bytes = 0;
-  for (size_t i : packed) {
-    w_slots.push_back(spares[i] ? std::pair<size_t, size_t>{} : w_packs.add(w[i].nbytes()));
-    v_slots.push_back(in_place[i] ? std::pair<size_t, size_t>{} : v_packs.add(w[i].nbytes()));
-    new_w_bytes += w[i].nbytes();
+  for (size_t k = 0; k < packed.size(); ++k) {
+    size_t bytes = facts[packed[k]].size * facts[packed[k]].itemsize;
+    w_slots.push_back(w_in[k].data ? std::pair<size_t, size_t>{} : w_packs.add(bytes));
+    v_slots.push_back(v_in[k].data ? std::pair<size_t, size_t>{} : v_packs.add(bytes));
+    new_w_bytes += bytes;
   }
   auto [w_bases, w_offsets] = w_packs.allocate();
   auto [v_bases, v_offsets] = v_packs.allocate();
-  std::vector<Leaf> leaves;
-  leaves.reserve(packed.size());
+  auto slot = [](const std::vector<array>& bases, const std::vector<size_t>& offsets, std::pair<size_t, size_t> at,
+                 const array& like) { return view_into(bases[at.first], offsets[at.first] + at.second, like); };
+  std::vector<Leaf> updates;
+  updates.reserve(packed.size());
   bool stream = new_w_bytes >= kStreamMinBytes;
   size_t n_in_place = 0, n_spares = 0;
   for (size_t k = 0; k < packed.size(); ++k) {
     size_t i = packed[k];
-    reuse.packed[i] = true;
-    if (spares[i]) {
-      new_w[i] = *spares[i];
-      reuse.spare_used[i] = nb::borrow(PyList_GET_ITEM(reuse.spare, i));
+    const LeafFacts& f = facts[i];
+    Stepped& result = out[i];
+    result.packed = true;
+    void *w_out, *v_out;
+    if (w_in[k].data) {
+      result.w_spare = nb::borrow(f.spare);
+      w_out = f.spare_data;
       ++n_spares;
     } else {
-      new_w[i] = view_into(w_bases[w_slots[k].first], w_offsets[w_slots[k].first] + w_slots[k].second, w[i]);
+      result.w = slot(w_bases, w_offsets, w_slots[k], *leaves[i].w);
+      w_out = result.w->data<void>();
     }
-    if (in_place[i]) {
-      new_v[i] = v[i];
+    if (v_in[k].data) {
+      v_out = const_cast<void*>(f.v);
       ++n_in_place;
     } else {
-      new_v[i] = view_into(v_bases[v_slots[k].first], v_offsets[v_slots[k].first] + v_slots[k].second, w[i]);
+      result.v = slot(v_bases, v_offsets, v_slots[k], *leaves[i].w);
+      v_out = result.v->data<void>();
     }
-    leaves.push_back({w[i].data<void>(), g[i].data<void>(), v[i].data<void>(), new_w[i]->data<void>(),
-                      new_v[i]->data<void>(), w[i].size(), w[i].dtype().val(), w[i].itemsize(), stream,
-                      stream && !in_place[i]});
+    updates.push_back({f.w, f.g, f.v, w_out, v_out, f.size, f.dtype, f.itemsize, stream, stream && !v_in[k].data});
   }
-  if (n_in_place > 0 || n_spares > 0) {
-    v_in_place.fetch_add(n_in_place, std::memory_order_relaxed);
-    w_into_spares.fetch_add(n_spares, std::memory_order_relaxed);
-    update_all(leaves, h, precision, threads);  // with the GIL held: see unseen()
-  } else {
-    nb::gil_scoped_release no_gil;
-    update_all(leaves, h, precision, threads);
-  }
-  return strided;
+  v_in_place.fetch_add(n_in_place, std::memory_order_relaxed);
+  w_into_spares.fetch_add(n_spares, std::memory_order_relaxed);
+  update_all(updates, h, precision, threads);
 }
 
-// One step over every leaf: (new w, new v). `reuse`, where the caller has it (step_tree), names the
-// Python objects behind the leaves, which let the packed path write in place (Reuse).
-std::pair<std::vector<array>, std::vector<array>> update_leaves(const std::vector<array>& w,
-                                                                const std::vector<array>& g,
-                                                                const std::vector<array>& v, const array& lr,
-                                                                double alpha, double eps, int threads,
-                                                                const std::string& precision_name,
-                                                                Reuse* reuse) {
+// One step over every leaf. `reuse`, where the caller has it (step_tree()), names the Python objects
+// behind the leaves, which let the packed path write in place (Reuse).
+std::vector<Stepped> update_leaves(const std::vector<LeafArrays>& leaves, const array& lr, double alpha, double eps,
+                                   int threads, const std::string& precision_name, const Reuse& reuse) {
   Precision precision = parse_precision(precision_name);
-  size_t n = w.size();
-  if (g.size() != n || v.size() != n) {
-    throw std::invalid_argument("rmsprop_update: w, g and v need one entry per leaf each");
-  }
   if (lr.size() != 1) {
     throw std::invalid_argument("rmsprop_update: the learning rate must be a scalar");
   }
   if (threads < 1) {
     throw std::invalid_argument("rmsprop_update: threads must be >= 1");
   }
-  for (size_t i = 0; i < n; ++i) {
-    check_leaf(i, w[i], g[i], v[i]);
-  }
-  std::pair<std::vector<array>, std::vector<array>> out;
+  size_t n = leaves.size();
+  std::vector<Stepped> out(n);
   if (n == 0) {
     return out;
   }
   Stream s = default_stream(Device::cpu);
   // Usually a float32 scalar already: then no op, and nothing to evaluate for the small leaves.
   array lr32 = lr.dtype() == float32 && lr.ndim() == 0 ? lr : reshape(astype(lr, float32, s), {}, s);
-  // Under a transform (mx.compile, a grad) every leaf stays in the graph: a tracer has no data yet.
-  bool traced = lr.is_tracer();
-  for (size_t i = 0; i < n && !traced; ++i) {
-    traced = w[i].is_tracer() || g[i].is_tracer() || v[i].is_tracer();
+  std::vector<LeafFacts> facts;
+  bool traced;
+  while (true) {
+    facts = read_leaves(leaves, reuse);
+    // Under a transform (mx.compile, a grad) every leaf stays in the graph: a tracer has no data yet.
+    traced = lr.is_tracer();
+    for (size_t i = 0; i < n; ++i) {
+      if (!facts[i].matches) {
+        check_leaf(i, *leaves[i].w, *leaves[i].g, *leaves[i].v);  // throws, naming what differs
+      }
+      traced = traced || facts[i].traced;
+    }
+    // The small leaves' inputs must be evaluated to be updated now (gradients usually are not yet).
+    std::vector<array> pending;
+    for (size_t i = 0; i < n && !traced; ++i) {
+      if (!facts[i].evaluated && facts[i].size < kEagerMaxElements) {
+        for (const array* x : {leaves[i].w, leaves[i].g, leaves[i].v}) {
+          if (!evaluated(*x)) {
+            pending.push_back(*x);
+          }
+        }
+      }
+    }
+    if (!traced && !evaluated(lr32)) {
+      pending.push_back(lr32);
+    }
+    if (pending.empty()) {
+      break;
+    }
+    // Then read again: another thread may have changed the leaves' arrays while the GIL was released.
+    nb::gil_scoped_release no_gil;
+    eval(pending);
   }
-  Leaves small, large;
+  Indices packed, in_graph;
   for (size_t i = 0; i < n; ++i) {
-    (!traced && w[i].size() < kEagerMaxElements ? small : large).push_back(i);
+    (!traced && facts[i].packed ? packed : in_graph).push_back(i);
   }
-  Outputs new_w(n), new_v(n);
-  Reuse none;
-  Reuse& known = reuse ? *reuse : none;
-  known.spare_used.resize(n);
-  known.packed.assign(n, false);
-  if (!small.empty()) {
-    Leaves strided = update_now(w, g, v, lr32, small, hyper(alpha, eps), precision, threads, new_w, new_v, known);
-    large.insert(large.end(), strided.begin(), strided.end());
+  if (!packed.empty()) {
+    update_now(leaves, facts, lr32, packed, hyper(alpha, eps), precision, threads, out);
   }
-  update_in_graph(w, g, v, lr32, large, std::make_shared<RMSpropStep>(s, alpha, eps, precision, threads), new_w, new_v);
-  out.first.reserve(n);
-  out.second.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    out.first.push_back(std::move(*new_w[i]));
-    out.second.push_back(std::move(*new_v[i]));
-  }
+  update_in_graph(leaves, lr32, in_graph, std::make_shared<RMSpropStep>(s, alpha, eps, precision, threads), out);
   return out;
 }
 
@@ -1034,7 +1107,24 @@ std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vect
                                                                  const std::vector<array>& v, const array& lr,
                                                                  double alpha, double eps, int threads,
                                                                  const std::string& precision) {
-  return update_leaves(w, g, v, lr, alpha, eps, threads, precision, nullptr);
+  size_t n = w.size();
+  if (g.size() != n || v.size() != n) {
+    throw std::invalid_argument("rmsprop_update: w, g and v need one entry per leaf each");
+  }
+  std::vector<LeafArrays> leaves;
+  leaves.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    leaves.push_back({&w[i], &g[i], &v[i]});
+  }
+  std::vector<Stepped> stepped = update_leaves(leaves, lr, alpha, eps, threads, precision, Reuse{});
+  std::pair<std::vector<array>, std::vector<array>> out;
+  out.first.reserve(n);
+  out.second.reserve(n);
+  for (Stepped& leaf : stepped) {  // with no Reuse, every leaf has a new w and v
+    out.first.push_back(std::move(*leaf.w));
+    out.second.push_back(std::move(*leaf.v));
+  }
+  return out;
 }
 
 // ------------------------------------------------------------ whole step ---
@@ -1050,10 +1140,11 @@ array advanced(const array& step) {
 
 // One whole optimizer step in one call: the trees walked in C++ (tree_walk.h), every leaf updated
 // (update_leaves), the new v stored in the state, its step counter advanced and the new parameter
-// tree returned. None, with nothing changed, where the trees are not plain: the Python walk then
-// runs and names the problem. `spare` holds the packed leaves' new w of the step before last (None
-// for the other leaves), which this step writes into where the caller has dropped them, and is
-// refilled with this step's: the optimizer keeps two such lists and swaps them each step.
+// tree returned. None, with nothing changed, where the trees are not plain or a leaf's arrays
+// disagree: the Python walk then runs and names the problem. `spare` holds the packed leaves' new w
+// of the step before last (None for the other leaves), which this step writes into where the caller
+// has dropped them, and is refilled with this step's: the optimizer keeps two such lists and swaps
+// them each step.
 nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state, const array& lr, double alpha,
                      double eps, int threads, const std::string& precision, nb::list spare) {
   static const rmsprop::tree::Walker* walker = new rmsprop::tree::Walker();  // leaked: holds a Python str
@@ -1067,24 +1158,32 @@ nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state
     return nb::none();
   }
   array next_step = advanced(*nb::inst_ptr<array>(step));
-  Reuse reuse{&leaves.v_objects, spare.ptr()};
-  auto [new_w, new_v] = update_leaves(leaves.w, leaves.g, leaves.v, lr, alpha, eps, threads, precision, &reuse);
+  std::vector<Stepped> stepped;
+  try {
+    stepped = update_leaves(leaves.arrays, lr, alpha, eps, threads, precision, Reuse{&leaves.v_objects, spare.ptr()});
+  } catch (const LeafMismatch&) {
+    return nb::none();
+  }
+  size_t n = stepped.size();
   std::vector<nb::object> new_leaves;
-  new_leaves.reserve(new_w.size());
-  for (size_t i = 0; i < new_w.size(); ++i) {
-    new_leaves.push_back(reuse.spare_used[i] ? std::move(reuse.spare_used[i]) : nb::cast(std::move(new_w[i])));
+  new_leaves.reserve(n);
+  for (Stepped& leaf : stepped) {
+    new_leaves.push_back(leaf.w ? nb::cast(std::move(*leaf.w)) : std::move(leaf.w_spare));
   }
   nb::object new_parameters = walker->rebuild(gradients.ptr(), new_leaves);  // before the state changes: it may throw
-  for (size_t i = 0; i < new_v.size(); ++i) {
-    if (new_v[i].id() != leaves.v[i].id()) {  // else updated in place: the state holds it already
-      walker->set_v(leaves.states[i], nb::cast(std::move(new_v[i])));
+  for (size_t i = 0; i < n; ++i) {
+    if (stepped[i].v) {  // else updated in place: the state holds it already
+      walker->set_v(leaves.states[i], nb::cast(std::move(*stepped[i].v)));
     }
   }
   state["step"] = nb::cast(std::move(next_step));
   // Only packed leaves' w's are kept: holding a big leaf's would stop the next step donating it.
-  nb::list next_spare;
-  for (size_t i = 0; i < new_leaves.size(); ++i) {
-    next_spare.append(reuse.packed[i] ? new_leaves[i] : nb::none());
+  nb::object next_spare = nb::steal(PyList_New(static_cast<Py_ssize_t>(n)));
+  if (!next_spare.is_valid()) {
+    throw nb::python_error();
+  }
+  for (size_t i = 0; i < n; ++i) {
+    PyList_SET_ITEM(next_spare.ptr(), static_cast<Py_ssize_t>(i), (stepped[i].packed ? new_leaves[i] : nb::none()).release().ptr());
   }
   if (PyList_SetSlice(spare.ptr(), 0, PY_SSIZE_T_MAX, next_spare.ptr()) != 0) {
     throw nb::python_error();
