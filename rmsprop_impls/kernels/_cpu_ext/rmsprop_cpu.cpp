@@ -436,16 +436,25 @@ struct LeafMismatch : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// The two halves of check_leaf(), for read_leaves() to ask without throwing.
+bool dtypes_match(const array& w, const array& g, const array& v) {
+  return supported(w.dtype()) && g.dtype() == w.dtype() && v.dtype() == w.dtype();
+}
+
+bool shapes_match(const array& w, const array& g, const array& v) {
+  return g.shape() == w.shape() && v.shape() == w.shape();
+}
+
 // What every step needs of leaf i: w, g and v of one supported dtype and one shape. Checked where
 // the graph is built and again where it runs (sizes and dtypes) and where shapes are inferred
 // (mx.compile(shapeless=True) replays a graph on new inputs without building it again): the
 // kernel reads and writes w's size in all five streams.
 void check_leaf(size_t i, const array& w, const array& g, const array& v) {
-  if (!supported(w.dtype()) || g.dtype() != w.dtype() || v.dtype() != w.dtype()) {
+  if (!dtypes_match(w, g, v)) {
     throw LeafMismatch("rmsprop_update: leaf " + std::to_string(i) +
                        " needs w, g and v of one dtype among float32, float16, bfloat16");
   }
-  if (g.shape() != w.shape() || v.shape() != w.shape()) {
+  if (!shapes_match(w, g, v)) {
     throw LeafMismatch("rmsprop_update: leaf " + std::to_string(i) + " has w, g and v of different shapes");
   }
 }
@@ -942,8 +951,7 @@ std::vector<LeafFacts> read_leaves(const std::vector<LeafArrays>& leaves, const 
     }
     const array &w = *leaves[i].w, &g = *leaves[i].g, &v = *leaves[i].v;
     LeafFacts& f = facts[i];
-    f.matches = supported(w.dtype()) && g.dtype() == w.dtype() && v.dtype() == w.dtype() && g.shape() == w.shape() &&
-                v.shape() == w.shape();
+    f.matches = dtypes_match(w, g, v) && shapes_match(w, g, v);  // else check_leaf() says which
     if (!f.matches) {
       continue;
     }
