@@ -14,10 +14,13 @@ from typing import Any, ClassVar
 import mlx.core as mx
 import mlx.optimizers as optim
 
-from .formula import DEFAULT_ALPHA, DEFAULT_EPS, check_hyperparameters
-from .tree_paths import TreeMismatchError, match_leaves
+from .formula import DEFAULT_ALPHA, DEFAULT_EPS, check_hyperparameters, rmsprop_update
+from .tree_paths import MatchedLeaves, TreeMismatchError, match_leaves
 
 LearningRate = float | mx.array | Callable[[mx.array], mx.array]
+
+#: The dtypes every variant's update takes; leaves of other dtypes get stock's ops.
+UPDATE_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 #: Where a variant's update runs: the CPU, the GPU, or MLX's default device when the step runs.
 DEVICES = ("cpu", "default", "gpu")
@@ -77,6 +80,8 @@ class RMSpropBase(optim.Optimizer):
         state["v"] = mx.zeros_like(parameter)
 
     def apply_gradients(self, gradients: Any, parameters: Any) -> Any:
+        """Stock's step, computed whole before the state changes: an error leaves the state as it was,
+        so a retry does not apply the update twice."""
         if not isinstance(gradients, dict):
             # The state dict holds "step" and "learning_rate" beside the tree, as stock's does.
             raise TreeMismatchError(
@@ -85,19 +90,60 @@ class RMSpropBase(optim.Optimizer):
         if not self._initialized:
             match_leaves(gradients, parameters)  # a bad tree fails before any state is made
             self.init(gradients)
-        for param, scheduler in self._schedulers.items():
-            self.state[param] = scheduler(self.step)
-        self.state["step"] = self.step + 1
+        scheduled = {param: scheduler(self.step) for param, scheduler in self._schedulers.items()}
+        lr = scheduled.get("learning_rate", self.learning_rate)
         leaves = match_leaves(gradients, parameters, self.state)
-        new_w, new_v = self.update_leaves(
-            leaves.parameters, leaves.gradients, [s["v"] for s in leaves.states], self.learning_rate
-        )
+        new_w, new_v = self._step_leaves(leaves, lr)
+        new_parameters = leaves.rebuild(new_w)
+        self.state.update(scheduled)
+        self.state["step"] = self.step + 1
         for s, v in zip(leaves.states, new_v):
             s["v"] = v
-        return leaves.rebuild(new_w)
+        return new_parameters
+
+    def _step_leaves(self, leaves: MatchedLeaves, lr: mx.array) -> tuple[list[mx.array], list[mx.array]]:
+        """The new w and v of every leaf: the variant's update for the leaves it takes, stock's ops
+        for the others (other dtypes, mixed dtypes as stock promotes them), and stock's ops leaf
+        after leaf where two leaves share one state dict, since stock then feeds a's new v to b."""
+        w, g, states = leaves.parameters, leaves.gradients, leaves.states
+        v = [s["v"] for s in states]
+        if len({id(s) for s in states}) < len(states):
+            return _stock_leaf_by_leaf(w, g, states, lr, self.alpha, self.eps)
+        taken = [i for i in range(len(w)) if self.takes_leaf(w[i], g[i], v[i])]
+        new_w, new_v = list(w), list(v)
+        if len(taken) == len(w):
+            return self.update_leaves(w, g, v, lr)
+        if taken:
+            tw, tv = self.update_leaves([w[i] for i in taken], [g[i] for i in taken], [v[i] for i in taken], lr)
+            for k, i in enumerate(taken):
+                new_w[i], new_v[i] = tw[k], tv[k]
+        for i in sorted(set(range(len(w))) - set(taken)):
+            new_w[i], new_v[i] = rmsprop_update(w[i], g[i], v[i], lr, self.alpha, self.eps)
+        return new_w, new_v
+
+    @classmethod
+    def takes_leaf(cls, w: mx.array, g: mx.array, v: mx.array) -> bool:
+        """Whether ``update_leaves`` computes this leaf as stock does; the others get stock's ops.
+        Every variant takes leaves whose w, g and v share one shape and one of float32, float16 and
+        bfloat16; a variant with other limits (a size, a device) narrows this."""
+        return w.dtype == g.dtype == v.dtype and w.dtype in UPDATE_DTYPES and w.shape == g.shape == v.shape
 
     def update_leaves(
         self, w: list[mx.array], g: list[mx.array], v: list[mx.array], lr: mx.array
     ) -> tuple[list[mx.array], list[mx.array]]:
         """Return the new parameters and the new ``v``, leaf for leaf."""
         raise NotImplementedError
+
+
+def _stock_leaf_by_leaf(
+    w: list[mx.array], g: list[mx.array], states: list[dict], lr: mx.array, alpha: float, eps: float
+) -> tuple[list[mx.array], list[mx.array]]:
+    """Stock's ops in stock's order, each leaf reading the newest v of its state dict."""
+    newest: dict[int, mx.array] = {}
+    new_w, new_v = [], []
+    for wi, gi, s in zip(w, g, states):
+        nw, nv = rmsprop_update(wi, gi, newest.get(id(s), s["v"]), lr, alpha, eps)
+        newest[id(s)] = nv
+        new_w.append(nw)
+        new_v.append(nv)
+    return new_w, new_v

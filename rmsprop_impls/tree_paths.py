@@ -51,7 +51,8 @@ def _rebuild(node: Any, leaves: Iterator[mx.array]) -> Any:
     if isinstance(node, dict):
         return {k: _rebuild(v, leaves) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
-        return type(node)(_rebuild(v, leaves) for v in node)
+        items = [_rebuild(v, leaves) for v in node]
+        return type(node)(*items) if hasattr(node, "_fields") else type(node)(items)  # a namedtuple, as tree_map
     return next(leaves)
 
 
@@ -60,7 +61,7 @@ def match_leaves(gradients: Any, parameters: Any, state: Any = None) -> MatchedL
 
     Parameters may hold more than the gradients, as in stock MLX. Raises
     :class:`TreeMismatchError` at the first leaf that is missing, is not an
-    array, or differs in shape or dtype.
+    array, or differs in shape (dtypes may differ: stock promotes them).
     """
     out = MatchedLeaves(gradients)
     _walk(gradients, parameters, state, (), out)
@@ -74,12 +75,12 @@ def _check_leaf(g: Any, w: Any, s: Any, path: tuple, out: MatchedLeaves) -> None
     # This runs once per leaf on every step: keep it to the checks that matter.
     if type(w) is not mx.array and not isinstance(w, mx.array):
         raise TreeMismatchError(path, f"gradient is an array but the parameter is {_kind(w)}")
-    if g.shape != w.shape or g.dtype != w.dtype:
+    if g.shape != w.shape:
         raise TreeMismatchError(path, f"gradient is {_kind(g)} but the parameter is {_kind(w)}")
     out.gradients.append(g)
     out.parameters.append(w)
     if s is not None:
-        if type(s) is not dict or "v" not in s:
+        if not isinstance(s, dict) or "v" not in s:
             raise TreeMismatchError(path, "the optimizer state has no 'v' for this leaf")
         out.states.append(s)
 
@@ -102,7 +103,6 @@ def _walk(g: Any, w: Any, s: Any, path: tuple, out: MatchedLeaves) -> None:
                 and type(sk) is dict
                 and "v" in sk
                 and gk.shape == wk.shape
-                and gk.dtype == wk.dtype
             ):
                 # The common leaf, checked inline: this loop runs for every leaf on every step.
                 gradients.append(gk)

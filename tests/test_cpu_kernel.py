@@ -214,7 +214,7 @@ def test_long_lived_big_buffers_move_to_huge_pages_and_keep_their_values():
 
 
 def test_small_leaves_results_stay_unchanged_by_later_steps():
-    """Small leaves share one packed allocation per step; a later step writes into a new one."""
+    """What a caller holds of a step (its new w, the state's v) keeps its values through later steps."""
     params = {f"p{i}": mx.random.normal((300 + i,)) for i in range(20)}
     grads = gradient_sequence(params, 3)
     opt = create("cpu_kernel", 1e-2)

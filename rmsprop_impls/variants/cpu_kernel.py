@@ -58,7 +58,7 @@ class CpuKernelRMSprop(RMSpropBase):
 
         self._update = _cpu_ext.rmsprop_update
         self._step_tree = _cpu_ext.step_tree
-        # The packed leaves' new w of the last two steps: a step writes into those of the step before
+        # The small leaves' new w of the last two steps: a step writes into those of the step before
         # last, once the caller has dropped them, instead of making new arrays (step_tree).
         self._spare_w: tuple[list, list] = ([], [])
 
@@ -89,16 +89,19 @@ class CpuKernelRMSprop(RMSpropBase):
     def apply_gradients(self, gradients, parameters):
         """The whole step in one call into C++, the tree walk included, once the state exists: on
         16384 small leaves the Python walk and the lists cost more than the update. Trees the C++
-        walk does not take (and the first step) go through the Python walk, which names any error."""
+        walk does not take (and the first step) go through the Python walk, which names any error.
+        Either way the state changes only once the whole step has been computed."""
         if self._initialized:
-            for param, scheduler in self._schedulers.items():
-                self.state[param] = scheduler(self.step)
-            args = (self.learning_rate, self.alpha, self.eps, self.threads, self.precision)
+            scheduled = {param: scheduler(self.step) for param, scheduler in self._schedulers.items()}
+            lr = scheduled.get("learning_rate", self.learning_rate)
             older, newer = self._spare_w
+            args = (lr, self.alpha, self.eps, self.threads, self.precision)
             stepped = self._step_tree(gradients, parameters, self.state, *args, older)
             if stepped is not None:
-                self._spare_w = (newer, older)
-                return stepped
+                new_parameters, spares = stepped
+                self.state.update(scheduled)
+                self._spare_w = (newer, spares)
+                return new_parameters
         return super().apply_gradients(gradients, parameters)
 
     def update_leaves(self, w, g, v, lr):

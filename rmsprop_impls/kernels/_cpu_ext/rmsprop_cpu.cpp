@@ -35,6 +35,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "in_place.h"
 #include "mlx_compat.h"
 #include "platform.h"
 #include "simd/simd.h"
@@ -47,6 +48,12 @@ using rmsprop::bf16;
 using rmsprop::f16;
 using rmsprop::Hyper;
 using rmsprop::Kernel;
+using rmsprop::in_place::Candidate;
+using rmsprop::in_place::evaluated;
+using rmsprop::in_place::GcPaused;
+using rmsprop::in_place::handles;
+using rmsprop::in_place::keep_disjoint_and_unshared;
+using rmsprop::in_place::unseen_alone;
 
 namespace {
 
@@ -152,12 +159,6 @@ Pool& pool() {
 std::atomic<uint64_t> donated_buffers{0};
 
 // ---------------------------------------------------------------- buffers ---
-
-// How many handles share this array's descriptor (mlx::core::array is one shared_ptr).
-long handles(const array& x) {
-  static_assert(sizeof(array) == sizeof(std::shared_ptr<void>), "mlx::core::array is one shared_ptr");
-  return reinterpret_cast<const std::shared_ptr<void>&>(x).use_count();
-}
 
 // `x` rounded up to a multiple of `to`, a power of two.
 constexpr uintptr_t round_up(uintptr_t x, uintptr_t to) {
@@ -734,159 +735,64 @@ void update_in_graph(const std::vector<LeafArrays>& leaves, const array& lr, con
   }
 }
 
+// Under a transform, which leaves run stock's own ops instead of an RMSpropStep node. A leaf whose v
+// is a placeholder (a tracer with no primitive: an input of the mx.compile'd function, as the
+// optimizer state is in mlx-lm's and mlx-examples' training steps) keeps the node, so a compiled
+// training step runs the kernel. Every other traced leaf (mx.grad, vjp or jvp through the step,
+// a compiled function that closes over the state) runs stock's ops, so that the gradients through
+// a step are the ones MLX computes for stock, bit for bit: the node's vjp sums the learning
+// rate's cotangents in another order. MLX's headers name no test for "in a gradient transform"
+// that its library exports (0.32's InTracing and InExportTracing are hidden).
+bool is_placeholder(const array& x) {
+  return x.is_tracer() && !x.has_primitive();
+}
+
+void update_by_formula(const std::vector<LeafArrays>& leaves, const array& lr, const Indices& which, double alpha,
+                       double eps, Precision precision, const Stream& s, std::vector<Stepped>& out) {
+  for (size_t i : which) {
+    auto [nw, nv] = formula(*leaves[i].w, *leaves[i].g, *leaves[i].v, lr, alpha, eps, precision, s);
+    out[i].w = std::move(nw);
+    out[i].v = std::move(nv);
+  }
+}
+
 // ------------------------------------------------------------ small leaves ---
 
-// Below this many elements (1 MiB of float32) leaves are updated at once into packed allocations,
-// with no graph node per leaf. For small leaves a node and its output arrays cost MLX far more
-// than the update (about 25 us per leaf on this machine against 0.1 us for 256 elements); for
-// mid-size ones one pool job over every leaf, with streamed stores into packs on huge pages, beat
-// nodes of eight leaves updated in place (256x64K: 10 ms against 12.5 on this machine) even though
-// the new w must be other memory than the old one, which the caller holds while the step runs:
-// a spare (read_leaves(), keep_unshared()) or a pack.
+// Below this many elements (1 MiB of float32) leaves are updated at once, outside the graph. For
+// small leaves a node and its output arrays cost MLX far more than the update (about 25 us per
+// leaf on this machine against 0.1 us for 256 elements); for mid-size ones one pool job over
+// every leaf beat nodes of eight leaves updated in place (256x64K: 10 ms against 12.5 on this
+// machine) even though the new w must be other memory than the old one, which the caller holds
+// while the step runs: a spare (in_place.h) or a fresh allocation.
 constexpr size_t kEagerMaxElements = 1 << 18;
-// Each output starts on a cache line (its address, not just its offset), so that no two threads
-// write one line. One packed allocation holds at most kMaxPackBytes: a caller that keeps one small
-// leaf (an EMA of a norm weight, a logged bias) keeps its whole allocation alive, so that is what
-// one kept leaf can cost. 4 MiB packs cost one allocation per 4 MiB, nothing next to the update.
-constexpr size_t kPackAlign = 64;
-constexpr size_t kMaxPackBytes = size_t(4) << 20;
-// Below this many bytes of new w per step, the packed leaves are written with plain stores, not
+// Below this many bytes of new w per step, the small leaves are written with plain stores, not
 // streamed past the cache: the next step reads them back, and a step this small leaves them in the
 // cache. Measured here with the new w going into the spares: plain stores were as fast up to 16 MiB
 // (1x1K 5.5 us against 5.9; 64x16K, 4 MiB, within the noise), and streaming ones 30% faster at
 // 64 MiB (1024x16K 10.5 ms against 13.5-14.8).
 constexpr size_t kStreamMinBytes = size_t(8) << 20;
 
-// An evaluated, row-major array of `like`'s shape and dtype, `offset` bytes into `base`'s buffer.
-array view_into(const array& base, size_t offset, const array& like) {
+// Each fresh output starts on a cache line, so that no two threads write one line.
+constexpr size_t kLineBytes = 64;
+
+// A new evaluated, row-major array of `like`'s shape and dtype in an allocation of its own: a
+// caller that keeps one leaf keeps that leaf's bytes (and at most a line more) alive, nothing else.
+array fresh_like(const array& like) {
   array out(like.shape(), like.dtype(), nullptr, {});
-  share_row_major(out, base, offset);
+  size_t bytes = out.nbytes() + kLineBytes;
+  array base(allocator::malloc(bytes), Shape{static_cast<ShapeElem>(bytes)}, uint8);
+  uintptr_t start = reinterpret_cast<uintptr_t>(base.data<void>());
+  share_row_major(out, base, round_up(start, kLineBytes) - start);
   out.set_status(array::Status::available);
   return out;
 }
 
-// Slots of at most kMaxPackBytes per allocation, each on a cache line.
-class PackLayout {
- public:
-  // The (allocation, byte offset) of a new slot of `bytes`.
-  std::pair<size_t, size_t> add(size_t bytes) {
-    bytes = round_up(bytes, kPackAlign);
-    if (bytes_.back() > 0 && bytes_.back() + bytes > kMaxPackBytes) {
-      bytes_.push_back(0);
-    }
-    std::pair<size_t, size_t> slot{bytes_.size() - 1, bytes_.back()};
-    bytes_.back() += bytes;
-    ++slots_;
-    return slot;
-  }
-
-  // The allocations, and the offset from each one's start to its first slot. A pack of a huge
-  // page or more starts on one, advised onto huge pages when first written, as big leaves'
-  // buffers are (HugePages), for the TLB's sake; on 1024x16K here the gain was within the noise.
-  // The slack in front is never touched.
-  std::pair<std::vector<array>, std::vector<size_t>> allocate() const {
-    std::vector<array> bases;
-    std::vector<size_t> offsets;
-    if (slots_ == 0) {
-      return {};  // no slot, no allocation: in a training loop every v of a step is usually in place
-    }
-    for (size_t bytes : bytes_) {
-      bool huge = HugePages::worth_aligning(bytes);
-      size_t align = huge ? rmsprop::platform::huge_page_bytes() : kPackAlign;
-      bases.emplace_back(allocator::malloc(bytes + align), Shape{static_cast<ShapeElem>(bytes + align)}, uint8);
-      uintptr_t start = reinterpret_cast<uintptr_t>(bases.back().data<void>());
-      offsets.push_back(round_up(start, align) - start);
-      if (huge) {
-        rmsprop::platform::advise_huge_pages(reinterpret_cast<void*>(start + offsets.back()), bytes & ~(align - 1));
-      }
-    }
-    return {std::move(bases), std::move(offsets)};
-  }
-
- private:
-  std::vector<size_t> bytes_{0};
-  size_t slots_ = 0;  // an empty leaf's slot has no bytes, but it still needs its allocation
-};
-
-// Whether a Python object has weak references, which would see its values change in place.
-// nanobind gives mx.array an explicit weak-list slot; a type with managed weak references
-// (CPython 3.12+) cannot be asked as cheaply, so its objects count as having some.
-bool has_weak_references(PyObject* object) {
-#ifdef Py_TPFLAGS_MANAGED_WEAKREF
-  if (PyType_HasFeature(Py_TYPE(object), Py_TPFLAGS_MANAGED_WEAKREF)) {
-    return true;
-  }
-#endif
-  Py_ssize_t offset = Py_TYPE(object)->tp_weaklistoffset;
-  return offset <= 0 || *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(object) + offset) != nullptr;
-}
-
-// is_available(), without the call where the status says so already.
-bool evaluated(const array& x) {
-  return x.status() == array::Status::available || x.is_available();
-}
-
-// Whether an array may be overwritten in place, as far as it alone can tell: nothing can see it but
-// the references the caller counts, `refs` on its Python object (with no weak ones) and `handles_expected`
-// on the array, and it is evaluated, whole and row-major, with no graph behind it, in memory MLX's
-// allocator owns. Anything else that holds it, or a graph still reading it, adds to one of those
-// counts. Whether another array shares its buffer is asked of all candidates together
-// (keep_unshared()). Asked with the GIL held, which the update then keeps, so that no Python thread
-// can take a new handle on it meanwhile.
-bool unseen_alone(PyObject* object, Py_ssize_t refs, const array& x, long handles_expected) {
-  return Py_REFCNT(object) == refs && !has_weak_references(object) && handles(x) == handles_expected &&
-         evaluated(x) && !x.has_primitive() && !x.is_tracer() && x.flags().row_contiguous &&
-         x.data_size() == x.size() && x.size() > 0 && mlx_compat::allocator_owns(*x.data_shared_ptr());
-}
-
-// The buffer of an array that a step may overwrite (unseen_alone()); `data` null where none.
-struct Candidate {
-  const array::Data* data = nullptr;
-  const std::shared_ptr<array::Data>* owner = nullptr;  // one of its holders, for their count
-
-  static Candidate of(const array& x) {
-    return {x.data_shared_ptr().get(), &x.data_shared_ptr()};
-  }
-};
-
-// Drops the candidates whose buffer is also held by an array that is not a candidate: a pack's
-// leaves are overwritten in place only if all of them may be. Neighbours usually share a buffer, so
-// the map is asked only when it changes: on 16384 small leaves the lookups cost more than the checks.
-void keep_unshared(std::vector<Candidate>& candidates) {
-  std::unordered_map<const array::Data*, size_t> index;
-  std::vector<long> counted, holders;  // per buffer
-  std::vector<size_t> buffer(candidates.size());
-  const array::Data* last = nullptr;
-  size_t last_buffer = 0;
-  for (size_t k = 0; k < candidates.size(); ++k) {
-    if (!candidates[k].data) {
-      continue;
-    }
-    if (candidates[k].data != last) {
-      auto [at, added] = index.try_emplace(candidates[k].data, counted.size());
-      if (added) {
-        counted.push_back(0);
-        holders.push_back(candidates[k].owner->use_count());
-      }
-      last = candidates[k].data;
-      last_buffer = at->second;
-    }
-    buffer[k] = last_buffer;
-    ++counted[last_buffer];
-  }
-  for (size_t k = 0; k < candidates.size(); ++k) {
-    if (candidates[k].data && counted[buffer[k]] != holders[buffer[k]]) {
-      candidates[k] = {};
-    }
-  }
-}
-
-// What step_tree() knows of the leaves beyond their arrays, which lets the packed path write in place:
-// each v's Python object (held by the state and by the walk), and the spare w's.
+// What the step knows of the leaves beyond their arrays, which lets the small-leaf path write in
+// place (in_place.h): each v's Python object (held by the state and by the walk), and the spare w's.
 struct Reuse {
   const std::vector<nb::object>* v_objects = nullptr;
-  // A list: per leaf, its new w of the step before last (None where it was not packed). The caller
-  // has usually dropped them by now, and then they take this step's new w instead of new memory.
+  // A list: per leaf, its new w of the step before last (None where it was not a small leaf). The
+  // caller has usually dropped them by now, and then they take this step's new w instead of new memory.
   PyObject* spare = nullptr;
 };
 
@@ -901,9 +807,8 @@ struct LeafFacts {
   size_t size = 0, itemsize = 0;
   Dtype::Val dtype = Dtype::Val::float32;
   const void *w = nullptr, *g = nullptr, *v = nullptr;
-  Candidate v_buffer, spare_buffer;  // where v may be updated in place, and the new w go into the spare
+  Candidate v_buffer, spare_buffer;  // clauses 1-3 of in_place.h hold for the v, for the spare
   PyObject* spare = nullptr;
-  void* spare_data = nullptr;
 };
 
 // How many leaves ahead read_leaves() asks for their Python objects (twice this) and descriptors
@@ -968,17 +873,16 @@ std::vector<LeafFacts> read_leaves(const std::vector<LeafArrays>& leaves, const 
     f.w = w.data<void>();
     f.g = g.data<void>();
     f.v = v.data<void>();
-    // The state's dict and the walk hold v's object; only that object holds its array.
-    if (reuse.v_objects && unseen_alone((*reuse.v_objects)[i].ptr(), 2, v, 1)) {
+    // The state's dict and the walk hold v's object.
+    if (reuse.v_objects && unseen_alone((*reuse.v_objects)[i].ptr(), 2, v)) {
       f.v_buffer = Candidate::of(v);
     }
     // Only the spare list holds the spare.
     const array* spare = spare_at(i);
     if (spare && spare->shape() == w.shape() && spare->dtype() == w.dtype() &&
-        unseen_alone(PyList_GET_ITEM(spares, i), 1, *spare, 1)) {
+        unseen_alone(PyList_GET_ITEM(spares, i), 1, *spare)) {
       f.spare = PyList_GET_ITEM(spares, i);
       f.spare_buffer = Candidate::of(*spare);
-      f.spare_data = const_cast<array*>(spare)->data<void>();
     }
   }
   return facts;
@@ -986,149 +890,194 @@ std::vector<LeafFacts> read_leaves(const std::vector<LeafArrays>& leaves, const 
 
 std::atomic<uint64_t> v_in_place{0}, w_into_spares{0};
 
-// Updates the packed leaves now, outside the graph: the new w into the spare where keep_unshared()
-// allows, else into packs; the new v over the old one where it allows, else into packs. With the GIL
-// held: the step reads the arrays through their Python objects, and may overwrite memory only
-// because no Python thread can take a new handle on it (unseen_alone()).
-void update_now(const std::vector<LeafArrays>& leaves, const std::vector<LeafFacts>& facts, const array& lr,
-                const Indices& packed, Hyper h, Precision precision, int threads, std::vector<Stepped>& out) {
-  h.lr = *lr.data<float>();
-  std::vector<Candidate> v_in, w_in;  // per packed leaf
-  v_in.reserve(packed.size());
-  w_in.reserve(packed.size());
-  for (size_t i : packed) {
-    v_in.push_back(facts[i].v_buffer);
-    w_in.push_back(facts[i].spare_buffer);
-  }
-  keep_unshared(v_in);
-  keep_unshared(w_in);
-  PackLayout w_packs, v_packs;
-  std::vector<std::pair<size_t, size_t>> w_slots, v_slots;  // (allocation, byte offset) of each packed leaf
-  size_t new_w_bytes = 0;
-  for (size_t k = 0; k < packed.size(); ++k) {
-    size_t bytes = facts[packed[k]].size * facts[packed[k]].itemsize;
-    w_slots.push_back(w_in[k].data ? std::pair<size_t, size_t>{} : w_packs.add(bytes));
-    v_slots.push_back(v_in[k].data ? std::pair<size_t, size_t>{} : v_packs.add(bytes));
-    new_w_bytes += bytes;
-  }
-  auto [w_bases, w_offsets] = w_packs.allocate();
-  auto [v_bases, v_offsets] = v_packs.allocate();
-  auto slot = [](const std::vector<array>& bases, const std::vector<size_t>& offsets, std::pair<size_t, size_t> at,
-                 const array& like) { return view_into(bases[at.first], offsets[at.first] + at.second, like); };
+// The small leaves' update, planned: where each new w and v goes. Nothing is written until run().
+struct SmallLeavesPlan {
   std::vector<Leaf> updates;
-  updates.reserve(packed.size());
-  bool stream = new_w_bytes >= kStreamMinBytes;
   size_t n_in_place = 0, n_spares = 0;
+
+  void run(const array& lr, Hyper h, Precision precision, int threads) {
+    if (updates.empty()) {
+      return;  // then lr may be a tracer, with no data
+    }
+    h.lr = *lr.data<float>();
+    v_in_place.fetch_add(n_in_place, std::memory_order_relaxed);
+    w_into_spares.fetch_add(n_spares, std::memory_order_relaxed);
+    update_all(updates, h, precision, threads);
+  }
+};
+
+// Plans the small leaves: the new w into the spare and the new v over the old one where in_place.h's
+// clause 4 allows, given clauses 1-3 from read_leaves(); elsewhere into fresh allocations, made here.
+// Must be followed by run() with no Python code in between (clause 5).
+SmallLeavesPlan plan_small_leaves(const std::vector<LeafArrays>& leaves, const std::vector<LeafFacts>& facts,
+                                  const Indices& packed, std::vector<Stepped>& out) {
+  // Every candidate of the step in one list, so that a v and a spare over the same bytes are caught too.
+  std::vector<Candidate> candidates;
+  candidates.reserve(2 * packed.size());
+  size_t new_w_bytes = 0;
+  for (size_t i : packed) {
+    candidates.push_back(facts[i].v_buffer);
+    candidates.push_back(facts[i].spare_buffer);
+    new_w_bytes += facts[i].size * facts[i].itemsize;
+  }
+  keep_disjoint_and_unshared(candidates);
+  SmallLeavesPlan plan;
+  plan.updates.reserve(packed.size());
+  bool stream = new_w_bytes >= kStreamMinBytes;
   for (size_t k = 0; k < packed.size(); ++k) {
     size_t i = packed[k];
     const LeafFacts& f = facts[i];
+    const Candidate &v_in = candidates[2 * k], &w_in = candidates[2 * k + 1];
     Stepped& result = out[i];
     result.packed = true;
     void *w_out, *v_out;
-    if (w_in[k].data) {
+    if (w_in) {
       result.w_spare = nb::borrow(f.spare);
-      w_out = f.spare_data;
-      ++n_spares;
+      w_out = reinterpret_cast<void*>(w_in.begin);
+      ++plan.n_spares;
     } else {
-      result.w = slot(w_bases, w_offsets, w_slots[k], *leaves[i].w);
+      result.w = fresh_like(*leaves[i].w);
       w_out = result.w->data<void>();
     }
-    if (v_in[k].data) {
+    if (v_in) {
       v_out = const_cast<void*>(f.v);
-      ++n_in_place;
+      ++plan.n_in_place;
     } else {
-      result.v = slot(v_bases, v_offsets, v_slots[k], *leaves[i].w);
+      result.v = fresh_like(*leaves[i].w);
       v_out = result.v->data<void>();
     }
-    updates.push_back({f.w, f.g, f.v, w_out, v_out, f.size, f.dtype, f.itemsize, stream, stream && !v_in[k].data});
+    plan.updates.push_back({f.w, f.g, f.v, w_out, v_out, f.size, f.dtype, f.itemsize, stream, stream && !v_in});
   }
-  v_in_place.fetch_add(n_in_place, std::memory_order_relaxed);
-  w_into_spares.fetch_add(n_spares, std::memory_order_relaxed);
-  update_all(updates, h, precision, threads);
+  return plan;
 }
 
-// One step over every leaf. `reuse`, where the caller has it (step_tree()), names the Python objects
-// behind the leaves, which let the packed path write in place (Reuse).
-std::vector<Stepped> update_leaves(const std::vector<LeafArrays>& leaves, const array& lr, double alpha, double eps,
-                                   int threads, const std::string& precision_name, const Reuse& reuse) {
-  Precision precision = parse_precision(precision_name);
+// ------------------------------------------------------------------ a step ---
+
+// A step over every leaf, planned from one read of the leaves: the small leaves' plan (run() writes
+// them) and, already in `out`, the lazy results of the others.
+struct Planned {
+  std::vector<Stepped> out;
+  SmallLeavesPlan small;
+  array lr;  // the learning rate as a float32 scalar
+};
+
+// The arrays that must be evaluated before the small leaves can be updated now (gradients usually
+// are not yet), or none: then the step can be planned from these facts.
+std::vector<array> pending_inputs(const std::vector<LeafArrays>& leaves, const std::vector<LeafFacts>& facts,
+                                  const array& lr32) {
+  std::vector<array> pending;
+  bool traced = lr32.is_tracer();
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    if (!facts[i].matches) {
+      check_leaf(i, *leaves[i].w, *leaves[i].g, *leaves[i].v);  // throws, naming what differs
+    }
+    traced = traced || facts[i].traced;
+  }
+  if (traced) {
+    return pending;  // under a transform every leaf stays in the graph: a tracer has no data yet
+  }
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    if (!facts[i].evaluated && facts[i].size < kEagerMaxElements) {
+      for (const array* x : {leaves[i].w, leaves[i].g, leaves[i].v}) {
+        if (!evaluated(*x)) {
+          pending.push_back(*x);
+        }
+      }
+    }
+  }
+  if (!pending.empty() && !evaluated(lr32)) {
+    pending.push_back(lr32);
+  }
+  return pending;
+}
+
+Planned plan_step(const std::vector<LeafArrays>& leaves, const std::vector<LeafFacts>& facts, const array& lr32,
+                  double alpha, double eps, int threads, Precision precision) {
+  size_t n = leaves.size();
+  Planned p{std::vector<Stepped>(n), {}, lr32};
+  bool traced = lr32.is_tracer();
+  for (const LeafFacts& f : facts) {
+    traced = traced || f.traced;
+  }
+  bool any_small = false;
+  for (size_t i = 0; i < n && !traced; ++i) {
+    any_small = any_small || facts[i].packed;
+  }
+  if (any_small && !evaluated(p.lr)) {
+    eval(p.lr);  // a scalar, usually available already; with the GIL held, so no Python code runs meanwhile
+  }
+  Indices packed, in_graph;
+  for (size_t i = 0; i < n; ++i) {
+    (!traced && facts[i].packed ? packed : in_graph).push_back(i);
+  }
+  p.small = plan_small_leaves(leaves, facts, packed, p.out);
+  Indices by_formula;
+  if (traced) {
+    auto stays = std::stable_partition(in_graph.begin(), in_graph.end(),
+                                       [&](size_t i) { return is_placeholder(*leaves[i].v); });
+    by_formula.assign(stays, in_graph.end());
+    in_graph.erase(stays, in_graph.end());
+  }
+  Stream s = default_stream(Device::cpu);
+  update_by_formula(leaves, p.lr, by_formula, alpha, eps, precision, s, p.out);
+  update_in_graph(leaves, p.lr, in_graph, std::make_shared<RMSpropStep>(s, alpha, eps, precision, threads), p.out);
+  return p;
+}
+
+void check_arguments(const array& lr, int threads) {
   if (lr.size() != 1) {
     throw std::invalid_argument("rmsprop_update: the learning rate must be a scalar");
   }
   if (threads < 1) {
     throw std::invalid_argument("rmsprop_update: threads must be >= 1");
   }
-  size_t n = leaves.size();
-  std::vector<Stepped> out(n);
-  if (n == 0) {
-    return out;
-  }
-  Stream s = default_stream(Device::cpu);
-  // Usually a float32 scalar already: then no op, and nothing to evaluate for the small leaves.
-  array lr32 = lr.dtype() == float32 && lr.ndim() == 0 ? lr : reshape(astype(lr, float32, s), {}, s);
-  std::vector<LeafFacts> facts;
-  bool traced;
-  while (true) {
-    facts = read_leaves(leaves, reuse);
-    // Under a transform (mx.compile, a grad) every leaf stays in the graph: a tracer has no data yet.
-    traced = lr.is_tracer();
-    for (size_t i = 0; i < n; ++i) {
-      if (!facts[i].matches) {
-        check_leaf(i, *leaves[i].w, *leaves[i].g, *leaves[i].v);  // throws, naming what differs
-      }
-      traced = traced || facts[i].traced;
-    }
-    // The small leaves' inputs must be evaluated to be updated now (gradients usually are not yet).
-    std::vector<array> pending;
-    for (size_t i = 0; i < n && !traced; ++i) {
-      if (!facts[i].evaluated && facts[i].size < kEagerMaxElements) {
-        for (const array* x : {leaves[i].w, leaves[i].g, leaves[i].v}) {
-          if (!evaluated(*x)) {
-            pending.push_back(*x);
-          }
-        }
-      }
-    }
-    if (!traced && !evaluated(lr32)) {
-      pending.push_back(lr32);
-    }
-    if (pending.empty()) {
-      break;
-    }
-    // Then read again: another thread may have changed the leaves' arrays while the GIL was released.
-    nb::gil_scoped_release no_gil;
-    eval(pending);
-  }
-  Indices packed, in_graph;
-  for (size_t i = 0; i < n; ++i) {
-    (!traced && facts[i].packed ? packed : in_graph).push_back(i);
-  }
-  if (!packed.empty()) {
-    update_now(leaves, facts, lr32, packed, hyper(alpha, eps), precision, threads, out);
-  }
-  update_in_graph(leaves, lr32, in_graph, std::make_shared<RMSpropStep>(s, alpha, eps, precision, threads), out);
-  return out;
 }
+
+// Usually a float32 scalar already: then no op, and nothing to evaluate for the small leaves.
+array as_float32_scalar(const array& lr) {
+  Stream s = default_stream(Device::cpu);
+  return lr.dtype() == float32 && lr.ndim() == 0 ? lr : reshape(astype(lr, float32, s), {}, s);
+}
+
+// How often a step evaluates lazy inputs and reads the leaves again before it leaves the ones still
+// lazy to the graph: a thread that keeps making them lazy cannot hold a step in a loop.
+constexpr int kEvalRounds = 2;
 
 std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vector<array>& w,
                                                                  const std::vector<array>& g,
                                                                  const std::vector<array>& v, const array& lr,
                                                                  double alpha, double eps, int threads,
-                                                                 const std::string& precision) {
+                                                                 const std::string& precision_name) {
+  Precision precision = parse_precision(precision_name);
+  check_arguments(lr, threads);
   size_t n = w.size();
   if (g.size() != n || v.size() != n) {
     throw std::invalid_argument("rmsprop_update: w, g and v need one entry per leaf each");
   }
+  // The lists hold their own handles, so nothing here can be changed under the step, and with no
+  // Reuse nothing is written in place.
   std::vector<LeafArrays> leaves;
   leaves.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     leaves.push_back({&w[i], &g[i], &v[i]});
   }
-  std::vector<Stepped> stepped = update_leaves(leaves, lr, alpha, eps, threads, precision, Reuse{});
+  array lr32 = as_float32_scalar(lr);
+  std::vector<LeafFacts> facts;
+  for (int round = 0;; ++round) {
+    facts = read_leaves(leaves, Reuse{});
+    std::vector<array> pending = pending_inputs(leaves, facts, lr32);
+    if (pending.empty() || round == kEvalRounds) {
+      break;
+    }
+    nb::gil_scoped_release no_gil;
+    eval(pending);
+  }
+  Planned p = plan_step(leaves, facts, lr32, alpha, eps, threads, precision);
+  p.small.run(p.lr, hyper(alpha, eps), precision, threads);
   std::pair<std::vector<array>, std::vector<array>> out;
   out.first.reserve(n);
   out.second.reserve(n);
-  for (Stepped& leaf : stepped) {  // with no Reuse, every leaf has a new w and v
+  for (Stepped& leaf : p.out) {  // with no Reuse, every leaf has a new w and v
     out.first.push_back(std::move(*leaf.w));
     out.second.push_back(std::move(*leaf.v));
   }
@@ -1146,57 +1095,104 @@ array advanced(const array& step) {
   return array(step.item<uint64_t>() + 1, uint64);
 }
 
-// One whole optimizer step in one call: the trees walked in C++ (tree_walk.h), every leaf updated
-// (update_leaves), the new v stored in the state, its step counter advanced and the new parameter
-// tree returned. None, with nothing changed, where the trees are not plain or a leaf's arrays
-// disagree: the Python walk then runs and names the problem. `spare` holds the packed leaves' new w
-// of the step before last (None for the other leaves), which this step writes into where the caller
-// has dropped them, and is refilled with this step's: the optimizer keeps two such lists and swaps
-// them each step.
+// Whether two leaves share one state dict (opt.state["b"] = opt.state["a"]): stock then updates
+// them one after the other, b reading a's new v, which a step that reads every v first cannot do.
+// A dict held by its parent and the walk alone is not shared, so only the others are looked up.
+bool shares_a_state(const rmsprop::tree::Leaves& leaves) {
+  std::unordered_map<PyObject*, bool> seen;
+  for (const nb::object& state : leaves.states) {
+    if (Py_REFCNT(state.ptr()) > 2 && !seen.try_emplace(state.ptr(), true).second) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// One whole optimizer step in one call: the trees walked in C++ (tree_walk.h), every leaf updated,
+// the new v stored in the state, its step counter advanced, and (the new parameter tree, the new
+// spare list) returned. None, with nothing changed, where the trees are not plain, a leaf's arrays
+// disagree or two leaves share a state: the Python walk then runs, which names any problem and
+// computes as stock does. `spare` holds the small leaves' new w of the step before last (None for
+// the other leaves), which this step writes into where nothing else can see them; the list returned
+// holds this step's, for the step after next.
+//
+// Transactional: every check, allocation and Python object is made before the first write, so an
+// error leaves the parameters and the state as they were. Between the last walk and the writes the
+// GIL is held and the collector paused (in_place.h, clause 5).
 nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state, const array& lr, double alpha,
-                     double eps, int threads, const std::string& precision, nb::list spare) {
+                     double eps, int threads, const std::string& precision_name, nb::list spare) {
   static const rmsprop::tree::Walker* walker = new rmsprop::tree::Walker();  // leaked: holds a Python str
-  rmsprop::tree::Leaves leaves;
-  leaves.reserve(PyList_GET_SIZE(spare.ptr()));  // as many as the last step had, usually
-  if (!PyDict_Check(gradients.ptr()) || !walker->walk(gradients.ptr(), parameters.ptr(), state.ptr(), leaves)) {
+  Precision precision = parse_precision(precision_name);
+  check_arguments(lr, threads);
+  if (!PyDict_Check(gradients.ptr())) {
     return nb::none();
+  }
+  GcPaused no_collection;
+  array lr32 = as_float32_scalar(lr);
+  rmsprop::tree::Leaves leaves;
+  std::vector<LeafFacts> facts;
+  Reuse reuse;
+  for (int round = 0;; ++round) {
+    leaves = {};
+    leaves.reserve(PyList_GET_SIZE(spare.ptr()));  // as many as the last step had, usually
+    if (!walker->walk(gradients.ptr(), parameters.ptr(), state.ptr(), leaves) || shares_a_state(leaves)) {
+      return nb::none();
+    }
+    reuse = Reuse{&leaves.v_objects, spare.ptr()};
+    facts = read_leaves(leaves.arrays, reuse);
+    std::vector<array> pending;
+    try {
+      pending = pending_inputs(leaves.arrays, facts, lr32);
+    } catch (const LeafMismatch&) {
+      return nb::none();
+    }
+    if (pending.empty() || round == kEvalRounds) {
+      break;
+    }
+    // Another thread may change any tree while the GIL is released: walk and check again after.
+    no_collection.let_run([&] {
+      nb::gil_scoped_release no_gil;
+      eval(pending);
+    });
   }
   PyObject* step = PyDict_GetItemString(state.ptr(), "step");
   if (!step || !walker->is_array(step)) {
     return nb::none();
   }
   array next_step = advanced(*nb::inst_ptr<array>(step));
-  std::vector<Stepped> stepped;
-  try {
-    stepped = update_leaves(leaves.arrays, lr, alpha, eps, threads, precision, Reuse{&leaves.v_objects, spare.ptr()});
-  } catch (const LeafMismatch&) {
-    return nb::none();
-  }
-  size_t n = stepped.size();
-  std::vector<nb::object> new_leaves;
+  Planned p = plan_step(leaves.arrays, facts, lr32, alpha, eps, threads, precision);
+  size_t n = p.out.size();
+  // Every Python object the step hands out, made before anything is written.
+  std::vector<nb::object> new_leaves, new_vs(n);
   new_leaves.reserve(n);
-  for (Stepped& leaf : stepped) {
-    new_leaves.push_back(leaf.w ? nb::cast(std::move(*leaf.w)) : std::move(leaf.w_spare));
-  }
-  nb::object new_parameters = walker->rebuild(gradients.ptr(), new_leaves);  // before the state changes: it may throw
   for (size_t i = 0; i < n; ++i) {
-    if (stepped[i].v) {  // else updated in place: the state holds it already
-      walker->set_v(leaves.states[i], nb::cast(std::move(*stepped[i].v)));
+    Stepped& leaf = p.out[i];
+    new_leaves.push_back(leaf.w ? nb::cast(std::move(*leaf.w)) : std::move(leaf.w_spare));
+    if (leaf.v) {  // else updated in place: the state holds it already
+      new_vs[i] = nb::cast(std::move(*leaf.v));
     }
   }
-  state["step"] = nb::cast(std::move(next_step));
-  // Only packed leaves' w's are kept: holding a big leaf's would stop the next step donating it.
+  nb::object new_parameters = walker->rebuild(gradients.ptr(), new_leaves);
+  // Only small leaves' w's are kept: holding a big leaf's would stop the next step donating it.
   nb::object next_spare = nb::steal(PyList_New(static_cast<Py_ssize_t>(n)));
   if (!next_spare.is_valid()) {
     throw nb::python_error();
   }
   for (size_t i = 0; i < n; ++i) {
-    PyList_SET_ITEM(next_spare.ptr(), static_cast<Py_ssize_t>(i), (stepped[i].packed ? new_leaves[i] : nb::none()).release().ptr());
+    PyList_SET_ITEM(next_spare.ptr(), static_cast<Py_ssize_t>(i), nb::object(p.out[i].packed ? new_leaves[i] : nb::none()).release().ptr());
   }
-  if (PyList_SetSlice(spare.ptr(), 0, PY_SSIZE_T_MAX, next_spare.ptr()) != 0) {
-    throw nb::python_error();
+  nb::object new_step = nb::cast(std::move(next_step));
+  nb::object result = nb::make_tuple(new_parameters, next_spare);
+  // The writes. Replacing a dict's existing entry allocates nothing, and the walk still holds every
+  // old v, so no object is freed (and no finalizer runs) until the step has returned.
+  p.small.run(p.lr, hyper(alpha, eps), precision, threads);
+  for (size_t i = 0; i < n; ++i) {
+    if (new_vs[i].is_valid()) {
+      walker->set_v(leaves.states[i], std::move(new_vs[i]));
+    }
   }
-  return new_parameters;
+  state["step"] = new_step;
+  return result;
 }
 
 // ------------------------------------------------------------- at import ---
