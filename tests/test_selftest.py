@@ -267,6 +267,20 @@ def test_a_stock_exact_promise_fails_on_one_differing_bit(monkeypatch):
     assert not check.failures and check.ulps_vs_stock <= check.ulps_bound
 
 
+def test_a_stock_that_gives_nan_fails_no_variant_that_follows_it(monkeypatch):
+    """g = 0 in float16: eps=1e-8 rounds to 0 and stock computes 0/0. Its drift cannot be judged against; a
+    variant that gives NaN where stock does passes, one that gives numbers there does not."""
+    case = selftest.Case("zero", "zero gradients", lambda rng: {"w": rng.normal(size=(5,))}, 1e-2, gradients=(0, 0))
+    params = selftest._as_mx(case.make_tree(np.random.default_rng(0)), mx.float16)
+    grads = selftest._gradients(params, 2, np.random.default_rng(1), case.gradients)
+    stock = selftest.stock_run(case, mx.float16, params, grads)
+    assert math.isnan(stock.rel_w_vs_reference) and stock.ulps_vs_reference == math.inf
+    assert not selftest.check_variant("eager", case, mx.float16, params, grads, stock).failures
+    check = selftest.check_variant(_register(monkeypatch, Float32Math), case, mx.float16, params, grads, stock)
+    (failure,) = check.failures
+    assert failure.startswith("zero float16: inf ulps from stock")
+
+
 @pytest.mark.parametrize(
     ("dtype", "step"),
     [(mx.float32, 2.0**-23), (mx.float16, 2.0**-10), (mx.bfloat16, 2.0**-7)],
