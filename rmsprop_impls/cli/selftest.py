@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from ..analysis.tables import markdown_table
-from ..measure.selftest import CASES, SPEED_TREE, STEPS, SelftestResult, VariantReport, run_selftest
+from ..measure.selftest import DRIFT_MARGIN, SPEED_TREE, STEPS, SelftestResult, VariantReport, run_selftest
 from ..registry import variant_names
 from .common import UserError, add_cache_limit_argument, apply_cache_limit, at_least, check_output_path, check_tree_name
 
@@ -21,9 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="check every variant against the float64 reference and stock RMSprop, and time it: run this first",
         description="Run every variant that works here against the float64 reference and stock "
         "mlx.optimizers.RMSprop in float32, float16 and bfloat16 (nested trees with odd sizes, a 0-d leaf, a "
-        "schedule, 100 steps), count its largest error in ulps of stock and relative to float64, and time it "
-        "against the bandwidth limit of its device. Writes the results as JSON and a Markdown summary to paste "
-        "into a bug report; exits 1 when any variant disagrees.",
+        "schedule, large gradients, 100 steps), count its largest error in ulps of stock and relative to float64, "
+        "and time it against the bandwidth limit of its device. A variant fails where it differs from stock (any "
+        "bit, where it promises stock's bits) or drifts from float64 further than stock itself does here; stock's "
+        "own drift is reported, not judged. Writes the results as JSON and a Markdown summary to paste into a bug "
+        "report; exits 1 when any variant fails.",
     )
     p.add_argument(
         "--json",
@@ -92,6 +94,28 @@ def _result_text(report: VariantReport) -> str:
     return "pass" if report.passed else "**FAIL**"
 
 
+def _stock_summary(result: SelftestResult) -> str:
+    """Stock's own drift from float64, and where it is outside the agreement tests' bound: reported, not judged."""
+    drift = ", ".join(
+        f"{s['case']} {_SHORT[s['dtype']]} {_number(s['rel_w_vs_reference'], '.1e')} / "
+        f"{_number(s['rel_v_vs_reference'], '.1e')}"
+        for s in result.stock
+    )
+    text = f"Stock RMSprop against float64 (largest relative error of w / v; reported, not judged): {drift}."
+    outside = [s for s in result.stock if not s["within_tolerance"]]
+    if outside:
+        where = ", ".join(
+            f"{s['case']} {_SHORT[s['dtype']]} (w {_number(s['rel_w_vs_reference'], '.3g')} of "
+            f"{s['w_tolerance']:.3g}, v {_number(s['rel_v_vs_reference'], '.3g')} of {s['v_tolerance']:.3g})"
+            for s in outside
+        )
+        text += (
+            f" Stock itself is outside the agreement tests' bound `c*sqrt(steps)` in {where}: that is this "
+            "machine's and this MLX's rounding, and each variant is judged against stock's own drift instead."
+        )
+    return text
+
+
 def markdown_summary(result: SelftestResult, setting: str = "") -> str:
     """The summary a user pastes into a bug report: the machine, then one row per variant, then what went wrong."""
     info = result.platform
@@ -100,12 +124,6 @@ def markdown_summary(result: SelftestResult, setting: str = "") -> str:
         for v in result.variants
         for f in ([v.error] if v.error else []) + [x for c in v.checks for x in c.failures]
     ]
-    failures += [
-        ("stock", f"{s['case']} {s['dtype']}: stock drifts from float64 ({s['rel_w_vs_reference']:.3g} > "
-         f"{s['w_tolerance']:.3g}): MLX changed, or the tolerance is too tight")
-        for s in result.stock
-        if not s["passed"]
-    ]  # fmt: skip
     verdict = "PASSED" if result.passed else f"FAILED ({len(failures)} disagreement{'s' * (len(failures) != 1)})"
     cores = f"{info['cpu_cores']} cores" + (
         " (" + ", ".join(f"{n} {k}" for k, n in info["core_types"].items()) + ")" if info["core_types"] else ""
@@ -125,8 +143,9 @@ def markdown_summary(result: SelftestResult, setting: str = "") -> str:
         ],
         [
             "checks",
-            f"{len(CASES)} trees ({', '.join(c.name for c in CASES)}) x {dtypes} x {result.steps} steps against the "
-            "float64 reference and mlx.optimizers.RMSprop" + (f"; speed on {speed} float32" if speed else ""),
+            f"{len(result.cases)} trees ({', '.join(c.name for c in result.cases)}) x {dtypes} x {result.steps} "
+            "steps against the float64 reference and mlx.optimizers.RMSprop"
+            + (f"; speed on {speed} float32" if speed else ""),
         ],
         ["wall time", f"{result.wall_s:.0f} s" + (f"; {setting}" if setting else "")],
     ]
@@ -148,20 +167,19 @@ def markdown_summary(result: SelftestResult, setting: str = "") -> str:
             ]
         )
     headers = ["variant", "device", "result", f"max ulps vs stock ({dtypes})", "bit-identical with stock"]
-    headers += [f"max rel. error vs float64 ({dtypes})", "GB/s", "of limit"]
-    stock = " / ".join(
-        f"{s['case']} {_SHORT[s['dtype']]} {_number(s['rel_w_vs_reference'], '.1e')}" for s in result.stock
-    )
+    headers += [f"max rel. error of w vs float64 ({dtypes})", "GB/s", "of limit"]
     sections = [
         f"## rmsprop-bench selftest: {verdict}",
         markdown_table(["", ""], machine),
         markdown_table(headers, rows),
-        f"Stock RMSprop against float64 (largest relative error of w): {stock}.",
-        "Errors of w are `|w - w_ref| / (1 + |w_ref|)` after the last step; the bound is `c*sqrt(steps)` times the "
-        "largest step `lr/sqrt(1-alpha)` where that exceeds 1, with `c` = 1e-6 (float32), 1e-3 (float16), 1e-2 "
-        "(bfloat16); against stock, twice that. Ulps of the dtype against stock are `|x - x_stock| / ulp(max(|x|, "
-        '|x_stock|, 1))` over w and v, the scale of the relative errors; "(promised)" marks variants whose '
-        "precision='stock' must give stock's bits exactly.",
+        _stock_summary(result),
+        "Errors are `|x - x_ref| / (1 + |x_ref|)` after the last step; ulps of the dtype are `|x - y| / "
+        "ulp(max(|x|, |y|, 1))`, the same scale, over w and v. Judged, per tree and dtype, against stock on the "
+        "same data: a variant marked \"(promised)\" (precision='stock') must give stock's bits exactly, any other "
+        "must be no further from stock in ulps than float64 is plus the margin `c*sqrt(steps)` in ulps at 1 "
+        "(times the largest step `lr/sqrt(1-alpha)` where that exceeds 1; `c` = 1e-6 for float32, 1e-3 for "
+        "float16, 1e-2 for bfloat16); and every variant's w and v must be no further from float64 than stock's "
+        f"plus {DRIFT_MARGIN:g} times that. Stock's own drift is not judged.",
     ]
     unavailable = [v for v in result.variants if v.unavailable]
     if unavailable:
