@@ -147,3 +147,19 @@ def test_a_step_leaves_mlx_own_kernels_at_full_speed(on_kernel, kernel):
     mx.eval(_cpu_ext.rmsprop_update([w], [g], [v], mx.array(0.01), 0.9, 1e-6, 2))
     fresh = mx.new_stream(mx.cpu)
     assert _erfinv_seconds(mx.default_stream(mx.cpu)) < 10 * _erfinv_seconds(fresh)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", [(700, 400), (513, 1031), (1, 300_000)], ids=["tiles", "ragged", "one-row"])
+def test_a_transposed_gradient_gives_stocks_bits(on_kernel, dtype, shape):
+    """A Linear's weight gradient arrives transposed from backward; the node reads it tile by tile."""
+    mx.random.seed(11)
+    w = mx.random.normal(shape).astype(dtype)
+    g = mx.transpose(mx.random.normal(shape[::-1]).astype(dtype))
+    v = mx.abs(mx.random.normal(shape)).astype(dtype)
+    lr = mx.array(0.03)
+    sw, sv = rmsprop_update(w, g, v, lr, 0.8, 1e-4)
+    for kernel in KERNELS:
+        on_kernel(kernel)
+        (kw,), (kv,) = _cpu_ext.rmsprop_update([w], [g], [v], lr, 0.8, 1e-4, 2)
+        assert np.array_equal(bits(kw), bits(sw)) and np.array_equal(bits(kv), bits(sv)), kernel
