@@ -147,3 +147,17 @@ def test_a_step_leaves_mlx_own_kernels_at_full_speed(on_kernel, kernel):
     mx.eval(_cpu_ext.rmsprop_update([w], [g], [v], mx.array(0.01), 0.9, 1e-6, 2))
     fresh = mx.new_stream(mx.cpu)
     assert _erfinv_seconds(mx.default_stream(mx.cpu)) < 10 * _erfinv_seconds(fresh)
+
+
+def test_the_kernels_offered_are_the_ones_this_cpu_has():
+    """The CPUID check (simd/avx2.h) against the kernel's own flags: AVX2 wherever /proc/cpuinfo lists avx2 and
+    f16c, NEON on every aarch64, with GCC's build and with clang's (the clang lane)."""
+    import platform
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("reads /proc/cpuinfo (Linux)")
+    flags = set(next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "").split())
+    want = {"x86_64": ["avx2"] if {"avx2", "f16c"} <= flags else [], "aarch64": ["neon"]}[platform.machine()]
+    assert KERNELS == [*want, "scalar"]

@@ -94,9 +94,13 @@ def test_unavailable_variant_carries_its_reason(monkeypatch):
     assert str(e.value) == "variant 'compiled' is unavailable here: needs g++ on PATH"
 
 
-def test_compiled_needs_gpp(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_compiled_needs_gpp_on_the_cpu_only(monkeypatch, device):
+    """MLX compiles its CPU kernels with g++; a GPU default device compiles with Metal or NVRTC, so no g++ needed."""
     monkeypatch.setattr("shutil.which", lambda name: None)
-    assert "g++" in availability()["compiled"]
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(getattr(mx, device)))
+    reason = availability()["compiled"]
+    assert "g++" in reason if device == "cpu" else reason is None
 
 
 def test_a_module_that_cannot_import_is_unavailable(monkeypatch):

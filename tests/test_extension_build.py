@@ -211,12 +211,20 @@ def test_first_error_is_the_compilers_line_or_cmakes_message():
     )
 
 
-def test_a_compile_error_is_the_compilers_first_error_line(tmp_path):
-    """A real compiler failing on the real sources: build_extension with the lanes' cmake_args."""
+#: How each compiler says it: GCC ``fatal error: /nonexistent/missing.h: No such file or directory``,
+#: clang (Apple's g++ too) ``fatal error: '/nonexistent/missing.h' file not found``.
+MISSING_HEADER = {"g++": "fatal error: /nonexistent/missing.h", "clang++": "fatal error: '/nonexistent/missing.h'"}
+
+
+@pytest.mark.parametrize("cxx", MISSING_HEADER)
+def test_a_compile_error_is_the_compilers_first_error_line(tmp_path, cxx):
+    """A real compiler failing on the real sources: build_extension with the lanes' cmake_args, with GCC and clang."""
+    if shutil.which(cxx) is None:
+        pytest.skip(f"needs {cxx} (the clang lane in .ci/run installs Debian's clang)")
     force_include = "-DCMAKE_CXX_FLAGS_RELEASE=-include /nonexistent/missing.h"  # not used by CMake's compiler check
     with pytest.raises(build.BuildError) as failed:
-        build.build_extension(tmp_path, cmake_args=[force_include])
-    assert "fatal error: /nonexistent/missing.h" in failed.value.reason
+        build.build_extension(tmp_path, cmake_args=[force_include], env={"CXX": cxx})
+    assert MISSING_HEADER[cxx] in failed.value.reason
     assert failed.value.log == tmp_path / build.LOG_NAME and failed.value.log.is_file()
 
 

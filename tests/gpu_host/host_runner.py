@@ -11,6 +11,8 @@ array travels as its raw bytes; MLX's own ``float16_t`` and ``bfloat16_t``
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -27,14 +29,26 @@ HERE = Path(__file__).parent
 MLX_INCLUDE = Path(mx.__file__).parent / "include"  # python -m mlx --cmake-dir, then include/
 BUILD_DIR = Path(tempfile.gettempdir()) / "rmsprop_bench_gpu_host"
 #: -ffp-contract=off: each float operation rounds once, as the _rn intrinsics and metal::precise promise.
-CXXFLAGS = ["-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-Wno-attributes"]
+CXXFLAGS = ["-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-Wno-attributes", "-Wno-unknown-attributes"]
 #: Taken before any test swaps it for a HostLauncher.
 _REAL_SHARED_KERNEL = gpu_kernels.shared_kernel
 _RAW = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32}
 
 
 def compiler() -> str | None:
-    return shutil.which("g++")
+    """``$CXX`` (the clang lane sets ``clang++``), else ``g++``: the host compiler the simulations build with."""
+    return shutil.which(os.environ.get("CXX") or "g++")
+
+
+#: MLX's explicit instantiation, ``template [[host_name("k")]] [[kernel]] decltype(k<float>) k<float>;``: Metal's
+#: compiler takes attributes there, GCC ignores them (-Wno-attributes), clang rejects them ("an attribute list
+#: cannot appear here"), so the host build drops them.
+_INSTANTIATION_ATTRIBUTES = re.compile(r"^template (\[\[[^\]]*\]\] )+(?=decltype)", re.MULTILINE)
+
+
+def host_compatible(source: str) -> str:
+    """``source`` with the one construct GCC and Metal accept but clang does not, made plain C++."""
+    return _INSTANTIATION_ATTRIBUTES.sub("template ", source)
 
 
 def _driver(language: str, kernel_name: str, source: str, inputs, output_dtypes, output_sizes, grid, block) -> str:
@@ -56,7 +70,7 @@ def _driver(language: str, kernel_name: str, source: str, inputs, output_dtypes,
 #include <vector>
 {prelude}
 // ---- the full source MLX builds ----
-{source}
+{host_compatible(source)}
 // ---- the host runner ----
 
 int main(int argc, char** argv) {{
@@ -83,18 +97,19 @@ int main(int argc, char** argv) {{
 
 
 def _build(driver: str) -> Path:
-    digest = hashlib.sha256(driver.encode()).hexdigest()[:16]
+    cxx = compiler()
+    digest = hashlib.sha256(f"{cxx}\0{CXXFLAGS}\0{driver}".encode()).hexdigest()[:16]  # one binary per compiler
     binary = BUILD_DIR / f"kernel_{digest}"
     if binary.exists():
         return binary
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     src = BUILD_DIR / f"kernel_{digest}.cpp"
     src.write_text(driver)
-    cmd = [compiler(), *CXXFLAGS, f"-I{HERE}", f"-I{HERE / 'cuda_include'}", f"-I{MLX_INCLUDE}", str(src), "-o"]
+    cmd = [cxx, *CXXFLAGS, f"-I{HERE}", f"-I{HERE / 'cuda_include'}", f"-I{MLX_INCLUDE}", str(src), "-o"]
     tmp = binary.with_suffix(".tmp")
     result = subprocess.run([*cmd, str(tmp)], capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"g++ failed on {src}:\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"{cmd[0]} failed on {src}:\n{result.stderr[-4000:]}")
     tmp.rename(binary)
     return binary
 
