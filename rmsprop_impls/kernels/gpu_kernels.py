@@ -25,7 +25,20 @@ allows 31 buffer arguments; a launch uses 6 plus one per gradient.
 Hyper-parameters reach the kernel as one small float32 input array, never as
 template values: every distinct template value compiles a new kernel, and a
 schedule changes the learning rate every step. The only template value is
-``T``; the kernel objects differ by precision and by gradient count.
+``T``; the kernel objects differ by precision and by gradient count, and on
+Metal by which inputs MLX passes in ``constant`` memory (under 8 elements):
+MLX 0.30 and 0.31 name a Metal kernel without that, so one name would get a
+second source, and MLX would free the first one's library while a command
+buffer may still use it (fixed in MLX 0.32.0, which puts it in the name too).
+
+**Size limits.** Each launch stays within what MLX can launch: its grid is a
+32-bit int on both back-ends, and CUDA rounds it up to whole blocks in int
+arithmetic (``(grid + block - 1) / block``), so a CUDA launch covers at most
+``2**31 - 256`` elements; on Metal each packed buffer also stays within the
+device's ``max_buffer_length`` (MLX refuses a larger buffer), which is under
+8 GiB on smaller Macs. :func:`plan_launches` splits runs of leaves at those
+limits; one leaf over them is refused with the limit named (its one buffer
+could not be launched whole).
 """
 
 from __future__ import annotations
@@ -45,6 +58,9 @@ from .packing import DtypeGroup, FlatLayout, unpack_group
 THREADS_PER_GROUP = 256
 #: MLX takes the grid as 32-bit ints, and a 1-D MLX array holds at most this many elements anyway.
 MAX_GRID = 2**31 - 1
+#: MLX passes a Metal input of fewer elements in ``constant`` memory, a different signature (its
+#: ``max_constant_array_size``).
+METAL_CONSTANT_BELOW = 8
 #: Metal's limit of 31 buffer arguments, less w, v, hyper, offsets and the two outputs.
 MAX_LEAVES_PER_LAUNCH = 25
 PRECISIONS = ("stock", "float32")
@@ -68,6 +84,8 @@ class Backend:
     divide: str
     to_float: str  # format strings for the casts to and from the storage type T
     from_float: str
+    whole_blocks: bool  # MLX launches ceil(grid / block) blocks, computed in int (CUDA)
+    signature_by_size: bool  # MLX's generated signature depends on each input's size (Metal)
 
 
 METAL = Backend(
@@ -82,6 +100,8 @@ METAL = Backend(
     divide="metal::precise::divide({}, {})",
     to_float="float({})",
     from_float="T({})",
+    whole_blocks=False,
+    signature_by_size=True,
 )
 # CUDA rounds the grid up to whole blocks, so the last block's spare threads must stop at the bounds check.
 CUDA = Backend(
@@ -96,6 +116,8 @@ CUDA = Backend(
     divide="__fdiv_rn({}, {})",
     to_float="static_cast<float>({})",
     from_float="static_cast<T>({})",
+    whole_blocks=True,
+    signature_by_size=False,
 )
 
 
@@ -145,23 +167,44 @@ class LaunchGeometry:
     threadgroup: tuple[int, int, int]
 
 
-def launch_geometry(n_elements: int, threads_per_group: int = THREADS_PER_GROUP) -> LaunchGeometry:
+def max_launch_elements(backend: Backend, itemsize: int, max_buffer_bytes: int | None = None) -> int:
+    """The most elements one launch may cover: MLX's int grid (on CUDA, rounded up to whole blocks in int
+    arithmetic), and ``max_buffer_bytes`` per packed buffer where the device has such a limit."""
+    limit = MAX_GRID - (THREADS_PER_GROUP - 1 if backend.whole_blocks else 0)
+    return limit if max_buffer_bytes is None else min(limit, max_buffer_bytes // itemsize)
+
+
+def launch_geometry(n_elements: int, threads_per_group: int = THREADS_PER_GROUP, max_elements: int = MAX_GRID):
     """One thread per element, in groups of ``threads_per_group`` (fewer for a smaller buffer)."""
-    if not 1 <= n_elements <= MAX_GRID:
-        raise ValueError(f"a launch covers 1 to {MAX_GRID} elements, not {n_elements}")
+    if not 1 <= n_elements <= max_elements:
+        raise ValueError(f"a launch covers 1 to {max_elements} elements, not {n_elements}")
     return LaunchGeometry((n_elements, 1, 1), (min(n_elements, threads_per_group), 1, 1))
 
 
+def input_kinds(backend: Backend, inputs: list[mx.array]) -> str:
+    """What MLX's generated signature depends on beyond dtypes: on Metal, ``c`` for each input passed in
+    ``constant`` memory and ``d`` for ``device``; ``""`` where the signature does not depend on sizes."""
+    if not backend.signature_by_size:
+        return ""
+    return "".join("c" if x.size < METAL_CONSTANT_BELOW else "d" for x in inputs)
+
+
 @functools.cache
-def shared_kernel(backend: Backend, precision: str = "stock", n_gradients: int = 1) -> Any:
-    """The kernel object, built once per process, back-end, precision and gradient count, then reused."""
+def shared_kernel(backend: Backend, precision: str = "stock", n_gradients: int = 1, kinds: str = "") -> Any:
+    """The kernel object, built once per process, back-end, precision, gradient count and input kinds
+    (:func:`input_kinds`, part of its name), then reused."""
     make = getattr(mx.fast, backend.factory)
     return make(
-        name=f"rmsprop_step_{precision}_{n_gradients}",
+        name=kernel_name(precision, n_gradients, kinds),
         input_names=input_names(n_gradients),
         output_names=list(OUTPUT_NAMES),
         source=kernel_source(backend, precision, n_gradients),
     )
+
+
+def kernel_name(precision: str, n_gradients: int, kinds: str = "") -> str:
+    """The name MLX builds the kernel's own from: one name, one generated source, on every MLX release."""
+    return f"rmsprop_step_{precision}_{n_gradients}" + (f"_{kinds}" if kinds else "")
 
 
 def stock_constants(alpha: float, eps: float, dtype: mx.Dtype, precision: str) -> mx.array:
@@ -193,6 +236,7 @@ def dispatch(
     offsets: mx.array,
     hyper: mx.array,
     stream: Any = mx.gpu,
+    max_elements: int = MAX_GRID,
 ) -> tuple[mx.array, mx.array]:
     """Launch ``kernel`` once over the packed 1-D ``w`` and ``v`` and the 1-D gradient leaves; returns new ``(w, v)``.
 
@@ -202,7 +246,7 @@ def dispatch(
         raise ValueError(f"the GPU kernels update float32, float16 and bfloat16, not {w.dtype}")
     if w.size == 0:
         return w, v
-    geometry = launch_geometry(w.size)
+    geometry = launch_geometry(w.size, max_elements=max_elements)
     w_new, v_new = kernel(
         inputs=[w, v, hyper, offsets, *gradients],
         template=[("T", w.dtype)],
@@ -225,18 +269,26 @@ class Launch:
     start: int
 
 
-def plan_launches(layout: FlatLayout, max_leaves: int = MAX_LEAVES_PER_LAUNCH) -> list[Launch]:
+def plan_launches(
+    layout: FlatLayout, max_leaves: int = MAX_LEAVES_PER_LAUNCH, max_elements=lambda itemsize: MAX_GRID
+) -> list[Launch]:
     """Each dtype's non-empty leaves, in tree order, in runs of at most ``max_leaves`` leaves and
-    :data:`MAX_GRID` elements: one launch per run."""
+    ``max_elements(itemsize)`` elements (:func:`max_launch_elements`): one launch per run."""
     launches = []
     for grp in layout.groups:
+        limit = max_elements(grp.dtype.size)
         sizes = [grp.offsets[p + 1] - grp.offsets[p] for p in range(len(grp.indices))]
         runs: list[list[int]] = []  # positions within grp
         run_size = 0
         for p, size in enumerate(sizes):
             if size == 0:
                 continue
-            if not runs or len(runs[-1]) == max_leaves or run_size + size > MAX_GRID:
+            if size > limit:
+                raise ValueError(
+                    f"leaf {grp.indices[p]} has {size} elements; one {grp.dtype} launch on this device covers at "
+                    f"most {limit} (the device's buffer or grid limit): split the parameter, or use eager"
+                )
+            if not runs or len(runs[-1]) == max_leaves or run_size + size > limit:
                 runs.append([])
                 run_size = 0
             runs[-1].append(p)
@@ -270,9 +322,17 @@ class GpuKernelRMSprop(PackedRMSprop):
         self._planned_for: FlatLayout | None = None
         self._constants: dict[mx.Dtype, mx.array] = {}
 
+    def _max_elements(self, itemsize: int) -> int:
+        return max_launch_elements(self.backend, itemsize, self.max_buffer_bytes())
+
+    @classmethod
+    def max_buffer_bytes(cls) -> int | None:
+        """The device's largest buffer (Metal's ``max_buffer_length``), or ``None`` where there is no such limit."""
+        return None
+
     def _plan(self, layout: FlatLayout) -> None:
         if layout is not self._planned_for:
-            self._launches = plan_launches(layout)
+            self._launches = plan_launches(layout, max_elements=self._max_elements)
             self._launch_state = [
                 (BufferReuse(), BufferReuse(), mx.array(launch.group.offsets, dtype=mx.uint32))
                 for launch in self._launches
@@ -304,9 +364,11 @@ class GpuKernelRMSprop(PackedRMSprop):
             wb = w_reuse.pack(grp, [w[i] for i in grp.indices])
             vb = v_reuse.pack(grp, [v[i] for i in grp.indices])
             grads, packed_offsets = self._gradients(launch, g)
-            kernel = shared_kernel(self.backend, self.precision, len(grads))
             launch_offsets = offsets if packed_offsets is None else packed_offsets
-            wb, vb = dispatch(kernel, wb, vb, grads, launch_offsets, hyper[grp.dtype])
+            kinds = input_kinds(self.backend, [wb, vb, hyper[grp.dtype], launch_offsets, *grads])
+            kernel = shared_kernel(self.backend, self.precision, len(grads), kinds)
+            limit = self._max_elements(grp.dtype.size)
+            wb, vb = dispatch(kernel, wb, vb, grads, launch_offsets, hyper[grp.dtype], max_elements=limit)
             w_views, v_views = unpack_group(grp, wb), unpack_group(grp, vb)
             w_reuse.remember(grp, wb, w_views)
             v_reuse.remember(grp, vb, v_views)

@@ -23,7 +23,14 @@ import numpy as np
 
 from rmsprop_impls.kernels import gpu_kernels
 
-from .mlx_sources import CUDA_TYPE, TYPE_STRING, cuda_source, metal_source
+from .mlx_sources import (
+    CUDA_TYPE,
+    TYPE_STRING,
+    cuda_source,
+    metal_source,
+    metal_source_by_rule,
+    metal_writes_kinds_in_name,
+)
 
 HERE = Path(__file__).parent
 MLX_INCLUDE = Path(mx.__file__).parent / "include"  # python -m mlx --cmake-dir, then include/
@@ -114,14 +121,24 @@ def _build(driver: str) -> Path:
     return binary
 
 
+def generated_source(language, kernel, *, name, input_names, output_names, source, inputs, template, grid,
+                     threadgroup, output_shapes, output_dtypes) -> tuple[str, str]:  # fmt: skip
+    """``(kernel name, full source)`` as the installed MLX release generates them for this launch."""
+    if language == "cuda":
+        return cuda_source(name, input_names, inputs, output_names, output_dtypes, template, source)
+    if kernel is None:  # MLX 0.30-0.31: metal_kernel cannot be built without Metal
+        return metal_source_by_rule(name, input_names, inputs, output_names, output_dtypes, template, source, False)
+    return metal_source(kernel, inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
+                        output_shapes=output_shapes, output_dtypes=output_dtypes)  # fmt: skip
+
+
 def run_kernel(language, kernel, *, name, input_names, output_names, source, inputs, template, grid, threadgroup,
                output_shapes, output_dtypes) -> list[mx.array]:  # fmt: skip
     """Run one launch of a kernel object's generated source on the host; returns its outputs."""
-    if language == "metal":
-        kernel_name, full = metal_source(kernel, inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
-                                         output_shapes=output_shapes, output_dtypes=output_dtypes)  # fmt: skip
-    else:
-        kernel_name, full = cuda_source(name, input_names, inputs, output_names, output_dtypes, template, source)
+    kernel_name, full = generated_source(language, kernel, name=name, input_names=input_names,
+                                         output_names=output_names, source=source, inputs=inputs, template=template,
+                                         grid=grid, threadgroup=threadgroup, output_shapes=output_shapes,
+                                         output_dtypes=output_dtypes)  # fmt: skip
     sizes = [int(np.prod(s)) for s in output_shapes]
     binary = _build(_driver(language, kernel_name, full, inputs, output_dtypes,
                             [n * dt.size for n, dt in zip(sizes, output_dtypes)], grid[0], threadgroup[0]))  # fmt: skip
@@ -140,16 +157,18 @@ class HostLauncher:
     """Stands in for the kernel object ``shared_kernel(backend, precision, n)`` returns, running its generated
     source on the host; records each launch."""
 
-    def __init__(self, backend, precision: str, n_gradients: int):
+    def __init__(self, backend, precision: str, n_gradients: int, kinds: str = ""):
         self.language = backend.name
         self.names = dict(
-            name=f"rmsprop_step_{precision}_{n_gradients}",
+            name=gpu_kernels.kernel_name(precision, n_gradients, kinds),
             input_names=gpu_kernels.input_names(n_gradients),
             output_names=list(gpu_kernels.OUTPUT_NAMES),
         )
         self.source = gpu_kernels.kernel_source(backend, precision, n_gradients)
-        # Metal's kernel object builds here (it only refuses to launch); MLX writes its source while exporting.
-        self.kernel = _REAL_SHARED_KERNEL(backend, precision, n_gradients) if self.language == "metal" else None
+        # From MLX 0.32, Metal's kernel object builds here (it only refuses to launch), and MLX writes its source
+        # while exporting; before, it refuses to build, and the source is written by MLX's rule.
+        metal_builds = self.language == "metal" and metal_writes_kinds_in_name()
+        self.kernel = _REAL_SHARED_KERNEL(backend, precision, n_gradients, kinds) if metal_builds else None
         self.launches: list[dict] = []
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, stream):
