@@ -116,3 +116,23 @@ def test_a_module_that_cannot_import_is_unavailable(monkeypatch):
 def test_top_of_the_tree_must_be_a_dict(variant):
     with pytest.raises(TreeMismatchError, match="at '<root>': gradients must be a dict at the top.*not a list"):
         create(variant, 0.1).apply_gradients([mx.ones((2,))], [mx.ones((2,))])
+
+
+def test_mlx_without_a_back_end_says_which_to_install(tmp_path):
+    """``pip install -e .`` on Linux brings ``mlx`` without ``libmlx.so``; the package and the command say what to
+    install, the command in one line. A stand-in ``mlx`` fails to import exactly as that one does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fake = tmp_path / "mlx"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "core.py").write_text('raise ImportError("libmlx.so: cannot open shared object file: No such file")')
+    env = {"PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[1]}", "PATH": "/usr/bin:/bin"}
+    imported = subprocess.run([sys.executable, "-c", "import rmsprop_impls"], capture_output=True, text=True, env=env)
+    assert "ImportError: MLX is installed without a back-end" in imported.stderr and "[cpu]" in imported.stderr
+    script = "import sys; sys.argv[0] = '/venv/bin/rmsprop-bench'; from rmsprop_impls.cli import main; main()"
+    command = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert command.returncode == 1 and command.stderr.count("\n") == 1, command.stderr
+    assert command.stderr.startswith("rmsprop-bench: MLX is installed without a back-end")

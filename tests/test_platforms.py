@@ -205,20 +205,3 @@ def test_actionlint_would_catch_a_broken_workflow(tmp_path):
     broken.write_text("on: push\njobs:\n  x:\n    runs-on: macos-14\n" + steps)
     out = subprocess.run([_actionlint(), "-no-color", str(broken)], capture_output=True, text=True)
     assert out.returncode == 1 and "matrix" in out.stdout
-
-
-@pytest.mark.parametrize("release", ["0.30.4+", "0.30.1 on a Mac", "0.30.1 without Metal"])
-def test_the_device_description_and_the_auto_cache_key_on_every_release(monkeypatch, release):
-    """``mx.device_info`` arrived in 0.30.4; before it only ``mx.metal.device_info`` existed (and needs Metal)."""
-    from rmsprop_impls.measure import choice_cache
-    from rmsprop_impls.mlx_device import device_info
-
-    if release != "0.30.4+":
-        monkeypatch.delattr(mx, "device_info", raising=False)
-        on_mac = release == "0.30.1 on a Mac"
-        monkeypatch.setattr(mx.metal, "is_available", lambda: on_mac)
-        monkeypatch.setattr(mx.metal, "device_info", lambda: {"device_name": "Apple M2"}, raising=False)
-    real = mx.device_info() if hasattr(mx, "device_info") else {}
-    want = {"0.30.4+": real, "0.30.1 on a Mac": {"device_name": "Apple M2"}, "0.30.1 without Metal": {}}
-    assert device_info() == want[release]
-    assert choice_cache.machine()["device"].startswith(str(mx.default_device()))
