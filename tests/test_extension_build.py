@@ -245,3 +245,36 @@ def test_the_command_builds_unless_cached_forces_and_respects_no_extension(monke
     monkeypatch.setattr(build, "build_extension", failing)
     assert build.main(["--out", str(tmp_path), "--", "-DX=1"]) == 1
     assert capsys.readouterr().err == "not built: no\n"
+
+
+def test_an_mlx_cuda_cmake_package_without_the_cuda_toolkit_says_so(tmp_path):
+    """mlx-cuda 0.32.1 on: MLXConfig.cmake runs find_dependency(CUDAToolkit REQUIRED), then with its own FindCUDNN
+    find_dependency(CUDNN REQUIRED), which a machine with the wheels alone fails. A real CMake run on a package
+    config that does the second as MLX's does (this machine may have a CUDA toolkit, not cuDNN's headers)."""
+    package = tmp_path / "mlx-cmake"
+    package.mkdir()
+    (package / "FindCUDNN.cmake").write_text(
+        "find_path(CUDNN_INCLUDE_DIR cudnn.h PATHS /nonexistent NO_DEFAULT_PATH)\n"
+        "include(FindPackageHandleStandardArgs)\n"
+        "find_package_handle_standard_args(CUDNN REQUIRED_VARS CUDNN_INCLUDE_DIR)\n"
+    )
+    (package / "MLXConfig.cmake").write_text(
+        "include(CMakeFindDependencyMacro)\nlist(PREPEND CMAKE_MODULE_PATH ${CMAKE_CURRENT_LIST_DIR})\n"
+        "find_dependency(CUDNN REQUIRED)\n"
+    )
+    with pytest.raises(build.BuildError) as failed:
+        build.build_extension(tmp_path / "out", cmake_args=[f"-DMLX_ROOT={package}", "-DMLX_PY_VERSION=0.32.4"])
+    assert "asks for the CUDA toolkit and cuDNN installed on the system" in failed.value.reason, failed.value.reason
+
+
+@pytest.mark.parametrize(
+    "log, advice",
+    [
+        ("xcrun: error: invalid active developer path (/Library/Developer/CommandLineTools), missing xcrun at: "
+         "/Library/Developer/CommandLineTools/usr/bin/xcrun", "xcode-select --install"),
+        ("CMake Error at CMakeLists.txt:5 (project):\n  No CMAKE_CXX_COMPILER could be found.", "g++ or clang++"),
+        ("a.cpp:1:1: error: bad", None),
+    ],
+)  # fmt: skip
+def test_a_missing_toolchain_names_what_to_install(log, advice):
+    assert build.known_cause(log) == advice or advice in build.known_cause(log)
