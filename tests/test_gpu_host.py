@@ -145,7 +145,7 @@ def test_cuda_source_compiles_with_nvrtc():
             inputs += [mx.zeros((3,), dtype)] * n
             body = kernel_source(CUDA, precision, n)
             out = (list(OUTPUT_NAMES), [dtype, dtype], [("T", dtype)], body)
-            name, source = cuda_source(f"rmsprop_step_{precision}_{n}", input_names(n), inputs, *out)
+            name, source = cuda_source(f"rmsprop_step_{precision}_{n}", input_names(n), inputs, *out, CUDA.header)
             names.append(name)
             sources.append(source)
     compiled, log = nvrtc_check.compile_cuda("\n".join(sources), names)

@@ -86,18 +86,29 @@ def test_source_rounds_each_operation_to_T_in_stock_mode_and_once_in_float32(bac
         assert "if (i >= offsets[3]) return;" in src and "hyper[0]" in src and "hyper[3]" in src
         assert "1e-" not in src and "0.99" not in src  # hyper-parameters are inputs, never baked in
         assert "_shape" not in src and "_strides" not in src  # no extra buffer arguments
-    assert (
-        backend.divide.format(f"{backend.to_float.format(cast + backend.mul.format('lr', 'g_i') + ')')}", "denom")
-        in stock
-    )
+    numerator = backend.to_float.format(cast + backend.mul.format("lr", "g_i") + ")")
+    assert backend.stock_divide.format(numerator, "denom") in stock
+    assert backend.divide.format(backend.mul.format("lr", "g_i"), "denom") in single
 
 
 def test_each_backend_speaks_its_language():
-    metal, cuda = kernel_source(METAL), kernel_source(CUDA)
+    metal, cuda, cuda32 = kernel_source(METAL), kernel_source(CUDA), kernel_source(CUDA, "float32")
     assert "thread_position_in_grid.x" in metal and "metal::precise::sqrt" in metal and "precise::divide" in metal
-    assert "this_grid().thread_rank()" in cuda and "__fsqrt_rn(" in cuda and "static_cast<T>(" in cuda
-    assert "__fdiv_rn(" in cuda and "__fmul_rn(" in cuda and "__fadd_rn(" in cuda  # never fused into an fma
+    assert "this_grid().thread_rank()" in cuda and "stock_sqrt<T>(" in cuda and "static_cast<T>(" in cuda
+    assert "stock_divide<T>(" in cuda and "__fmul_rn(" in cuda and "__fadd_rn(" in cuda  # never fused into an fma
+    assert "__fsqrt_rn(" in cuda32 and "__fdiv_rn(" in cuda32 and "stock_" not in cuda32  # correctly rounded
     assert "metal::" not in cuda and "cooperative_groups" not in metal
+
+
+def test_cuda_stock_takes_sqrt_and_divide_as_mlxs_cuda_build_does_per_dtype():
+    """MLX's CUDA Sqrt and Divide on __half and __nv_bfloat16 are hsqrt and __hdiv (approximations); on float
+    IEEE's. The header says so per type, and only the CUDA kernel object gets it."""
+    header = gpu_kernels.CUDA_STOCK_HEADER
+    for half in ("__half", "__nv_bfloat16"):
+        assert f"stock_sqrt<{half}>" in header and f"stock_divide<{half}>" in header
+    assert header.count("hsqrt(") == 2 and header.count("__hdiv(") == 2
+    assert "return __fsqrt_rn(x);" in header and "return __fdiv_rn(a, b);" in header
+    assert METAL.header == "" and CUDA.header == header
 
 
 @pytest.mark.parametrize("bad", [dict(precision="half"), dict(n_gradients=0), dict(n_gradients=26)])

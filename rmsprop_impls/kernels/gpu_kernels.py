@@ -1,15 +1,30 @@
 """What the Metal and CUDA kernel variants share: the kernel body, its launch shape and its dispatch.
 
 **Numbers.** ``precision="stock"`` (the default) gives ``mlx.optimizers.RMSprop``'s
-numbers bit for bit in every dtype: lr, ``alpha``, ``1 - alpha`` and ``eps``
+numbers on the same device bit for bit in every dtype: lr, ``alpha``, ``1 - alpha`` and ``eps``
 are rounded to the storage type ``T`` the way stock rounds them, and each
 operation's result is rounded to ``T`` in stock's order
-(``v = alpha*v + (1-alpha)*square(g)``, ``w - (lr*g) / (sqrt(v) + eps)``).
-Each operation runs in float32 and is rounded once to ``T``; float32 has more
-than twice the bits of float16 and bfloat16 plus two, so that gives the
-correctly rounded half-precision result, which is what MLX computes.
+(``v = alpha*v + (1-alpha)*square(g)``, ``w - (lr*g) / (sqrt(v) + eps)``),
+each computed as stock's device code computes it:
+
+- Metal, and CUDA's float32: every operation runs in float32 and is rounded
+  once to ``T``; float32 has more than twice the bits of float16 and bfloat16
+  plus two, so that gives the correctly rounded result, which is what MLX
+  computes there.
+- CUDA's float16 and bfloat16: MLX's CUDA ``Sqrt`` is ``cuda::std::sqrt``, which
+  is ``hsqrt`` for both (``sqrt.approx.ftz.f32``, resp. ``sqrt.approx.f32``, then
+  rounded to ``T``), and its ``Divide`` is ``x / y``, which is ``__hdiv``
+  (float16: ``rcp.approx.ftz.f32`` times the dividend, corrected only for tiny
+  results; bfloat16: ``div.approx.f32``). Neither is correctly rounded, so a
+  correctly rounded kernel would differ from stock where the approximation
+  crosses a rounding midpoint. The kernel calls the same intrinsics on the
+  same ``T`` values (:data:`CUDA_STOCK_HEADER`); add and multiply are
+  ``__hadd``/``__hmul``, correctly rounded, as here.
+
 ``precision="float32"`` keeps every intermediate in float32 and rounds once,
-at the store: more accurate, not stock's numbers in float16 and bfloat16.
+at the store, with correctly rounded float32 sqrt and divide on both back-ends:
+more accurate, not stock's numbers in float16 and bfloat16; the option for
+correctly rounded numbers on CUDA.
 On CUDA every float operation is spelled with its ``_rn`` intrinsic, which the
 compiler never fuses into a multiply-add (NVRTC's default ``--fmad=true``
 would), so both modes are deterministic.
@@ -86,6 +101,9 @@ class Backend:
     from_float: str
     whole_blocks: bool  # MLX launches ceil(grid / block) blocks, computed in int (CUDA)
     signature_by_size: bool  # MLX's generated signature depends on each input's size (Metal)
+    stock_sqrt: str  # stock's sqrt and divide of T values held in float32, as stock's device code computes them
+    stock_divide: str
+    header: str = ""  # what the kernel's source needs defined before it
 
 
 METAL = Backend(
@@ -102,7 +120,29 @@ METAL = Backend(
     from_float="T({})",
     whole_blocks=False,
     signature_by_size=True,
+    stock_sqrt="metal::precise::sqrt({})",
+    stock_divide="metal::precise::divide({}, {})",
 )
+#: Stock's sqrt and divide per storage type in MLX's CUDA build (``Sqrt``, ``Divide`` in
+#: ``mlx/backend/cuda/device/{unary,binary}_ops.cuh``, with CUDA's ``cuda_fp16.hpp``/``cuda_bf16.hpp`` and CCCL's
+#: ``cuda::std::sqrt``): on ``T`` values held in float32, the same intrinsics on the same ``T`` values.
+CUDA_STOCK_HEADER = """
+#ifndef RMSPROP_CUDA_STOCK_OPS
+#define RMSPROP_CUDA_STOCK_OPS
+template <typename T> __device__ float stock_sqrt(float x) { return __fsqrt_rn(x); }
+template <> __device__ float stock_sqrt<__half>(float x) { return __half2float(hsqrt(__float2half_rn(x))); }
+template <> __device__ float stock_sqrt<__nv_bfloat16>(float x) {
+  return __bfloat162float(hsqrt(__float2bfloat16_rn(x)));
+}
+template <typename T> __device__ float stock_divide(float a, float b) { return __fdiv_rn(a, b); }
+template <> __device__ float stock_divide<__half>(float a, float b) {
+  return __half2float(__hdiv(__float2half_rn(a), __float2half_rn(b)));
+}
+template <> __device__ float stock_divide<__nv_bfloat16>(float a, float b) {
+  return __bfloat162float(__hdiv(__float2bfloat16_rn(a), __float2bfloat16_rn(b)));
+}
+#endif
+"""
 # CUDA rounds the grid up to whole blocks, so the last block's spare threads must stop at the bounds check.
 CUDA = Backend(
     name="cuda",
@@ -118,6 +158,9 @@ CUDA = Backend(
     from_float="static_cast<T>({})",
     whole_blocks=True,
     signature_by_size=False,
+    stock_sqrt="stock_sqrt<T>({})",
+    stock_divide="stock_divide<T>({}, {})",
+    header=CUDA_STOCK_HEADER,
 )
 
 
@@ -138,8 +181,10 @@ def kernel_source(backend: Backend, precision: str = "stock", n_gradients: int =
         raise ValueError(f"a launch takes 1 to {MAX_LEAVES_PER_LAUNCH} gradient leaves, not {n_gradients}")
     b = backend
     f, t = b.to_float.format, b.from_float.format
-    # stock rounds every operation's result to T; float32 rounds only at the stores
+    # stock rounds every operation's result to T, and takes sqrt and divide as its device code does; float32 rounds
+    # only at the stores
     r = (lambda x: f(t(x))) if precision == "stock" else (lambda x: x)
+    sqrt, divide = (b.stock_sqrt, b.stock_divide) if precision == "stock" else (b.sqrt, b.divide)
     n = f"offsets[{n_gradients}]"
     pick = [f"(i < offsets[{j + 1}]) ? g{j}[i - offsets[{j}]] :" for j in range(n_gradients - 1)]
     g_i = " ".join([*pick, f"g{n_gradients - 1}[i - offsets[{n_gradients - 1}]]"])
@@ -152,8 +197,8 @@ def kernel_source(backend: Backend, precision: str = "stock", n_gradients: int =
             f"const float v_a = {r(b.mul.format('alpha', f('v[i]')))};",
             f"const float v_b = {r(b.mul.format('one_minus_alpha', r(b.mul.format('g_i', 'g_i'))))};",
             f"const float v_i = {r(b.add.format('v_a', 'v_b'))};",
-            f"const float denom = {r(b.add.format(r(b.sqrt.format('v_i')), 'eps'))};",
-            f"const float step = {r(b.divide.format(r(b.mul.format('lr', 'g_i')), 'denom'))};",
+            f"const float denom = {r(b.add.format(r(sqrt.format('v_i')), 'eps'))};",
+            f"const float step = {r(divide.format(r(b.mul.format('lr', 'g_i')), 'denom'))};",
             f"v_new[i] = {t('v_i')};",
             f"w_new[i] = {t(b.sub.format(f('w[i]'), 'step'))};",
             "",
@@ -199,6 +244,7 @@ def shared_kernel(backend: Backend, precision: str = "stock", n_gradients: int =
         input_names=input_names(n_gradients),
         output_names=list(OUTPUT_NAMES),
         source=kernel_source(backend, precision, n_gradients),
+        **({"header": backend.header} if backend.header else {}),
     )
 
 

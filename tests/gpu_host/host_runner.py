@@ -125,7 +125,8 @@ def generated_source(language, kernel, *, name, input_names, output_names, sourc
                      threadgroup, output_shapes, output_dtypes) -> tuple[str, str]:  # fmt: skip
     """``(kernel name, full source)`` as the installed MLX release generates them for this launch."""
     if language == "cuda":
-        return cuda_source(name, input_names, inputs, output_names, output_dtypes, template, source)
+        header = gpu_kernels.CUDA.header
+        return cuda_source(name, input_names, inputs, output_names, output_dtypes, template, source, header)
     if kernel is None:  # MLX 0.30-0.31: metal_kernel cannot be built without Metal
         return metal_source_by_rule(name, input_names, inputs, output_names, output_dtypes, template, source, False)
     return metal_source(kernel, inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
