@@ -24,3 +24,4 @@ def device_info() -> dict[str, Any]:
     except (RuntimeError, ValueError):
         return {}
     return dict(info) if isinstance(info, dict) else {}
+

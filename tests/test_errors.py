@@ -136,3 +136,16 @@ def test_mlx_without_a_back_end_says_which_to_install(tmp_path):
     command = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert command.returncode == 1 and command.stderr.count("\n") == 1, command.stderr
     assert command.stderr.startswith("rmsprop-bench: MLX is installed without a back-end")
+
+
+@pytest.mark.parametrize(
+    "backends, words",
+    [
+        ((["mlx-cpu", "mlx-cuda-13"], "mlx-cpu"), "its libmlx.so was replaced by mlx-cpu's"),
+        ((["mlx-cuda-13"], "mlx-cuda-13"), "needs an NVIDIA GPU: mlx-cuda-13 is installed"),
+        ((["mlx-cpu"], "mlx-cpu"), "install mlx[cuda12] or mlx[cuda13]"),
+    ],
+)
+def test_cuda_kernel_says_whether_its_back_end_was_replaced_missing_or_without_a_gpu(monkeypatch, backends, words):
+    monkeypatch.setattr("rmsprop_impls.variants.cuda_kernel.libmlx_backends", lambda: backends)
+    assert words in availability()["cuda_kernel"]

@@ -143,3 +143,7 @@ def test_the_readme_command_for_a_cuda_machine_keeps_its_libmlx(request, tmp_pat
     clash = run([*pip, "--no-deps", f"mlx-cpu=={NEWEST}"])  # what the old mlx-cpu dependency did: pip sees no clash
     assert clash.returncode == 0, tail(clash)
     assert libmlx(python)[1] != before[1], "this test could not tell the CPU library from the CUDA one"
+    # cuda_kernel's reason names the clash: the package's own check, which reads files and imports no mlx
+    ask = "import runpy, sys; print(runpy.run_path(sys.argv[1])['libmlx_backends']())"
+    answer = run([python, "-c", ask, REPO / "rmsprop_impls" / "mlx_packages.py"], cwd=tmp_path)
+    assert answer.stdout.strip() == "(['mlx-cpu', 'mlx-cuda-13'], 'mlx-cpu')", tail(answer)
