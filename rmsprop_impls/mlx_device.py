@@ -24,4 +24,3 @@ def device_info() -> dict[str, Any]:
     except (RuntimeError, ValueError):
         return {}
     return dict(info) if isinstance(info, dict) else {}
-
