@@ -83,12 +83,19 @@ def cache_limit_mb() -> int | None:
 def cap_memory(limit_mb: int) -> str:
     """Cap what this process may allocate, never failing a benchmark over it; returns the cap in force.
 
-    ``RLIMIT_AS`` on Linux. macOS refuses it once Metal has mapped its address space
-    (``ValueError: current limit exceeds maximum limit``) and would not enforce it: there, and
-    wherever ``setrlimit`` is refused, MLX's portable ``mx.set_memory_limit`` is the cap.
+    ``RLIMIT_AS`` on Linux with the CPU as MLX's default device: an allocation past it fails, so a
+    runaway benchmark fails instead of taking the machine down. A GPU reserves far more address space
+    than memory (MLX's CUDA allocator: ``cudaMallocAsync`` pools and managed memory), and macOS refuses
+    ``RLIMIT_AS`` once Metal has mapped its address space (``ValueError: current limit exceeds maximum
+    limit``) and would not enforce it: there, and wherever ``setrlimit`` is refused, MLX's
+    ``mx.set_memory_limit`` is the cap. It refuses no allocation (MLX's Metal and CUDA allocators do not
+    check it): above it ``mx.eval`` waits for running work before scheduling more and frees MLX's cache,
+    so a process that needs more still gets it, up to the device's own limit.
     """
     why = f"{sys.platform} does not take RLIMIT_AS"
-    if sys.platform.startswith("linux"):
+    if mx.default_device() != mx.cpu:
+        why = "the default device is a GPU, whose address space is no measure of its memory"
+    elif sys.platform.startswith("linux"):
         try:
             import resource
 
@@ -100,7 +107,7 @@ def cap_memory(limit_mb: int) -> str:
         mx.set_memory_limit(limit_mb * MIB)
     except (AttributeError, ValueError, RuntimeError) as e:
         return f"no memory cap ({why}; mx.set_memory_limit failed: {e})"
-    return f"MLX memory limit {limit_mb} MiB (mx.set_memory_limit; {why})"
+    return f"MLX memory limit {limit_mb} MiB (mx.set_memory_limit, which waits rather than fails; {why})"
 
 
 def apply_settings() -> str:

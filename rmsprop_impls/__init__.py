@@ -11,7 +11,10 @@ reading asv's results in ``analysis/``, and the command line in ``cli/``.
 Each layer imports only from the ones before it.
 """
 
-from . import _moved
+from . import (
+    _mlx_backend,  # noqa: F401  (first: a clear error where MLX has no back-end)
+    _moved,
+)
 from .kernels.packing import FlatLayout, PackedGradients
 from .measure.choice_cache import clear_choices
 from .measure.choose import Choice, choose

@@ -215,3 +215,20 @@ def test_cli_choose_bad_file_is_one_line(tmp_path, name, content, words):
     errors = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert len(errors) == 1 and words in errors[0]
+
+
+@pytest.mark.parametrize("release", ["0.30.4+", "0.30.1 on a Mac", "0.30.1 without Metal"])
+def test_the_device_description_and_the_auto_cache_key_on_every_release(monkeypatch, release):
+    """``mx.device_info`` arrived in 0.30.4; before it only ``mx.metal.device_info`` existed (and needs Metal)."""
+    from rmsprop_impls.measure import choice_cache
+    from rmsprop_impls.mlx_device import device_info
+
+    if release != "0.30.4+":
+        monkeypatch.delattr(mx, "device_info", raising=False)
+        on_mac = release == "0.30.1 on a Mac"
+        monkeypatch.setattr(mx.metal, "is_available", lambda: on_mac)
+        monkeypatch.setattr(mx.metal, "device_info", lambda: {"device_name": "Apple M2"}, raising=False)
+    real = mx.device_info() if hasattr(mx, "device_info") else {}
+    want = {"0.30.4+": real, "0.30.1 on a Mac": {"device_name": "Apple M2"}, "0.30.1 without Metal": {}}
+    assert device_info() == want[release]
+    assert choice_cache.machine()["device"].startswith(str(mx.default_device()))

@@ -163,3 +163,17 @@ def test_a_transposed_gradient_gives_stocks_bits(on_kernel, dtype, shape):
         on_kernel(kernel)
         (kw,), (kv,) = _cpu_ext.rmsprop_update([w], [g], [v], lr, 0.8, 1e-4, 2)
         assert np.array_equal(bits(kw), bits(sw)) and np.array_equal(bits(kv), bits(sv)), kernel
+
+
+def test_the_kernels_offered_are_the_ones_this_cpu_has():
+    """The CPUID check (simd/avx2.h) against the kernel's own flags: AVX2 wherever /proc/cpuinfo lists avx2 and
+    f16c, NEON on every aarch64, with GCC's build and with clang's (the clang lane)."""
+    import platform
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("reads /proc/cpuinfo (Linux)")
+    flags = set(next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "").split())
+    want = {"x86_64": ["avx2"] if {"avx2", "f16c"} <= flags else [], "aarch64": ["neon"]}[platform.machine()]
+    assert KERNELS == [*want, "scalar"]

@@ -93,9 +93,13 @@ def test_unavailable_variant_carries_its_reason(monkeypatch):
     assert str(e.value) == "variant 'compiled' is unavailable here: needs g++ on PATH"
 
 
-def test_compiled_needs_gpp(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_compiled_needs_gpp_on_the_cpu_only(monkeypatch, device):
+    """MLX compiles its CPU kernels with g++; a GPU default device compiles with Metal or NVRTC, so no g++ needed."""
     monkeypatch.setattr("shutil.which", lambda name: None)
-    assert "g++" in availability()["compiled"]
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(getattr(mx, device)))
+    reason = availability()["compiled"]
+    assert "g++" in reason if device == "cpu" else reason is None
 
 
 def test_a_module_that_cannot_import_is_unavailable(monkeypatch):
@@ -111,3 +115,36 @@ def test_a_module_that_cannot_import_is_unavailable(monkeypatch):
 def test_top_of_the_tree_must_be_a_dict(variant):
     with pytest.raises(TreeMismatchError, match="at '<root>': gradients must be a dict at the top.*not a list"):
         create(variant, 0.1).apply_gradients([mx.ones((2,))], [mx.ones((2,))])
+
+
+def test_mlx_without_a_back_end_says_which_to_install(tmp_path):
+    """``pip install -e .`` on Linux brings ``mlx`` without ``libmlx.so``; the package and the command say what to
+    install, the command in one line. A stand-in ``mlx`` fails to import exactly as that one does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fake = tmp_path / "mlx"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "core.py").write_text('raise ImportError("libmlx.so: cannot open shared object file: No such file")')
+    env = {"PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[1]}", "PATH": "/usr/bin:/bin"}
+    imported = subprocess.run([sys.executable, "-c", "import rmsprop_impls"], capture_output=True, text=True, env=env)
+    assert "ImportError: MLX is installed without a back-end" in imported.stderr and "[cpu]" in imported.stderr
+    script = "import sys; sys.argv[0] = '/venv/bin/rmsprop-bench'; from rmsprop_impls.cli import main; main()"
+    command = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert command.returncode == 1 and command.stderr.count("\n") == 1, command.stderr
+    assert command.stderr.startswith("rmsprop-bench: MLX is installed without a back-end")
+
+
+@pytest.mark.parametrize(
+    "backends, words",
+    [
+        ((["mlx-cpu", "mlx-cuda-13"], "mlx-cpu"), "its libmlx.so was replaced by mlx-cpu's"),
+        ((["mlx-cuda-13"], "mlx-cuda-13"), "needs an NVIDIA GPU: mlx-cuda-13 is installed"),
+        ((["mlx-cpu"], "mlx-cpu"), "install mlx[cuda12] or mlx[cuda13]"),
+    ],
+)
+def test_cuda_kernel_says_whether_its_back_end_was_replaced_missing_or_without_a_gpu(monkeypatch, backends, words):
+    monkeypatch.setattr("rmsprop_impls.variants.cuda_kernel.libmlx_backends", lambda: backends)
+    assert words in availability()["cuda_kernel"]

@@ -211,12 +211,20 @@ def test_first_error_is_the_compilers_line_or_cmakes_message():
     )
 
 
-def test_a_compile_error_is_the_compilers_first_error_line(tmp_path):
-    """A real compiler failing on the real sources: build_extension with the lanes' cmake_args."""
+#: How each compiler says it: GCC ``fatal error: /nonexistent/missing.h: No such file or directory``,
+#: clang (Apple's g++ too) ``fatal error: '/nonexistent/missing.h' file not found``.
+MISSING_HEADER = {"g++": "fatal error: /nonexistent/missing.h", "clang++": "fatal error: '/nonexistent/missing.h'"}
+
+
+@pytest.mark.parametrize("cxx", MISSING_HEADER)
+def test_a_compile_error_is_the_compilers_first_error_line(tmp_path, cxx):
+    """A real compiler failing on the real sources: build_extension with the lanes' cmake_args, with GCC and clang."""
+    if shutil.which(cxx) is None:
+        pytest.skip(f"needs {cxx} (the clang lane in .ci/run installs Debian's clang)")
     force_include = "-DCMAKE_CXX_FLAGS_RELEASE=-include /nonexistent/missing.h"  # not used by CMake's compiler check
     with pytest.raises(build.BuildError) as failed:
-        build.build_extension(tmp_path, cmake_args=[force_include])
-    assert "fatal error: /nonexistent/missing.h" in failed.value.reason
+        build.build_extension(tmp_path, cmake_args=[force_include], env={"CXX": cxx})
+    assert MISSING_HEADER[cxx] in failed.value.reason
     assert failed.value.log == tmp_path / build.LOG_NAME and failed.value.log.is_file()
 
 
@@ -237,3 +245,36 @@ def test_the_command_builds_unless_cached_forces_and_respects_no_extension(monke
     monkeypatch.setattr(build, "build_extension", failing)
     assert build.main(["--out", str(tmp_path), "--", "-DX=1"]) == 1
     assert capsys.readouterr().err == "not built: no\n"
+
+
+def test_an_mlx_cuda_cmake_package_without_the_cuda_toolkit_says_so(tmp_path):
+    """mlx-cuda 0.32.1 on: MLXConfig.cmake runs find_dependency(CUDAToolkit REQUIRED), then with its own FindCUDNN
+    find_dependency(CUDNN REQUIRED), which a machine with the wheels alone fails. A real CMake run on a package
+    config that does the second as MLX's does (this machine may have a CUDA toolkit, not cuDNN's headers)."""
+    package = tmp_path / "mlx-cmake"
+    package.mkdir()
+    (package / "FindCUDNN.cmake").write_text(
+        "find_path(CUDNN_INCLUDE_DIR cudnn.h PATHS /nonexistent NO_DEFAULT_PATH)\n"
+        "include(FindPackageHandleStandardArgs)\n"
+        "find_package_handle_standard_args(CUDNN REQUIRED_VARS CUDNN_INCLUDE_DIR)\n"
+    )
+    (package / "MLXConfig.cmake").write_text(
+        "include(CMakeFindDependencyMacro)\nlist(PREPEND CMAKE_MODULE_PATH ${CMAKE_CURRENT_LIST_DIR})\n"
+        "find_dependency(CUDNN REQUIRED)\n"
+    )
+    with pytest.raises(build.BuildError) as failed:
+        build.build_extension(tmp_path / "out", cmake_args=[f"-DMLX_ROOT={package}", "-DMLX_PY_VERSION=0.32.4"])
+    assert "asks for the CUDA toolkit and cuDNN installed on the system" in failed.value.reason, failed.value.reason
+
+
+@pytest.mark.parametrize(
+    "log, advice",
+    [
+        ("xcrun: error: invalid active developer path (/Library/Developer/CommandLineTools), missing xcrun at: "
+         "/Library/Developer/CommandLineTools/usr/bin/xcrun", "xcode-select --install"),
+        ("CMake Error at CMakeLists.txt:5 (project):\n  No CMAKE_CXX_COMPILER could be found.", "g++ or clang++"),
+        ("a.cpp:1:1: error: bad", None),
+    ],
+)  # fmt: skip
+def test_a_missing_toolchain_names_what_to_install(log, advice):
+    assert build.known_cause(log) == advice or advice in build.known_cause(log)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.optimizers as optim
 import pytest
-from gpu_host import nvrtc_check
+from gpu_host import host_runner, nvrtc_check
 from gpu_host.host_runner import HostLauncher, compiler
-from gpu_host.mlx_sources import cuda_source
+from gpu_host.mlx_sources import cuda_source, metal_source_by_rule, metal_writes_kinds_in_name
 from mlx.utils import tree_flatten
 from trajectory import gradient_sequence
 
@@ -43,10 +43,10 @@ def host_launchers(monkeypatch):
     """Make both GPU variants constructible here, each launch running its generated source on the host."""
     made: dict[tuple, HostLauncher] = {}
 
-    def launcher(backend, precision="stock", n_gradients=1):
-        key = (backend.name, precision, n_gradients)
+    def launcher(backend, precision="stock", n_gradients=1, kinds=""):
+        key = (backend.name, precision, n_gradients, kinds)
         if key not in made:
-            made[key] = HostLauncher(backend, precision, n_gradients)
+            made[key] = HostLauncher(backend, precision, n_gradients, kinds)
         return made[key]
 
     monkeypatch.setattr(gpu_kernels, "shared_kernel", launcher)
@@ -145,8 +145,57 @@ def test_cuda_source_compiles_with_nvrtc():
             inputs += [mx.zeros((3,), dtype)] * n
             body = kernel_source(CUDA, precision, n)
             out = (list(OUTPUT_NAMES), [dtype, dtype], [("T", dtype)], body)
-            name, source = cuda_source(f"rmsprop_step_{precision}_{n}", input_names(n), inputs, *out)
+            name, source = cuda_source(f"rmsprop_step_{precision}_{n}", input_names(n), inputs, *out, CUDA.header)
             names.append(name)
             sources.append(source)
     compiled, log = nvrtc_check.compile_cuda("\n".join(sources), names)
     assert compiled, log
+
+
+def metal_launch(gradient_sizes, dtype=mx.float32):
+    """The inputs and the names of one Metal launch over gradients of ``gradient_sizes``, as the variant makes them."""
+    n = sum(gradient_sizes)
+    inputs = [
+        mx.zeros((n,), dtype),
+        mx.zeros((n,), dtype),
+        mx.zeros((4,)),
+        mx.zeros((len(gradient_sizes) + 1,), mx.uint32),
+    ]
+    inputs += [mx.zeros((size,), dtype) for size in gradient_sizes]
+    kinds = gpu_kernels.input_kinds(METAL, inputs)
+    names = dict(name=gpu_kernels.kernel_name("stock", len(gradient_sizes), kinds),
+                 input_names=input_names(len(gradient_sizes)), output_names=list(OUTPUT_NAMES))  # fmt: skip
+    launch = dict(inputs=inputs, template=[("T", dtype)], grid=(n, 1, 1), threadgroup=(min(n, 256), 1, 1),
+                  output_shapes=[(n,), (n,)], output_dtypes=[dtype, dtype])  # fmt: skip
+    return kinds, names, launch
+
+
+LAUNCHES = [(300, 3), (300, 300), (3, 3), (5,), (9,), (2, 7, 8, 1)]
+
+
+def test_one_metal_kernel_name_one_source_on_this_mlx_release():
+    """What MLX 0.30-0.31 got wrong (a new source under a name in use frees its library mid-graph) cannot happen:
+    every launch the variant makes gets a kernel name of its own for each signature, on the installed release."""
+    sources: dict[str, set[str]] = {}
+    for sizes in LAUNCHES:
+        kinds, names, launch = metal_launch(sizes)
+        kernel = (
+            host_runner._REAL_SHARED_KERNEL(METAL, "stock", len(sizes), kinds) if metal_writes_kinds_in_name() else None
+        )
+        name, full = host_runner.generated_source("metal", kernel, source=kernel_source(METAL, "stock", len(sizes)),
+                                                  **names, **launch)  # fmt: skip
+        sources.setdefault(name, set()).add(full)
+    assert all(len(s) == 1 for s in sources.values()), [n for n, s in sources.items() if len(s) > 1]
+    assert len(sources) == len(LAUNCHES)  # each of these launches has a signature of its own
+
+
+@pytest.mark.skipif(not metal_writes_kinds_in_name(), reason="MLX before 0.32 cannot export a Metal kernel here")
+def test_the_metal_rule_for_older_releases_is_mlxs_own_export_less_the_kinds_in_the_name():
+    for sizes in LAUNCHES:
+        kinds, names, launch = metal_launch(sizes, mx.float16)
+        kernel = host_runner._REAL_SHARED_KERNEL(METAL, "stock", len(sizes), kinds)
+        source = kernel_source(METAL, "stock", len(sizes))
+        exported = host_runner.generated_source("metal", kernel, source=source, **names, **launch)
+        ruled = metal_source_by_rule(**names, inputs=launch["inputs"], output_dtypes=launch["output_dtypes"],
+                                     template=launch["template"], source=source, kinds_in_name=True)  # fmt: skip
+        assert ruled == exported

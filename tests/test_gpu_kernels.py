@@ -86,18 +86,29 @@ def test_source_rounds_each_operation_to_T_in_stock_mode_and_once_in_float32(bac
         assert "if (i >= offsets[3]) return;" in src and "hyper[0]" in src and "hyper[3]" in src
         assert "1e-" not in src and "0.99" not in src  # hyper-parameters are inputs, never baked in
         assert "_shape" not in src and "_strides" not in src  # no extra buffer arguments
-    assert (
-        backend.divide.format(f"{backend.to_float.format(cast + backend.mul.format('lr', 'g_i') + ')')}", "denom")
-        in stock
-    )
+    numerator = backend.to_float.format(cast + backend.mul.format("lr", "g_i") + ")")
+    assert backend.stock_divide.format(numerator, "denom") in stock
+    assert backend.divide.format(backend.mul.format("lr", "g_i"), "denom") in single
 
 
 def test_each_backend_speaks_its_language():
-    metal, cuda = kernel_source(METAL), kernel_source(CUDA)
+    metal, cuda, cuda32 = kernel_source(METAL), kernel_source(CUDA), kernel_source(CUDA, "float32")
     assert "thread_position_in_grid.x" in metal and "metal::precise::sqrt" in metal and "precise::divide" in metal
-    assert "this_grid().thread_rank()" in cuda and "__fsqrt_rn(" in cuda and "static_cast<T>(" in cuda
-    assert "__fdiv_rn(" in cuda and "__fmul_rn(" in cuda and "__fadd_rn(" in cuda  # never fused into an fma
+    assert "this_grid().thread_rank()" in cuda and "stock_sqrt<T>(" in cuda and "static_cast<T>(" in cuda
+    assert "stock_divide<T>(" in cuda and "__fmul_rn(" in cuda and "__fadd_rn(" in cuda  # never fused into an fma
+    assert "__fsqrt_rn(" in cuda32 and "__fdiv_rn(" in cuda32 and "stock_" not in cuda32  # correctly rounded
     assert "metal::" not in cuda and "cooperative_groups" not in metal
+
+
+def test_cuda_stock_takes_sqrt_and_divide_as_mlxs_cuda_build_does_per_dtype():
+    """MLX's CUDA Sqrt and Divide on __half and __nv_bfloat16 are hsqrt and __hdiv (approximations); on float
+    IEEE's. The header says so per type, and only the CUDA kernel object gets it."""
+    header = gpu_kernels.CUDA_STOCK_HEADER
+    for half in ("__half", "__nv_bfloat16"):
+        assert f"stock_sqrt<{half}>" in header and f"stock_divide<{half}>" in header
+    assert header.count("hsqrt(") == 2 and header.count("__hdiv(") == 2
+    assert "return __fsqrt_rn(x);" in header and "return __fdiv_rn(a, b);" in header
+    assert METAL.header == "" and CUDA.header == header
 
 
 @pytest.mark.parametrize("bad", [dict(precision="half"), dict(n_gradients=0), dict(n_gradients=26)])
@@ -326,6 +337,46 @@ def test_a_launch_stays_within_the_grid_mlx_can_launch(monkeypatch):
     launches = plan_launches(FlatLayout([mx.zeros((4,)), mx.zeros((5,)), mx.zeros((2,)), mx.zeros((10,))]))
     assert [launch.group.offsets for launch in launches] == [(0, 4, 9), (0, 2), (0, 10)]
     assert [launch.start for launch in launches] == [0, 9, 11]
+
+
+def test_each_backends_launch_limit_is_what_mlxs_int_grid_arithmetic_and_metals_buffers_allow():
+    cuda = gpu_kernels.max_launch_elements(CUDA, 4)
+    blocks = lambda n: -(-n // THREADS_PER_GROUP) * THREADS_PER_GROUP  # noqa: E731  (MLX: (gx + tx - 1) / tx)
+    assert cuda + THREADS_PER_GROUP - 1 <= 2**31 - 1 < cuda + THREADS_PER_GROUP and blocks(cuda) <= 2**31 - 1
+    assert gpu_kernels.max_launch_elements(METAL, 4) == 2**31 - 1  # Metal dispatches exactly the grid
+    assert gpu_kernels.max_launch_elements(METAL, 4, max_buffer_bytes=4 << 30) == 2**30  # a 4 GiB maxBufferLength
+    assert gpu_kernels.max_launch_elements(METAL, 2, max_buffer_bytes=4 << 30) == 2**31 - 1
+    with pytest.raises(ValueError, match="1 to 2147483392 elements"):
+        launch_geometry(cuda + 1, max_elements=cuda)
+
+
+def test_the_launch_plan_splits_at_the_limit_per_dtype_and_refuses_one_leaf_over_it():
+    leaves = [mx.zeros((6,)), mx.zeros((6,)), mx.zeros((6,), mx.float16), mx.zeros((6,), mx.float16)]
+    plan = plan_launches(FlatLayout(leaves), max_elements=lambda itemsize: 40 // itemsize)  # a 40-byte buffer
+    assert [launch.group.indices for launch in plan] == [(0,), (1,), (2, 3)]
+    with pytest.raises(ValueError, match="leaf 0 has 6 elements; one mlx.core.float32 launch on this device"):
+        plan_launches(FlatLayout(leaves), max_elements=lambda itemsize: 20 // itemsize)
+
+
+def test_metal_launches_stay_within_the_devices_max_buffer_length(monkeypatch, fake_launcher):
+    monkeypatch.setattr("rmsprop_impls.variants.metal_kernel.device_info", lambda: {"max_buffer_length": 40})
+    params = {f"p{k}": mx.ones((4,)) for k in range(5)}  # 80 bytes of w: two launches of 40 bytes, then one
+    create("metal_kernel", 1e-2).apply_gradients(gradient_sequence(params, 1)[0], params)
+    assert [launch["grid"][0] for launch in fake_launcher.launches] == [8, 8, 4]
+
+
+def test_a_metal_kernel_name_says_which_inputs_mlx_passes_in_constant_memory(fake_launcher, monkeypatch):
+    """MLX 0.30-0.31 name a Metal kernel without its inputs' kinds; a second source under one name frees the first
+    one's library while a command buffer may hold it. Here each name has one signature, on every release."""
+    asked = []
+    monkeypatch.setattr(gpu_kernels, "shared_kernel", lambda *args: asked.append(args) or fake_launcher)
+    for size in (300, 3):  # the first gradient: device memory, then constant memory
+        params = {"a": mx.ones((size,)), "b": mx.ones((9,))}
+        create("metal_kernel", 1e-2).apply_gradients(gradient_sequence(params, 1)[0], params)
+    kinds = [args[3] for args in asked]
+    assert kinds == ["ddccdd", "ddcccd"]  # w, v, hyper, offsets, then the gradients
+    assert gpu_kernels.kernel_name("stock", 2, kinds[1]) == "rmsprop_step_stock_2_ddcccd"
+    assert gpu_kernels.input_kinds(CUDA, [mx.ones((3,))]) == ""  # CUDA's signature does not depend on sizes
 
 
 @pytest.mark.parametrize("variant", BACKENDS)

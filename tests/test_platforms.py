@@ -48,6 +48,17 @@ def test_the_address_space_cap_is_set_on_linux(monkeypatch, caps):
     assert caps == {"RLIMIT_AS": 8192 * MIB}
 
 
+@pytest.mark.parametrize("platform", ["linux", "darwin"])
+def test_with_a_gpu_default_device_the_cap_is_mlxs_memory_limit_never_the_address_space(monkeypatch, caps, platform):
+    """CUDA reserves far more address space than 8 GiB (cudaMallocAsync pools, managed memory): RLIMIT_AS would
+    fail every GPU benchmark on an NVIDIA machine."""
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    said = common.cap_memory(8192)
+    assert said == mlx_settings.memory_cap(8192, platform) and "the default device is a GPU" in said
+    assert caps == {"mx": 8192 * MIB}
+
+
 def test_a_refused_address_space_cap_falls_back_to_mlxs_memory_limit(monkeypatch, caps):
     def refuse(kind, limits):
         raise ValueError("current limit exceeds maximum limit")  # what macOS says once Metal is loaded
@@ -55,13 +66,15 @@ def test_a_refused_address_space_cap_falls_back_to_mlxs_memory_limit(monkeypatch
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(resource, "setrlimit", refuse)
     said = common.cap_memory(4096)
-    assert said.startswith("MLX memory limit 4096 MiB (mx.set_memory_limit; RLIMIT_AS refused: current limit")
+    assert said.startswith("MLX memory limit 4096 MiB (mx.set_memory_limit, which waits rather than fails; RLIMIT_AS r")
     assert caps == {"mx": 4096 * MIB}
 
 
 def test_on_a_mac_the_cap_is_mlxs_memory_limit_and_setrlimit_is_not_tried(monkeypatch, caps):
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert common.cap_memory(8192) == "MLX memory limit 8192 MiB (mx.set_memory_limit; darwin does not take RLIMIT_AS)"
+    assert common.cap_memory(8192) == (
+        "MLX memory limit 8192 MiB (mx.set_memory_limit, which waits rather than fails; darwin does not take RLIMIT_AS)"
+    )
     assert caps == {"mx": 8192 * MIB}
 
 
@@ -73,7 +86,7 @@ def test_no_cap_at_all_still_runs_the_benchmark(monkeypatch, caps):
 
 def test_the_settings_line_predicts_the_cap_each_platform_puts_in_force(monkeypatch):
     assert mlx_settings.memory_cap(8192, "linux") == "address space capped at 8192 MiB (RLIMIT_AS)"
-    assert "mx.set_memory_limit; darwin does not take RLIMIT_AS" in mlx_settings.memory_cap(8192, "darwin")
+    assert "rather than fails; darwin does not take RLIMIT_AS" in mlx_settings.memory_cap(8192, "darwin")
     monkeypatch.setattr(resource, "getrlimit", lambda kind: (1 << 30, 1 << 30))  # a 1 GiB hard limit
     assert "RLIMIT_AS is above the hard limit" in mlx_settings.memory_cap(8192, "linux")
 

@@ -108,6 +108,73 @@ def test_metal_capture_explains_itself_without_metal(tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "--metal-capture is unavailable here" in out.stderr
 
 
+@pytest.fixture
+def fake_metal(monkeypatch):
+    """Metal as on a Mac, for the capture's logic: each start and stop recorded with the steps run between them."""
+    from rmsprop_impls import optimizer
+
+    events: list = []
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr("rmsprop_impls.measure.profile.measure_limits", lambda: {"cpu": 10.0, "gpu": None})
+    monkeypatch.setattr(mx.metal, "start_capture", lambda path: events.append(("start", path)))
+    monkeypatch.setattr(mx.metal, "stop_capture", lambda: events.append(("stop",)))
+    step = optimizer.RMSpropBase.apply_gradients
+    monkeypatch.setattr(
+        optimizer.RMSpropBase, "apply_gradients", lambda self, *a: events.append("step") or step(self, *a)
+    )
+    return events
+
+
+def test_metal_capture_records_the_profiled_steps_of_each_variant_and_nothing_else(fake_metal, tmp_path, capsys):
+    from rmsprop_impls.cli import main
+
+    trace = tmp_path / "t.gputrace"
+    assert main(["profile", "--tree", "4x1K", "--variants", "eager", "flat", "--steps", "3", "--metal-capture",
+                 str(trace)]) == 0  # fmt: skip
+    starts = [i for i, e in enumerate(fake_metal) if e[0] == "start"]
+    assert [fake_metal[i][1] for i in starts] == [str(tmp_path / "t-eager.gputrace"), str(tmp_path / "t-flat.gputrace")]
+    for i in starts:  # between each start and its stop: exactly the --steps steps, no tree, bandwidth or warm-up
+        assert fake_metal[i + 1 : i + 5] == ["step"] * 3 + [("stop",)]
+    assert "step" in fake_metal[: starts[0]]  # the table's measurements ran before, outside any capture
+    assert "recorded after the table's measurements" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("t.trace", "Metal writes a trace only to a path ending in .gputrace"),
+        ("exists.gputrace", "exists, and Metal does not overwrite a trace"),
+        ("no/such/dir/t.gputrace", "its directory does not exist"),
+    ],
+)
+def test_metal_capture_says_what_is_wrong_with_its_path(fake_metal, tmp_path, capsys, name, words):
+    from rmsprop_impls.cli import main
+
+    (tmp_path / "exists.gputrace").mkdir()
+    assert main(["profile", "--tree", "4x1K", "--variants", "eager", "--steps", "1", "--metal-capture",
+                 str(tmp_path / name)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert words in err and "MTL_CAPTURE_ENABLED" not in err and err.count("\n") == 1
+
+
+def test_a_refused_capture_names_mtl_capture_enabled_only_when_it_is_unset(fake_metal, monkeypatch, tmp_path, capsys):
+    from rmsprop_impls.cli import main
+
+    def refuse(path):
+        raise RuntimeError("[metal::start_capture] Failed to start: Capturing is not supported.")
+
+    monkeypatch.setattr(mx.metal, "start_capture", refuse)
+    for enabled, hint in [(None, True), ("1", False)]:
+        if enabled is None:
+            monkeypatch.delenv("MTL_CAPTURE_ENABLED", raising=False)
+        else:
+            monkeypatch.setenv("MTL_CAPTURE_ENABLED", enabled)
+        args = ["profile", "--tree", "4x1K", "--variants", "eager", "--steps", "1"]
+        assert main([*args, "--metal-capture", str(tmp_path / "t.gputrace")]) == 2
+        err = capsys.readouterr().err
+        assert "Capturing is not supported" in err and ("MTL_CAPTURE_ENABLED=1 set?" in err) == hint
+
+
 @pytest.mark.parametrize(
     "args, words",
     [

@@ -30,17 +30,26 @@ def _environments(conf_path: Path, platform: str, monkeypatch) -> list[dict]:
     return [env.requirements for env in environment.get_environments(conf, None, verbose=False)]
 
 
+CUDA13 = [r for r in read_conf(ROOT)["matrix"]["req"]["mlx-cuda-13"] if r]
+
+
 @pytest.mark.parametrize("platform", ["linux", "darwin"])
-def test_asv_matrix_is_one_virtualenv_per_mlx_release_with_mlx_cpu_on_linux_only(platform, monkeypatch):
+def test_asv_matrix_is_one_virtualenv_per_mlx_release_and_back_end_on_linux(platform, monkeypatch):
+    """On Linux each release with mlx-cpu, and the CUDA entry with mlx-cuda-13; never both (one libmlx.so wins)."""
     envs = _environments(ROOT / "asv.conf.json", platform, monkeypatch)
-    assert sorted(env["mlx"] for env in envs) == list(RELEASES)
-    for env in envs:
+    cpu = [env for env in envs if "mlx-cuda-13" not in env]
+    assert sorted(env["mlx"] for env in cpu) == list(RELEASES)
+    for env in cpu:
         assert env.get("mlx-cpu") == (env["mlx"] if platform == "linux" else None), env
+    cuda = [env for env in envs if "mlx-cuda-13" in env]
+    assert [(env["mlx"], env["mlx-cuda-13"], env.get("mlx-cpu")) for env in cuda] == (
+        [(r, r, None) for r in CUDA13] if platform == "linux" else []
+    )
 
 
 def test_asv_conf_matrix_is_what_mlx_matrix_writes_for_its_releases():
     conf = read_conf(ROOT)
-    assert mlx_matrix(conf, conf["matrix"]["req"]["mlx"]) == conf
+    assert CUDA13 and mlx_matrix(conf, conf["matrix"]["req"]["mlx"], cuda13=CUDA13) == conf
 
 
 @pytest.mark.parametrize("platform", ["linux", "darwin"])
@@ -52,8 +61,14 @@ def test_run_conf_for_other_releases(platform, monkeypatch, tmp_path):
     subprocess.run(["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-q",
                     "--allow-empty", "-m", "empty"], check=True)  # fmt: skip
     envs = _environments(write_run_conf(project, ["0.30.0", "0.31.2", "0.32.4"]), platform, monkeypatch)
-    assert sorted(env["mlx"] for env in envs) == ["0.30.0", "0.31.2", "0.32.4"]
+    assert sorted(env["mlx"] for env in envs) == ["0.30.0", "0.31.2", "0.32.4"]  # no CUDA entry without CUDA
     assert all(env.get("mlx-cpu") == (env["mlx"] if platform == "linux" else None) for env in envs)
+    monkeypatch.setattr("rmsprop_impls.analysis.suite.cuda_here", lambda: True)
+    envs = _environments(write_run_conf(project, ["0.31.2", "0.32.4"]), platform, monkeypatch)
+    backends = ["cpu", "cuda13"] if platform == "linux" else ["metal"]
+    got = sorted((env["mlx"], "cuda13" if env.get("mlx-cuda-13") else "cpu" if env.get("mlx-cpu") else "metal")
+                 for env in envs)  # fmt: skip
+    assert got == [(r, b) for r in ("0.31.2", "0.32.4") for b in backends]
 
 
 @pytest.fixture(scope="module")

@@ -54,24 +54,36 @@ def read_conf(project: Path) -> dict:
     return json.loads((project / "asv.conf.json").read_text())
 
 
-def mlx_matrix(conf: dict, releases: Sequence[str]) -> dict:
-    """``conf`` with its matrix holding ``releases`` of MLX: one virtualenv each, on macOS and Linux alike.
+def mlx_matrix(conf: dict, releases: Sequence[str], cuda13: Sequence[str] = ()) -> dict:
+    """``conf`` with its matrix holding ``releases`` of MLX: one virtualenv each, on macOS and Linux alike, and on
+    Linux one more per release in ``cuda13`` with MLX's CUDA 13 back-end.
 
-    On Linux MLX's CPU back-end is the separate ``mlx-cpu`` package (``mlx[cpu]``;
-    asv drops extras), which has Linux wheels only. asv crosses every matrix
-    entry with every other, so ``mlx-cpu`` is "none" or one of the releases,
-    and exclude rules (which match ``sys_platform`` too) keep on Linux the
-    pairs of one release and elsewhere ``mlx`` alone. asv.conf.json holds this
-    for its own releases (a test checks).
+    On Linux MLX's back-end is a separate package, ``mlx-cpu`` or ``mlx-cuda-13``
+    (``mlx[cpu]``, ``mlx[cuda13]``; asv drops extras), with Linux wheels only,
+    and exactly one may be installed (both ship ``mlx/lib/libmlx.so``). asv
+    crosses every matrix entry with every other, so each back-end is "none" or
+    one of the releases, and exclude rules (which match ``sys_platform`` too)
+    keep on Linux the pairs of one release and one back-end, and elsewhere
+    ``mlx`` alone. asv.conf.json holds this for its own releases (a test checks).
     """
     release = [re.escape(r) for r in releases]
+    backends = {"mlx-cpu": list(releases), **({"mlx-cuda-13": list(cuda13)} if cuda13 else {})}
     exclude = [
-        {"sys_platform": "linux", "req": {"mlx-cpu": None}},
-        {"sys_platform": "(?!linux$).*", "req": {"mlx-cpu": ".+"}},
-        *({"req": {"mlx": r, "mlx-cpu": f"(?!{r}$).+"}} for r in release),
+        {"sys_platform": "linux", "req": dict.fromkeys(backends)},  # no back-end at all
+        *({"sys_platform": "(?!linux$).*", "req": {b: ".+"}} for b in backends),
+        *([{"req": dict.fromkeys(backends, ".+")}] if cuda13 else []),  # two: one libmlx.so would win
+        *({"req": {"mlx": r, b: f"(?!{r}$).+"}} for b in backends for r in release),
     ]
-    req = {**conf["matrix"]["req"], "mlx": list(releases), "mlx-cpu": [None, *releases]}
+    req = {k: v for k, v in conf["matrix"]["req"].items() if k not in ("mlx", "mlx-cpu", "mlx-cuda-13")}
+    req = {"mlx": list(releases), **{b: [None, *rs] for b, rs in backends.items()}, **req}
     return {**conf, "matrix": {**conf["matrix"], "req": req}, "exclude": exclude}
+
+
+def cuda_here() -> bool:
+    """Whether the running MLX has its CUDA back-end and a GPU."""
+    import mlx.core as mx
+
+    return mx.cuda.is_available()
 
 
 def write_run_conf(project: Path, mlx: Sequence[str] | None = None) -> Path:
@@ -80,9 +92,10 @@ def write_run_conf(project: Path, mlx: Sequence[str] | None = None) -> Path:
     asv refuses a checkout without the configured ``main`` branch, and its
     dashboard draws only commits on the configured branches, so a clone of a
     feature branch gets its own branch here (``HEAD`` when detached). ``mlx``
-    replaces the matrix's MLX releases (:func:`mlx_matrix`).
+    replaces the matrix's MLX releases (:func:`mlx_matrix`): with MLX's CUDA 13 back-end too where this MLX runs
+    on CUDA, with the CPU back-end alone elsewhere (a CUDA environment would pull NVIDIA's libraries for nothing).
     """
-    conf = mlx_matrix(read_conf(project), mlx) if mlx else read_conf(project)
+    conf = mlx_matrix(read_conf(project), mlx, cuda13=mlx if cuda_here() else ()) if mlx else read_conf(project)
     for key, default in [("repo", "."), ("benchmark_dir", "benchmarks"), ("env_dir", "env"), ("results_dir", "results"),
                          ("html_dir", "html")]:  # fmt: skip
         conf[key] = str((project / conf.get(key, default)).resolve())

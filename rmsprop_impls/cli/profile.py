@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
+import os
+from pathlib import Path
 
 import mlx.core as mx
 
 from ..analysis.tables import format_table
 from ..measure.bandwidth import describe_limits
-from ..measure.profile import MB, plot_profiles, profile_variants
+from ..measure.profile import MB, capture_steps, plot_profiles, profile_variants
 from ..measure.trees import leaves_of, random_like
-from ..registry import variant_names
+from ..registry import create, variant_names
 from .common import (
     UserError,
     add_cache_limit_argument,
@@ -42,41 +43,62 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--metal-capture",
         metavar="PATH",
-        help="record a Metal GPU trace of the profiled steps to PATH (.gputrace; Apple silicon only, "
-        "run with MTL_CAPTURE_ENABLED=1)",
+        help="then record a Metal GPU trace of each variant's --steps steps to PATH (a new .gputrace; with several "
+        "variants, PATH's name plus -VARIANT), after the table, so no figure is measured under capture; Apple "
+        "silicon only, run with MTL_CAPTURE_ENABLED=1",
     )
     add_cache_limit_argument(p)
     p.set_defaults(func=run)
 
 
-@contextmanager
-def _metal_capture(path: str | None):
+def capture_paths(path: str, variants: list[str]) -> dict[str, Path]:
+    """Where each variant's trace goes: ``path`` for one variant, ``<stem>-<variant>.gputrace`` for several."""
+    base = Path(path)
+    if len(variants) == 1:
+        return {variants[0]: base}
+    return {name: base.with_name(f"{base.stem}-{name}{base.suffix}") for name in variants}
+
+
+def check_metal_capture(path: str | None) -> None:
+    """Fail before the long work on what would make the capture fail: no Metal, a path Metal will not write."""
     if path is None:
-        yield
         return
     if not mx.metal.is_available():
         raise UserError(
             f"--metal-capture is unavailable here: it records a Metal GPU trace, and this MLX runs on "
             f"{mx.default_device()} without Metal (it needs Apple silicon)"
         )
-    try:
-        mx.metal.start_capture(path)
-    except RuntimeError as e:
-        raise UserError(f"cannot start a Metal capture to {path} (set MTL_CAPTURE_ENABLED=1): {e}") from None
-    try:
-        yield
-    finally:
-        mx.metal.stop_capture()
+    if Path(path).suffix != ".gputrace":
+        raise UserError(f"--metal-capture {path}: Metal writes a trace only to a path ending in .gputrace")
+    check_output_path(path, "--metal-capture")
+
+
+def _start(path: Path):
+    def start() -> None:
+        if path.exists():
+            raise UserError(f"--metal-capture: {path} exists, and Metal does not overwrite a trace")
+        try:
+            mx.metal.start_capture(str(path))
+        except RuntimeError as e:
+            unset = "" if os.environ.get("MTL_CAPTURE_ENABLED") == "1" else " (is MTL_CAPTURE_ENABLED=1 set?)"
+            raise UserError(f"cannot start a Metal capture to {path}{unset}: {e}") from None
+
+    return start
+
+
+def record_captures(path: str, variants: list[str], params, grads, steps: int) -> None:
+    for name, where in capture_paths(path, variants).items():
+        capture_steps(create(name, 1e-3), params, grads, steps, _start(where), mx.metal.stop_capture)
+        print(f"Metal trace of {steps} steps of {name}: {where} (recorded after the table's measurements)")
 
 
 def run(args: argparse.Namespace) -> int:
     check_output_path(args.figure, "--figure")
-    with _metal_capture(args.metal_capture):
-        setting = apply_cache_limit(args.cache_limit_mb)
-        params = load_tree(args.tree, args.dtype)
-        profiles, unavailable, limits = profile_variants(
-            params, random_like(params), args.variants, steps=args.steps, progress=True
-        )
+    check_metal_capture(args.metal_capture)
+    setting = apply_cache_limit(args.cache_limit_mb)
+    params = load_tree(args.tree, args.dtype)
+    grads = random_like(params)
+    profiles, unavailable, limits = profile_variants(params, grads, args.variants, steps=args.steps, progress=True)
     n_params = sum(x.size for x in leaves_of(params))
     print(f"tree {args.tree} ({n_params:,} {args.dtype} parameters, {len(leaves_of(params))} leaves); {setting}")
     print(describe_limits(limits) + "\n")
@@ -113,4 +135,7 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             raise UserError(f"cannot save the figure to {args.figure}: {e}") from None
         print(f"\nfigure: {args.figure}")
+    if args.metal_capture:
+        print()
+        record_captures(args.metal_capture, [p.variant for p in profiles], params, grads, args.steps)
     return 0

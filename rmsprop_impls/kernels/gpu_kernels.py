@@ -1,15 +1,30 @@
 """What the Metal and CUDA kernel variants share: the kernel body, its launch shape and its dispatch.
 
 **Numbers.** ``precision="stock"`` (the default) gives ``mlx.optimizers.RMSprop``'s
-numbers bit for bit in every dtype: lr, ``alpha``, ``1 - alpha`` and ``eps``
+numbers on the same device bit for bit in every dtype: lr, ``alpha``, ``1 - alpha`` and ``eps``
 are rounded to the storage type ``T`` the way stock rounds them, and each
 operation's result is rounded to ``T`` in stock's order
-(``v = alpha*v + (1-alpha)*square(g)``, ``w - (lr*g) / (sqrt(v) + eps)``).
-Each operation runs in float32 and is rounded once to ``T``; float32 has more
-than twice the bits of float16 and bfloat16 plus two, so that gives the
-correctly rounded half-precision result, which is what MLX computes.
+(``v = alpha*v + (1-alpha)*square(g)``, ``w - (lr*g) / (sqrt(v) + eps)``),
+each computed as stock's device code computes it:
+
+- Metal, and CUDA's float32: every operation runs in float32 and is rounded
+  once to ``T``; float32 has more than twice the bits of float16 and bfloat16
+  plus two, so that gives the correctly rounded result, which is what MLX
+  computes there.
+- CUDA's float16 and bfloat16: MLX's CUDA ``Sqrt`` is ``cuda::std::sqrt``, which
+  is ``hsqrt`` for both (``sqrt.approx.ftz.f32``, resp. ``sqrt.approx.f32``, then
+  rounded to ``T``), and its ``Divide`` is ``x / y``, which is ``__hdiv``
+  (float16: ``rcp.approx.ftz.f32`` times the dividend, corrected only for tiny
+  results; bfloat16: ``div.approx.f32``). Neither is correctly rounded, so a
+  correctly rounded kernel would differ from stock where the approximation
+  crosses a rounding midpoint. The kernel calls the same intrinsics on the
+  same ``T`` values (:data:`CUDA_STOCK_HEADER`); add and multiply are
+  ``__hadd``/``__hmul``, correctly rounded, as here.
+
 ``precision="float32"`` keeps every intermediate in float32 and rounds once,
-at the store: more accurate, not stock's numbers in float16 and bfloat16.
+at the store, with correctly rounded float32 sqrt and divide on both back-ends:
+more accurate, not stock's numbers in float16 and bfloat16; the option for
+correctly rounded numbers on CUDA.
 On CUDA every float operation is spelled with its ``_rn`` intrinsic, which the
 compiler never fuses into a multiply-add (NVRTC's default ``--fmad=true``
 would), so both modes are deterministic.
@@ -25,7 +40,20 @@ allows 31 buffer arguments; a launch uses 6 plus one per gradient.
 Hyper-parameters reach the kernel as one small float32 input array, never as
 template values: every distinct template value compiles a new kernel, and a
 schedule changes the learning rate every step. The only template value is
-``T``; the kernel objects differ by precision and by gradient count.
+``T``; the kernel objects differ by precision and by gradient count, and on
+Metal by which inputs MLX passes in ``constant`` memory (under 8 elements):
+MLX 0.30 and 0.31 name a Metal kernel without that, so one name would get a
+second source, and MLX would free the first one's library while a command
+buffer may still use it (fixed in MLX 0.32.0, which puts it in the name too).
+
+**Size limits.** Each launch stays within what MLX can launch: its grid is a
+32-bit int on both back-ends, and CUDA rounds it up to whole blocks in int
+arithmetic (``(grid + block - 1) / block``), so a CUDA launch covers at most
+``2**31 - 256`` elements; on Metal each packed buffer also stays within the
+device's ``max_buffer_length`` (MLX refuses a larger buffer), which is under
+8 GiB on smaller Macs. :func:`plan_launches` splits runs of leaves at those
+limits; one leaf over them is refused with the limit named (its one buffer
+could not be launched whole).
 """
 
 from __future__ import annotations
@@ -45,6 +73,9 @@ from .packing import DtypeGroup, FlatLayout, unpack_group
 THREADS_PER_GROUP = 256
 #: MLX takes the grid as 32-bit ints, and a 1-D MLX array holds at most this many elements anyway.
 MAX_GRID = 2**31 - 1
+#: MLX passes a Metal input of fewer elements in ``constant`` memory, a different signature (its
+#: ``max_constant_array_size``).
+METAL_CONSTANT_BELOW = 8
 #: Metal's limit of 31 buffer arguments, less w, v, hyper, offsets and the two outputs.
 MAX_LEAVES_PER_LAUNCH = 25
 PRECISIONS = ("stock", "float32")
@@ -68,6 +99,11 @@ class Backend:
     divide: str
     to_float: str  # format strings for the casts to and from the storage type T
     from_float: str
+    whole_blocks: bool  # MLX launches ceil(grid / block) blocks, computed in int (CUDA)
+    signature_by_size: bool  # MLX's generated signature depends on each input's size (Metal)
+    stock_sqrt: str  # stock's sqrt and divide of T values held in float32, as stock's device code computes them
+    stock_divide: str
+    header: str = ""  # what the kernel's source needs defined before it
 
 
 METAL = Backend(
@@ -82,7 +118,31 @@ METAL = Backend(
     divide="metal::precise::divide({}, {})",
     to_float="float({})",
     from_float="T({})",
+    whole_blocks=False,
+    signature_by_size=True,
+    stock_sqrt="metal::precise::sqrt({})",
+    stock_divide="metal::precise::divide({}, {})",
 )
+#: Stock's sqrt and divide per storage type in MLX's CUDA build (``Sqrt``, ``Divide`` in
+#: ``mlx/backend/cuda/device/{unary,binary}_ops.cuh``, with CUDA's ``cuda_fp16.hpp``/``cuda_bf16.hpp`` and CCCL's
+#: ``cuda::std::sqrt``): on ``T`` values held in float32, the same intrinsics on the same ``T`` values.
+CUDA_STOCK_HEADER = """
+#ifndef RMSPROP_CUDA_STOCK_OPS
+#define RMSPROP_CUDA_STOCK_OPS
+template <typename T> __device__ float stock_sqrt(float x) { return __fsqrt_rn(x); }
+template <> __device__ float stock_sqrt<__half>(float x) { return __half2float(hsqrt(__float2half_rn(x))); }
+template <> __device__ float stock_sqrt<__nv_bfloat16>(float x) {
+  return __bfloat162float(hsqrt(__float2bfloat16_rn(x)));
+}
+template <typename T> __device__ float stock_divide(float a, float b) { return __fdiv_rn(a, b); }
+template <> __device__ float stock_divide<__half>(float a, float b) {
+  return __half2float(__hdiv(__float2half_rn(a), __float2half_rn(b)));
+}
+template <> __device__ float stock_divide<__nv_bfloat16>(float a, float b) {
+  return __bfloat162float(__hdiv(__float2bfloat16_rn(a), __float2bfloat16_rn(b)));
+}
+#endif
+"""
 # CUDA rounds the grid up to whole blocks, so the last block's spare threads must stop at the bounds check.
 CUDA = Backend(
     name="cuda",
@@ -96,6 +156,11 @@ CUDA = Backend(
     divide="__fdiv_rn({}, {})",
     to_float="static_cast<float>({})",
     from_float="static_cast<T>({})",
+    whole_blocks=True,
+    signature_by_size=False,
+    stock_sqrt="stock_sqrt<T>({})",
+    stock_divide="stock_divide<T>({}, {})",
+    header=CUDA_STOCK_HEADER,
 )
 
 
@@ -116,8 +181,10 @@ def kernel_source(backend: Backend, precision: str = "stock", n_gradients: int =
         raise ValueError(f"a launch takes 1 to {MAX_LEAVES_PER_LAUNCH} gradient leaves, not {n_gradients}")
     b = backend
     f, t = b.to_float.format, b.from_float.format
-    # stock rounds every operation's result to T; float32 rounds only at the stores
+    # stock rounds every operation's result to T, and takes sqrt and divide as its device code does; float32 rounds
+    # only at the stores
     r = (lambda x: f(t(x))) if precision == "stock" else (lambda x: x)
+    sqrt, divide = (b.stock_sqrt, b.stock_divide) if precision == "stock" else (b.sqrt, b.divide)
     n = f"offsets[{n_gradients}]"
     pick = [f"(i < offsets[{j + 1}]) ? g{j}[i - offsets[{j}]] :" for j in range(n_gradients - 1)]
     g_i = " ".join([*pick, f"g{n_gradients - 1}[i - offsets[{n_gradients - 1}]]"])
@@ -130,8 +197,8 @@ def kernel_source(backend: Backend, precision: str = "stock", n_gradients: int =
             f"const float v_a = {r(b.mul.format('alpha', f('v[i]')))};",
             f"const float v_b = {r(b.mul.format('one_minus_alpha', r(b.mul.format('g_i', 'g_i'))))};",
             f"const float v_i = {r(b.add.format('v_a', 'v_b'))};",
-            f"const float denom = {r(b.add.format(r(b.sqrt.format('v_i')), 'eps'))};",
-            f"const float step = {r(b.divide.format(r(b.mul.format('lr', 'g_i')), 'denom'))};",
+            f"const float denom = {r(b.add.format(r(sqrt.format('v_i')), 'eps'))};",
+            f"const float step = {r(divide.format(r(b.mul.format('lr', 'g_i')), 'denom'))};",
             f"v_new[i] = {t('v_i')};",
             f"w_new[i] = {t(b.sub.format(f('w[i]'), 'step'))};",
             "",
@@ -145,23 +212,45 @@ class LaunchGeometry:
     threadgroup: tuple[int, int, int]
 
 
-def launch_geometry(n_elements: int, threads_per_group: int = THREADS_PER_GROUP) -> LaunchGeometry:
+def max_launch_elements(backend: Backend, itemsize: int, max_buffer_bytes: int | None = None) -> int:
+    """The most elements one launch may cover: MLX's int grid (on CUDA, rounded up to whole blocks in int
+    arithmetic), and ``max_buffer_bytes`` per packed buffer where the device has such a limit."""
+    limit = MAX_GRID - (THREADS_PER_GROUP - 1 if backend.whole_blocks else 0)
+    return limit if max_buffer_bytes is None else min(limit, max_buffer_bytes // itemsize)
+
+
+def launch_geometry(n_elements: int, threads_per_group: int = THREADS_PER_GROUP, max_elements: int = MAX_GRID):
     """One thread per element, in groups of ``threads_per_group`` (fewer for a smaller buffer)."""
-    if not 1 <= n_elements <= MAX_GRID:
-        raise ValueError(f"a launch covers 1 to {MAX_GRID} elements, not {n_elements}")
+    if not 1 <= n_elements <= max_elements:
+        raise ValueError(f"a launch covers 1 to {max_elements} elements, not {n_elements}")
     return LaunchGeometry((n_elements, 1, 1), (min(n_elements, threads_per_group), 1, 1))
 
 
+def input_kinds(backend: Backend, inputs: list[mx.array]) -> str:
+    """What MLX's generated signature depends on beyond dtypes: on Metal, ``c`` for each input passed in
+    ``constant`` memory and ``d`` for ``device``; ``""`` where the signature does not depend on sizes."""
+    if not backend.signature_by_size:
+        return ""
+    return "".join("c" if x.size < METAL_CONSTANT_BELOW else "d" for x in inputs)
+
+
 @functools.cache
-def shared_kernel(backend: Backend, precision: str = "stock", n_gradients: int = 1) -> Any:
-    """The kernel object, built once per process, back-end, precision and gradient count, then reused."""
+def shared_kernel(backend: Backend, precision: str = "stock", n_gradients: int = 1, kinds: str = "") -> Any:
+    """The kernel object, built once per process, back-end, precision, gradient count and input kinds
+    (:func:`input_kinds`, part of its name), then reused."""
     make = getattr(mx.fast, backend.factory)
     return make(
-        name=f"rmsprop_step_{precision}_{n_gradients}",
+        name=kernel_name(precision, n_gradients, kinds),
         input_names=input_names(n_gradients),
         output_names=list(OUTPUT_NAMES),
         source=kernel_source(backend, precision, n_gradients),
+        **({"header": backend.header} if backend.header else {}),
     )
+
+
+def kernel_name(precision: str, n_gradients: int, kinds: str = "") -> str:
+    """The name MLX builds the kernel's own from: one name, one generated source, on every MLX release."""
+    return f"rmsprop_step_{precision}_{n_gradients}" + (f"_{kinds}" if kinds else "")
 
 
 def stock_constants(alpha: float, eps: float, dtype: mx.Dtype, precision: str) -> mx.array:
@@ -193,6 +282,7 @@ def dispatch(
     offsets: mx.array,
     hyper: mx.array,
     stream: Any = mx.gpu,
+    max_elements: int = MAX_GRID,
 ) -> tuple[mx.array, mx.array]:
     """Launch ``kernel`` once over the packed 1-D ``w`` and ``v`` and the 1-D gradient leaves; returns new ``(w, v)``.
 
@@ -202,7 +292,7 @@ def dispatch(
         raise ValueError(f"the GPU kernels update float32, float16 and bfloat16, not {w.dtype}")
     if w.size == 0:
         return w, v
-    geometry = launch_geometry(w.size)
+    geometry = launch_geometry(w.size, max_elements=max_elements)
     w_new, v_new = kernel(
         inputs=[w, v, hyper, offsets, *gradients],
         template=[("T", w.dtype)],
@@ -225,18 +315,26 @@ class Launch:
     start: int
 
 
-def plan_launches(layout: FlatLayout, max_leaves: int = MAX_LEAVES_PER_LAUNCH) -> list[Launch]:
+def plan_launches(
+    layout: FlatLayout, max_leaves: int = MAX_LEAVES_PER_LAUNCH, max_elements=lambda itemsize: MAX_GRID
+) -> list[Launch]:
     """Each dtype's non-empty leaves, in tree order, in runs of at most ``max_leaves`` leaves and
-    :data:`MAX_GRID` elements: one launch per run."""
+    ``max_elements(itemsize)`` elements (:func:`max_launch_elements`): one launch per run."""
     launches = []
     for grp in layout.groups:
+        limit = max_elements(grp.dtype.size)
         sizes = [grp.offsets[p + 1] - grp.offsets[p] for p in range(len(grp.indices))]
         runs: list[list[int]] = []  # positions within grp
         run_size = 0
         for p, size in enumerate(sizes):
             if size == 0:
                 continue
-            if not runs or len(runs[-1]) == max_leaves or run_size + size > MAX_GRID:
+            if size > limit:
+                raise ValueError(
+                    f"leaf {grp.indices[p]} has {size} elements; one {grp.dtype} launch on this device covers at "
+                    f"most {limit} (the device's buffer or grid limit): split the parameter, or use eager"
+                )
+            if not runs or len(runs[-1]) == max_leaves or run_size + size > limit:
                 runs.append([])
                 run_size = 0
             runs[-1].append(p)
@@ -270,9 +368,17 @@ class GpuKernelRMSprop(PackedRMSprop):
         self._planned_for: FlatLayout | None = None
         self._constants: dict[mx.Dtype, mx.array] = {}
 
+    def _max_elements(self, itemsize: int) -> int:
+        return max_launch_elements(self.backend, itemsize, self.max_buffer_bytes())
+
+    @classmethod
+    def max_buffer_bytes(cls) -> int | None:
+        """The device's largest buffer (Metal's ``max_buffer_length``), or ``None`` where there is no such limit."""
+        return None
+
     def _plan(self, layout: FlatLayout) -> None:
         if layout is not self._planned_for:
-            self._launches = plan_launches(layout)
+            self._launches = plan_launches(layout, max_elements=self._max_elements)
             self._launch_state = [
                 (BufferReuse(), BufferReuse(), mx.array(launch.group.offsets, dtype=mx.uint32))
                 for launch in self._launches
@@ -304,9 +410,11 @@ class GpuKernelRMSprop(PackedRMSprop):
             wb = w_reuse.pack(grp, [w[i] for i in grp.indices])
             vb = v_reuse.pack(grp, [v[i] for i in grp.indices])
             grads, packed_offsets = self._gradients(launch, g)
-            kernel = shared_kernel(self.backend, self.precision, len(grads))
             launch_offsets = offsets if packed_offsets is None else packed_offsets
-            wb, vb = dispatch(kernel, wb, vb, grads, launch_offsets, hyper[grp.dtype])
+            kinds = input_kinds(self.backend, [wb, vb, hyper[grp.dtype], launch_offsets, *grads])
+            kernel = shared_kernel(self.backend, self.precision, len(grads), kinds)
+            limit = self._max_elements(grp.dtype.size)
+            wb, vb = dispatch(kernel, wb, vb, grads, launch_offsets, hyper[grp.dtype], max_elements=limit)
             w_views, v_views = unpack_group(grp, wb), unpack_group(grp, vb)
             w_reuse.remember(grp, wb, w_views)
             v_reuse.remember(grp, vb, v_views)

@@ -20,6 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..mlx_device import device_info
 from ..user_cache import cache_dir
 
 _SUFFIX = ".auto.json"
@@ -38,7 +39,7 @@ def _cpu_model() -> str:
 
 def machine() -> dict[str, Any]:
     """What the speed of a variant depends on besides the tree."""
-    info = mx.device_info()
+    info = device_info()
     return {
         "mlx": mx.__version__,
         "device": f"{mx.default_device()} {info.get('device_name', '')}".strip(),

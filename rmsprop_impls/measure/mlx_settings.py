@@ -5,12 +5,18 @@ big steps would mostly time page faults; there an 8 GiB limit is set. Metal's
 allocator already keeps most of the machine's RAM, so on a GPU device the
 default is MLX's own: an 8 GiB limit would lower it on most Macs.
 
-The memory cap: ``RLIMIT_AS`` on Linux, where lowering the soft limit is
-refused only above the hard limit. macOS does not enforce ``RLIMIT_AS`` and
-refuses it once Metal has mapped its address space (``ValueError: current
-limit exceeds maximum limit``), so there MLX's portable ``mx.set_memory_limit``
-is the cap. ``benchmarks/common.py`` applies the same rule in each benchmark
-process; it keeps its own copy because asv runs it against old commits.
+The memory cap: ``RLIMIT_AS`` on Linux with the CPU as the default device,
+where lowering the soft limit is refused only above the hard limit, and an
+allocation past it fails. A GPU reserves far more address space than memory
+(MLX's CUDA allocator pools with ``cudaMallocAsync`` and uses managed memory),
+and macOS does not enforce ``RLIMIT_AS`` and refuses it once Metal has mapped
+its address space (``ValueError: current limit exceeds maximum limit``), so
+there MLX's portable ``mx.set_memory_limit`` is the cap. That one fails no
+allocation (neither Metal's nor CUDA's allocator checks it): above it
+``mx.eval`` waits for running work before scheduling more and MLX frees its
+cache, so on a Mac or a GPU a process over it slows down, and runs out only
+where the device does. ``benchmarks/common.py`` applies the same rule in each
+benchmark process; it keeps its own copy because asv runs it against old commits.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import mlx.core as mx
 MIB = 1024 * 1024
 #: The cache limit on the CPU allocator, where MLX's own default (32 MB) is too small to measure steps.
 CPU_CACHE_LIMIT_MB = 8192
-#: What a benchmark process may allocate before it fails instead of taking the machine down.
+#: The cap on a benchmark process: past it an allocation fails on Linux's CPU (RLIMIT_AS); elsewhere MLX waits.
 MEMORY_LIMIT_MB = 8192
 
 
@@ -61,14 +67,19 @@ def apply_cache_limit(megabytes: int | None) -> str:
     return describe_cache_limit(megabytes)
 
 
-def memory_cap(limit_mb: int = MEMORY_LIMIT_MB, platform: str | None = None) -> str:
-    """Which memory cap a benchmark process on ``platform`` (default: this one) puts in force, in words."""
+def memory_cap(limit_mb: int = MEMORY_LIMIT_MB, platform: str | None = None, on_gpu: bool | None = None) -> str:
+    """Which memory cap a benchmark process on ``platform`` (default: this one) with a GPU default device or not
+    (default: MLX's) puts in force, in words."""
     platform = platform or sys.platform
+    on_gpu = not on_cpu_allocator() if on_gpu is None else on_gpu
+    soft = f"MLX memory limit {limit_mb} MiB (mx.set_memory_limit, which waits rather than fails"
+    if on_gpu:
+        return f"{soft}; the default device is a GPU, whose address space is no measure of its memory)"
     if platform.startswith("linux"):
         import resource
 
         hard = resource.getrlimit(resource.RLIMIT_AS)[1]
         if hard == resource.RLIM_INFINITY or limit_mb * MIB <= hard:
             return f"address space capped at {limit_mb} MiB (RLIMIT_AS)"
-        return f"MLX memory limit {limit_mb} MiB (mx.set_memory_limit; RLIMIT_AS is above the hard limit here)"
-    return f"MLX memory limit {limit_mb} MiB (mx.set_memory_limit; {platform} does not take RLIMIT_AS)"
+        return f"{soft}; RLIMIT_AS is above the hard limit here)"
+    return f"{soft}; {platform} does not take RLIMIT_AS)"

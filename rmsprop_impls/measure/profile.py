@@ -169,6 +169,22 @@ def findings(p: VariantProfile, params: Any, bandwidth_gbps: float, alternatives
     return out
 
 
+def capture_steps(optimizer: Any, params: Any, grads: Any, steps: int, start_capture, stop_capture) -> None:
+    """Run ``steps`` evaluated steps of ``optimizer`` between ``start_capture()`` and ``stop_capture()``, after
+    its first step and one more outside: a GPU trace (``mx.metal.start_capture``) of the steps alone."""
+    mx.eval(params, grads)
+    for _ in range(2):
+        params = optimizer.apply_gradients(grads, params)
+        mx.eval(params, optimizer.state)
+    start_capture()
+    try:
+        for _ in range(steps):
+            params = optimizer.apply_gradients(grads, params)
+            mx.eval(params, optimizer.state)
+    finally:
+        stop_capture()
+
+
 def profile_variants(
     params: Any,
     grads: Any,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..kernels.gpu_kernels import CUDA, GpuKernelRMSprop
+from ..mlx_packages import libmlx_backends
 
 
 class CudaKernelRMSprop(GpuKernelRMSprop):
@@ -21,12 +22,22 @@ class CudaKernelRMSprop(GpuKernelRMSprop):
     @classmethod
     def unavailable_reason(cls):
         cuda = getattr(mx, "cuda", None)
-        if cuda is None or not cuda.is_available():
+        if cuda is not None and cuda.is_available():
+            return None
+        installed, owner = libmlx_backends()
+        cuda_installed = [name for name in installed if name.startswith("mlx-cuda")]
+        if cuda_installed and owner is not None and owner not in cuda_installed:
             return (
-                "needs MLX's CUDA back-end and an NVIDIA GPU (mx.cuda.is_available() is False; "
-                "on Linux install mlx[cuda12] or mlx[cuda13])"
+                f"{cuda_installed[0]} is installed, but its libmlx.so was replaced by {owner}'s (every MLX back-end "
+                f"ships that file, and pip does not warn): pip uninstall -y {owner} && pip install --force-reinstall "
+                f"--no-deps {cuda_installed[0]}"
             )
-        return None
+        if cuda_installed:
+            return f"needs an NVIDIA GPU: {cuda_installed[0]} is installed, and mx.cuda.is_available() is False"
+        return (
+            "needs MLX's CUDA back-end and an NVIDIA GPU (mx.cuda.is_available() is False; "
+            "on Linux install mlx[cuda12] or mlx[cuda13])"
+        )
 
 
 VARIANT = CudaKernelRMSprop

@@ -9,6 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..kernels.gpu_kernels import METAL, GpuKernelRMSprop
+from ..mlx_device import device_info
 
 
 class MetalKernelRMSprop(GpuKernelRMSprop):
@@ -22,6 +23,11 @@ class MetalKernelRMSprop(GpuKernelRMSprop):
         if not mx.metal.is_available():
             return "needs a Metal GPU (mx.metal.is_available() is False)"
         return None
+
+    @classmethod
+    def max_buffer_bytes(cls) -> int | None:
+        """Metal's ``maxBufferLength``: MLX refuses to allocate a larger buffer, and it is under 8 GiB on some Macs."""
+        return device_info().get("max_buffer_length")
 
 
 VARIANT = MetalKernelRMSprop

@@ -11,6 +11,8 @@ array travels as its raw bytes; MLX's own ``float16_t`` and ``bfloat16_t``
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -21,20 +23,39 @@ import numpy as np
 
 from rmsprop_impls.kernels import gpu_kernels
 
-from .mlx_sources import CUDA_TYPE, TYPE_STRING, cuda_source, metal_source
+from .mlx_sources import (
+    CUDA_TYPE,
+    TYPE_STRING,
+    cuda_source,
+    metal_source,
+    metal_source_by_rule,
+    metal_writes_kinds_in_name,
+)
 
 HERE = Path(__file__).parent
 MLX_INCLUDE = Path(mx.__file__).parent / "include"  # python -m mlx --cmake-dir, then include/
 BUILD_DIR = Path(tempfile.gettempdir()) / "rmsprop_bench_gpu_host"
 #: -ffp-contract=off: each float operation rounds once, as the _rn intrinsics and metal::precise promise.
-CXXFLAGS = ["-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-Wno-attributes"]
+CXXFLAGS = ["-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-Wno-attributes", "-Wno-unknown-attributes"]
 #: Taken before any test swaps it for a HostLauncher.
 _REAL_SHARED_KERNEL = gpu_kernels.shared_kernel
 _RAW = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32}
 
 
 def compiler() -> str | None:
-    return shutil.which("g++")
+    """``$CXX`` (the clang lane sets ``clang++``), else ``g++``: the host compiler the simulations build with."""
+    return shutil.which(os.environ.get("CXX") or "g++")
+
+
+#: MLX's explicit instantiation, ``template [[host_name("k")]] [[kernel]] decltype(k<float>) k<float>;``: Metal's
+#: compiler takes attributes there, GCC ignores them (-Wno-attributes), clang rejects them ("an attribute list
+#: cannot appear here"), so the host build drops them.
+_INSTANTIATION_ATTRIBUTES = re.compile(r"^template (\[\[[^\]]*\]\] )+(?=decltype)", re.MULTILINE)
+
+
+def host_compatible(source: str) -> str:
+    """``source`` with the one construct GCC and Metal accept but clang does not, made plain C++."""
+    return _INSTANTIATION_ATTRIBUTES.sub("template ", source)
 
 
 def _driver(language: str, kernel_name: str, source: str, inputs, output_dtypes, output_sizes, grid, block) -> str:
@@ -56,7 +77,7 @@ def _driver(language: str, kernel_name: str, source: str, inputs, output_dtypes,
 #include <vector>
 {prelude}
 // ---- the full source MLX builds ----
-{source}
+{host_compatible(source)}
 // ---- the host runner ----
 
 int main(int argc, char** argv) {{
@@ -83,30 +104,42 @@ int main(int argc, char** argv) {{
 
 
 def _build(driver: str) -> Path:
-    digest = hashlib.sha256(driver.encode()).hexdigest()[:16]
+    cxx = compiler()
+    digest = hashlib.sha256(f"{cxx}\0{CXXFLAGS}\0{driver}".encode()).hexdigest()[:16]  # one binary per compiler
     binary = BUILD_DIR / f"kernel_{digest}"
     if binary.exists():
         return binary
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     src = BUILD_DIR / f"kernel_{digest}.cpp"
     src.write_text(driver)
-    cmd = [compiler(), *CXXFLAGS, f"-I{HERE}", f"-I{HERE / 'cuda_include'}", f"-I{MLX_INCLUDE}", str(src), "-o"]
+    cmd = [cxx, *CXXFLAGS, f"-I{HERE}", f"-I{HERE / 'cuda_include'}", f"-I{MLX_INCLUDE}", str(src), "-o"]
     tmp = binary.with_suffix(".tmp")
     result = subprocess.run([*cmd, str(tmp)], capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"g++ failed on {src}:\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"{cmd[0]} failed on {src}:\n{result.stderr[-4000:]}")
     tmp.rename(binary)
     return binary
+
+
+def generated_source(language, kernel, *, name, input_names, output_names, source, inputs, template, grid,
+                     threadgroup, output_shapes, output_dtypes) -> tuple[str, str]:  # fmt: skip
+    """``(kernel name, full source)`` as the installed MLX release generates them for this launch."""
+    if language == "cuda":
+        header = gpu_kernels.CUDA.header
+        return cuda_source(name, input_names, inputs, output_names, output_dtypes, template, source, header)
+    if kernel is None:  # MLX 0.30-0.31: metal_kernel cannot be built without Metal
+        return metal_source_by_rule(name, input_names, inputs, output_names, output_dtypes, template, source, False)
+    return metal_source(kernel, inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
+                        output_shapes=output_shapes, output_dtypes=output_dtypes)  # fmt: skip
 
 
 def run_kernel(language, kernel, *, name, input_names, output_names, source, inputs, template, grid, threadgroup,
                output_shapes, output_dtypes) -> list[mx.array]:  # fmt: skip
     """Run one launch of a kernel object's generated source on the host; returns its outputs."""
-    if language == "metal":
-        kernel_name, full = metal_source(kernel, inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
-                                         output_shapes=output_shapes, output_dtypes=output_dtypes)  # fmt: skip
-    else:
-        kernel_name, full = cuda_source(name, input_names, inputs, output_names, output_dtypes, template, source)
+    kernel_name, full = generated_source(language, kernel, name=name, input_names=input_names,
+                                         output_names=output_names, source=source, inputs=inputs, template=template,
+                                         grid=grid, threadgroup=threadgroup, output_shapes=output_shapes,
+                                         output_dtypes=output_dtypes)  # fmt: skip
     sizes = [int(np.prod(s)) for s in output_shapes]
     binary = _build(_driver(language, kernel_name, full, inputs, output_dtypes,
                             [n * dt.size for n, dt in zip(sizes, output_dtypes)], grid[0], threadgroup[0]))  # fmt: skip
@@ -125,16 +158,18 @@ class HostLauncher:
     """Stands in for the kernel object ``shared_kernel(backend, precision, n)`` returns, running its generated
     source on the host; records each launch."""
 
-    def __init__(self, backend, precision: str, n_gradients: int):
+    def __init__(self, backend, precision: str, n_gradients: int, kinds: str = ""):
         self.language = backend.name
         self.names = dict(
-            name=f"rmsprop_step_{precision}_{n_gradients}",
+            name=gpu_kernels.kernel_name(precision, n_gradients, kinds),
             input_names=gpu_kernels.input_names(n_gradients),
             output_names=list(gpu_kernels.OUTPUT_NAMES),
         )
         self.source = gpu_kernels.kernel_source(backend, precision, n_gradients)
-        # Metal's kernel object builds here (it only refuses to launch); MLX writes its source while exporting.
-        self.kernel = _REAL_SHARED_KERNEL(backend, precision, n_gradients) if self.language == "metal" else None
+        # From MLX 0.32, Metal's kernel object builds here (it only refuses to launch), and MLX writes its source
+        # while exporting; before, it refuses to build, and the source is written by MLX's rule.
+        metal_builds = self.language == "metal" and metal_writes_kinds_in_name()
+        self.kernel = _REAL_SHARED_KERNEL(backend, precision, n_gradients, kinds) if metal_builds else None
         self.launches: list[dict] = []
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, stream):

@@ -114,11 +114,37 @@ def build_extension(out_dir: Path, *, cmake_args: Sequence[str] = (), env: Mappi
                 raise BuildError(f"cannot run cmake: {e}", log_path) from e
             if done.returncode != 0:
                 log.flush()
-                raise BuildError(first_error(log_path.read_text(errors="replace")), log_path)
+                text = log_path.read_text(errors="replace")
+                hint = known_cause(text)
+                raise BuildError(first_error(text) + (f"; {hint}" if hint else ""), log_path)
     built = sorted(out_dir.glob("_ext*.so"))
     if not built:
         raise BuildError(f"the build made no _ext*.so in {out_dir}", log_path)
     return built[0]
+
+
+#: Failures whose cause the compiler's or CMake's words do not name, each with what to do.
+KNOWN_CAUSES = (
+    (
+        re.compile(r"dependency (CUDAToolkit|CUDNN) could not be found|Could NOT find (CUDAToolkit|CUDNN)"),
+        "mlx-cuda's CMake package (MLX 0.32.1 on) asks for the CUDA toolkit and cuDNN installed on the system "
+        "(find_dependency(CUDAToolkit REQUIRED), find_dependency(CUDNN REQUIRED)), which the mlx-cuda wheels do "
+        "not bring: install both (nvcc's toolkit, cuDNN's headers), then rebuild",
+    ),
+    (
+        re.compile(r"xcrun: error|xcode-select: (error|note)|CommandLineTools.*missing|invalid active developer path"),
+        "Xcode's command-line tools are missing: run xcode-select --install, then rebuild",
+    ),
+    (
+        re.compile(r"No CMAKE_CXX_COMPILER could be found"),
+        "no C++ compiler was found: install g++ or clang++ (on a Mac: xcode-select --install), or set CXX",
+    ),
+)
+
+
+def known_cause(log: str) -> str | None:
+    """What to do about a failure whose cause the first error line does not say, or ``None``."""
+    return next((advice for pattern, advice in KNOWN_CAUSES if pattern.search(log)), None)
 
 
 COMPILER_ERROR = re.compile(r"(^|\s|:)(fatal )?error:")

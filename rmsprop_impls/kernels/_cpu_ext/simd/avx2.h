@@ -5,6 +5,7 @@
 // bfloat16_t give it, so a NaN that stock would produce has the same bits here.
 #pragma once
 
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include "scalar.h"
@@ -152,11 +153,20 @@ inline void fence() {
 
 namespace rmsprop::avx2 {
 
-// Whether this CPU runs the kernel above. __builtin_cpu_init() first: the answer may be asked
-// from a static initialiser, before the runtime has filled in what __builtin_cpu_supports reads.
+// Whether this CPU and its OS run the kernel above, from CPUID itself: GCC's and Clang's
+// __builtin_cpu_supports take different feature names (Debian's clang rejects "f16c"). AVX2 is
+// leaf 7's EBX bit 5, F16C leaf 1's ECX bit 29; the OS must also save the YMM registers (OSXSAVE,
+// leaf 1's ECX bit 27, then XCR0's SSE and AVX bits).
 inline bool supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+  const bool f16c = ecx & (1u << 29), osxsave = ecx & (1u << 27);
+  if (!f16c || !osxsave) return false;
+  unsigned xcr0 = 0, xcr0_high = 0;
+  __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_high) : "c"(0));
+  if ((xcr0 & 0x6) != 0x6) return false;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  return ebx & (1u << 5);
 }
 
 }  // namespace rmsprop::avx2
