@@ -192,7 +192,7 @@ class Programs(RuleBasedStateMachine):
         COUNTS["steps"] += 1
 
         def run(w):
-            mx.eval(w.kept)
+            mx.eval(w.params, w.opt.state, w.kept)  # MLX evaluates a graph only on the thread that made it
             errors = []
             worker = threading.Thread(target=lambda: errors.append(attempt(lambda w: w.step(seed), w)))
             worker.start()

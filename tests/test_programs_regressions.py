@@ -82,12 +82,20 @@ def test_two_state_vs_over_one_buffer(variant, how):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @ON_BOTH_PATHS
-def test_parameters_tied_in_place_by_the_caller(variant, size):
+@pytest.mark.parametrize("evaluated", [False, True], ids=["lazy", "evaluated"])
+def test_parameters_tied_in_place_by_the_caller(variant, size, evaluated):
+    """After each step but the last (whose results then show how the tied leaf was updated), on the
+    step's lazy or its evaluated results."""
+
     def program(opt):
         p = leaves(size, size)
-        for g in gradient_sequence(p, 4, seed=1):
+        grads = gradient_sequence(p, 4, seed=1)
+        for k, g in enumerate(grads):
             p = opt.apply_gradients(g, p)
-            p["p1"][:] = mx.stop_gradient(p["p0"])
+            if evaluated:
+                mx.eval(p, opt.state)
+            if k < len(grads) - 1:
+                p["p1"][:] = mx.stop_gradient(p["p0"])
             mx.eval(p, opt.state)
         return {"p": p, "state": opt.state}
 
