@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The sanitizer lane: the cpu_kernel extension built with AddressSanitizer + UndefinedBehaviorSanitizer
-# and, separately, with ThreadSanitizer (for the thread pool), each running the kernel tests and the
-# hypothesis fuzz of the entry point (tests/test_cpu_kernel_fuzz.py) with more examples.
+# and, separately, with ThreadSanitizer (for the thread pool), each running the kernel tests, the
+# hypothesis fuzz of the entry point (tests/test_cpu_kernel_fuzz.py) and the differential test of
+# programs (tests/test_programs.py) with more examples than the README's tests run.
 #
 # A Python extension cannot bring its own sanitizer runtime: the runtime must be the first library
 # the process loads, and python3 is not built with it. So each run preloads it, with libstdc++
@@ -13,7 +14,7 @@
 # allocations until exit, on purpose. -s: a sanitizer report ends the process, and pytest's
 # capture would lose it.
 #
-#   ci/sanitizers/run.sh                  # both builds, about 10 minutes
+#   ci/sanitizers/run.sh                  # both builds, about 14 minutes
 #   RMSPROP_SANITIZER_DIR=/tmp/x          # where the builds go (kept between runs)
 #   RMSPROP_SANITIZERS=tsan               # one lane only (default: "asan tsan")
 set -euo pipefail
@@ -27,11 +28,11 @@ say() { echo "[sanitizers $(($(date +%s) - start))s] $*"; }
 [ -x "$PY" ] || { python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'; }
 
 TESTS=(tests/test_cpu_kernel.py tests/test_cpu_kernel_paths.py tests/test_cpu_kernel_hardening.py tests/test_cpu_kernel_tree.py
-  tests/test_cpu_kernel_fuzz.py)
+  tests/test_cpu_kernel_fuzz.py tests/test_programs.py)
 
-lane() {  # name, -fsanitize= list, runtime library, fuzz examples, extra pytest arguments...
-  local name=$1 sanitize=$2 runtime=$3 examples=$4
-  shift 4
+lane() {  # name, -fsanitize= list, runtime library, fuzz examples, programs, extra pytest arguments...
+  local name=$1 sanitize=$2 runtime=$3 examples=$4 programs=$5
+  shift 5
   say "$name: building with -fsanitize=$sanitize"
   "$PY" - "$W/$name-ext" "$sanitize" <<'PY'
 import sys
@@ -42,8 +43,8 @@ from rmsprop_impls.kernels._cpu_ext.build import build_extension
 cmake_args = [f"-DRMSPROP_SANITIZE={sys.argv[2]}", "-DCMAKE_BUILD_TYPE=RelWithDebInfo"]
 print(build_extension(Path(sys.argv[1]), cmake_args=cmake_args))
 PY
-  say "$name: tests, fuzz with $examples examples"
-  (RMSPROP_BENCH_CPU_EXT_DIR="$W/$name-ext" RMSPROP_FUZZ_EXAMPLES=$examples \
+  say "$name: tests, fuzz with $examples examples, $programs programs"
+  (RMSPROP_BENCH_CPU_EXT_DIR="$W/$name-ext" RMSPROP_FUZZ_EXAMPLES=$examples RMSPROP_PROGRAM_EXAMPLES=$programs \
     LD_PRELOAD="$(gcc -print-file-name="$runtime") $(g++ -print-file-name=libstdc++.so.6)" \
     "$PY" -m pytest -q -s -p no:cacheprovider --noconftest -o addopts= --hypothesis-show-statistics "$@" "${TESTS[@]}")
 }
@@ -52,14 +53,15 @@ LANES=${RMSPROP_SANITIZERS:-asan tsan}
 if [[ " $LANES " == *" asan "* ]]; then
   export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1
   export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-  lane asan address,undefined libasan.so 300
+  # 80 programs: about 2 minutes here (ASan runs them about 2.5x slower than a plain build).
+  lane asan address,undefined libasan.so 300 80
   unset ASAN_OPTIONS UBSAN_OPTIONS
 fi
 if [[ " $LANES " == *" tsan "* ]]; then
   # die_after_fork=0: the fork test starts the child's pool threads, which TSan otherwise refuses.
   export TSAN_OPTIONS="halt_on_error=1:report_signal_unsafe=0:die_after_fork=0:suppressions=$PWD/ci/sanitizers/tsan.supp"
   # Under TSan the big-tree tests of test_cpu_kernel.py take minutes; the pool is exercised by the
-  # two-thread tests and the fuzz.
-  lane tsan thread libtsan.so 60 -k "thread or fuzz or fork or paths or hardening"
+  # two-thread tests, the fuzz and the programs (45: about 2 minutes, TSan being about 4x slower here).
+  lane tsan thread libtsan.so 60 45 -k "thread or fuzz or fork or paths or hardening or programs"
 fi
 say "done"
