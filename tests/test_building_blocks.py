@@ -90,18 +90,6 @@ def test_prepacked_gradients_of_the_wrong_size_are_refused():
         PackedGradients({"a": mx.ones((5,))}, {mx.float32: mx.ones((4,))})
 
 
-def test_flat_reuses_its_buffers_when_fed_its_own_output(monkeypatch):
-    params = {"a": mx.ones((4,)), "b": mx.ones((3,))}
-    grads = random_like(params)
-    opt = create("flat", 1e-2)
-    params = run(opt, params, [grads])
-    calls = []
-    real = mx.concatenate
-    monkeypatch.setattr(mx, "concatenate", lambda xs, *a, **k: calls.append(len(xs)) or real(xs, *a, **k))
-    run(opt, params, [grads])
-    assert calls == [2]  # only the gradients are packed; w and v are the buffers of the last step
-
-
 def test_table_aligns_columns():
     text = format_table(["variant", "ms"], [["eager", "12.5"], ["compiled", "3.25"], ["metal", None]])
     lines = text.splitlines()

@@ -76,11 +76,12 @@ class World:
         """The state's and parameters' objects, to put stock back where it raised half-way."""
         state = self.opt.state
         entries = {k: (s, s.get("v")) if isinstance(s, dict) else (s, None) for k, s in state.items()}
-        return dict(self.params), entries
+        return dict(self.params), entries, self.opt._initialized
 
     def restore(self, references: tuple) -> None:
-        params, entries = references
+        params, entries, initialized = references
         self.params = params
+        self.opt._initialized = initialized  # stock's init may have run before it raised
         state = self.opt.state
         for k in list(state):
             if k not in entries:

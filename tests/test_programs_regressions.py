@@ -56,6 +56,12 @@ def steps(opt, params, grads):
 # ---------------------------------------------------------------- 1: two v's over one buffer ---
 
 
+# The multi-tensor variants (flat, and the GPU kernels over its packing) hand back views into one buffer per dtype and
+# reduce over that buffer: a kept leaf keeps its buffer, and a gradient through a step is summed in another order.
+# That is their documented contract (docs/guides/correctness.md); every other variant keeps stock's per leaf.
+PER_LEAF = [v for v in VARIANTS if v not in ("flat", "metal_kernel", "cuda_kernel")]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("how", [*ALIASES, "overlapping slices"])
 def test_two_state_vs_over_one_buffer(variant, how):
@@ -284,7 +290,7 @@ def one_step_of_leaves_sharing_w(variant: str, k: int):
     return loss
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", PER_LEAF)
 @pytest.mark.parametrize("k, n", [(2, 300), (3, 5), (8, 300), (3, 70_000)])
 def test_grad_through_a_step_of_several_leaves_is_stocks(variant, k, n):
     mx.random.seed(0)
@@ -312,7 +318,7 @@ def two_steps(variant: str, p: dict):
     return loss
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", PER_LEAF)
 @pytest.mark.parametrize("sizes", [(64,) * 8, (1000, 70_000)], ids=["8x64", "1000+70000"])
 def test_grad_with_respect_to_the_learning_rate_through_two_steps_is_stocks(variant, sizes):
     p = leaves(*sizes)
@@ -332,7 +338,7 @@ def meta_loss(variant: str):
     return loss
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", PER_LEAF)
 def test_grad_with_respect_to_the_parameters_through_two_steps_is_stocks(variant):
     p = leaves(*(64,) * 8, seed=1)
     assert_same_bits(mx.grad(meta_loss(variant))(p), mx.grad(meta_loss("stock"))(p), "d loss / d w")
@@ -357,15 +363,20 @@ def probe(scenario: str, variant: str) -> dict:
 MIB = 2**20
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", PER_LEAF)
 def test_keeping_one_small_parameter_per_step_costs_what_it_costs_stock(variant):
+    """What keeping costs, beyond the optimizer's own memory, which may exceed stock's by at most one copy of
+    the parameters (cpu_kernel's spare w's of the small leaves, docs/kernels/cpu.md) and a MiB."""
     got, want = probe("keep_one_leaf_per_step", variant), probe("keep_one_leaf_per_step", "stock")
     assert got["growth"] <= want["growth"] + MIB, (
         f"{got['growth'] / MIB:.1f} MiB after keeping 40 leaves of 4 KiB, stock {want['growth'] / MIB:.2f} MiB"
     )
+    assert got["own"] <= want["own"] + got["parameter_bytes"] + MIB, (
+        f"the optimizer holds {got['own'] / MIB:.1f} MiB, stock {want['own'] / MIB:.1f} MiB"
+    )
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", PER_LEAF)
 def test_one_kept_leaf_retains_at_most_twice_its_size_and_a_bounded_constant(variant):
     got = probe("one_kept_leaf", variant)
     assert got["retained"] <= 2 * got["leaf_bytes"] + MIB, (

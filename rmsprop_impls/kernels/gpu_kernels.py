@@ -66,8 +66,8 @@ from typing import Any
 import mlx.core as mx
 
 from ..registry import VariantUnavailableError
-from .multi_tensor import BufferReuse, PackedRMSprop
-from .packing import DtypeGroup, FlatLayout, unpack_group
+from .multi_tensor import PackedRMSprop
+from .packing import DtypeGroup, FlatLayout, pack_group, unpack_group
 
 #: Threads per threadgroup (Metal) or block (CUDA): a multiple of both warp sizes, under both limits.
 THREADS_PER_GROUP = 256
@@ -364,7 +364,7 @@ class GpuKernelRMSprop(PackedRMSprop):
         super().__init__(learning_rate, alpha, eps)
         self.precision = precision
         self._launches: list[Launch] = []
-        self._launch_state: list[tuple[BufferReuse, BufferReuse, mx.array]] = []
+        self._launch_offsets: list[mx.array] = []
         self._planned_for: FlatLayout | None = None
         self._constants: dict[mx.Dtype, mx.array] = {}
 
@@ -379,10 +379,7 @@ class GpuKernelRMSprop(PackedRMSprop):
     def _plan(self, layout: FlatLayout) -> None:
         if layout is not self._planned_for:
             self._launches = plan_launches(layout, max_elements=self._max_elements)
-            self._launch_state = [
-                (BufferReuse(), BufferReuse(), mx.array(launch.group.offsets, dtype=mx.uint32))
-                for launch in self._launches
-            ]
+            self._launch_offsets = [mx.array(launch.group.offsets, dtype=mx.uint32) for launch in self._launches]
             self._planned_for = layout
 
     def _hyper(self, dtype: mx.Dtype, lr: mx.array) -> mx.array:
@@ -403,12 +400,12 @@ class GpuKernelRMSprop(PackedRMSprop):
         self._plan(self._layout_for(w))
         new_w, new_v = list(w), list(v)  # empty leaves stay as they are
         hyper: dict[mx.Dtype, mx.array] = {}
-        for launch, (w_reuse, v_reuse, offsets) in zip(self._launches, self._launch_state):
+        for launch, offsets in zip(self._launches, self._launch_offsets):
             grp = launch.group
             if grp.dtype not in hyper:
                 hyper[grp.dtype] = self._hyper(grp.dtype, lr)
-            wb = w_reuse.pack(grp, [w[i] for i in grp.indices])
-            vb = v_reuse.pack(grp, [v[i] for i in grp.indices])
+            wb = pack_group(grp, [w[i] for i in grp.indices])
+            vb = pack_group(grp, [v[i] for i in grp.indices])
             grads, packed_offsets = self._gradients(launch, g)
             launch_offsets = offsets if packed_offsets is None else packed_offsets
             kinds = input_kinds(self.backend, [wb, vb, hyper[grp.dtype], launch_offsets, *grads])
@@ -416,8 +413,6 @@ class GpuKernelRMSprop(PackedRMSprop):
             limit = self._max_elements(grp.dtype.size)
             wb, vb = dispatch(kernel, wb, vb, grads, launch_offsets, hyper[grp.dtype], max_elements=limit)
             w_views, v_views = unpack_group(grp, wb), unpack_group(grp, vb)
-            w_reuse.remember(grp, wb, w_views)
-            v_reuse.remember(grp, vb, v_views)
             for i, wi, vi in zip(grp.indices, w_views, v_views):
                 new_w[i], new_v[i] = wi, vi
         return new_w, new_v

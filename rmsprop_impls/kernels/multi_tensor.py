@@ -2,10 +2,11 @@
 
 Used by ``flat`` (MLX ops on each buffer); the GPU kernels reuse its packed
 ``w`` and ``v`` but read the gradients unpacked. Here gradients are packed
-every step, and that copy is part of the timed step. The parameters and ``v``
-handed back are views into the output buffers; when the same arrays come back
-next step (the usual training loop), the buffers are reused instead of packed
-again. A trainer that already holds flat
+every step, and that copy is part of the timed step, and so are w and v: the
+parameters and ``v`` handed back are views into the output buffers, but a
+program may change one in place (``p["w"][:] = ...``, ``+=``) without MLX's
+Python API showing it, so a buffer handed out is never trusted to still hold
+them (issue 21: reusing it gave stale numbers). A trainer that already holds flat
 gradients passes :class:`~rmsprop_impls.packing.PackedGradients` and skips that
 copy too.
 """
@@ -17,25 +18,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..optimizer import RMSpropBase
-from .packing import DtypeGroup, FlatLayout, PackedGradients, pack_group, unpack_group
-
-
-class BufferReuse:
-    """Remembers the views it handed out, so packing them again is free."""
-
-    def __init__(self):
-        self._views: dict[mx.Dtype, list[mx.array]] = {}
-        self._buffers: dict[mx.Dtype, mx.array] = {}
-
-    def pack(self, group: DtypeGroup, leaves: list[mx.array]) -> mx.array:
-        views = self._views.get(group.dtype)
-        if views is not None and len(views) == len(leaves) and all(a is b for a, b in zip(views, leaves)):
-            return self._buffers[group.dtype]
-        return pack_group(group, leaves)
-
-    def remember(self, group: DtypeGroup, buffer: mx.array, views: list[mx.array]) -> None:
-        self._buffers[group.dtype] = buffer
-        self._views[group.dtype] = views
+from .packing import FlatLayout, PackedGradients, pack_group, unpack_group
 
 
 class PackedRMSprop(RMSpropBase):
@@ -45,8 +28,6 @@ class PackedRMSprop(RMSpropBase):
         super().__init__(learning_rate, alpha, eps)
         self._layout: FlatLayout | None = None
         self._layout_signature: tuple | None = None
-        self._w_reuse = BufferReuse()
-        self._v_reuse = BufferReuse()
         self._packed_g: dict | None = None
 
     def apply_gradients(self, gradients: Any, parameters: Any) -> Any:
@@ -69,13 +50,11 @@ class PackedRMSprop(RMSpropBase):
         new_w: list = [None] * len(w)
         new_v: list = [None] * len(w)
         for grp in layout.groups:
-            wb = self._w_reuse.pack(grp, [w[i] for i in grp.indices])
-            vb = self._v_reuse.pack(grp, [v[i] for i in grp.indices])
+            wb = pack_group(grp, [w[i] for i in grp.indices])
+            vb = pack_group(grp, [v[i] for i in grp.indices])
             gb = self._packed_g[grp.dtype] if self._packed_g else pack_group(grp, [g[i] for i in grp.indices])
             wb, vb = self.update_buffers(wb, gb, vb, lr)
             w_views, v_views = unpack_group(grp, wb), unpack_group(grp, vb)
-            self._w_reuse.remember(grp, wb, w_views)
-            self._v_reuse.remember(grp, vb, v_views)
             for i, wi, vi in zip(grp.indices, w_views, v_views):
                 new_w[i], new_v[i] = wi, vi
         return new_w, new_v
