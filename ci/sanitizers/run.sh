@@ -25,7 +25,7 @@ mkdir -p "$W"
 start=$(date +%s)
 say() { echo "[sanitizers $(($(date +%s) - start))s] $*"; }
 
-[ -x "$PY" ] || { python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'; }
+[ -x "$PY" ] || { python3 -m venv .venv && .venv/bin/pip install -q -e '.[cpu,test]'; }
 
 TESTS=(tests/test_cpu_kernel.py tests/test_cpu_kernel_paths.py tests/test_cpu_kernel_hardening.py tests/test_cpu_kernel_tree.py
   tests/test_cpu_kernel_fuzz.py tests/test_programs.py)

@@ -37,6 +37,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
+from ..mlx_device import device_info
 from ..reference import largest_step, reference_step, tolerance
 from ..registry import create, partition_available, variant_class, variant_device
 from .bandwidth import core_types, fraction_of_limit, gpu_available, limit_text, measure_limits
@@ -226,11 +227,8 @@ def platform_info(limits: dict[str, float | None]) -> dict[str, Any]:
             pass
     gpu = None
     if gpu_available():
-        try:
-            info = mx.device_info()
-            gpu = str(info.get("device_name") or info.get("architecture") or info)
-        except (AttributeError, RuntimeError):
-            gpu = "present (MLX gives no name)"
+        info = device_info()
+        gpu = str(info.get("device_name") or info.get("architecture") or "present (MLX gives no name)")
     return {
         "platform": platform.platform(),
         "machine": platform.machine(),
