@@ -35,7 +35,7 @@ def test_command_help(command):
 def test_compare_prints_an_aligned_table_and_the_fastest():
     out = cli("compare", "--tree", "4x1K", "8x3", "--repeats", "3", "--variants", "eager", "flat")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("memory-bandwidth limit") == 1 and "GB/s" in out.stdout  # measured once per run
+    assert out.stdout.count("memory-bandwidth roof") == 1 and "GB/s" in out.stdout  # measured once per run
     table = out.stdout.split("\n\n")[1].splitlines()
     assert table[0].split()[:2] == ["tree", "variant"] and "vs compiled" in table[0] and "vs eager" in table[0]
     assert [row.split()[:2] for row in table[2:]] == [

@@ -3,12 +3,13 @@ step's own working set, on this machine's caches and on planted ones (a small an
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from rmsprop_impls.analysis import results
 from rmsprop_impls.analysis.plots import roof_seconds
-from rmsprop_impls.measure import bandwidth, caches, roof
+from rmsprop_impls.measure import bandwidth, caches, roof, stream_kernels
 from rmsprop_impls.measure.caches import MIB, CacheSizes
 from rmsprop_impls.measure.roof import Roof, sweep_sizes, working_set
 
@@ -147,3 +148,30 @@ def test_compare_shows_the_roof_at_each_trees_working_set_and_marks_the_cache_re
     (row,) = [line for line in out.splitlines() if line.startswith("4x1K  ")]
     assert "140.0" in row.split() and "(cache-resident)" in row
     assert "cpu 55.0 GB/s beyond the caches, up to 140.0 in them" in out and "last-level cache 32 MiB" in out
+
+
+@pytest.mark.parametrize("kernel", stream_kernels.KERNELS)
+@pytest.mark.parametrize(
+    ("w_offset", "v_offset", "n"),
+    [(0, 0, 4096), (1, 1, 4099), (3, 3, 5), (0, 1, 4096), (0, 0, 0)],
+    ids=["aligned", "tail", "short", "w-and-v-never-aligned", "empty"],
+)
+def test_the_c_kernels_add_g_into_w_and_v_in_place_and_touch_nothing_else(kernel, w_offset, v_offset, n):
+    lib, why = stream_kernels.load()
+    if lib is None:
+        pytest.skip(why)
+    w, g, v = (np.arange(n + 16, dtype=np.float32) * k for k in (1.0, 0.5, 2.0))
+    expected_w, expected_v, g_before = w.copy(), v.copy(), g.copy()
+    expected_w[w_offset : w_offset + n] += g[:n]
+    expected_v[v_offset : v_offset + n] += g[:n]
+    getattr(lib, kernel)(w[w_offset:].ctypes.data, g.ctypes.data, v[v_offset:].ctypes.data, n)
+    assert np.array_equal(w, expected_w) and np.array_equal(v, expected_v) and np.array_equal(g, g_before)
+
+
+def test_the_c_kernels_are_built_or_say_why_not(monkeypatch):
+    monkeypatch.setattr(stream_kernels, "compiler", lambda: None)
+    stream_kernels.load.cache_clear()
+    try:
+        assert stream_kernels.load() == (None, "no C compiler (set CC or install cc)")
+    finally:
+        stream_kernels.load.cache_clear()

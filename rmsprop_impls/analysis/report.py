@@ -136,7 +136,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, source: str = "") -> Pat
         f"GPU {limit_text(limits['gpu'])}. Each step's % of limit is of its own device's roof at the step's working "
         "set (w, g and v); a working set that fits in the last-level cache is marked cache-resident."
         if limits["cpu"]
-        else "**Memory-bandwidth limit:** not in these results (bench_bandwidth did not run).",
+        else "**Memory-bandwidth roof:** not in these results (bench_bandwidth did not run).",
         _winners_section(df),
     ]
     skipped = unavailable(df)

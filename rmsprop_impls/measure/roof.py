@@ -39,6 +39,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,11 +50,13 @@ import mlx.core as mx
 import numpy as np
 
 from ..cpu_threads import default_threads
-from .caches import FALLBACK_LAST_LEVEL, CacheSizes, cache_sizes
+from . import stream_kernels
+from .caches import FALLBACK_LAST_LEVEL, MIB, CacheSizes, cache_sizes
 
 #: The sweep's working sets, as multiples of the last-level cache (asv's parameter of ``bench_bandwidth.Roof``).
 SWEEP = ("1/64", "1/16", "1/4", "1/2", "1", "2", "4", "16")
 #: No working set beyond this (bytes), whatever the caches: the largest point is allocated in full.
+#: ``$RMSPROP_BENCH_ROOF_MAX_MIB`` lowers it (for a machine short of memory, or a quick run on tiny trees).
 MAX_WORKING_SET = 1 << 30
 #: Timed samples per kernel and size, and the seconds each aims at.
 SAMPLES = 3
@@ -116,7 +119,8 @@ class Kernel:
 
 def sweep_size(of_llc: str, last_level_cache: int | None) -> int:
     """The working set in bytes of the sweep's point ``of_llc`` (``"1/4"``: a quarter of the last-level cache)."""
-    return min(MAX_WORKING_SET, int(Fraction(of_llc) * (last_level_cache or FALLBACK_LAST_LEVEL)))
+    largest = int(os.environ.get("RMSPROP_BENCH_ROOF_MAX_MIB", 0)) * MIB or MAX_WORKING_SET
+    return min(largest, int(Fraction(of_llc) * (last_level_cache or FALLBACK_LAST_LEVEL)))
 
 
 def sweep_sizes(caches: CacheSizes) -> list[int]:
@@ -220,6 +224,26 @@ def numpy_kernels(buffers: list[np.ndarray], pool: ThreadPoolExecutor, threads: 
     ]
 
 
+def c_kernels(buffers: list[np.ndarray], pool: ThreadPoolExecutor, threads: int) -> list[Kernel]:
+    """The step pattern in C (:mod:`.stream_kernels`), with non-temporal stores where the target has them; none
+    where the C kernels cannot be built here."""
+    lib, _ = stream_kernels.load()
+    if lib is None:
+        return []
+
+    def make(function: Callable) -> Callable[[int], Callable[[int], None]]:
+        def threaded(n: int) -> Callable[[int], None]:
+            chunks = _chunks(n, threads, *buffers)
+            return _threaded(pool, threads, function, [(*(a.ctypes.data for a in c), c[0].size) for c in chunks])
+
+        return threaded
+
+    kernels = [Kernel("c step pattern", 3, 5, make(lib.step_pattern))]
+    if lib.streaming_stores():
+        kernels.append(Kernel("c step pattern, non-temporal stores", 3, 5, make(lib.step_pattern_streaming)))
+    return kernels
+
+
 def _mlx_chain(step: Callable, arrays: list[mx.array], stream: mx.Device) -> Callable[[int], None]:
     """``run(passes)``: ``arrays = step(*arrays)`` each pass, lazily, evaluated every :data:`MLX_PASSES_PER_EVAL`."""
     mx.eval(arrays)
@@ -279,7 +303,8 @@ def measure_cpu_roof(caches: CacheSizes | None = None, threads: int | None = Non
     elements = sizes[-1] // ITEMSIZE // 2  # the largest point of the two-array kernels
     buffers = [np.ones(elements, np.float32), np.full(elements, 1e-3, np.float32), np.ones(elements, np.float32)]
     with ThreadPoolExecutor(threads) as pool:
-        kernels = numpy_kernels(buffers, pool, threads) + torch_kernels(buffers, threads) + mlx_kernels(mx.cpu)
+        kernels = numpy_kernels(buffers, pool, threads) + c_kernels(buffers, pool, threads)
+        kernels += torch_kernels(buffers, threads) + mlx_kernels(mx.cpu)
         roof = measure_roof("cpu", kernels, caches, sizes)
     assert roof is not None, "the numpy kernels run everywhere"
     return roof
