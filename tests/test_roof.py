@@ -9,7 +9,7 @@ import pytest
 
 from rmsprop_impls.analysis import results
 from rmsprop_impls.analysis.plots import roof_seconds
-from rmsprop_impls.measure import bandwidth, caches, roof, stream_kernels
+from rmsprop_impls.measure import bandwidth, caches, roof, roof_cache, stream_kernels
 from rmsprop_impls.measure.caches import MIB, CacheSizes
 from rmsprop_impls.measure.roof import Roof, sweep_sizes, working_set
 
@@ -175,3 +175,18 @@ def test_the_c_kernels_are_built_or_say_why_not(monkeypatch):
         assert stream_kernels.load() == (None, "no C compiler (set CC or install cc)")
     finally:
         stream_kernels.load.cache_clear()
+
+
+def test_a_busy_measurement_keeps_the_best_this_machine_showed_at_each_size(monkeypatch, tmp_path):
+    monkeypatch.setenv("RMSPROP_BENCH_CACHE_DIR", str(tmp_path))
+    sizes = (1 * MIB, 64 * MIB)
+    quiet = Roof("cpu", sizes, (140.0, 55.0), ("numpy triad", "c step pattern, non-temporal stores"), 32 * MIB)
+    busy = Roof("cpu", sizes, (150.0, 30.0), ("numpy copy", "numpy triad"), 32 * MIB)
+    assert roof_cache.best_so_far(quiet) == quiet
+    best = roof_cache.best_so_far(busy)
+    assert best.gbps == (150.0, 55.0) and best.best_kernels == ("numpy copy", "c step pattern, non-temporal stores")
+    other_sweep = Roof("cpu", (2 * MIB, 64 * MIB), (10.0, 10.0), ("numpy triad",) * 2, 32 * MIB)
+    assert roof_cache.best_so_far(other_sweep) == other_sweep  # another sweep is another machine's, or caches'
+    monkeypatch.setenv("RMSPROP_BENCH_ROOF_CACHE", "0")
+    assert roof_cache.best_so_far(busy) == busy and len(list(tmp_path.glob("roof-*.json"))) == 2
+    assert roof_cache.best_so_far(None) is None

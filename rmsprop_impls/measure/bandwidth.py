@@ -15,6 +15,7 @@ import subprocess
 
 from .roof import Roof, measure_cpu_roof, measure_gpu_roof
 from .roof import gpu_available as gpu_available  # where the self-test and the CLI have always found it
+from .roof_cache import best_so_far
 
 #: The concrete devices a variant runs on (see ``RMSpropBase.device``).
 DEVICES = ("cpu", "gpu")
@@ -24,7 +25,17 @@ NO_GPU = "n/a (no GPU)"
 Limits = dict[str, "Roof | None"]
 
 
-def measure_limits(cpu=measure_cpu_roof, gpu=measure_gpu_roof) -> Limits:
+def cpu_roof() -> Roof:
+    """The CPU's roof, measured now and raised to the best measured on this machine before (:mod:`.roof_cache`)."""
+    return best_so_far(measure_cpu_roof())
+
+
+def gpu_roof() -> Roof | None:
+    """The GPU's, likewise; ``None`` without a GPU."""
+    return best_so_far(measure_gpu_roof())
+
+
+def measure_limits(cpu=cpu_roof, gpu=gpu_roof) -> Limits:
     """Every device's roof, measured now, one after the other: ``{"cpu": Roof, "gpu": Roof or None}``.
 
     ``cpu`` and ``gpu`` are the measurements (the tests stub them).
