@@ -111,7 +111,8 @@ def markdown_summary(result: SelftestResult, setting: str = "") -> str:
     cores = f"{info['cpu_cores']} cores" + (
         " (" + ", ".join(f"{n} {k}" for k, n in info["core_types"].items()) + ")" if info["core_types"] else ""
     )
-    limits = {"cpu roof (best of several kernels, all cores)": info["limits"]["cpu"], "gpu roof": info["limits"]["gpu"]}
+    cpu_limit = info["limits"]["cpu"]
+    limits = {"cpu limit (roof: best of several kernels, all cores)": cpu_limit, "gpu limit": info["limits"]["gpu"]}
     packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items())
     dtypes = " / ".join(_SHORT[d] for d in ("float32", "float16", "bfloat16"))
     speed = next((v.speed["tree"] for v in result.variants if v.speed), None)
