@@ -9,6 +9,7 @@ from rmsprop_impls.measure.trees import step_bytes
 from .common import (
     apply_settings,
     dtypes,
+    limit_at,
     make_optimizer,
     measure_limit,
     tree_and_gradients,
@@ -55,8 +56,8 @@ class Step:
     track_gbps.unit = "GB/s"
 
     def track_fraction_of_limit(self, limits, variant, tree, dtype):
-        """Of the limit of the device the variant runs on; NaN (no value) where that device has none."""
-        limit = limits[variant_device(variant)]
+        """Of the roof of the device the variant runs on, at the step's working set; NaN where that device has none."""
+        limit = limit_at(limits, variant_device(variant), step_bytes(self.params_))
         return self.track_gbps(limits, variant, tree, dtype) / limit if limit else float("nan")
 
     track_fraction_of_limit.unit = "fraction"

@@ -150,12 +150,13 @@ def make_optimizer(variant: str, grads) -> tuple:
 
 
 def measure_limit() -> dict[str, float | None]:
-    """Each device's memory-bandwidth limit in GB/s, measured once per ``asv run``: ``{"cpu": .., "gpu": ..}``.
+    """Each device's roof (``measure.roof.Roof``), measured once per ``asv run``: ``{"cpu": .., "gpu": ..}``.
 
     Used as ``setup_cache`` by every class that needs it: asv keys that cache on
     this function's module and line, so one measurement serves the whole run. The
-    GPU's is ``None`` where MLX has no GPU; a commit from before per-device limits
-    measures the CPU's only.
+    GPU's is ``None`` where MLX has no GPU; a commit from before the roof gives
+    each device's one figure in GB/s, and one from before per-device limits the
+    CPU's only.
     """
     from rmsprop_impls.measure import bandwidth
 
@@ -164,6 +165,27 @@ def measure_limit() -> dict[str, float | None]:
 
 
 measure_limit.timeout = 300
+
+
+def limit_at(limits: dict, device: str, step_bytes: int) -> float | None:
+    """``device``'s limit for a step moving ``step_bytes``: its roof at the step's working set, or, from a commit
+    before the roof, its one figure; ``None`` where the device has none."""
+    limit = limits[device]
+    if not hasattr(limit, "at"):
+        return limit
+    from rmsprop_impls.measure.roof import working_set
+
+    return limit.at(working_set(step_bytes))
+
+
+def roof_sweep(limits: dict, device: str, of_llc: str) -> tuple:
+    """``device``'s roof and the working set of the sweep's point ``of_llc``; ``NotImplementedError`` without one."""
+    roof = limits[device]
+    if not hasattr(roof, "working_sets"):
+        raise NotImplementedError("n/a (no GPU)" if roof is None else "this commit measures one limit, not a roof")
+    from rmsprop_impls.measure.roof import sweep_size
+
+    return roof, sweep_size(of_llc, roof.last_level_cache)
 
 
 def variant_device(variant: str) -> str:

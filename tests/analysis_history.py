@@ -33,17 +33,6 @@ UNAVAILABLE = unavailable_variant()
 VARIANTS = f"eager,flat,{UNAVAILABLE}"
 TREES = "4x1K,16x256,4x16K"
 
-SMALL_TRIAD = """
-from rmsprop_impls.measure.bandwidth import measure_bandwidth
-
-
-class Bandwidth:
-    def track_triad_gbps(self):
-        return measure_bandwidth(n_elements=1 << 22, repeats=3)
-
-    track_triad_gbps.unit = "GB/s"
-"""
-
 _built: dict[str, AsvHistory] = {}
 
 
@@ -51,9 +40,6 @@ def analysis_history(workdir: Path) -> AsvHistory:
     """Built once per test session (``workdir`` from the first caller), shared by every module that asks."""
     if "history" not in _built:
         history = build_history(workdir, variants=VARIANTS, trees=TREES, commits_each_side=1)
-        bench = history.repo / "benchmarks" / "bench_bandwidth.py"
-        if not bench.exists():
-            bench.write_text(SMALL_TRIAD)
         history.asv(
             *("run", "--quick", "-E", f"existing:{history.python}", "--set-commit-hash", history.commits[-1]),
             *("--machine", "test-machine", "--bench", "bench_bandwidth"),

@@ -111,6 +111,7 @@ def build_history(
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
         "RMSPROP_BENCH_VARIANTS": variants, "RMSPROP_BENCH_TREES": trees, "RMSPROP_BENCH_DTYPES": "float32",
+        "RMSPROP_BENCH_ROOF_MAX_MIB": "16",  # the trees here are tiny: a roof to 16 MiB takes a second, not ten
     }  # fmt: skip
     (workdir / "home").mkdir()
     history = AsvHistory(repo, chained_python(workdir / "env", repo), env, [], "")

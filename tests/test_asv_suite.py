@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rmsprop_impls.analysis.suite import mlx_matrix, read_conf
+from rmsprop_impls.measure.roof import SWEEP
 
 ROOT = Path(__file__).resolve().parents[1]
 ASV = str(Path(sys.executable).with_name("asv"))
@@ -62,6 +63,12 @@ def test_results_hold_every_benchmark_with_its_parameters_and_units(asv_history)
     assert units["bench_step.Step.track_fraction_of_limit"]["unit"] == "fraction"
     assert units["bench_step.Step.track_peak_memory"]["unit"] == "bytes"
     assert units["bench_bandwidth.Bandwidth.track_triad_gbps"]["unit"] == "GB/s"
+    sweep = dict(zip(columns, run["results"]["bench_bandwidth.Roof.track_gbps"]))
+    sizes = dict(zip(columns, run["results"]["bench_bandwidth.Roof.track_working_set_bytes"]))
+    assert sweep["params"] == sizes["params"] == [[repr(f) for f in SWEEP]]
+    assert all(g > 0.1 for g in sweep["result"]) and sizes["result"] == sorted(sizes["result"])
+    assert units["bench_bandwidth.Roof.track_gbps"]["unit"] == "GB/s"
+    assert units["bench_bandwidth.Roof.track_working_set_bytes"]["unit"] == "bytes"
 
 
 def test_a_variant_this_commit_lacks_is_skipped_not_failed(asv_history, tmp_path):
@@ -81,7 +88,7 @@ def test_a_variant_this_commit_lacks_is_skipped_not_failed(asv_history, tmp_path
 def test_run_prints_the_fastest_variant_per_tree_and_publishes(finished_run):
     project, out = finished_run
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "memory-bandwidth limit (in-place triad, all cores)" in out.stdout
+    assert "memory-bandwidth roof (best of several kernels, per working-set size" in out.stdout
     table = out.stdout[out.stdout.index("tree  ") : out.stdout.index("\n\nreport:")].splitlines()
     assert table[0].split() == ["tree", "dtype", "fastest", "device", "median", "ms", "GB/s", "of", "limit"]
     assert [row.split()[:3] for row in table[2:]] in ([["4x1K", "float32", "eager"]], [["4x1K", "float32", "flat"]])

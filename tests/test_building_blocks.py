@@ -11,7 +11,7 @@ from trajectory import as_f64, gradient_sequence, max_rel_error, run
 from rmsprop_impls import PackedGradients, create
 from rmsprop_impls.analysis.tables import format_table
 from rmsprop_impls.kernels.packing import FlatLayout
-from rmsprop_impls.measure.bandwidth import _triad_slice, measure_bandwidth
+from rmsprop_impls.measure.roof import _add_in_place, _step_pattern
 from rmsprop_impls.measure.timing import _NoUpdate, time_floor, time_steps
 from rmsprop_impls.measure.trees import (
     leaves_of,
@@ -118,14 +118,13 @@ def test_the_floor_walks_and_rebuilds_the_tree_and_changes_nothing():
     assert len(timing.samples) == 3 and timing.median > 0
 
 
-def test_triad_adds_b_into_a_in_place():
+def test_the_roof_kernels_update_in_place_and_read_only_g():
     a, b = np.ones(1 << 19, np.float32), np.full(1 << 19, 2.0, np.float32)
-    _triad_slice(a, b)
+    _add_in_place(a, b)
     assert np.all(a == 3.0) and np.all(b == 2.0)
-
-
-def test_bandwidth_is_a_plausible_rate():
-    assert 0.1 < measure_bandwidth(n_elements=1 << 22, repeats=2) < 10_000
+    w, g, v = np.ones(1 << 10, np.float32), np.full(1 << 10, 2.0, np.float32), np.zeros(1 << 10, np.float32)
+    _step_pattern(w, g, v)
+    assert np.all(w == 3.0) and np.all(v == 2.0) and np.all(g == 2.0)
 
 
 def test_kept_results_put_back_what_an_interrupted_run_wrote(tmp_path):

@@ -19,7 +19,9 @@ import rmsprop_impls
 from rmsprop_impls import optimizer, variant_class, variant_device, variant_names
 from rmsprop_impls.analysis import results
 from rmsprop_impls.cli.run import summary
-from rmsprop_impls.measure import bandwidth
+from rmsprop_impls.measure import bandwidth, roof
+from rmsprop_impls.measure.caches import CacheSizes
+from rmsprop_impls.measure.roof import Roof
 
 DECLARED = {
     "cpu_stream": "cpu",
@@ -31,6 +33,8 @@ DECLARED = {
     "cuda_kernel": "gpu",
 }
 CPU_GBPS, GPU_GBPS = 10.0, 400.0
+#: A 1 MiB last-level cache: a sweep from 16 KiB to 16 MiB, quick to measure.
+PLANTED_CACHES = CacheSizes(None, 1 << 20, "planted")
 
 
 @pytest.fixture
@@ -64,30 +68,27 @@ def test_every_device_gets_a_limit_in_the_same_run():
         cpu=lambda: calls.append("cpu") or CPU_GBPS, gpu=lambda: calls.append("gpu") or GPU_GBPS
     )
     assert limits == {"cpu": CPU_GBPS, "gpu": GPU_GBPS} and calls == ["cpu", "gpu"]
-    assert bandwidth.fraction_of_limit(200.0, limits, "gpu") == 0.5
-    assert bandwidth.fraction_of_limit(5.0, limits, "cpu") == 0.5
+    assert bandwidth.fraction_of_limit(200.0, limits, "gpu", 1e6) == 0.5  # a number is a flat roof
+    assert bandwidth.fraction_of_limit(5.0, limits, "cpu", 1e9) == 0.5
     with pytest.raises(ValueError, match="concrete device"):
         bandwidth.limit_for(limits, "default")
 
 
 def test_without_a_gpu_its_limit_reads_not_applicable():
     limits = {"cpu": CPU_GBPS, "gpu": None}
-    assert bandwidth.fraction_of_limit(5.0, limits, "gpu") is None
-    assert bandwidth.describe_limits(limits).endswith("cpu 10.0 GB/s; gpu n/a (no GPU)")
+    assert bandwidth.fraction_of_limit(5.0, limits, "gpu", 1e6) is None
+    assert bandwidth.describe_limits(limits).endswith("cpu 10.0 GB/s beyond the caches; gpu n/a (no GPU)")
 
 
 @pytest.mark.skipif(bandwidth.gpu_available(), reason="this machine has a GPU")
-def test_the_gpu_triad_measures_nothing_without_a_gpu():
-    assert bandwidth.measure_gpu_bandwidth(n_elements=1 << 10) is None
+def test_the_gpu_roof_measures_nothing_without_a_gpu():
+    assert roof.measure_gpu_roof(PLANTED_CACHES) is None
 
 
 @pytest.mark.skipif(not bandwidth.gpu_available(), reason="needs a GPU (Metal or CUDA)")
-def test_the_gpu_triad_measures_the_gpu():
-    assert 1.0 < bandwidth.measure_gpu_bandwidth(n_elements=1 << 24, repeats=2) < 100_000
-
-
-def test_the_cpu_triad_splits_the_work_into_chunks_threads_take_in_turn():
-    assert 0.1 < bandwidth.measure_bandwidth(n_elements=1 << 20, repeats=1, threads=3) < 10_000
+def test_the_gpu_roof_measures_the_gpu():
+    gpu = roof.measure_gpu_roof(PLANTED_CACHES)
+    assert gpu.device == "gpu" and all(1.0 < g < 100_000 for g in gpu.gbps)
 
 
 def _run_rows(with_gpu: bool) -> pd.DataFrame:
@@ -123,14 +124,18 @@ def test_every_result_row_names_its_device_and_divides_by_its_limit(with_gpu):
         assert row["fraction_of_limit"] == pytest.approx(row["gbps"] / limit, nan_ok=True), variant
     limit_rows = df[df["benchmark"].isin(results.LIMIT_BENCHMARKS.values())]
     assert sorted(limit_rows["device"]) == (["cpu", "gpu"] if with_gpu else ["cpu"])
-    assert results.device_limits(df) == {"cpu": CPU_GBPS, "gpu": GPU_GBPS if with_gpu else None}
+    roofs = results.device_limits(df)
+    assert {d: bandwidth.roof_gbps(r) for d, r in roofs.items()} == {
+        "cpu": CPU_GBPS,
+        "gpu": GPU_GBPS if with_gpu else None,
+    }
 
 
 def test_the_run_summary_labels_the_device_and_each_limit():
     df = _run_rows(with_gpu=True)
     df["commit_date"] = df["started_at"] = pd.Timestamp("2026-01-01", tz="UTC")
     text = summary(df)
-    assert "cpu 10.0 GB/s; gpu 400.0 GB/s" in text
+    assert "cpu 10.0 GB/s beyond the caches; gpu 400.0 GB/s beyond the caches" in text
     header, _, winner = text.strip().splitlines()[-3:]
     assert header.split()[:4] == ["tree", "dtype", "fastest", "device"]
     assert winner.split()[2:4] in (["eager", "gpu"], ["cpu_kernel", "cpu"], ["metal_kernel", "gpu"])
@@ -156,10 +161,13 @@ def test_the_asv_step_divides_by_its_device_limit(monkeypatch, default_is_gpu):
     with pytest.raises(NotImplementedError, match="no GPU"):
         GpuBandwidth().setup({"cpu": CPU_GBPS, "gpu": None})
     step = Step()
+    step.params_ = {"w": mx.zeros((1024,))}  # 12 KiB touched per step
     monkeypatch.setattr(Step, "track_gbps", lambda self, *a: 40.0)
     assert step.track_fraction_of_limit(limits, "cpu_kernel", "1x1K", "float32") == 4.0
     assert step.track_fraction_of_limit(limits, "eager", "1x1K", "float32") == 0.1
     assert math.isnan(step.track_fraction_of_limit({"cpu": CPU_GBPS, "gpu": None}, "eager", "1x1K", "float32"))
+    cached = Roof("cpu", (8 << 10, 1 << 30), (80.0, 10.0), last_level_cache=1 << 20)  # 80 GB/s at 8 KiB, 10 at 1 GiB
+    assert step.track_fraction_of_limit({"cpu": cached, "gpu": None}, "cpu_kernel", "1x1K", "float32") < 0.55
 
 
 def test_the_package_exports_variant_device():

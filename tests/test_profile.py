@@ -97,7 +97,7 @@ def test_cli_profile_prints_a_table_and_saves_a_figure(tmp_path):
     figure = tmp_path / "p.png"
     out = cli("profile", "--tree", "4x1K", "--variants", "eager", "flat", "--steps", "2", "--figure", str(figure))
     assert out.returncode == 0, out.stderr
-    assert "memory-bandwidth limit" in out.stdout and "faults/step" in out.stdout and "findings" in out.stdout
+    assert "memory-bandwidth roof" in out.stdout and "faults/step" in out.stdout and "findings" in out.stdout
     assert figure.stat().st_size > 0
 
 

@@ -12,7 +12,14 @@ from test_cli import cli
 from rmsprop_impls.analysis import plots
 from rmsprop_impls.analysis.regressions import find_regressions
 from rmsprop_impls.analysis.report import winners, write_report
-from rmsprop_impls.analysis.results import COLUMNS, LIMIT_BENCHMARK, STEP_BENCHMARK, ResultsError, load_asv_results
+from rmsprop_impls.analysis.results import (
+    COLUMNS,
+    LIMIT_BENCHMARK,
+    STEP_BENCHMARK,
+    ResultsError,
+    load_asv_results,
+    run_roofs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +49,17 @@ def test_one_row_per_measurement_with_sizes_and_throughput(asv_history):
     assert steps["fraction_of_limit"].tolist() == pytest.approx((steps["gbps"] / limits).tolist())
 
 
-def test_skipped_variant_is_a_row_with_its_reason_and_fraction_uses_the_runs_limit(rich_df):
+def test_skipped_variant_is_a_row_with_its_reason_and_fraction_uses_the_runs_roof(rich_df):
     skipped = rich_df[rich_df["variant"] == UNAVAILABLE]
     assert len(skipped) and not skipped["available"].any() and skipped["median"].isna().all()
     assert skipped["skip_reason"].str.contains("NotImplementedError").all()
     newest = rich_df[rich_df["commit"] == rich_df["commit"].iloc[-1]]
-    limit = newest.loc[newest["benchmark"] == LIMIT_BENCHMARK, "median"].item()
+    roof = run_roofs(newest)["cpu"]
+    assert roof.beyond_caches == newest.loc[newest["benchmark"] == LIMIT_BENCHMARK, "median"].item() > 0
+    assert len(roof.working_sets) > 1 and roof.last_level_cache  # the sweep, as asv tracked it
     steps = newest[(newest["benchmark"] == STEP_BENCHMARK) & newest["available"]]
-    assert limit > 0 and steps["fraction_of_limit"].tolist() == pytest.approx((steps["gbps"] / limit).tolist())
+    at_working_sets = [roof.at(12 * n) for n in steps["n_params"]]  # w, g and v in float32
+    assert steps["fraction_of_limit"].tolist() == pytest.approx((steps["gbps"] / at_working_sets).tolist())
 
 
 def test_missing_and_empty_directories_are_clear_errors(tmp_path):
@@ -108,9 +118,9 @@ def test_unavailable_variants_are_drawn_as_such(rich_df):
         assert any("unavailable" in t.get_text() for t in ax.texts)
 
 
-def test_scaling_draws_the_bandwidth_limit_and_history_names_the_commit(rich_df, asv_history):
+def test_scaling_draws_the_roof_and_history_names_the_commit(rich_df, asv_history):
     (ax,) = plots.scaling(rich_df).axes
-    assert any("bandwidth limit" in line.get_label() for line in ax.get_lines())
+    assert any(line.get_label().startswith("cpu roof") for line in ax.get_lines())
     fig = plots.history(load_asv_results(asv_history.results_dir))
     assert any(f"regression in {asv_history.slowed[:8]}" in t.get_text() for t in fig.axes[0].texts)
     assert asv_history.slowed[:8] in fig.caption
@@ -135,7 +145,7 @@ def test_report_command_writes_figures_and_a_summary(asv_history, tmp_path):
 
 def test_report_says_which_figures_it_could_not_draw(rich_df, tmp_path):
     summary = write_report(rich_df[rich_df["benchmark"] == LIMIT_BENCHMARK], tmp_path).read_text()
-    assert "**Memory-bandwidth limit:**" in summary and " GB/s" in summary
+    assert "**Memory-bandwidth roof:**" in summary and " GB/s beyond the caches" in summary
     assert summary.count("not drawn: no 'bench_step.Step.time_step' results") == len(plots.FIGURES)
 
 

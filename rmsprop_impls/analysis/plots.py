@@ -15,6 +15,8 @@ import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from ..measure.bandwidth import limit_text as limit_text_of
+from ..measure.roof import Roof, working_set
 from ..registry import variant_names
 from .regressions import commit_series, find_regressions
 from .results import ITEMSIZE, STEP_BENCHMARK, device_limits, latest
@@ -133,13 +135,14 @@ def variant_comparison(df: pd.DataFrame, dtype: str | None = None, max_trees: in
     return _finish(fig, f"Step time per variant ({rows['dtype'].iloc[0]}, newest commit)", caption)
 
 
-def _limit_seconds(n_params: np.ndarray, dtype: str, limit_gbps: float) -> np.ndarray:
-    """The fastest a step can be: 5 bytes per parameter byte at the machine's bandwidth limit."""
-    return 5 * ITEMSIZE[dtype] * n_params / (limit_gbps * 1e9)
+def roof_seconds(n_params: np.ndarray, dtype: str, roof: Roof) -> np.ndarray:
+    """The fastest a step can be: 5 bytes per parameter byte at the roof at its working set (w, g and v)."""
+    moved = 5 * ITEMSIZE[dtype] * np.asarray(n_params, dtype=float)
+    return moved / (np.array([roof.at(working_set(b)) for b in moved]) * 1e9)
 
 
 def scaling(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
-    """Step time against parameter count, log-log, one line per variant, with the bandwidth-limit line."""
+    """Step time against parameter count, log-log, one line per variant, with each device's roof as a curve."""
     rows = _measured_step_rows(df, dtype).sort_values("n_params")
     # One point per size: where several trees share a size, the one with the fewest leaves (per_leaf_overhead
     # shows the others).
@@ -150,17 +153,22 @@ def scaling(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
         line = rows[rows["variant"] == variant]
         ax.plot(line["n_params"], line["median"] * 1e3, marker="o", label=_label(rows, variant))
     limits = device_limits(latest(df))
-    sizes = np.geomspace(rows["n_params"].min(), rows["n_params"].max(), 50)
+    sizes = np.geomspace(rows["n_params"].min(), rows["n_params"].max(), 400)
     drawn = [d for d in ("cpu", "gpu") if limits[d] and (d == "cpu" or (rows["device"] == d).any())]
     for device, style in zip(drawn, ("k--", "k:")):
-        limit = limits[device]
-        label = f"{device} bandwidth limit ({limit:.1f} GB/s)"
-        ax.plot(sizes, _limit_seconds(sizes, dtype, limit) * 1e3, style, label=label)
+        roof = limits[device]
+        label = f"{device} roof ({limit_text_of(roof, device)})"
+        ax.plot(sizes, roof_seconds(sizes, dtype, roof) * 1e3, style, label=label)
+        llc = roof.last_level_cache
+        if llc and sizes[0] <= llc / (3 * ITEMSIZE[dtype]) <= sizes[-1]:
+            ax.axvline(llc / (3 * ITEMSIZE[dtype]), color="0.6", linewidth=0.8)
     if drawn:
         limit_text = (
-            "the dashed line is the fastest a step can be at the measured bandwidth limit "
+            "the dashed curve is the fastest a step can be at the roof measured at its working set "
             + ("(dotted: the GPU's) " if "gpu" in drawn else "")
-            + "so the gap above it is what a variant leaves on the table"
+            + "so the gap above it is what a variant leaves on the table; its slope changes where the working set "
+            "outgrows a cache, and the grey line marks where it outgrows the last-level cache (left of it, a tree is "
+            "cache-resident)"
         )
     else:
         limit_text = "no bandwidth limit (track_triad_gbps) is in these results, so no limit line is drawn"
@@ -174,7 +182,7 @@ def scaling(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
 
 
 def fraction_of_limit(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
-    """Each variant's effective bandwidth as a share of the measured limit, per tree."""
+    """Each variant's effective bandwidth as a share of its device's roof at the tree's working set, per tree."""
     rows = _step_rows(df, dtype)
     fig, (ax,) = _figure()
     measured = rows[rows["available"] & rows["fraction_of_limit"].notna()]
@@ -189,17 +197,19 @@ def fraction_of_limit(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFi
             x = np.arange(len(trees)) + (i - (len(order) - 1) / 2) * width
             ax.bar(x, per["fraction_of_limit"] * 100, width, label=_label(measured, variant))
         ax.axhline(100, color="k", linestyle="--", linewidth=1)
-        ax.set_xticks(np.arange(len(trees)), trees)
+        resident = measured.groupby("tree")["cache_resident"].any()
+        ax.set_xticks(np.arange(len(trees)), [f"{t}\n(cache-resident)" if resident[t] else t for t in trees])
         ax.legend(fontsize=8)
         best = measured.loc[measured["fraction_of_limit"].idxmax()]
         caption = (
-            "Bars near the 100% line move memory as fast as their device allows (each bar is of the limit of the "
-            f"device in its label); the best here is {best['variant']} on {best['tree']} at "
+            "Bars near the 100% line move memory as fast as their device allows (each bar is of the roof of the "
+            "device in its label at the tree's working set; a cache-resident tree's is the cache's); the best here "
+            f"is {best['variant']} on {best['tree']} at "
             f"{100 * best['fraction_of_limit']:.0f}% of the {best['device']} limit."
         )
     ax.set_xlabel("tree")
     ax.set_ylabel("effective bandwidth (% of its device's limit)")
-    return _finish(fig, "Fraction of the memory-bandwidth limit", caption)
+    return _finish(fig, "Fraction of the memory-bandwidth roof at each tree's working set", caption)
 
 
 def per_leaf_overhead(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
@@ -324,14 +334,22 @@ def machine_comparison(df: pd.DataFrame, dtype: str | None = None, max_trees: in
         bottom.set_ylabel("% of its machine's limit")
         bottom.set_xlabel("variant")
     axes[0][0].legend(title="machine", fontsize=8)
-    limits = rows.groupby("machine")["limit_gbps"].median()
-    named = ", ".join(f"{m} {limits[m]:.1f} GB/s" if pd.notna(limits[m]) else f"{m} no limit" for m in machines)
     caption = (
         "Top: shorter bars are faster on that machine; bottom: each bar is a share of its own machine's "
-        f"bandwidth limit ({named}), so a variant that is slow on a slow machine but near 100% there is doing "
+        f"bandwidth roof at the step's working set ({machine_roofs_text(rows, machines)}), so a variant that is "
+        "slow on a slow machine but near 100% there is doing "
         "all the machine allows."
     )
     return _finish(fig, f"Machines compared ({rows['dtype'].iloc[0]}, each machine's newest commit)", caption)
+
+
+def machine_roofs_text(rows: pd.DataFrame, machines: list[str]) -> str:
+    """``"m1 25.3-61.0 GB/s, m2 no limit"``: the range of each machine's roof over the working sets of ``rows``."""
+    span = rows.groupby("machine")["limit_gbps"].agg(["min", "max"])
+    return ", ".join(
+        f"{m} {lo:.1f}-{hi:.1f} GB/s" if pd.notna(lo) else f"{m} no limit"
+        for m, (lo, hi) in ((m, span.loc[m, ["min", "max"]]) for m in machines)
+    )
 
 
 def release_comparison(df: pd.DataFrame, machine: str | None = None, max_trees: int = 4) -> CaptionedFigure:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from ..measure.bandwidth import limit_text
-from .plots import COMPARISON_FIGURES, FIGURES, NothingToPlot
+from ..measure.bandwidth import limit_text, percent_text
+from .plots import COMPARISON_FIGURES, FIGURES, NothingToPlot, machine_roofs_text
 from .regressions import find_regressions, find_release_regressions
 from .results import STEP_BENCHMARK, device_limits, latest
 from .tables import markdown_table
@@ -23,7 +23,8 @@ def winners(df: pd.DataFrame, baseline: str = "eager") -> pd.DataFrame:
     best = rows.loc[rows.groupby(["tree", "dtype"])["median"].idxmin()].set_index(["tree", "dtype"])
     base = rows[rows["variant"] == baseline].set_index(["tree", "dtype"])["median"]
     best["speedup"] = base.reindex(best.index) / best["median"]
-    columns = ["n_params", "n_leaves", "variant", "device", "median", "gbps", "fraction_of_limit", "speedup"]
+    columns = ["n_params", "n_leaves", "variant", "device", "median", "gbps", "fraction_of_limit", "cache_resident"]
+    columns += ["speedup"]
     return best[columns].sort_values("n_params").reset_index()
 
 
@@ -49,12 +50,12 @@ def _winners_section(df: pd.DataFrame) -> str:
             r.device,
             _number(r.median * 1e3, ".3f"),
             _number(r.gbps, ".2f"),
-            _number(100 * r.fraction_of_limit, ".0f"),
+            percent_text(r.fraction_of_limit, r.cache_resident),
             _number(r.speedup, ".2f"),
         ]
         for r in table.itertuples()
     ]
-    headers = ["tree", "dtype", "params", "leaves", "fastest", "device", "median ms", "GB/s", "% of limit", "x eager"]
+    headers = ["tree", "dtype", "params", "leaves", "fastest", "device", "median ms", "GB/s", "of limit", "x eager"]
     return "## Fastest variant per tree\n\n" + markdown_table(headers, rows)
 
 
@@ -105,19 +106,18 @@ def _machines_section(df: pd.DataFrame) -> str | None:
     if len(machines) < 2:
         return None
     wide = table.pivot_table(index=["n_params", "tree", "dtype", "variant"], columns="machine",
-                             values=["median", "fraction_of_limit"])  # fmt: skip
+                             values=["median", "fraction_of_limit", "cache_resident"])  # fmt: skip
     rows = [
         [tree, dtype, variant]
         + [c for m in machines for c in (_number(r.get(("median", m), float("nan")) * 1e3, ".3f"),
-                                         _number(100 * r.get(("fraction_of_limit", m), float("nan")), ".0f"))]
+                                         percent_text(r.get(("fraction_of_limit", m), float("nan")),
+                                                      r.get(("cache_resident", m), 0) > 0))]
         for (_, tree, dtype, variant), r in wide.iterrows()
     ]  # fmt: skip
     headers = ["tree", "dtype", "variant"] + [h for m in machines for h in (f"{m} ms", f"{m} % of limit")]
-    limits = table.groupby("machine")["limit_gbps"].median()
-    named = "; ".join(f"{m}: {_number(limits[m], '.1f') or 'not measured'} GB/s" for m in machines)
     return (
-        "## Machines compared\n\nEach machine's newest run; a fraction is of that machine's own bandwidth limit "
-        f"({named}).\n\n" + markdown_table(headers, rows)
+        "## Machines compared\n\nEach machine's newest run; a fraction is of that machine's own bandwidth roof at "
+        f"the step's working set ({machine_roofs_text(table, machines)}).\n\n" + markdown_table(headers, rows)
     )
 
 
@@ -132,10 +132,11 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, source: str = "") -> Pat
         "# rmsprop-bench results",
         f"Source: `{source}`; machine: {machines}; newest commit: `{newest['commit'].iloc[0][:8]}` "
         f"({newest['commit_date'].iloc[0]:%Y-%m-%d %H:%M} UTC); {df['commit'].nunique()} commits in the history.",
-        f"**Memory-bandwidth limit:** CPU {limit_text(limits['cpu'])} (in-place triad, all cores); "
-        f"GPU {limit_text(limits['gpu'])}. Each variant's % of limit is of its own device's."
+        f"**Memory-bandwidth roof:** CPU {limit_text(limits['cpu'], 'cpu')} (best of several kernels on all cores); "
+        f"GPU {limit_text(limits['gpu'])}. Each step's % of limit is of its own device's roof at the step's working "
+        "set (w, g and v); a working set that fits in the last-level cache is marked cache-resident."
         if limits["cpu"]
-        else "**Memory-bandwidth limit:** not in these results (bench_bandwidth did not run).",
+        else "**Memory-bandwidth roof:** not in these results (bench_bandwidth did not run).",
         _winners_section(df),
     ]
     skipped = unavailable(df)

@@ -23,6 +23,7 @@ import pandas as pd
 from asv.results import Results
 from asv.util import UserError as AsvUserError
 
+from ..measure.roof import Roof, working_set
 from ..measure.trees import tree_info
 from ..registry import VariantUnavailableError, variant_class
 
@@ -30,6 +31,9 @@ from ..registry import VariantUnavailableError, variant_class
 LIMIT_BENCHMARK = "bench_bandwidth.Bandwidth.track_triad_gbps"
 GPU_LIMIT_BENCHMARK = "bench_bandwidth.GpuBandwidth.track_triad_gbps"
 LIMIT_BENCHMARKS = {"cpu": LIMIT_BENCHMARK, "gpu": GPU_LIMIT_BENCHMARK}
+#: Each device's roof, per point of the sweep: its GB/s and its working set in bytes; and the CPU's last-level cache.
+ROOF_BENCHMARKS = {"cpu": "bench_bandwidth.Roof", "gpu": "bench_bandwidth.GpuRoof"}
+LLC_BENCHMARK = "bench_bandwidth.Bandwidth.track_last_level_cache_bytes"
 STEP_BENCHMARK = "bench_step.Step.time_step"
 #: The MLX release a run imported, as major*10000 + minor*100 + patch (``benchmarks/bench_environment.py``).
 MLX_RELEASE_BENCHMARK = "bench_environment.Environment.track_mlx_release"
@@ -67,6 +71,7 @@ COLUMNS = [
     "n_samples",
     "gbps",
     "fraction_of_limit",
+    "of_llc",
     "available",
     "skip_reason",
 ]
@@ -83,8 +88,11 @@ def load_asv_results(results_dir: str | Path | Sequence[str | Path]) -> pd.DataF
     holding several results directories: see :func:`results_dirs`. Each run's ``machine`` and ``mlx``
     (the MLX release of its asv environment, from asv.conf.json's matrix) are columns.
 
-    Columns are ``COLUMNS`` plus ``limit_gbps``, the bandwidth limit of the row's ``device`` measured in the
-    same run (NaN where the run has none). ``device`` is where the row ran, ``"cpu"`` or ``"gpu"``: a variant's
+    Columns are ``COLUMNS`` plus ``limit_gbps``, the roof of the row's ``device`` measured in the same run at the
+    row's working set (w, g and v of its tree and dtype; beyond the caches for rows of no tree; NaN where the run
+    has none), and ``cache_resident``, whether that working set fits in the run's last-level cache.
+
+    ``device`` is where the row ran, ``"cpu"`` or ``"gpu"``: a variant's
     declared device, with MLX's default device read as the GPU where the run measured a GPU limit (MLX picks the
     GPU whenever it has one); the peer libraries run on the CPU. Times are in seconds, as asv stores them.
 
@@ -189,6 +197,7 @@ def _describe_params(params: dict[str, str]) -> dict[str, Any]:
         "n_leaves": n_leaves,
         "n_params": n_params,
         "dtype": params.get("dtype"),
+        "of_llc": params.get("of_llc"),  # a point of the roof's sweep
     }
 
 
@@ -246,18 +255,45 @@ def _add_throughput(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _attribute_devices(df: pd.DataFrame) -> pd.DataFrame:
-    """Resolve each row's device for its run and give it that device's limit as ``limit_gbps``."""
+    """Resolve each row's device for its run and give it that device's roof at its working set as ``limit_gbps``."""
     run = ["machine", "commit", "environment"]
-    limits = {}
     for device, benchmark in LIMIT_BENCHMARKS.items():
         df.loc[df["benchmark"] == benchmark, "device"] = device
-        measured = df[(df["benchmark"] == benchmark) & df["median"].notna()]
-        limits[device] = measured.groupby(run)["median"].median().rename(f"{device}_limit")
-        df = df.join(limits[device], on=run)
+    has_gpu = df[(df["benchmark"] == GPU_LIMIT_BENCHMARK) & df["median"].notna()].groupby(run).size().rename("has_gpu")
+    df = df.join(has_gpu, on=run)
     default = df["device"] == "default"
-    df.loc[default, "device"] = df.loc[default, "gpu_limit"].notna().map({True: "gpu", False: "cpu"})
-    df["limit_gbps"] = df["cpu_limit"].where(df["device"] == "cpu", df["gpu_limit"].where(df["device"] == "gpu"))
-    return df.drop(columns=["cpu_limit", "gpu_limit"])
+    df.loc[default, "device"] = df.loc[default, "has_gpu"].notna().map({True: "gpu", False: "cpu"})
+    working_sets = working_set(5 * df["dtype"].map(ITEMSIZE).astype(float) * df["n_params"])
+    df["limit_gbps"], df["cache_resident"] = math.nan, False
+    for _, rows in df.groupby(run, sort=False):
+        roofs = run_roofs(rows)
+        for device, roof in roofs.items():
+            at = rows.index[rows["device"] == device] if roof else []
+            if len(at):
+                sizes = working_sets[at]
+                df.loc[at, "limit_gbps"] = [roof.at(s) if s == s else roof.beyond_caches for s in sizes]
+                df.loc[at, "cache_resident"] = [roof.cache_resident(s) for s in sizes]
+    return df.drop(columns=["has_gpu"])
+
+
+def run_roofs(rows: pd.DataFrame) -> dict[str, Roof | None]:
+    """Each device's roof from one run's rows: its sweep, or, from a run before the roof, its one limit."""
+    rows = rows if "of_llc" in rows else rows.assign(of_llc=None)
+    llc = rows.loc[(rows["benchmark"] == LLC_BENCHMARK) & rows["available"], "median"]
+    last_level = int(llc.iloc[0]) if len(llc) else None
+    roofs: dict[str, Roof | None] = {}
+    for device, benchmark in LIMIT_BENCHMARKS.items():
+        gbps = rows[(rows["benchmark"] == f"{ROOF_BENCHMARKS[device]}.track_gbps") & rows["available"]]
+        sizes = rows[(rows["benchmark"] == f"{ROOF_BENCHMARKS[device]}.track_working_set_bytes") & rows["available"]]
+        sweep = pd.merge(gbps[["of_llc", "median"]], sizes[["of_llc", "median"]], on="of_llc", suffixes=("", "_bytes"))
+        sweep = sweep.drop_duplicates("median_bytes").sort_values("median_bytes")
+        single = rows.loc[(rows["benchmark"] == benchmark) & rows["available"], "median"]
+        if len(sweep):
+            sizes_, gbps_ = tuple(sweep["median_bytes"].astype(int)), tuple(sweep["median"])
+            roofs[device] = Roof(device, sizes_, gbps_, last_level_cache=last_level)
+        else:
+            roofs[device] = Roof.flat(device, single.median(), last_level) if len(single) else None
+    return roofs
 
 
 def _add_mlx_release(df: pd.DataFrame) -> pd.DataFrame:
@@ -293,6 +329,6 @@ def bandwidth_limit(df: pd.DataFrame, device: str = "cpu") -> float | None:
     return float(limits.median()) if len(limits) else None
 
 
-def device_limits(df: pd.DataFrame) -> dict[str, float | None]:
-    """Each device's limit over the given rows: ``{"cpu": ..., "gpu": ... or None}``."""
-    return {device: bandwidth_limit(df, device) for device in LIMIT_BENCHMARKS}
+def device_limits(df: pd.DataFrame) -> dict[str, Roof | None]:
+    """Each device's roof in one run's rows (``latest(df)``): ``{"cpu": Roof, "gpu": Roof or None}``."""
+    return run_roofs(df)

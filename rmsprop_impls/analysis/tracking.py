@@ -77,6 +77,7 @@ def by_machine(df: pd.DataFrame) -> pd.DataFrame:
     """
     rows = latest_by(step_rows(df), "machine")
     columns = ["machine", "mlx", *STEP_KEY, "n_params", "n_leaves", "median", "gbps", "limit_gbps", "fraction_of_limit"]
+    columns += ["cache_resident"]
     return rows[columns].sort_values(["n_params", "tree", "dtype", "variant", "machine"], ignore_index=True)
 
 

@@ -9,11 +9,12 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from ..analysis.tables import format_table
-from ..measure.bandwidth import describe_limits, fraction_of_limit, measure_limits
+from ..measure.bandwidth import cache_resident, describe_limits, limit_at, measure_limits, percent_text
 from ..measure.compare import VariantResult, compare_variants
 from ..measure.peers import NEEDS_EXTRA, OPTAX_MAX_LEAVES, PEER_LABELS, PEERS, compare_peers, installed_peers
+from ..measure.roof import working_set
 from ..measure.timing import time_floor
-from ..measure.trees import leaves_of, random_like
+from ..measure.trees import leaves_of, random_like, step_bytes
 from ..registry import variant_names
 from .common import (
     add_cache_limit_argument,
@@ -26,7 +27,7 @@ from .common import (
 
 #: The variants every other one is compared with, when they ran.
 BASELINES = ("compiled", "eager")
-HEADERS = ["tree", "variant", "device", "median ms", "IQR ms", "us/leaf", "GB/s", "of limit"]
+HEADERS = ["tree", "variant", "device", "median ms", "IQR ms", "us/leaf", "GB/s", "roof GB/s", "of limit"]
 HEADERS += [f"vs {b}" for b in BASELINES] + ["notes"]
 
 
@@ -35,8 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "compare",
         help="time every variant on one or more trees and print a table",
         description="Time every variant on each tree in this process: median step time, time per leaf, effective "
-        "GB/s (20 bytes per float32 parameter), the fraction of the bandwidth limit of the device it runs on (each "
-        "device's measured once, first) and the speed-up over the compiled and eager variants. Under the table, the "
+        "GB/s (20 bytes per float32 parameter), the roof of the device it runs on at the tree's working set (w, g and "
+        "v; each device's roof is measured once, first, as the best of several kernels over working sets from about "
+        "an L2 to 16 times the last-level cache), the fraction of that roof (marked cache-resident where the working "
+        "set fits in the last-level cache) and the speed-up over the compiled and eager variants. Under the table, the "
         "fastest variant per tree "
         "and the tree's floor: the tree walk, rebuild and mx.eval that every step pays, timed with no update. "
         "With --peers, the same step in other libraries is timed too, in this process on the same tree, and a line "
@@ -73,11 +76,12 @@ def run(args: argparse.Namespace) -> int:
         params = load_tree(name, args.dtype)
         leaves = leaves_of(params)
         grads = random_like(params)
+        touched = working_set(step_bytes(params))
         results = compare_variants(params, grads, args.variants, repeats=args.repeats)
-        rows += [_row(name, r, len(leaves), limits, results) for r in results]
+        rows += [_row(name, r, len(leaves), limits, touched, results) for r in results]
         if peers is not None:
             peer_results = compare_peers(params, grads, list(dict.fromkeys(peers)), repeats=args.repeats)
-            rows += [_row(name, r, len(leaves), limits, results, f"{r.variant} (peer)") for r in peer_results]
+            rows += [_row(name, r, len(leaves), limits, touched, results, f"{r.variant} (peer)") for r in peer_results]
             ratios.append(_ratio_line(name, results, peer_results))
         ran = [r for r in results if r.timing]
         if ran:
@@ -122,12 +126,21 @@ def _ratio_line(tree: str, results: list[VariantResult], peer_results: list[Vari
 
 
 def _row(
-    tree: str, r: VariantResult, n_leaves: int, limits: dict, results: list[VariantResult], label: str | None = None
+    tree: str,
+    r: VariantResult,
+    n_leaves: int,
+    limits: dict,
+    touched: float,
+    results: list[VariantResult],
+    label: str | None = None,
 ) -> list:
-    """One table row; ``results`` are the MLX variants' on this tree, the baselines; ``label`` names a peer's row."""
+    """One table row; ``touched`` is the tree's working set in bytes, ``results`` the MLX variants' on this tree
+    (the baselines); ``label`` names a peer's row."""
     label = label or r.variant
     if r.timing is None:
         return [tree, label, r.device] + [None] * (len(HEADERS) - 4) + [f"unavailable: {r.reason}"]
+    roof = limit_at(limits, r.device, touched)
+    resident = cache_resident(limits, r.device, touched)
     base = {b.variant: b.timing.median for b in results if b.variant in BASELINES and b.timing}
     speedups = [f"{base[b] / r.timing.median:.2f}x" if b in base else None for b in BASELINES]
     return [
@@ -138,11 +151,8 @@ def _row(
         f"{r.timing.iqr * 1e3:.3f}",
         f"{r.timing.median / max(n_leaves, 1) * 1e6:.1f}",
         f"{r.gbps:.2f}",
-        _percent(fraction_of_limit(r.gbps, limits, r.device)),
+        f"{roof:.1f}" if roof else None,
+        percent_text(r.gbps / roof if roof else None, resident),
         *speedups,
         f"first step {r.timing.first_s * 1e3:.1f} ms",
     ]
-
-
-def _percent(fraction: float | None) -> str | None:
-    return None if fraction is None else f"{100 * fraction:.0f}%"

@@ -9,9 +9,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..analysis.tables import format_table
-from ..measure.bandwidth import describe_limits
+from ..measure.bandwidth import cache_resident, describe_limits, percent_text
 from ..measure.profile import MB, capture_steps, plot_profiles, profile_variants
-from ..measure.trees import leaves_of, random_like
+from ..measure.roof import working_set
+from ..measure.trees import leaves_of, random_like, step_bytes
 from ..registry import create, variant_names
 from .common import (
     UserError,
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     n_params = sum(x.size for x in leaves_of(params))
     print(f"tree {args.tree} ({n_params:,} {args.dtype} parameters, {len(leaves_of(params))} leaves); {setting}")
     print(describe_limits(limits) + "\n")
+    touched = working_set(step_bytes(params))
     rows = [
         [
             p.variant,
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             f"{p.build_s * 1e3:.3f}",
             f"{p.eval_s * 1e3:.3f}",
             f"{p.gbps:.2f}",
-            None if p.of_limit != p.of_limit else f"{100 * p.of_limit:.0f}%",  # NaN: no limit for its device
+            percent_text(p.of_limit, cache_resident(limits, p.device, touched)),  # None: no limit for its device
             f"{p.peak_bytes / MB:.1f}",
             f"{p.active_bytes / MB:.1f}",
             f"{p.peak_growth_bytes / MB:.2f}",

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ..analysis.dashboard import DashboardError, build_dashboard
 from ..analysis.suite import KeptResults, RunSettings, find_project, git_head, read_conf, run_benchmarks, write_run_conf
 from ..analysis.tables import format_table
-from ..measure.bandwidth import describe_limits
+from ..measure.bandwidth import describe_limits, percent_text
 from ..registry import unavailable_reason
 from .common import UserError, add_cache_limit_argument, load_results
 
@@ -123,7 +123,7 @@ def summary(results: pd.DataFrame) -> str:
             r.device,
             f"{r.median * 1e3:.3f}",
             None if math.isnan(r.gbps) else f"{r.gbps:.2f}",
-            None if math.isnan(r.fraction_of_limit) else f"{100 * r.fraction_of_limit:.0f}%",
+            percent_text(r.fraction_of_limit, r.cache_resident),
         ]
         for r in winners(results).itertuples()
     ]

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from ..analysis.tables import markdown_table
+from ..measure.bandwidth import percent_text
 from ..measure.selftest import DRIFT_MARGIN, SPEED_TREE, STEPS, SelftestResult, VariantReport, run_selftest
 from ..registry import variant_names
 from .common import UserError, add_cache_limit_argument, apply_cache_limit, at_least, check_output_path, check_tree_name
@@ -128,7 +129,8 @@ def markdown_summary(result: SelftestResult, setting: str = "") -> str:
     cores = f"{info['cpu_cores']} cores" + (
         " (" + ", ".join(f"{n} {k}" for k, n in info["core_types"].items()) + ")" if info["core_types"] else ""
     )
-    limits = {"cpu limit (in-place triad, all cores)": info["limits"]["cpu"], "gpu limit": info["limits"]["gpu"]}
+    cpu_limit = info["limits"]["cpu"]
+    limits = {"cpu limit (roof: best of several kernels, all cores)": cpu_limit, "gpu limit": info["limits"]["gpu"]}
     packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items())
     dtypes = " / ".join(_SHORT[d] for d in ("float32", "float16", "bfloat16"))
     speed = next((v.speed["tree"] for v in result.variants if v.speed), None)
@@ -163,7 +165,7 @@ def markdown_summary(result: SelftestResult, setting: str = "") -> str:
                 _bit_identical(v),
                 _per_dtype(v, "rel_w_vs_reference", ".1e"),
                 _number(v.speed["gbps"], ".2f") if v.speed else "-",
-                f"{100 * fraction:.0f}%" if fraction is not None else "-",
+                percent_text(fraction, v.speed.get("cache_resident", False)) if fraction is not None else "-",
             ]
         )
     headers = ["variant", "device", "result", f"max ulps vs stock ({dtypes})", "bit-identical with stock"]

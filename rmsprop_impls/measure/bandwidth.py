@@ -1,129 +1,106 @@
-"""Each device's memory-bandwidth limit, measured the way STREAM does.
+"""Each device's memory-bandwidth limit: its roof (:mod:`.roof`), measured per working-set size.
 
-A variant's GB/s is a fraction of the limit of the device it runs on, so every
-device gets its own limit, measured in the same run (:func:`measure_limits`).
-
-**CPU:** an in-place triad ``a = a + s*b`` with ``s = 1``, over arrays far
-larger than the caches, run on every core at once. The only DRAM traffic is
-reading ``a`` and ``b`` and writing ``a`` (12 bytes per float32 element), the
-same pattern as an in-place RMSprop step. With ``s = 1`` NumPy does it in one
-vectorised pass (``np.add(a, b, out=a)``); a general ``s`` needs a second pass
-through a scratch block, and that version under-reported the limit by about
-30% here (the C++ kernel beat it). NumPy releases the GIL inside its loops, so
-the threads run in parallel. The arrays are cut into many more chunks than
-there are threads and each thread takes the next chunk when it is done, so
-where cores differ (performance and efficiency cores) the fast ones do more of
-the work instead of waiting for the slow ones.
-
-**GPU**, where MLX has one (Metal, CUDA): the same triad as MLX ops on
-``mx.gpu``, one elementwise pass per kernel over 256 MiB buffers (far larger
-than any GPU's last-level cache), evaluated, so synchronised, after a batch of
-passes. ``a`` is rebound each pass, so MLX donates its buffer to the result and
-the pass moves 12 bytes per element, as on the CPU.
+A variant's GB/s is a fraction of the roof of the device it runs on, at the
+step's own working set (w, g and v), so every device gets its own roof,
+measured in the same run (:func:`measure_limits`). The roof's figure beyond the
+caches is what a single STREAM-style limit used to give; a tree whose working
+set fits in the last-level cache is judged against the cache's roof, and called
+cache-resident wherever its fraction is shown.
 """
 
 from __future__ import annotations
 
-import os
 import platform
-import statistics
 import subprocess
-import time
-from concurrent.futures import ThreadPoolExecutor
 
-import mlx.core as mx
-import numpy as np
+from .roof import Roof, measure_cpu_roof, measure_gpu_roof
+from .roof import gpu_available as gpu_available  # where the self-test and the CLI have always found it
+from .roof_cache import best_so_far
 
 #: The concrete devices a variant runs on (see ``RMSpropBase.device``).
 DEVICES = ("cpu", "gpu")
 #: What a GPU limit reads on a machine without a GPU.
 NO_GPU = "n/a (no GPU)"
-#: Chunks per thread in the CPU triad: enough that faster cores can take more of them.
-CHUNKS_PER_THREAD = 8
-#: Passes per timed GPU sample: one pass can take well under a millisecond, less than a synchronisation costs.
-GPU_PASSES = 10
+#: A device's roof, ``None`` where it has none (no GPU).
+Limits = dict[str, "Roof | None"]
 
 
-def _triad_slice(a: np.ndarray, b: np.ndarray) -> None:
-    np.add(a, b, out=a)
+def cpu_roof() -> Roof:
+    """The CPU's roof, measured now and raised to the best measured on this machine before (:mod:`.roof_cache`)."""
+    return best_so_far(measure_cpu_roof())
 
 
-def measure_bandwidth(n_elements: int = 1 << 26, repeats: int = 5, threads: int | None = None) -> float:
-    """The CPU's limit: median read+write GB/s of the in-place triad with ``threads`` (default: all cores)."""
-    threads = threads or os.cpu_count() or 1
-    a = np.ones(n_elements, dtype=np.float32)
-    b = np.full(n_elements, 0.5, dtype=np.float32)
-    chunks = threads * CHUNKS_PER_THREAD if threads > 1 else 1
-    bounds = np.linspace(0, n_elements, chunks + 1, dtype=np.int64)
-    slices = [(a[lo:hi], b[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    rates = []
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(repeats + 1):  # the first pass faults the pages in
-            start = time.perf_counter()
-            list(pool.map(lambda s: _triad_slice(*s), slices))
-            rates.append(12 * n_elements / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates[1:])
+def gpu_roof() -> Roof | None:
+    """The GPU's, likewise; ``None`` without a GPU."""
+    return best_so_far(measure_gpu_roof())
 
 
-def gpu_available() -> bool:
-    """Whether this MLX has a GPU back-end with a device: Metal, or CUDA."""
-    cuda = getattr(mx, "cuda", None)
-    return bool(mx.metal.is_available() or (cuda is not None and cuda.is_available()))
-
-
-def measure_gpu_bandwidth(n_elements: int = 1 << 26, repeats: int = 5) -> float | None:
-    """The GPU's limit: median GB/s of the in-place triad as MLX ops on ``mx.gpu``; ``None`` without a GPU."""
-    if not gpu_available():
-        return None
-    a = mx.ones((n_elements,), dtype=mx.float32, stream=mx.gpu)
-    b = mx.full((n_elements,), 0.5, dtype=mx.float32, stream=mx.gpu)
-    mx.eval(a, b)
-    rates = []
-    for _ in range(repeats + 1):  # the first batch allocates and builds the kernel
-        start = time.perf_counter()
-        for _ in range(GPU_PASSES):
-            a = mx.add(a, b, stream=mx.gpu)
-        mx.eval(a)
-        mx.synchronize(mx.gpu)
-        rates.append(12 * n_elements * GPU_PASSES / (time.perf_counter() - start) / 1e9)
-    del a, b
-    mx.clear_cache()
-    return statistics.median(rates[1:])
-
-
-def measure_limits(cpu=measure_bandwidth, gpu=measure_gpu_bandwidth) -> dict[str, float | None]:
-    """Every device's limit in GB/s, measured now, one after the other: ``{"cpu": ..., "gpu": ... or None}``.
+def measure_limits(cpu=cpu_roof, gpu=gpu_roof) -> Limits:
+    """Every device's roof, measured now, one after the other: ``{"cpu": Roof, "gpu": Roof or None}``.
 
     ``cpu`` and ``gpu`` are the measurements (the tests stub them).
     """
     return {"cpu": cpu(), "gpu": gpu()}
 
 
-def limit_for(limits: dict[str, float | None], device: str) -> float | None:
-    """The limit a variant on ``device`` (concrete: ``"cpu"`` or ``"gpu"``) is a fraction of; ``None`` if absent."""
+def limit_for(limits: Limits, device: str) -> Roof | None:
+    """The roof a variant on ``device`` (concrete: ``"cpu"`` or ``"gpu"``) is judged against; ``None`` if absent.
+
+    A plain number in ``limits`` (a limit given by hand) is a roof flat at every working set.
+    """
     if device not in DEVICES:
         raise ValueError(f"a limit is per concrete device ({', '.join(DEVICES)}), not {device!r}")
-    return limits.get(device)
+    limit = limits.get(device)
+    return Roof.flat(device, limit) if isinstance(limit, (int, float)) and limit else limit or None
 
 
-def fraction_of_limit(gbps: float, limits: dict[str, float | None], device: str) -> float | None:
-    """``gbps`` as a fraction of ``device``'s limit; ``None`` where that device has no limit."""
-    limit = limit_for(limits, device)
+def limit_at(limits: Limits, device: str, working_set_bytes: float) -> float | None:
+    """``device``'s roof in GB/s at a working set of ``working_set_bytes``; ``None`` where that device has none."""
+    roof = limit_for(limits, device)
+    return roof.at(working_set_bytes) if roof else None
+
+
+def fraction_of_limit(gbps: float, limits: Limits, device: str, working_set_bytes: float) -> float | None:
+    """``gbps`` as a fraction of ``device``'s roof at ``working_set_bytes``; ``None`` where that device has none."""
+    limit = limit_at(limits, device, working_set_bytes)
     return gbps / limit if limit else None
 
 
-def limit_text(limit: float | None, device: str = "gpu") -> str:
-    """One device's limit for a table or a sentence: ``"412.3 GB/s"``, or ``"n/a (no GPU)"``."""
-    if limit:
-        return f"{limit:.1f} GB/s"
+def cache_resident(limits: Limits, device: str, working_set_bytes: float) -> bool:
+    """Whether a working set of ``working_set_bytes`` fits in the last-level cache of ``device``'s roof."""
+    roof = limit_for(limits, device)
+    return bool(roof) and roof.cache_resident(working_set_bytes)
+
+
+def percent_text(fraction: float | None, cache_resident: bool = False) -> str | None:
+    """A fraction of the roof as a table cell: ``"83%"``, ``"91% (cache-resident)"``; ``None`` without a fraction."""
+    if fraction is None or fraction != fraction:
+        return None
+    return f"{100 * fraction:.0f}%" + (" (cache-resident)" if cache_resident else "")
+
+
+def limit_text(roof: Roof | float | None, device: str = "gpu") -> str:
+    """One device's roof for a table or a sentence: ``"25.3 GB/s beyond the caches, up to 61.0 in them"``."""
+    if isinstance(roof, Roof):
+        caches = f", up to {max(roof.gbps):.1f} in them" if max(roof.gbps) > roof.beyond_caches else ""
+        return f"{roof.beyond_caches:.1f} GB/s beyond the caches{caches}"
+    if roof:
+        return f"{roof:.1f} GB/s"
     return NO_GPU if device == "gpu" else "n/a (not measured)"
 
 
-def describe_limits(limits: dict[str, float | None]) -> str:
-    """One line naming each device's limit, as the CLI prints it above its tables."""
+def roof_gbps(roof: Roof | float | None) -> float | None:
+    """A roof's figure beyond the caches, for a JSON file or a tracked benchmark; ``None`` without a roof."""
+    return getattr(roof, "beyond_caches", roof) or None
+
+
+def describe_limits(limits: Limits) -> str:
+    """One line naming each device's roof, as the CLI prints it above its tables."""
+    cpu = limit_for(limits, "cpu")
+    llc = f"; last-level cache {cpu.last_level_cache / 2**20:.0f} MiB" if cpu and cpu.last_level_cache else ""
     return (
-        "memory-bandwidth limit (in-place triad, all cores): "
-        f"cpu {limit_text(limits.get('cpu'), 'cpu')}; gpu {limit_text(limits.get('gpu'), 'gpu')}"
+        "memory-bandwidth roof (best of several kernels, per working-set size; % of limit is at each step's own "
+        f"working set): cpu {limit_text(cpu, 'cpu')}; gpu {limit_text(limits.get('gpu'), 'gpu')}{llc}"
     )
 
 

@@ -30,8 +30,9 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from ..registry import create, partition_available, variant_device
-from .bandwidth import limit_for, measure_limits
+from .bandwidth import limit_at, measure_limits
 from .mlx_settings import current_cache_limit, on_cpu_allocator
+from .roof import working_set
 from .trees import leaves_of, step_bytes
 
 #: A step whose page faults cover this fraction of its peak growth is fed by the OS, not by MLX's cache.
@@ -200,8 +201,10 @@ def profile_variants(
     if limits is None:
         limits = measure_limits()
 
-    def limit_of(name: str) -> float:
-        return limit_for(limits, variant_device(name)) or float("nan")
+    touched = working_set(step_bytes(params))
+
+    def limit_of(name: str) -> float:  # the roof at this tree's working set
+        return limit_at(limits, variant_device(name), touched) or float("nan")
 
     profiles = [
         profile_optimizer(create(name, learning_rate), params, grads, limit_of(name), steps)

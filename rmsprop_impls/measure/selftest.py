@@ -40,7 +40,16 @@ from tqdm import tqdm
 from ..mlx_device import device_info
 from ..reference import largest_step, reference_step, tolerance
 from ..registry import create, partition_available, variant_class, variant_device
-from .bandwidth import core_types, fraction_of_limit, gpu_available, limit_text, measure_limits
+from .bandwidth import (
+    cache_resident,
+    core_types,
+    fraction_of_limit,
+    gpu_available,
+    limit_text,
+    measure_limits,
+    roof_gbps,
+)
+from .roof import working_set
 from .timing import time_steps
 from .trees import dtype_name, random_like, step_bytes, tree_by_name
 
@@ -196,7 +205,7 @@ class SelftestResult:
                 "wall_s": self.wall_s,
                 "steps": self.steps,
                 "platform": self.platform,
-                "limits_gbps": self.limits,
+                "limits_gbps": {d: roof_gbps(r) for d, r in self.limits.items()},
                 "limits": {d: limit_text(g, d) for d, g in self.limits.items()},
                 "cases": [{"name": c.name, "tree": c.describe} for c in self.cases],
                 "dtypes": [dtype_name(d) for d in DTYPES],
@@ -454,11 +463,13 @@ def speed_check(name: str, limits: dict[str, float | None], tree: str, repeats: 
     grads = random_like(params)
     timing = time_steps(create(name, 1e-3), params, grads, repeats=repeats)
     gbps = step_bytes(params) / timing.median / 1e9
+    touched = working_set(step_bytes(params))
     return {
         "tree": tree,
         "median_ms": timing.median * 1e3,
         "gbps": gbps,
-        "fraction_of_limit": fraction_of_limit(gbps, limits, variant_device(name)),
+        "fraction_of_limit": fraction_of_limit(gbps, limits, variant_device(name), touched),
+        "cache_resident": cache_resident(limits, variant_device(name), touched),
     }
 
 
