@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rmsprop_impls.analysis.suite import mlx_matrix, read_conf
+from rmsprop_impls.measure.training_models import mlx_lm_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 ASV = str(Path(sys.executable).with_name("asv"))
@@ -62,6 +63,23 @@ def test_results_hold_every_benchmark_with_its_parameters_and_units(asv_history)
     assert units["bench_step.Step.track_fraction_of_limit"]["unit"] == "fraction"
     assert units["bench_step.Step.track_peak_memory"]["unit"] == "bytes"
     assert units["bench_bandwidth.Bandwidth.track_triad_gbps"]["unit"] == "GB/s"
+
+
+@pytest.mark.skipif(mlx_lm_missing() is not None, reason=str(mlx_lm_missing()))
+def test_the_training_step_suite_runs_beside_the_step_suite(asv_history):
+    run = load_run(asv_history.results_dir, asv_history.commits[0])
+    columns = run["result_columns"]
+    params = [["'llama-tiny'"], ["'compiled'", "'uncompiled'"], ["'adamw'"], ["'stock'"]]
+    for name in ["time_step", "track_peak_memory"]:
+        entry = dict(zip(columns, run["results"][f"bench_train.TrainStep.{name}"]))
+        assert entry["params"] == params and len(entry["result"]) == 2 and all(v > 0 for v in entry["result"]), name
+    grad = dict(zip(columns, run["results"]["bench_train.GradientStep.time_step"]))
+    assert grad["params"] == params[:2] and all(v > 0 for v in grad["result"])
+    alone = dict(zip(columns, run["results"]["bench_train.UpdateAlone.track_seconds"]))
+    assert alone["params"] == [params[0], *params[2:]] and alone["result"][0] > 0
+    units = json.loads((asv_history.results_dir / "benchmarks.json").read_text())
+    assert units["bench_train.TrainStep.track_peak_memory"]["unit"] == "bytes"
+    assert units["bench_train.TrainStep.time_step"]["param_names"] == ["model", "step", "rule", "variant"]
 
 
 def test_a_variant_this_commit_lacks_is_skipped_not_failed(asv_history, tmp_path):
