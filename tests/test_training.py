@@ -159,3 +159,13 @@ def test_train_prints_the_table(linear_chain_file):
 def test_train_mistakes_are_one_line(args, words):
     out = cli(*args)
     assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_choose_says_what_its_winner_saves_per_training_step(linear_chain_file):
+    out = cli("choose", "--params", linear_chain_file, "--variants", "eager", "--time-budget", "0")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout[out.stdout.index("per training step, eager instead of stock optim.RMSprop:") :].splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == ["compiled", "uncompiled"]
+    assert all(line.split()[1] in ("saves", "costs") and " ms of " in line for line in lines[1:3])
+    tree = cli("choose", "--tree", "4x1K", "--variants", "eager", "--time-budget", "0")
+    assert tree.returncode == 0 and "per training step" not in tree.stdout

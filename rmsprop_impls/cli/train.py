@@ -72,11 +72,13 @@ def _load(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     setting = apply_cache_limit(args.cache_limit_mb)
     model = _load(args)
-    with tqdm(total=1.0, desc="training steps", bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}") as bar:
-        result = measure_training(
-            model, args.rules, args.variants, tuple(args.step), args.time_budget,
-            on_progress=lambda f: bar.update(f - bar.n),
-        )  # fmt: skip
+    with tqdm(desc="training steps", unit="step", leave=False) as bar:
+
+        def stepped(label: str) -> None:
+            bar.set_postfix_str(label, refresh=False)
+            bar.update(1)
+
+        result = measure_training(model, args.rules, args.variants, tuple(args.step), args.time_budget, on_step=stepped)
     d = result.description
     print(
         f"{model.name}: {d['parameters']:,} parameters, {d['trainable']:,} trainable in {d['trainable_leaves']} "

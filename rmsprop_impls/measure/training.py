@@ -210,6 +210,18 @@ class TrainingResult:
         return steps[STOCK] - steps[variant]
 
 
+def winner_saving(model: TrainingModel, winner: str, time_budget_s: float = 10.0) -> dict[str, dict[str, float]]:
+    """What swapping stock RMSprop for ``winner`` saves per training step of ``model``, in each step kind:
+    ``{"compiled": {"stock_s": .., "winner_s": .., "saved_s": ..}, "uncompiled": {...}}`` (a negative saving costs)."""
+    result = measure_training(model, ["rmsprop"], [STOCK, winner], time_budget_s=time_budget_s, alone_repeats=1)
+    steps = {(r.step_kind, r.variant): r.step_s for r in result.rows}
+    return {
+        kind: {"stock_s": steps[kind, STOCK], "winner_s": steps[kind, winner],
+               "saved_s": result.saving_per_step(winner, step_kind=kind)}
+        for kind in STEP_KINDS
+    }  # fmt: skip
+
+
 def candidates(rules: list[str], variants: list[str] | None = None) -> tuple[list[tuple[str, str]], dict]:
     """The ``(rule, variant)`` pairs that run here (``variants`` default: each rule's all), and why the others not."""
     runnable, skipped = [], {}
@@ -231,7 +243,7 @@ def measure_training(
     time_budget_s: float = 10.0,
     min_rounds: int = 3,
     alone_repeats: int = 5,
-    on_progress: Callable[[float], None] | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> TrainingResult:
     """Time every runnable candidate's whole step, interleaved in one process, per mode.
 
@@ -239,12 +251,16 @@ def measure_training(
     and one forward-and-backward-only loop run round-robin (:func:`~.timing.time_round_robin`) for
     ``time_budget_s`` split over the modes; then each candidate's peak memory over one step, and its
     update alone on the same tree (its trainable parameters, with the step's real gradients) for
-    ``alone_repeats`` steps. ``on_progress`` gets the fraction of the work done.
+    ``alone_repeats`` steps. ``on_step`` gets a label for every step taken (for a progress bar).
     """
     runnable, skipped = candidates(rules, variants)
     rows: list[TrainingRow] = []
     grad_only: dict[str, float] = {}
-    work, done = len(step_kinds) * (2 + len(runnable)), 0
+
+    def stepped(label: str) -> None:
+        if on_step:
+            on_step(label)
+
     for kind in step_kinds:
         compiled = kind == "compiled"
         loops = {pair: training_loop(model, make_optimizer(*pair), compiled) for pair in runnable}
@@ -252,9 +268,9 @@ def measure_training(
         timings = time_round_robin(
             {"grad": base.step, **{pair: loop.step for pair, loop in loops.items()}},
             time_budget_s / len(step_kinds), min_rounds=min_rounds,
+            on_step=lambda name, _, kind=kind: stepped(f"{kind} {'grad only' if name == 'grad' else ' '.join(name)}"),
         )  # fmt: skip
         grad_only[kind] = timings["grad"].median
-        done += 2
         for pair, loop in loops.items():
             t = timings[pair]
             row = TrainingRow(model.name, kind, *pair, t.median, t.q1, t.q3, peak_bytes=step_peak_bytes(loop))
@@ -264,9 +280,7 @@ def measure_training(
             if loop.compiled and loop.traces > EXPECTED_TRACES:
                 row.note = f"the compiled step was traced {loop.traces} times in {len(t.samples) + 2} steps"
             rows.append(row)
-            done += 1
-            if on_progress:
-                on_progress(done / work)
+            stepped(f"{kind} {' '.join(pair)}: peak memory and the update alone")
         del loops, base
     for (rule, variant), reason in skipped.items():
         rows += [TrainingRow(model.name, kind, rule, variant, note=f"skipped: {reason}") for kind in step_kinds]
