@@ -39,6 +39,8 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 #: asv parameter names that mean "which implementation": a variant of ours or a peer library.
 _VARIANT_PARAMS = ("variant", "peer")
+#: The parameters with columns of their own; any other (a training step's model, step kind, rule) goes in ``case``.
+_COLUMN_PARAMS = (*_VARIANT_PARAMS, "tree", "dtype")
 _DEFAULT_PARAM_NAMES = ["variant", "tree", "dtype"]
 _SKIPPED = "skipped by asv: setup raised NotImplementedError (the variant cannot run there)"
 _FAILED = "failed: asv recorded no value (see the asv run log)"
@@ -58,6 +60,7 @@ COLUMNS = [
     "n_leaves",
     "n_params",
     "dtype",
+    "case",
     "median",
     "ci_low",
     "ci_high",
@@ -82,6 +85,9 @@ def load_asv_results(results_dir: str | Path | Sequence[str | Path]) -> pd.DataF
     ``results_dir`` may also be several directories (one per machine, or CI artifacts), or one directory
     holding several results directories: see :func:`results_dirs`. Each run's ``machine`` and ``mlx``
     (the MLX release of its asv environment, from asv.conf.json's matrix) are columns.
+
+    A benchmark's parameters other than variant (or peer), tree and dtype are in ``case``
+    (:func:`case_params` reads them back), so each of its series stays apart.
 
     Columns are ``COLUMNS`` plus ``limit_gbps``, the bandwidth limit of the row's ``device`` measured in the
     same run (NaN where the run has none). ``device`` is where the row ran, ``"cpu"`` or ``"gpu"``: a variant's
@@ -189,7 +195,13 @@ def _describe_params(params: dict[str, str]) -> dict[str, Any]:
         "n_leaves": n_leaves,
         "n_params": n_params,
         "dtype": params.get("dtype"),
+        "case": ";".join(f"{k}={v}" for k, v in params.items() if k not in _COLUMN_PARAMS) or None,
     }
+
+
+def case_params(case: str | None) -> dict[str, str]:
+    """The parameters a row's ``case`` holds: ``"model=llama-tiny;step=compiled"`` -> ``{"model": ..., ...}``."""
+    return dict(part.split("=", 1) for part in case.split(";")) if isinstance(case, str) and case else {}
 
 
 @functools.cache
