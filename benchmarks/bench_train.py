@@ -22,7 +22,7 @@ with safe_import():
     from rmsprop_impls.measure.training_models import training_model
 
 #: Written out, so that the grid stays the same for every commit asv runs.
-FULL_MODELS = ["llama-tiny", "mlp-2048", "llama-10m", "llama-40m", "llama-40m-lora", "llama-120m"]
+FULL_MODELS = ["llama-tiny", "mlp-2048", "llama-10m", "llama-30m", "llama-30m-lora", "llama-100m"]
 DEFAULT_MODELS = ["llama-tiny"]
 STEP_KINDS = ["compiled", "uncompiled"]
 RULES = ["rmsprop", "adamw"]

@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model",
         choices=training_model_names(),
         help="a built-in model: mlp-2048 (4x Linear(2048, 2048), batch 8, MSE), mlx-lm's Llama at llama-tiny "
-        "(156K parameters), -10m, -40m, -120m (next-token loss on random tokens), or llama-40m-lora (mlx-lm's "
+        "(156K parameters), -10m, -30m, -100m (next-token loss on random tokens), or llama-30m-lora (mlx-lm's "
         "LoRA, a frozen base); the Llama models need mlx-lm (pip install 'rmsprop-bench[train]')",
     )
     source.add_argument(

@@ -5,7 +5,7 @@
 * ``llama-*``: mlx-lm's own Llama decoder (``mlx_lm.models.llama.Model(ModelArgs(...))``) at sizes that
   train on a 2-core machine, with mlx-lm's own next-token loss (``mlx_lm.tuner.trainer.default_loss``)
   on random tokens. ``llama-tiny`` is the size the tests and the default subset use.
-* ``llama-40m-lora`` (and ``llama-tiny-lora`` for the tests): a decoder fine-tuned the way mlx-lm's LoRA
+* ``llama-30m-lora`` (and ``llama-tiny-lora`` for the tests): a decoder fine-tuned the way mlx-lm's LoRA
   does it: the base frozen and every linear layer wrapped by ``mlx_lm.tuner.utils.linear_to_lora_layers``,
   so the optimizer sees many small trainable leaves and the per-leaf cost of a step dominates.
 
@@ -49,13 +49,13 @@ class LlamaSize:
 LLAMA_SIZES: dict[str, LlamaSize] = {
     "llama-tiny": LlamaSize(hidden=64, layers=2, ffn=172, heads=4, kv_heads=2, vocab=1024, batch=2, seq=32),
     "llama-10m": LlamaSize(hidden=256, layers=8, ffn=704, heads=8, kv_heads=4, vocab=16384, batch=4, seq=64),
-    "llama-40m": LlamaSize(hidden=512, layers=8, ffn=1408, heads=8, kv_heads=4, vocab=16384, batch=4, seq=64),
-    "llama-120m": LlamaSize(hidden=768, layers=12, ffn=2048, heads=12, kv_heads=4, vocab=32000, batch=2, seq=64),
+    "llama-30m": LlamaSize(hidden=512, layers=8, ffn=1408, heads=8, kv_heads=4, vocab=16384, batch=4, seq=64),
+    "llama-100m": LlamaSize(hidden=768, layers=12, ffn=2048, heads=12, kv_heads=4, vocab=32000, batch=2, seq=64),
 }
 #: LoRA fine-tunes: the base decoder, and mlx-lm's LoRA settings (every linear of every layer).
 LORA_MODELS: dict[str, tuple[str, dict]] = {
     "llama-tiny-lora": ("llama-tiny", {"rank": 8, "scale": 20.0, "dropout": 0.0}),
-    "llama-40m-lora": ("llama-40m", {"rank": 8, "scale": 20.0, "dropout": 0.0}),
+    "llama-30m-lora": ("llama-30m", {"rank": 8, "scale": 20.0, "dropout": 0.0}),
 }
 MLP_MODELS = {"mlp-2048": (2048, 4, 8)}  # width, layers, batch
 
