@@ -116,12 +116,12 @@ def training_loop(model: TrainingModel, optimizer: optim.Optimizer | None, compi
     optimizer's state, inside the trace, as in mlx-lm).
     """
     module = copy_model(model)
-    loss_and_grad = nn.value_and_grad(module, model.loss)
+    loss_and_grad = loss_and_grad_of(module, model.loss)
     loop = TrainingLoop(module, optimizer, compiled)
 
     def whole_step(*inputs):
         loop.traces += 1
-        value, grads = loss_and_grad(module, *inputs)
+        value, grads = loss_and_grad(*inputs)
         if optimizer is None:
             return value, grads
         update(module, optimizer, grads)
