@@ -109,6 +109,17 @@ def test_run_prints_the_fastest_variant_per_tree_and_publishes(finished_run):
     assert "dashboard: " in out.stdout and "rmsprop-bench dashboard" in out.stdout
 
 
+@pytest.mark.skipif(mlx_lm_missing() is not None, reason=str(mlx_lm_missing()))
+def test_the_dashboard_lists_the_training_steps_beside_the_optimizer_steps(finished_run):
+    project, out = finished_run
+    assert out.returncode == 0, out.stdout + out.stderr
+    published = json.loads((project / ".asv" / "html" / "index.json").read_text())["benchmarks"]
+    assert "bench_step.Step.time_step" in published
+    assert published["bench_train.TrainStep.time_step"]["param_names"] == ["model", "step", "rule", "variant"]
+    assert (project / ".asv" / "html" / "graphs" / "summary" / "bench_train.TrainStep.time_step.json").is_file()
+    assert "## Per training step" in (project / "report" / "summary.md").read_text()
+
+
 def _as_in_a_terminal() -> None:
     """Ctrl-C reaches a command in a terminal. A test run started in the background by a
     non-interactive shell ignores SIGINT, and its children inherit that: the run would go on."""
