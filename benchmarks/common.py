@@ -42,7 +42,8 @@ MEMORY_LIMIT_MB = int(os.environ.get("RMSPROP_BENCH_MEMORY_LIMIT_MB", "8192"))
 MIB = 1024 * 1024
 
 
-def _axis(variable: str, default: list[str], full: list[str]) -> list[str]:
+def grid_axis(variable: str, default: list[str], full: list[str]) -> list[str]:
+    """The comma list in ``variable``, else ``full`` under ``RMSPROP_BENCH_GRID=full``, else ``default``."""
     value = os.environ.get(variable)
     if value:
         return value.split(",")
@@ -52,15 +53,15 @@ def _axis(variable: str, default: list[str], full: list[str]) -> list[str]:
 def variants() -> list[str]:
     """Every variant this commit registers, plus ``flat+packed``; unavailable ones skip in ``setup``."""
     names = rmsprop_impls.variant_names()
-    return _axis("RMSPROP_BENCH_VARIANTS", names + [FLAT_PACKED], names + [FLAT_PACKED])
+    return grid_axis("RMSPROP_BENCH_VARIANTS", names + [FLAT_PACKED], names + [FLAT_PACKED])
 
 
 def trees() -> list[str]:
-    return _axis("RMSPROP_BENCH_TREES", DEFAULT_TREES, FULL_TREES)
+    return grid_axis("RMSPROP_BENCH_TREES", DEFAULT_TREES, FULL_TREES)
 
 
 def dtypes() -> list[str]:
-    return _axis("RMSPROP_BENCH_DTYPES", DEFAULT_DTYPES, FULL_DTYPES)
+    return grid_axis("RMSPROP_BENCH_DTYPES", DEFAULT_DTYPES, FULL_DTYPES)
 
 
 @contextlib.contextmanager

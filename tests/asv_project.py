@@ -112,6 +112,9 @@ def build_history(
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
         "RMSPROP_BENCH_VARIANTS": variants, "RMSPROP_BENCH_TREES": trees, "RMSPROP_BENCH_DTYPES": "float32",
         "RMSPROP_BENCH_ROOF_MAX_MIB": "16",  # the trees here are tiny: a roof to 16 MiB takes a second, not ten
+        # One training-step case per commit: stock AdamW on mlx-lm's tiny Llama, both step kinds (about 10 s).
+        "RMSPROP_BENCH_TRAIN_MODELS": "llama-tiny", "RMSPROP_BENCH_TRAIN_RULES": "adamw",
+        "RMSPROP_BENCH_TRAIN_VARIANTS": "stock",
     }  # fmt: skip
     (workdir / "home").mkdir()
     history = AsvHistory(repo, chained_python(workdir / "env", repo), env, [], "")

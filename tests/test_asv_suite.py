@@ -14,6 +14,7 @@ import pytest
 
 from rmsprop_impls.analysis.suite import mlx_matrix, read_conf
 from rmsprop_impls.measure.roof import SWEEP
+from rmsprop_impls.measure.training_models import mlx_lm_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 ASV = str(Path(sys.executable).with_name("asv"))
@@ -71,6 +72,23 @@ def test_results_hold_every_benchmark_with_its_parameters_and_units(asv_history)
     assert units["bench_bandwidth.Roof.track_working_set_bytes"]["unit"] == "bytes"
 
 
+@pytest.mark.skipif(mlx_lm_missing() is not None, reason=str(mlx_lm_missing()))
+def test_the_training_step_suite_runs_beside_the_step_suite(asv_history):
+    run = load_run(asv_history.results_dir, asv_history.commits[0])
+    columns = run["result_columns"]
+    params = [["'llama-tiny'"], ["'compiled'", "'uncompiled'"], ["'adamw'"], ["'stock'"]]
+    for name in ["time_step", "track_peak_memory"]:
+        entry = dict(zip(columns, run["results"][f"bench_train.TrainStep.{name}"]))
+        assert entry["params"] == params and len(entry["result"]) == 2 and all(v > 0 for v in entry["result"]), name
+    grad = dict(zip(columns, run["results"]["bench_train.GradientStep.time_step"]))
+    assert grad["params"] == params[:2] and all(v > 0 for v in grad["result"])
+    alone = dict(zip(columns, run["results"]["bench_train.UpdateAlone.track_seconds"]))
+    assert alone["params"] == [params[0], *params[2:]] and alone["result"][0] > 0
+    units = json.loads((asv_history.results_dir / "benchmarks.json").read_text())
+    assert units["bench_train.TrainStep.track_peak_memory"]["unit"] == "bytes"
+    assert units["bench_train.TrainStep.time_step"]["param_names"] == ["model", "step", "rule", "variant"]
+
+
 def test_a_variant_this_commit_lacks_is_skipped_not_failed(asv_history, tmp_path):
     # In a clone: even a dry run rewrites benchmarks.json, which the shared history's dashboard reads.
     clone = tmp_path / "clone"
@@ -96,6 +114,17 @@ def test_run_prints_the_fastest_variant_per_tree_and_publishes(finished_run):
     assert f"report:    {project / 'report' / 'summary.md'}" in out.stdout
     assert (project / "report" / "summary.md").is_file() and list((project / "report").glob("*.png"))
     assert "dashboard: " in out.stdout and "rmsprop-bench dashboard" in out.stdout
+
+
+@pytest.mark.skipif(mlx_lm_missing() is not None, reason=str(mlx_lm_missing()))
+def test_the_dashboard_lists_the_training_steps_beside_the_optimizer_steps(finished_run):
+    project, out = finished_run
+    assert out.returncode == 0, out.stdout + out.stderr
+    published = json.loads((project / ".asv" / "html" / "index.json").read_text())["benchmarks"]
+    assert "bench_step.Step.time_step" in published
+    assert published["bench_train.TrainStep.time_step"]["param_names"] == ["model", "step", "rule", "variant"]
+    assert (project / ".asv" / "html" / "graphs" / "summary" / "bench_train.TrainStep.time_step.json").is_file()
+    assert "## Per training step" in (project / "report" / "summary.md").read_text()
 
 
 def _as_in_a_terminal() -> None:

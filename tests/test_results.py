@@ -17,9 +17,13 @@ from rmsprop_impls.analysis.results import (
     LIMIT_BENCHMARK,
     STEP_BENCHMARK,
     ResultsError,
+    case_params,
+    latest,
     load_asv_results,
     run_roofs,
 )
+from rmsprop_impls.analysis.training_report import training_steps
+from rmsprop_impls.measure.training_models import mlx_lm_missing
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +156,22 @@ def test_report_says_which_figures_it_could_not_draw(rich_df, tmp_path):
 def test_report_on_a_bad_directory_is_one_line(tmp_path):
     out = cli("report", "--results", str(tmp_path / "missing"), "--out", str(tmp_path / "report"))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no asv results directory" in out.stderr
+
+
+@pytest.mark.skipif(mlx_lm_missing() is not None, reason=str(mlx_lm_missing()))
+def test_the_report_shows_the_training_steps_beside_the_optimizer_steps(asv_history, tmp_path):
+    df = load_asv_results(asv_history.results_dir)
+    table = training_steps(df)
+    assert set(zip(table["step"], table["variant"])) == {("compiled", "stock"), ("uncompiled", "stock")}
+    assert (table["speedup"] == 1.0).all() and (table["alone_s"] > 0).all() and (table["peak_bytes"] > 0).all()
+    assert (table["in_step_s"] == table["step_s"] - df_grad(df, table["step"])).all()
+    summary = write_report(df, tmp_path).read_text()
+    assert summary.index("## Fastest variant per tree") < summary.index("## Per training step")
+    assert "| llama-tiny | compiled | adamw | stock |" in summary
+
+
+def df_grad(df, steps):
+    """The forward-and-backward time of the newest run for each step kind in ``steps``."""
+    newest = latest(df[df["benchmark"] == "bench_train.GradientStep.time_step"])
+    by_kind = {case_params(c)["step"]: m for c, m in zip(newest["case"], newest["median"])}
+    return steps.map(by_kind)

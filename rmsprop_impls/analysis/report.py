@@ -13,6 +13,7 @@ from .regressions import find_regressions, find_release_regressions
 from .results import STEP_BENCHMARK, device_limits, latest
 from .tables import markdown_table
 from .tracking import by_machine, by_release, releases_in
+from .training_report import training_section
 
 SUMMARY = "summary.md"
 
@@ -139,6 +140,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, source: str = "") -> Pat
         else "**Memory-bandwidth roof:** not in these results (bench_bandwidth did not run).",
         _winners_section(df),
     ]
+    sections += [s for s in (training_section(df),) if s]
     skipped = unavailable(df)
     if len(skipped):
         lines = [f"- {r.variant} on {r.tree} ({r.dtype}): {r.skip_reason}" for r in skipped.itertuples()]

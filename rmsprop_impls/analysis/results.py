@@ -43,6 +43,8 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 #: asv parameter names that mean "which implementation": a variant of ours or a peer library.
 _VARIANT_PARAMS = ("variant", "peer")
+#: The parameters with columns of their own; any other (a training step's model, step kind, rule) goes in ``case``.
+_COLUMN_PARAMS = (*_VARIANT_PARAMS, "tree", "dtype")
 _DEFAULT_PARAM_NAMES = ["variant", "tree", "dtype"]
 _SKIPPED = "skipped by asv: setup raised NotImplementedError (the variant cannot run there)"
 _FAILED = "failed: asv recorded no value (see the asv run log)"
@@ -62,6 +64,7 @@ COLUMNS = [
     "n_leaves",
     "n_params",
     "dtype",
+    "case",
     "median",
     "ci_low",
     "ci_high",
@@ -87,6 +90,9 @@ def load_asv_results(results_dir: str | Path | Sequence[str | Path]) -> pd.DataF
     ``results_dir`` may also be several directories (one per machine, or CI artifacts), or one directory
     holding several results directories: see :func:`results_dirs`. Each run's ``machine`` and ``mlx``
     (the MLX release of its asv environment, from asv.conf.json's matrix) are columns.
+
+    A benchmark's parameters other than variant (or peer), tree and dtype are in ``case``
+    (:func:`case_params` reads them back), so each of its series stays apart.
 
     Columns are ``COLUMNS`` plus ``limit_gbps``, the roof of the row's ``device`` measured in the same run at the
     row's working set (w, g and v of its tree and dtype; beyond the caches for rows of no tree; NaN where the run
@@ -198,7 +204,13 @@ def _describe_params(params: dict[str, str]) -> dict[str, Any]:
         "n_params": n_params,
         "dtype": params.get("dtype"),
         "of_llc": params.get("of_llc"),  # a point of the roof's sweep
+        "case": ";".join(f"{k}={v}" for k, v in params.items() if k not in _COLUMN_PARAMS) or None,
     }
+
+
+def case_params(case: str | None) -> dict[str, str]:
+    """The parameters a row's ``case`` holds: ``"model=llama-tiny;step=compiled"`` -> ``{"model": ..., ...}``."""
+    return dict(part.split("=", 1) for part in case.split(";")) if isinstance(case, str) and case else {}
 
 
 @functools.cache

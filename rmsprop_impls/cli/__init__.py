@@ -17,7 +17,7 @@ from ..tree_paths import TreeMismatchError
 from .common import UserError
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMANDS = ["selftest", "run", "compare", "choose", "profile", "report", "publish", "dashboard"]
+COMMANDS = ["selftest", "run", "compare", "choose", "train", "profile", "report", "publish", "dashboard"]
 
 _USER_ERRORS = (UserError, UnknownVariantError, VariantUnavailableError, TreeMismatchError, FileNotFoundError)
 

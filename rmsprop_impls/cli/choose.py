@@ -9,6 +9,8 @@ import sys
 from ..analysis.tables import format_table
 from ..measure.choice_cache import cache_dir, clear_choices
 from ..measure.choose import Choice, choose
+from ..measure.training import winner_saving
+from ..measure.training_models import TrainingModel, model_from_file, training_model, training_model_names
 from ..measure.trees import MODELS, model_tree, parse_dtype
 from ..registry import variant_names
 from .common import (
@@ -37,6 +39,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--params", metavar="FILE", help="a .safetensors or .npz file of parameters (mx.save_safetensors, mx.savez)"
     )
+    p.add_argument(
+        "--train-model",
+        choices=training_model_names(),
+        metavar="NAME",
+        help="a model that trains (as in 'rmsprop-bench train': " + ", ".join(training_model_names()) + "): "
+        "choose on its trainable parameters, then time its whole training step, compiled and not, with stock "
+        "RMSprop and with the winner, and say what the winner saves per step. A --params file of a linear chain "
+        "or an mlx-lm Llama gets the same",
+    )
     add_tree_arguments(p, default=None, dtype_default=None)
     p.add_argument("--variants", nargs="+", choices=variant_names(), help="candidates (default: all)")
     p.add_argument(
@@ -52,15 +63,42 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _load(args: argparse.Namespace) -> tuple[str, dict]:
-    sources = [s for s in (args.model, args.tree, args.params) if s]
+def _load(args: argparse.Namespace) -> tuple[str, dict, TrainingModel | None]:
+    """The tree to choose on, its name, and the model to time a training step of, where there is one."""
+    sources = [s for s in (args.model, args.tree, args.params, args.train_model) if s]
     if len(sources) != 1:
-        raise UserError("give exactly one of --model NAME, --tree NAME or --params FILE")
+        raise UserError("give exactly one of --model NAME, --tree NAME, --params FILE or --train-model NAME")
+    if args.train_model:
+        model = _training_model(args)
+        return args.train_model, model.module.trainable_parameters(), model
     if args.params:
-        return args.params, load_params_file(args.params)
+        return args.params, load_params_file(args.params), _training_model(args)
     if args.model:
-        return f"{args.model}-{args.size}", model_tree(args.model, args.size, parse_dtype(args.dtype or "float32"))
-    return args.tree, load_tree(args.tree, args.dtype or "float32")
+        tree = model_tree(args.model, args.size, parse_dtype(args.dtype or "float32"))
+        return f"{args.model}-{args.size}", tree, None
+    return args.tree, load_tree(args.tree, args.dtype or "float32"), None
+
+
+def _training_model(args: argparse.Namespace) -> TrainingModel | None:
+    """The model whose training step the winner is timed in: ``--train-model``'s, or a ``--params`` file's
+    where its layout has a forward pass here (else ``None``)."""
+    try:
+        return training_model(args.train_model) if args.train_model else model_from_file(args.params)
+    except (ValueError, RuntimeError) as e:
+        if args.train_model:
+            raise UserError(str(e)) from None
+        return None
+
+
+def _saving_lines(winner: str, saving: dict[str, dict[str, float]]) -> str:
+    lines = [f"per training step, {winner} instead of stock optim.RMSprop:"]
+    for kind, s in saving.items():
+        verb = "saves" if s["saved_s"] >= 0 else "costs"
+        lines.append(
+            f"  {kind:<10}  {verb} {abs(s['saved_s']) * 1e3:.2f} ms of {s['stock_s'] * 1e3:.2f} ms "
+            f"({100 * s['saved_s'] / s['stock_s']:+.1f}%; {s['stock_s'] / s['winner_s']:.2f}x)"
+        )
+    return "\n".join(lines)
 
 
 def _table(choice: Choice) -> str:
@@ -94,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     if args.time_budget < 0:
         raise UserError("--time-budget must be >= 0 seconds")
     check_output_path(args.json, "--json")
-    name, params = _load(args)
+    name, params, model = _load(args)
     setting = apply_cache_limit(args.cache_limit_mb)
     try:
         # A parameters file keeps its dtypes unless --dtype says otherwise; named trees are made in theirs.
@@ -108,8 +146,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"{name}: {tree['parameters']:,} parameters in {tree['leaves']} leaves ({dtypes}); {setting}\n", file=out)
     print(_table(choice), file=out)
     print(f"\nwinner: {choice.winner} ({choice.why})", file=out)
+    saving = None
+    if model is not None:
+        saving = winner_saving(model, choice.winner, args.time_budget)
+        print("\n" + _saving_lines(choice.winner, saving), file=out)
+    elif args.params:
+        print("\n(no training step timed: the file is neither a linear chain nor an mlx-lm Llama)", file=out)
     if args.json:
-        _write_json({"tree_name": name, "setting": setting, **choice.to_dict()}, args.json)
+        _write_json({"tree_name": name, "setting": setting, **choice.to_dict(), "training_step": saving}, args.json)
     return 0
 
 

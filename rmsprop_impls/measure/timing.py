@@ -121,26 +121,48 @@ def time_interleaved(
     warmup: int = 1,
     on_step: Callable[[str, float], None] | None = None,
 ) -> dict[str, StepTiming]:
-    """Time several optimizers round-robin, one step each per round, until ``budget_s`` is spent.
-
-    Interleaving spreads a busy moment on the machine over every candidate
-    instead of landing on one, so the ranking survives noise that sequential
-    timing would not. Each optimizer's first step (init, compile, kernel
-    build) is recorded apart, then ``warmup`` untimed rounds run; neither is
-    charged to the budget. Then at least ``min_rounds`` and at most
-    ``max_rounds`` timed rounds run. ``on_step`` gets the name and seconds of
-    every step (for a progress bar).
-    """
+    """Time several optimizers round-robin, one step each per round, until ``budget_s`` is spent
+    (:func:`time_round_robin`); each feeds its own parameters back in."""
     mx.eval(params, grads)
     current = dict.fromkeys(optimizers, params)
-    timings: dict[str, StepTiming] = {}
 
-    def one_round(record: bool) -> None:
-        for name, opt in optimizers.items():
-            start = time.perf_counter()
+    def stepper(name: str, opt: Any) -> Callable[[], None]:
+        def step() -> None:
             # Rebound before eval, so the old parameters can be donated (see time_steps).
             current[name] = opt.apply_gradients(grads, current[name])
             mx.eval(current[name], opt.state)
+
+        return step
+
+    calls = {name: stepper(name, opt) for name, opt in optimizers.items()}
+    return time_round_robin(calls, budget_s, min_rounds, max_rounds, warmup, on_step)
+
+
+def time_round_robin(
+    calls: dict[str, Callable[[], object]],
+    budget_s: float,
+    min_rounds: int = 3,
+    max_rounds: int = 1000,
+    warmup: int = 1,
+    on_step: Callable[[str, float], None] | None = None,
+) -> dict[str, StepTiming]:
+    """Time several calls round-robin, one each per round, until ``budget_s`` is spent.
+
+    Interleaving spreads a busy moment on the machine over every candidate
+    instead of landing on one, so the ranking survives noise that sequential
+    timing would not. Each call's first run (init, compile, kernel build) is
+    recorded apart, then ``warmup`` untimed rounds run; neither is charged to
+    the budget. Then at least ``min_rounds`` and at most ``max_rounds`` timed
+    rounds run. Each call must finish its work before it returns
+    (``mx.eval``); ``on_step`` gets the name and seconds of every call (for a
+    progress bar).
+    """
+    timings: dict[str, StepTiming] = {}
+
+    def one_round(record: bool) -> None:
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
             seconds = time.perf_counter() - start
             if name not in timings:
                 timings[name] = StepTiming(first_s=seconds)

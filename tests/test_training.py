@@ -1,0 +1,171 @@
+"""Whole training steps: every variant bit-identical with stock inside the step, the optimizer factory,
+mlx-lm's absence said in words, and ``rmsprop-bench train``."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import pytest
+from mlx.utils import tree_flatten
+from test_cli import cli
+
+from rmsprop_impls import available_variants, create
+from rmsprop_impls.measure import training_models
+from rmsprop_impls.measure.training import (
+    STOCK,
+    make_optimizer,
+    measure_training,
+    optimizer_variants,
+    skip_reason,
+    training_loop,
+    trajectories,
+)
+from rmsprop_impls.measure.training_models import mlx_lm_missing, model_from_file, training_model
+from rmsprop_impls.tree_paths import TreeMismatchError
+
+needs_mlx_lm = pytest.mark.skipif(mlx_lm_missing() is not None, reason=str(mlx_lm_missing()))
+
+
+@pytest.fixture(scope="module")
+def linear_chain_file(tmp_path_factory) -> str:
+    """A parameters file of three linear layers, as ``nn.Sequential`` saves them: the model read back from it."""
+    mx.random.seed(3)
+    model = nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 64), nn.Linear(64, 32))
+    path = tmp_path_factory.mktemp("params") / "chain.safetensors"
+    mx.save_safetensors(str(path), dict(tree_flatten(model.parameters())))
+    return str(path)
+
+
+def assert_bit_identical_with_stock(model, compiled: bool, steps: int = 3) -> None:
+    """After ``steps`` training steps from the same weights on the same batch, every leaf equals stock's bit for bit."""
+    variants = [STOCK, *available_variants()]
+    after = trajectories(model, "rmsprop", variants, compiled, steps)
+    start = dict(tree_flatten(model.module.trainable_parameters()))
+    stock = after[STOCK]
+    assert all(not mx.array_equal(stock[k], start[k]).item() for k in start)  # the steps moved every leaf
+    for variant in variants[1:]:
+        differ = [k for k in stock if not mx.array_equal(after[variant][k], stock[k]).item()]
+        assert not differ, f"{variant} ({'compiled' if compiled else 'uncompiled'} step) differs at {differ[:3]}"
+
+
+@needs_mlx_lm
+@pytest.mark.parametrize("name", ["llama-tiny", "llama-tiny-lora"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "uncompiled"])
+def test_every_variant_trains_mlx_lm_models_bit_identically_with_stock(name, compiled):
+    assert_bit_identical_with_stock(training_model(name), compiled)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "uncompiled"])
+def test_every_variant_trains_a_model_from_a_parameters_file_bit_identically_with_stock(linear_chain_file, compiled):
+    assert_bit_identical_with_stock(model_from_file(linear_chain_file), compiled)
+
+
+@needs_mlx_lm
+def test_lora_trains_only_its_adapters():
+    model = training_model("llama-tiny-lora")
+    d = model.describe()
+    trainable = dict(tree_flatten(model.module.trainable_parameters()))
+    assert d["trainable"] < d["parameters"] / 5 and all(k.endswith(("lora_a", "lora_b")) for k in trainable)
+    assert d["trainable_leaves"] == 2 * 7 * 2  # 7 linear layers per block, 2 blocks, 2 leaves each
+    loop = training_loop(model, make_optimizer("rmsprop", STOCK), compiled=True)
+    frozen = {k: v for k, v in tree_flatten(loop.module.parameters()) if k not in trainable}
+    loop.step()
+    assert all(mx.array_equal(v, dict(tree_flatten(loop.module.parameters()))[k]).item() for k, v in frozen.items())
+
+
+@needs_mlx_lm
+def test_the_variants_reject_optimizer_update_of_an_mlx_lm_module():
+    """What the training loop works around (measure.training.update): the variants' tree walk rejects the
+    gradient ``[{}, {}]`` of mlx-lm's ``layer_types`` (strings) where stock maps over it. Stock first."""
+    model = training_model("llama-tiny").module
+    _, grads = nn.value_and_grad(model, training_model("llama-tiny").loss)(model, *training_model("llama-tiny").batch)
+    optim.RMSprop(1e-3).update(model, grads)
+    with pytest.raises(TreeMismatchError, match="layer_types"):
+        create("eager", 1e-3).update(model, grads)
+
+
+def test_the_factory_gives_stock_for_every_rule_and_variants_for_rmsprop():
+    assert type(make_optimizer("rmsprop", STOCK)) is optim.RMSprop
+    assert type(make_optimizer("adamw", STOCK)) is optim.AdamW
+    assert optimizer_variants("adamw") == [STOCK] and "cpu_kernel" in optimizer_variants("rmsprop")
+    assert make_optimizer("rmsprop", "eager").name == "eager"
+    with pytest.raises(NotImplementedError, match="variants run RMSprop only"):
+        make_optimizer("adamw", "eager")
+    assert "RMSprop only" in skip_reason("adamw", "cpu_kernel") and skip_reason("rmsprop", STOCK) is None
+    with pytest.raises(ValueError, match="unknown optimizer rule 'sgd'"):
+        make_optimizer("sgd", STOCK)
+
+
+@pytest.mark.parametrize(
+    "installed, words", [(None, "mlx-lm is not installed"), ("0.20.1", "mlx-lm 0.20.1 is older than 0.30.7")]
+)
+def test_a_missing_or_old_mlx_lm_is_said_in_words(monkeypatch, installed, words):
+    def version(name: str) -> str:
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(training_models, "version", version)
+    assert words in training_models.mlx_lm_missing() and "rmsprop-bench[train]" in training_models.mlx_lm_missing()
+    with pytest.raises(RuntimeError, match=words):
+        training_model("llama-tiny")
+    assert training_model("mlp-2048").describe()["parameters"] == 4 * (2048 * 2048 + 2048)  # the MLP still builds
+
+
+def test_measure_training_reports_every_candidate(linear_chain_file):
+    result = measure_training(model_from_file(linear_chain_file), ["rmsprop", "adamw"], [STOCK, "eager", "flat"],
+                              time_budget_s=0, min_rounds=2)  # fmt: skip
+    ran = {(r.step_kind, r.rule, r.variant): r for r in result.rows if r.step_s == r.step_s}
+    assert set(ran) == {(k, rule, v) for k in ("compiled", "uncompiled") for rule, v in
+                        [("rmsprop", STOCK), ("rmsprop", "eager"), ("rmsprop", "flat"), ("adamw", STOCK)]}  # fmt: skip
+    for r in ran.values():
+        assert r.step_s > 0 and r.alone_s > 0 and r.peak_bytes > 3 * 4 * (48 * 64 + 64 * 64 + 64 * 32)  # w, g, v
+        assert r.in_step_s == pytest.approx(r.step_s - result.grad_only_s[r.step_kind])
+    assert ran[("compiled", "rmsprop", STOCK)].speedup == 1.0
+    skipped = [r for r in result.rows if r.step_s != r.step_s]
+    assert {(r.rule, r.variant) for r in skipped} == {("adamw", "eager"), ("adamw", "flat")}
+    assert all("RMSprop only" in r.note for r in skipped)
+    assert result.saving_per_step("eager") == pytest.approx(
+        ran[("compiled", "rmsprop", STOCK)].step_s - ran[("compiled", "rmsprop", "eager")].step_s
+    )
+
+
+def test_train_prints_the_table(linear_chain_file):
+    out = cli("train", "--params", linear_chain_file, "--variants", "stock", "cpu_kernel", "--time-budget", "0")
+    assert out.returncode == 0, out.stderr
+    assert "9,376 parameters, 9,376 trainable in 6 leaves; batch 8x48" in out.stdout
+    table = out.stdout.split("\n\n")[1].splitlines()
+    assert table[0].split()[:5] == ["step", "rule", "variant", "step", "ms"] and "vs stock" in table[0]
+    pairs = [("rmsprop", "stock"), ("adamw", "stock")] + [("rmsprop", "cpu_kernel")] * (
+        "cpu_kernel" in available_variants()
+    )
+    rows = {tuple(line.split()[:3]) for line in table[2:]}
+    assert rows == {(kind, *pair) for kind in ("compiled", "uncompiled") for pair in pairs}
+    assert "forward and backward alone, compiled:" in out.stdout
+    assert "adamw cpu_kernel: skipped: no 'cpu_kernel' variant of adamw" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["train", "--params", "missing.npz"], "missing.npz: no such file"),
+        (["train", "--model", "llama-huge"], "invalid choice: 'llama-huge'"),
+        (["train"], "one of the arguments --model --params is required"),
+    ],
+)
+def test_train_mistakes_are_one_line(args, words):
+    out = cli(*args)
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_choose_says_what_its_winner_saves_per_training_step(linear_chain_file):
+    out = cli("choose", "--params", linear_chain_file, "--variants", "eager", "--time-budget", "0")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout[out.stdout.index("per training step, eager instead of stock optim.RMSprop:") :].splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == ["compiled", "uncompiled"]
+    assert all(line.split()[1] in ("saves", "costs") and " ms of " in line for line in lines[1:3])
+    tree = cli("choose", "--tree", "4x1K", "--variants", "eager", "--time-budget", "0")
+    assert tree.returncode == 0 and "per training step" not in tree.stdout
