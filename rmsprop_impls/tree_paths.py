@@ -88,6 +88,8 @@ def _check_leaf(g: Any, w: Any, s: Any, path: tuple, out: MatchedLeaves) -> None
 def _walk(g: Any, w: Any, s: Any, path: tuple, out: MatchedLeaves) -> None:
     if isinstance(g, mx.array):
         _check_leaf(g, w, s, path, out)
+    elif isinstance(g, (dict, list, tuple)) and not g:
+        return  # no leaves: stock maps over the gradients and never looks at the parameter (mlx-lm's layer_types)
     elif isinstance(g, dict):
         if not isinstance(w, dict):
             raise TreeMismatchError(path, f"gradient is a dict but the parameter is {_kind(w)}")
