@@ -15,4 +15,5 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_main_command_installs_and_runs_the_suite():
     readme = (ROOT / "README.md").read_text()
-    assert "python3 -m venv .venv && .venv/bin/pip install -q -e '.[cpu,train]' && .venv/bin/rmsprop-bench run" in readme
+    command = "python3 -m venv .venv && .venv/bin/pip install -q -e '.[cpu,train]' && .venv/bin/rmsprop-bench run"
+    assert command in readme
