@@ -90,8 +90,7 @@ class RMSpropBase(optim.Optimizer):
         if not self._initialized:
             match_leaves(gradients, parameters)  # a bad tree fails before any state is made
             self.init(gradients)
-        scheduled = {param: scheduler(self.step) for param, scheduler in self._schedulers.items()}
-        lr = scheduled.get("learning_rate", self.learning_rate)
+        scheduled, lr = self._scheduled()
         leaves = match_leaves(gradients, parameters, self.state)
         new_w, new_v = self._step_leaves(leaves, lr)
         new_parameters = leaves.rebuild(new_w)
@@ -100,6 +99,11 @@ class RMSpropBase(optim.Optimizer):
         for s, v in zip(leaves.states, new_v):
             s["v"] = v
         return new_parameters
+
+    def _scheduled(self) -> tuple[dict[str, mx.array], mx.array]:
+        """This step's scheduled values, not yet stored, and the learning rate among them."""
+        scheduled = {param: scheduler(self.step) for param, scheduler in self._schedulers.items()}
+        return scheduled, scheduled.get("learning_rate", self.learning_rate)
 
     def _step_leaves(self, leaves: MatchedLeaves, lr: mx.array) -> tuple[list[mx.array], list[mx.array]]:
         """The new w and v of every leaf: the variant's update for the leaves it takes, stock's ops
@@ -110,14 +114,14 @@ class RMSpropBase(optim.Optimizer):
         if len({id(s) for s in states}) < len(states):
             return _stock_leaf_by_leaf(w, g, states, lr, self.alpha, self.eps)
         taken = [i for i in range(len(w)) if self.takes_leaf(w[i], g[i], v[i])]
-        new_w, new_v = list(w), list(v)
         if len(taken) == len(w):
             return self.update_leaves(w, g, v, lr)
+        new_w, new_v = list(w), list(v)
         if taken:
             tw, tv = self.update_leaves([w[i] for i in taken], [g[i] for i in taken], [v[i] for i in taken], lr)
             for k, i in enumerate(taken):
                 new_w[i], new_v[i] = tw[k], tv[k]
-        for i in sorted(set(range(len(w))) - set(taken)):
+        for i in sorted(set(range(len(w))) - set(taken)):  # in tree order, as stock builds them
             new_w[i], new_v[i] = rmsprop_update(w[i], g[i], v[i], lr, self.alpha, self.eps)
         return new_w, new_v
 

@@ -92,8 +92,7 @@ class CpuKernelRMSprop(RMSpropBase):
         walk does not take (and the first step) go through the Python walk, which names any error.
         Either way the state changes only once the whole step has been computed."""
         if self._initialized:
-            scheduled = {param: scheduler(self.step) for param, scheduler in self._schedulers.items()}
-            lr = scheduled.get("learning_rate", self.learning_rate)
+            scheduled, lr = self._scheduled()
             older, newer = self._spare_w
             args = (lr, self.alpha, self.eps, self.threads, self.precision)
             stepped = self._step_tree(gradients, parameters, self.state, *args, older)

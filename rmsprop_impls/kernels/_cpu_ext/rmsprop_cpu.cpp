@@ -2,10 +2,10 @@
 //
 // Leaves of kEagerMaxElements or more: an RMSpropStep node takes the w, g and v of up to
 // kLeavesPerNode leaves plus the learning rate and yields their new w and v, reusing input
-// buffers nobody else holds (donation). Smaller leaves are updated at once, outside the graph,
-// into packed allocations of at most 4 MiB: as graph nodes they would cost MLX more than their
-// work. There v is overwritten where only the optimizer state can see it, and the new w goes into
-// the w of the step before last once the caller has dropped it. After the first step, step_tree()
+// buffers nobody else holds (donation). Smaller leaves are updated at once, outside the graph (as
+// graph nodes they would cost MLX more than their work), each new w and v in memory of its own,
+// except where in_place.h allows v to be overwritten and the new w to go into the w of the step
+// before last. After the first step, step_tree()
 // walks the trees here too. Either way the elements are split evenly over a persistent thread pool
 // (MLX's CPU back-end runs each task on one thread) and each thread streams its share once, with
 // the vector kernel simd/simd.h picks for this CPU (AVX2, NEON, or the scalar loop) and software
@@ -30,6 +30,7 @@
 #include <thread>
 #include <utility>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "mlx/backend/cpu/encoder.h"
@@ -310,7 +311,7 @@ struct Leaf {
   Dtype::Val dtype;
   size_t itemsize;
   // Whether the kernel writes w_out and v_out past the cache (loop.h): not memory it reads in this
-  // step (a new pack, a spare, not v in place) and a step of kStreamMinBytes or more.
+  // step (a fresh allocation, a spare, not v in place) and a step of kStreamMinBytes or more.
   bool stream_w, stream_v;
   // The allocations behind w_out, g and v_out, which the huge-page move keys on. Weak: a handle
   // here must not count as a holder when the next step asks whether it may donate a buffer.
@@ -431,6 +432,9 @@ void update_transposed(const Leaf& leaf, const Hyper& h, Precision precision, in
   int threads = static_cast<int>(std::clamp<size_t>(leaf.size / kMinElementsPerThread, 1, max_threads));
   pool().run(threads, [&](int t) {
     Element tile[kTileRows * kTileColumns];
+    // One row's pointers, moved along w's rows; no owners, so the rows copy no reference count.
+    Leaf row{leaf.w, leaf.g, leaf.v, leaf.w_out, leaf.v_out, leaf.size, leaf.dtype, leaf.itemsize,
+             leaf.stream_w, leaf.stream_v};
     for (size_t tr = tile_rows * t / threads; tr < tile_rows * (t + 1) / threads; ++tr) {
       size_t r0 = tr * kTileRows, r1 = std::min(rows, r0 + kTileRows);
       for (size_t c0 = 0; c0 < columns; c0 += kTileColumns) {
@@ -442,7 +446,6 @@ void update_transposed(const Leaf& leaf, const Hyper& h, Precision precision, in
         }
         for (size_t r = r0; r < r1; ++r) {
           size_t at = (r * columns + c0) * leaf.itemsize;
-          Leaf row = leaf;
           row.w = static_cast<const char*>(leaf.w) + at;
           row.v = static_cast<const char*>(leaf.v) + at;
           row.w_out = static_cast<char*>(leaf.w_out) + at;
@@ -1158,9 +1161,9 @@ array advanced(const array& step) {
 // them one after the other, b reading a's new v, which a step that reads every v first cannot do.
 // A dict held by its parent and the walk alone is not shared, so only the others are looked up.
 bool shares_a_state(const rmsprop::tree::Leaves& leaves) {
-  std::unordered_map<PyObject*, bool> seen;
+  std::unordered_set<PyObject*> seen;
   for (const nb::object& state : leaves.states) {
-    if (Py_REFCNT(state.ptr()) > 2 && !seen.try_emplace(state.ptr(), true).second) {
+    if (Py_REFCNT(state.ptr()) > 2 && !seen.insert(state.ptr()).second) {
       return true;
     }
   }
@@ -1190,15 +1193,13 @@ nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state
   array lr32 = as_float32_scalar(lr);
   rmsprop::tree::Leaves leaves;
   std::vector<LeafFacts> facts;
-  Reuse reuse;
   for (int round = 0;; ++round) {
     leaves = {};
     leaves.reserve(PyList_GET_SIZE(spare.ptr()));  // as many as the last step had, usually
     if (!walker->walk(gradients.ptr(), parameters.ptr(), state.ptr(), leaves) || shares_a_state(leaves)) {
       return nb::none();
     }
-    reuse = Reuse{&leaves.v_objects, spare.ptr()};
-    facts = read_leaves(leaves.arrays, reuse);
+    facts = read_leaves(leaves.arrays, Reuse{&leaves.v_objects, spare.ptr()});
     std::vector<array> pending;
     try {
       pending = pending_inputs(leaves.arrays, facts, lr32);
