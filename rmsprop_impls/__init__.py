@@ -1,11 +1,13 @@
-"""Several ways to run MLX's RMSprop, behind one interface, with the tools to time them.
+"""Several ways to run MLX's elementwise optimizers, behind one interface, with the tools to time them.
 
 >>> import rmsprop_impls as r
->>> r.availability()                      # which variants run here, and why not
->>> opt = r.create("compiled", 1e-3)      # a drop-in for mlx.optimizers.RMSprop
+>>> r.availability()                                  # which variants run here, and why not
+>>> opt = r.create("compiled", 1e-3)                  # a drop-in for mlx.optimizers.RMSprop
+>>> opt = r.AdamW(1e-3, weight_decay=0.1, variant="cpu_kernel")   # for mlx.optimizers.AdamW
 
-The package is layered: the optimizers and the one interface at the top level
-(``optimizer``, ``formula``, ``tree_paths``, ``registry``, ``reference``,
+The package is layered: the rules (``rules/``: what each optimizer computes,
+defined once), the one interface and the variants at the top level
+(``optimizer``, ``tree_paths``, ``registry``, ``drop_in``, ``reference``,
 ``variants/``), their kernels in ``kernels/``, timing them in ``measure/``,
 reading asv's results in ``analysis/``, and the command line in ``cli/``.
 Each layer imports only from the ones before it.
@@ -15,10 +17,11 @@ from . import (
     _mlx_backend,  # noqa: F401  (first: a clear error where MLX has no back-end)
     _moved,
 )
+from .drop_in import DROP_INS
 from .kernels.packing import FlatLayout, PackedGradients
 from .measure.choice_cache import clear_choices
 from .measure.choose import Choice, choose
-from .optimizer import RMSpropBase
+from .optimizer import OptimizerBase
 from .reference import reference_step, reference_trajectory
 from .registry import (
     UnknownVariantError,
@@ -30,8 +33,10 @@ from .registry import (
     variant_device,
     variant_names,
 )
+from .rules import RULE_NAMES, UnknownRuleError, rule
 from .tree_paths import TreeMismatchError
 
+globals().update(DROP_INS)  # SGD, RMSprop, Adagrad, AdaDelta, Adam, AdamW, Adamax, Lion
 _moved.install()
 
 
@@ -48,7 +53,11 @@ __all__ = [
     "clear_choices",
     "FlatLayout",
     "PackedGradients",
-    "RMSpropBase",
+    "OptimizerBase",
+    "RULE_NAMES",
+    "UnknownRuleError",
+    "rule",
+    *DROP_INS,
     "TreeMismatchError",
     "UnknownVariantError",
     "VariantUnavailableError",

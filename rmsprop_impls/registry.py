@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from .formula import DEFAULT_ALPHA, DEFAULT_EPS
-from .optimizer import LearningRate, RMSpropBase
+from .optimizer import LearningRate, OptimizerBase
+from .rules import DEFAULT_RULE, Rule, rule
 
 #: variant name -> module (under rmsprop_impls) that defines ``VARIANT``.
 _MODULES: dict[str, str] = {
@@ -48,7 +48,7 @@ def variant_names() -> list[str]:
     return list(_MODULES)
 
 
-def variant_class(name: str) -> type[RMSpropBase]:
+def variant_class(name: str) -> type[OptimizerBase]:
     """The class behind ``name``; raises if unknown or if its module cannot import."""
     modules = {**_MODULES, **_SELECTORS}
     if name not in modules:
@@ -94,18 +94,27 @@ def partition_available(names: list[str] | None = None) -> tuple[list[str], dict
 def create(
     name: str,
     learning_rate: LearningRate,
-    alpha: float = DEFAULT_ALPHA,
-    eps: float = DEFAULT_EPS,
+    *hyper,
+    optimizer: str | Rule = DEFAULT_RULE,
     **options,
-) -> RMSpropBase:
-    """A ready optimizer of variant ``name``, a drop-in for ``mlx.optimizers.RMSprop``."""
+) -> OptimizerBase:
+    """A ready optimizer of variant ``name`` running rule ``optimizer`` (RMSprop by default), a drop-in for its
+    stock class: ``create("cpu_kernel", 1e-3, optimizer="adamw", weight_decay=0.1)``.
+
+    ``hyper`` and the named ``options`` are the rule's hyper-parameters (stock's names, defaults and checks) and
+    the variant's own options (``threads``, ``precision``).
+    """
     cls = variant_class(name)
+    the_rule = rule(optimizer)
     reason = cls.unavailable_reason()
     if reason is not None:
         raise VariantUnavailableError(name, reason)
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "learning_rate", "alpha", "eps"}
+    own = set(inspect.signature(cls.__init__).parameters) - {"self", "learning_rate", "hyper", "named", "optimizer"}
+    accepted = own | set(the_rule.defaults)
     unknown = sorted(set(options) - accepted)
     if unknown:
         takes = ", ".join(sorted(accepted)) or "no options"
-        raise TypeError(f"variant '{name}' got unknown option(s) {', '.join(unknown)}; it takes: {takes}")
-    return cls(learning_rate, alpha=alpha, eps=eps, **options)
+        raise TypeError(
+            f"variant '{name}' of {the_rule.title} got unknown option(s) {', '.join(unknown)}; it takes: {takes}"
+        )
+    return cls(learning_rate, *hyper, optimizer=the_rule, **options)

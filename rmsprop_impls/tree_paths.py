@@ -34,10 +34,13 @@ def _kind(x: Any) -> str:
 class MatchedLeaves:
     """The leaves of one step, in tree order, as parallel lists."""
 
-    __slots__ = ("gradients", "parameters", "states", "_tree")
+    __slots__ = ("gradients", "parameters", "states", "state_names", "_required", "_tree")
 
-    def __init__(self, tree: Any):
+    def __init__(self, tree: Any, state_names: tuple[str, ...] = ("v",)):
         self._tree = tree
+        #: The rule's state arrays, which every leaf's state dict must hold.
+        self.state_names = state_names
+        self._required = frozenset(state_names)
         self.gradients: list[mx.array] = []
         self.parameters: list[mx.array] = []
         self.states: list[dict] = []
@@ -56,14 +59,16 @@ def _rebuild(node: Any, leaves: Iterator[mx.array]) -> Any:
     return next(leaves)
 
 
-def match_leaves(gradients: Any, parameters: Any, state: Any = None) -> MatchedLeaves:
+def match_leaves(
+    gradients: Any, parameters: Any, state: Any = None, state_names: tuple[str, ...] = ("v",)
+) -> MatchedLeaves:
     """Pair each gradient leaf with its parameter (and state entry, if given).
 
     Parameters may hold more than the gradients, as in stock MLX. Raises
     :class:`TreeMismatchError` at the first leaf that is missing, is not an
     array, or differs in shape (dtypes may differ: stock promotes them).
     """
-    out = MatchedLeaves(gradients)
+    out = MatchedLeaves(gradients, state_names)
     _walk(gradients, parameters, state, (), out)
     return out
 
@@ -80,8 +85,9 @@ def _check_leaf(g: Any, w: Any, s: Any, path: tuple, out: MatchedLeaves) -> None
     out.gradients.append(g)
     out.parameters.append(w)
     if s is not None:
-        if not isinstance(s, dict) or "v" not in s:
-            raise TreeMismatchError(path, "the optimizer state has no 'v' for this leaf")
+        missing = [name for name in out.state_names if not isinstance(s, dict) or name not in s]
+        if missing:
+            raise TreeMismatchError(path, f"the optimizer state has no {', '.join(map(repr, missing))} for this leaf")
         out.states.append(s)
 
 
@@ -95,7 +101,7 @@ def _walk(g: Any, w: Any, s: Any, path: tuple, out: MatchedLeaves) -> None:
             raise TreeMismatchError(path, f"gradient is a dict but the parameter is {_kind(w)}")
         if s is not None and not isinstance(s, dict):
             raise TreeMismatchError(path, "the optimizer state does not match this dict")
-        gradients, parameters, states = out.gradients, out.parameters, out.states
+        gradients, parameters, states, required = out.gradients, out.parameters, out.states, out._required
         for k, gk in g.items():
             wk = w.get(k, _MISSING)
             sk = None if s is None else s.get(k, _MISSING)
@@ -103,7 +109,7 @@ def _walk(g: Any, w: Any, s: Any, path: tuple, out: MatchedLeaves) -> None:
                 type(gk) is mx.array
                 and type(wk) is mx.array
                 and type(sk) is dict
-                and "v" in sk
+                and required <= sk.keys()
                 and gk.shape == wk.shape
             ):
                 # The common leaf, checked inline: this loop runs for every leaf on every step.

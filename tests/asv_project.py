@@ -25,7 +25,7 @@ SLOWDOWN = """
 
 import time as _time
 
-_unslowed = EagerRMSprop.update_leaves
+_unslowed = EagerOptimizer.update_leaves
 
 
 def _slowed(self, *args):
@@ -33,7 +33,7 @@ def _slowed(self, *args):
     return _unslowed(self, *args)
 
 
-EagerRMSprop.update_leaves = _slowed
+EagerOptimizer.update_leaves = _slowed
 """
 
 

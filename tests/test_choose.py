@@ -11,7 +11,7 @@ from test_cli import cli
 from trajectory import as_f64, check_against_reference_and_stock, gradient_sequence, max_rel_error, run, tolerance
 
 from rmsprop_impls import choose, clear_choices, create
-from rmsprop_impls.measure.auto import AutoRMSprop
+from rmsprop_impls.measure.auto import AutoOptimizer
 from rmsprop_impls.measure.choose import rank
 from rmsprop_impls.measure.timing import StepTiming, time_steps
 from rmsprop_impls.measure.trees import random_like, tree_by_name
@@ -124,8 +124,8 @@ def test_the_choice_is_cached_reused_and_invalidated(private_cache, monkeypatch)
     assert len(files) == 1 and json.loads(files[0].read_text())["variant"] == first.chosen
 
     measured = []
-    real = AutoRMSprop._measured_step
-    monkeypatch.setattr(AutoRMSprop, "_measured_step", lambda self, *a: measured.append(1) or real(self, *a))
+    real = AutoOptimizer._measured_step
+    monkeypatch.setattr(AutoOptimizer, "_measured_step", lambda self, *a: measured.append(1) or real(self, *a))
     again = train_with_auto({"a": mx.ones((64,)), "b": mx.ones((3, 5))}, steps=3)
     assert again.chosen == first.chosen and again.choice["from_cache"] and measured == []
 

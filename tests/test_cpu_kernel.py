@@ -13,7 +13,7 @@ from trajectory import check_against_reference_and_stock, gradient_sequence
 
 import rmsprop_impls
 from rmsprop_impls import VariantUnavailableError, create, reference_step
-from rmsprop_impls.formula import rmsprop_update
+from stock_update import rmsprop_update
 from rmsprop_impls.registry import unavailable_reason
 
 REASON = unavailable_reason("cpu_kernel")

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from rmsprop_impls.formula import rmsprop_update
+from stock_update import rmsprop_update
 from rmsprop_impls.registry import unavailable_reason
 
 REASON = unavailable_reason("cpu_kernel")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from rmsprop_impls import create
-from rmsprop_impls.formula import rmsprop_update
+from stock_update import rmsprop_update
 from rmsprop_impls.registry import unavailable_reason
 
 REASON = unavailable_reason("cpu_kernel")

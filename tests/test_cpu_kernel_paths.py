@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from rmsprop_impls.formula import rmsprop_update
+from stock_update import rmsprop_update
 from rmsprop_impls.registry import unavailable_reason
 
 REASON = unavailable_reason("cpu_kernel")

@@ -83,9 +83,9 @@ def test_unknown_option_names_it_and_what_is_taken():
 
 
 def test_unavailable_variant_carries_its_reason(monkeypatch):
-    from rmsprop_impls.variants.compiled import CompiledRMSprop
+    from rmsprop_impls.variants.compiled import CompiledOptimizer
 
-    monkeypatch.setattr(CompiledRMSprop, "unavailable_reason", classmethod(lambda cls: "needs g++ on PATH"))
+    monkeypatch.setattr(CompiledOptimizer, "unavailable_reason", classmethod(lambda cls: "needs g++ on PATH"))
     assert availability()["compiled"] == "needs g++ on PATH"
     with pytest.raises(VariantUnavailableError) as e:
         create("compiled", 0.1)

@@ -11,7 +11,7 @@ from test_cli import cli
 from rmsprop_impls import create
 from rmsprop_impls.measure.profile import current_cache_limit, plot_profiles, profile_optimizer, profile_variants
 from rmsprop_impls.measure.trees import random_like, tree_by_name
-from rmsprop_impls.variants.compiled import CompiledRMSprop
+from rmsprop_impls.variants.compiled import CompiledOptimizer
 
 BANDWIDTH_GBPS = 10.0  # the findings compare against it; a fixed figure keeps these tests fast
 
@@ -49,12 +49,12 @@ def test_page_fault_flag_stays_quiet_with_a_generous_cache(cache_limit, big_tree
     assert p.faults_per_step * resource.getpagesize() < 0.1 * p.peak_growth_bytes
 
 
-class RetracingCompiled(CompiledRMSprop):
+class RetracingCompiled(CompiledOptimizer):
     """The classic mistake: a fresh mx.compile every step, so every step traces again."""
 
-    def update_leaves(self, w, g, v, lr):
-        self._step = mx.compile(self._whole_tree_step)
-        return super().update_leaves(w, g, v, lr)
+    def update_leaves(self, w, g, s, scalars):
+        self._steps.clear()
+        return super().update_leaves(w, g, s, scalars)
 
 
 def test_retrace_flag_fires_only_when_every_step_traces():
@@ -118,9 +118,9 @@ def fake_metal(monkeypatch):
     monkeypatch.setattr("rmsprop_impls.measure.profile.measure_limits", lambda: {"cpu": 10.0, "gpu": None})
     monkeypatch.setattr(mx.metal, "start_capture", lambda path: events.append(("start", path)))
     monkeypatch.setattr(mx.metal, "stop_capture", lambda: events.append(("stop",)))
-    step = optimizer.RMSpropBase.apply_gradients
+    step = optimizer.OptimizerBase.apply_gradients
     monkeypatch.setattr(
-        optimizer.RMSpropBase, "apply_gradients", lambda self, *a: events.append("step") or step(self, *a)
+        optimizer.OptimizerBase, "apply_gradients", lambda self, *a: events.append("step") or step(self, *a)
     )
     return events
 

@@ -15,8 +15,9 @@ from rmsprop_impls import available_variants, registry, variant_names
 from rmsprop_impls.cli import main
 from rmsprop_impls.cli.selftest import markdown_summary
 from rmsprop_impls.measure import selftest
+from rmsprop_impls.optimizer import StepScalars
 from rmsprop_impls.reference import tolerance
-from rmsprop_impls.variants.eager import EagerRMSprop
+from rmsprop_impls.variants.eager import EagerOptimizer
 
 #: A small run: the same trees and dtypes, fewer steps, a tiny speed tree, a stubbed limit (the triad has its tests).
 SMALL = ["--steps", "8", "--speed-tree", "2x1K"]
@@ -74,13 +75,13 @@ def test_every_variant_passes_here_and_the_report_has_what_a_bug_report_needs(tm
 
 
 def test_a_variant_that_disagrees_fails_the_selftest_with_exit_status_1(tmp_path, stub_limits, monkeypatch):
-    def off_by_a_little(self, w, g, v, lr):
-        new_w, new_v = EagerRMSprop.update_leaves(self, w, g, v, lr)
-        return [x * 1.01 for x in new_w], new_v
+    def off_by_a_little(self, w, g, s, scalars):
+        new_w, new_s = EagerOptimizer.update_leaves(self, w, g, s, scalars)
+        return [x * 1.01 for x in new_w], new_s
 
-    from rmsprop_impls.variants.flat import FlatRMSprop
+    from rmsprop_impls.variants.flat import FlatOptimizer
 
-    monkeypatch.setattr(FlatRMSprop, "update_buffers", _unpack(off_by_a_little))
+    monkeypatch.setattr(FlatOptimizer, "update_buffers", _unpack(off_by_a_little))
     status, result, markdown = _selftest(tmp_path, "--variants", "eager", "flat")
     assert status == 1 and result["passed"] is False
     eager, flat = result["variants"]
@@ -95,18 +96,18 @@ def test_a_variant_that_disagrees_fails_the_selftest_with_exit_status_1(tmp_path
 def _unpack(update_leaves):
     """``update_buffers`` takes one buffer per dtype; run the leaf function on it as a one-leaf list."""
 
-    def update_buffers(self, w, g, v, lr):
-        (new_w,), (new_v,) = update_leaves(self, [w], [g], [v], lr)
-        return new_w, new_v
+    def update_buffers(self, w, g, s, scalars):
+        (new_w,), new_s = update_leaves(self, [w], [g], {name: [x] for name, x in s.items()}, scalars)
+        return new_w, {name: x for name, (x,) in new_s.items()}
 
     return update_buffers
 
 
 def test_a_crash_is_a_failure_with_its_message(tmp_path, stub_limits, monkeypatch):
-    def crash(self, w, g, v, lr):
+    def crash(self, w, g, s, scalars):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(EagerRMSprop, "update_leaves", crash)
+    monkeypatch.setattr(EagerOptimizer, "update_leaves", crash)
     status, result, markdown = _selftest(tmp_path, "--variants", "eager")
     assert status == 1 and "RuntimeError: kernel exploded" in result["variants"][0]["error"]
     assert "- eager: nested float32: RuntimeError: kernel exploded" in markdown
@@ -127,15 +128,15 @@ def _one_ulp_up(x: mx.array) -> mx.array:
     return (x.view(bits) + 1).view(x.dtype)
 
 
-class OneUlpOff(EagerRMSprop):
+class OneUlpOff(EagerOptimizer):
     """Stock's ops, then each new w of ``dtype`` one ulp further from zero: a kernel that rounds up, in one dtype."""
 
     name = "test_one_ulp_off"
     dtype = mx.float16
 
-    def update_leaves(self, w, g, v, lr):
-        new_w, new_v = super().update_leaves(w, g, v, lr)
-        return [_one_ulp_up(x) if x.dtype == self.dtype else x for x in new_w], new_v
+    def update_leaves(self, w, g, s, scalars):
+        new_w, new_s = super().update_leaves(w, g, s, scalars)
+        return [_one_ulp_up(x) if x.dtype == self.dtype else x for x in new_w], new_s
 
 
 class OneUlpOffPromising(OneUlpOff):
@@ -143,8 +144,8 @@ class OneUlpOffPromising(OneUlpOff):
 
     name = "test_one_ulp_off_promising"
 
-    def __init__(self, learning_rate, alpha=0.99, eps=1e-8, precision="stock"):
-        super().__init__(learning_rate, alpha, eps)
+    def __init__(self, learning_rate, *hyper, precision="stock", **named):
+        super().__init__(learning_rate, *hyper, **named)
 
 
 class OneUlpOffInBfloat16(OneUlpOff):
@@ -152,24 +153,25 @@ class OneUlpOffInBfloat16(OneUlpOff):
     dtype = mx.bfloat16
 
 
-class LearningRateOnePercentHigh(EagerRMSprop):
+class LearningRateOnePercentHigh(EagerOptimizer):
     """Drifts: every step 1% too long, in every dtype."""
 
     name = "test_lr_one_percent_high"
 
-    def update_leaves(self, w, g, v, lr):
-        return super().update_leaves(w, g, v, lr * 1.01)
+    def update_leaves(self, w, g, s, scalars):
+        return super().update_leaves(w, g, s, StepScalars(scalars.lr * 1.01, scalars.values))
 
 
-class Float32Math(EagerRMSprop):
+class Float32Math(EagerOptimizer):
     """Right, but not stock's rounding: float32 throughout, rounded once, as ``precision="float32"`` does."""
 
     name = "test_float32_math"
 
-    def update_leaves(self, w, g, v, lr):
-        up = [[x.astype(mx.float32) for x in leaves] for leaves in (w, g, v)]
-        new_w, new_v = super().update_leaves(*up, lr.astype(mx.float32))
-        return [x.astype(y.dtype) for x, y in zip(new_w, w)], [x.astype(y.dtype) for x, y in zip(new_v, v)]
+    def update_leaves(self, w, g, s, scalars):
+        up = lambda leaves: [x.astype(mx.float32) for x in leaves]  # noqa: E731
+        new_w, new_s = super().update_leaves(up(w), up(g), {k: up(x) for k, x in s.items()}, scalars)
+        down = lambda new, old: [x.astype(y.dtype) for x, y in zip(new, old)]  # noqa: E731
+        return down(new_w, w), {k: down(x, s[k]) for k, x in new_s.items()}
 
 
 def _large_case_selftest(variants: list[str]) -> selftest.SelftestResult:
@@ -236,15 +238,15 @@ def test_a_planted_wrong_variant_still_fails_where_stock_drifts(monkeypatch, var
 
 
 def test_a_stock_exact_promise_fails_on_one_differing_bit(monkeypatch):
-    class Promising(EagerRMSprop):
+    class Promising(EagerOptimizer):
         name = "test_promising"
 
-        def __init__(self, learning_rate, alpha=0.99, eps=1e-8, precision="stock"):
-            super().__init__(learning_rate, alpha, eps)
+        def __init__(self, learning_rate, *hyper, precision="stock", **named):
+            super().__init__(learning_rate, *hyper, **named)
 
-        def update_leaves(self, w, g, v, lr):
-            new_w, new_v = super().update_leaves(w, g, v, lr)
-            return [x + mx.array(np.finfo(np.float32).eps, dtype=x.dtype) * x for x in new_w], new_v
+        def update_leaves(self, w, g, s, scalars):
+            new_w, new_s = super().update_leaves(w, g, s, scalars)
+            return [x + mx.array(np.finfo(np.float32).eps, dtype=x.dtype) * x for x in new_w], new_s
 
     class NotPromising(Promising):
         name = "test_not_promising"

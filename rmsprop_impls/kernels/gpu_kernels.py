@@ -66,7 +66,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..registry import VariantUnavailableError
-from .multi_tensor import PackedRMSprop
+from .multi_tensor import PackedOptimizer
 from .packing import DtypeGroup, FlatLayout, pack_group, unpack_group
 
 #: Threads per threadgroup (Metal) or block (CUDA): a multiple of both warp sizes, under both limits.
@@ -346,7 +346,7 @@ def plan_launches(
     return launches
 
 
-class GpuKernelRMSprop(PackedRMSprop):
+class GpuKernelOptimizer(PackedOptimizer):
     """A hand-written kernel over packed ``w`` and ``v`` and unpacked gradients; subclasses name the back-end.
 
     Args (beyond RMSprop's): ``precision``, ``"stock"`` (default: stock's
@@ -355,13 +355,13 @@ class GpuKernelRMSprop(PackedRMSprop):
 
     backend: Backend
 
-    def __init__(self, learning_rate, alpha=0.99, eps=1e-8, precision: str = "stock"):
+    def __init__(self, learning_rate, *hyper, precision: str = "stock", **named):
         if precision not in PRECISIONS:
             raise ValueError(f"precision is one of {PRECISIONS}, not {precision!r}")
         reason = self.unavailable_reason()
         if reason is not None:
             raise VariantUnavailableError(self.name, reason)
-        super().__init__(learning_rate, alpha, eps)
+        super().__init__(learning_rate, *hyper, **named)
         self.precision = precision
         self._launches: list[Launch] = []
         self._launch_offsets: list[mx.array] = []
@@ -396,7 +396,11 @@ class GpuKernelRMSprop(PackedRMSprop):
             return [part], mx.array([0, launch.group.size], dtype=mx.uint32)
         return [g[i].reshape(-1) for i in launch.group.indices], None
 
-    def update_leaves(self, w, g, v, lr):
+    def takes_leaf(self, w, g, states):
+        return self.rule.name == "rmsprop" and super().takes_leaf(w, g, states)
+
+    def update_leaves(self, w, g, s, scalars):
+        v, lr = s["v"], scalars.lr
         self._plan(self._layout_for(w))
         new_w, new_v = list(w), list(v)  # empty leaves stay as they are
         hyper: dict[mx.Dtype, mx.array] = {}
@@ -415,4 +419,4 @@ class GpuKernelRMSprop(PackedRMSprop):
             w_views, v_views = unpack_group(grp, wb), unpack_group(grp, vb)
             for i, wi, vi in zip(grp.indices, w_views, v_views):
                 new_w[i], new_v[i] = wi, vi
-        return new_w, new_v
+        return new_w, {"v": new_v}

@@ -20,7 +20,7 @@ from dataclasses import asdict
 
 import mlx.core as mx
 
-from ..optimizer import RMSpropBase
+from ..optimizer import OptimizerBase
 from ..registry import create
 from .choice_cache import choice_key, load_choice, save_choice
 from .choose import rank, runnable_candidates
@@ -28,8 +28,8 @@ from .timing import StepTiming
 from .trees import step_bytes
 
 
-class AutoRMSprop(RMSpropBase):
-    """Args (beyond RMSprop's): ``candidates`` (default: every variant that runs here),
+class AutoOptimizer(OptimizerBase):
+    """Args (beyond the rule's): ``candidates`` (default: every variant that runs here),
     ``trial_rounds`` timed steps per candidate, and ``use_cache`` to read and write the
     remembered choice.
 
@@ -43,17 +43,20 @@ class AutoRMSprop(RMSpropBase):
     def __init__(
         self,
         learning_rate,
-        alpha=0.99,
-        eps=1e-8,
+        *hyper,
         candidates: list[str] | None = None,
         trial_rounds: int = 5,
         use_cache: bool = True,
+        **named,
     ):
-        super().__init__(learning_rate, alpha, eps)
+        super().__init__(learning_rate, *hyper, **named)
         if isinstance(trial_rounds, bool) or not isinstance(trial_rounds, int) or trial_rounds < 1:
             raise ValueError(f"trial_rounds must be a positive int, not {trial_rounds!r}")
         runnable, self.unavailable = runnable_candidates(candidates)
-        self._variants = {name: create(name, learning_rate, alpha=alpha, eps=eps) for name in runnable}
+        hyperparameters = self.hyper
+        self._variants = {
+            name: create(name, learning_rate, optimizer=self.rule, **hyperparameters) for name in runnable
+        }
         self.trial_rounds = trial_rounds
         self.use_cache = use_cache
         self.chosen: str | None = None
@@ -66,13 +69,17 @@ class AutoRMSprop(RMSpropBase):
     def candidates(self) -> list[str]:
         return list(self._variants)
 
-    def update_leaves(self, w, g, v, lr):
+    def takes_leaf(self, w, g, states):
+        chosen = self._variants.get(self.chosen)
+        return chosen.takes_leaf(w, g, states) if chosen is not None else super().takes_leaf(w, g, states)
+
+    def update_leaves(self, w, g, s, scalars):
         if self.chosen is None and self._key is None:
-            self._key = choice_key(w, self.candidates)
+            self._key = choice_key(w, self.candidates, self.rule.name)
             self._adopt_remembered()
         if self.chosen is not None:
-            return self._variants[self.chosen].update_leaves(w, g, v, lr)
-        return self._measured_step(w, g, v, lr)
+            return self._variants[self.chosen].update_leaves(w, g, s, scalars)
+        return self._measured_step(w, g, s, scalars)
 
     def _adopt_remembered(self) -> None:
         record = load_choice(self._key) if self.use_cache else None
@@ -80,13 +87,15 @@ class AutoRMSprop(RMSpropBase):
             self.chosen = record["variant"]
             self.choice = {**record, "from_cache": True}
 
-    def _measured_step(self, w, g, v, lr):
+    def _measured_step(self, w, g, s, scalars):
         names = self.candidates
         name = names[self.measured_steps % len(names)]
-        mx.eval(w, g, v, lr)  # the backward pass that made g is not the optimizer's time
+        mx.eval(w, g, s, scalars.lr, scalars.values)  # the backward pass that made g is not the optimizer's time
         start = time.perf_counter()
-        new_w, new_v = self._variants[name].update_leaves(w, g, v, lr)
-        mx.eval(new_w, new_v)
+        variant = self._variants[name]
+        # Leaves this candidate does not take get stock's ops, as they would under it alone.
+        new_w, new_s = variant._step_leaves(_Matched(w, g, s), scalars)
+        mx.eval(new_w, new_s)
         seconds = time.perf_counter() - start
         if self.measured_steps < len(names):
             self._timings[name] = StepTiming(first_s=seconds)
@@ -94,8 +103,8 @@ class AutoRMSprop(RMSpropBase):
             self._timings[name].samples.append(seconds)
         self.measured_steps += 1
         if self.measured_steps == (2 + self.trial_rounds) * len(names):
-            self._decide(step_bytes(w))
-        return new_w, new_v
+            self._decide(step_bytes(w, self.rule, self.hyper))
+        return new_w, new_s
 
     def _decide(self, nbytes: int) -> None:
         rows, winner, why = rank(self._timings, nbytes)
@@ -106,4 +115,13 @@ class AutoRMSprop(RMSpropBase):
             save_choice(self._key, winner, details)
 
 
-VARIANT = AutoRMSprop
+class _Matched:
+    """The leaves of one step as :meth:`OptimizerBase._step_leaves` reads them, rebuilt from its lists."""
+
+    def __init__(self, w, g, s):
+        self.parameters, self.gradients = w, g
+        names = list(s)
+        self.states = [{name: s[name][i] for name in names} for i in range(len(w))]
+
+
+VARIANT = AutoOptimizer

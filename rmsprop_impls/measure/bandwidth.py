@@ -17,7 +17,7 @@ from .roof import Roof, measure_cpu_roof, measure_gpu_roof
 from .roof import gpu_available as gpu_available  # where the self-test and the CLI have always found it
 from .roof_cache import best_so_far
 
-#: The concrete devices a variant runs on (see ``RMSpropBase.device``).
+#: The concrete devices a variant runs on (see ``OptimizerBase.device``).
 DEVICES = ("cpu", "gpu")
 #: What a GPU limit reads on a machine without a GPU.
 NO_GPU = "n/a (no GPU)"

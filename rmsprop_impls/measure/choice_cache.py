@@ -49,8 +49,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def choice_key(leaves: list[mx.array], candidates: list[str]) -> dict[str, Any]:
+def choice_key(leaves: list[mx.array], candidates: list[str], optimizer: str = "rmsprop") -> dict[str, Any]:
     return {
+        "optimizer": optimizer,
         "tree": [[list(x.shape), str(x.dtype).removeprefix("mlx.core.")] for x in leaves],
         "candidates": sorted(candidates),
         **machine(),

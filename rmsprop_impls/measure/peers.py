@@ -25,7 +25,6 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from ..formula import DEFAULT_ALPHA, DEFAULT_EPS
 from .compare import VariantResult
 from .timing import time_calls
 from .trees import leaves_of, step_bytes
@@ -116,8 +115,8 @@ def numpy_step(
     v: list[np.ndarray],
     scratch: list[np.ndarray],
     lr: float = 1e-3,
-    alpha: float = DEFAULT_ALPHA,
-    eps: float = DEFAULT_EPS,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
 ) -> None:
     """In place, with one temporary per leaf (``scratch``, like ``w``): ``v = alpha*v + (1-alpha)*g^2``,
     ``w -= lr*g/(sqrt(v)+eps)``. No array is allocated, so it is numpy at its fastest."""
@@ -179,8 +178,8 @@ def build_peer(
     w: Sequence[np.ndarray],
     g: Sequence[np.ndarray],
     lr: float = 1e-3,
-    alpha: float = DEFAULT_ALPHA,
-    eps: float = DEFAULT_EPS,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
 ) -> PeerStep:
     """``peer`` set up on parameters ``w`` and gradients ``g`` (numpy arrays, left untouched), state at zero.
 

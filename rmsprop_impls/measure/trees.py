@@ -19,6 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from ..rules import rule
+
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _SUFFIX = {"": 1, "K": 1024, "M": 1024**2}
 
@@ -212,6 +214,9 @@ def random_like(tree: Any, seed: int = 1) -> Any:
     return tree_map(lambda x: mx.random.normal(x.shape, key=next(keys)).astype(x.dtype), tree)
 
 
-def step_bytes(tree: Any) -> int:
-    """Bytes one RMSprop step moves: it reads w, g and v and writes w and v (5 per element)."""
-    return 5 * sum(x.nbytes for x in leaves_of(tree))
+def step_bytes(tree: Any, optimizer: Any = "rmsprop", hyper: dict | None = None) -> int:
+    """Bytes one step of ``optimizer`` (a rule or its name) moves over ``tree``: the arrays it reads and writes,
+    per element (RMSprop reads w, g and v and writes w and v: 5; Adam 7)."""
+    r = rule(optimizer)
+    streams = r.bytes_per_element(r.hyperparameters(**(hyper or {})), itemsize=1)
+    return streams * sum(x.nbytes for x in leaves_of(tree))

@@ -2,9 +2,9 @@
 
 State goes in and out as arrays, and the learning rate is an array input, so a
 schedule never retraces. A new tree signature (leaf count, shapes, dtypes)
-does: ``mx.compile`` keys its cache on the inputs' shapes and dtypes. On the
-CPU the compiled kernels are built with ``g++`` and cached under
-``$TMPDIR/mlx``.
+does: ``mx.compile`` keys its cache on the inputs' shapes and dtypes, and so
+do new hyper-parameter values, which the trace holds as constants. On the CPU
+the compiled kernels are built with ``g++`` and cached under ``$TMPDIR/mlx``.
 """
 
 from __future__ import annotations
@@ -13,18 +13,18 @@ import shutil
 
 import mlx.core as mx
 
-from ..formula import rmsprop_update
-from ..optimizer import RMSpropBase
+from ..optimizer import OptimizerBase
+from .eager import update_each_leaf
 
 
-class CompiledRMSprop(RMSpropBase):
+class CompiledOptimizer(OptimizerBase):
     name = "compiled"
     summary = "whole-tree step under mx.compile"
     device = "default"
 
-    def __init__(self, learning_rate, alpha=0.99, eps=1e-8):
-        super().__init__(learning_rate, alpha, eps)
-        self._step = mx.compile(self._whole_tree_step)
+    def __init__(self, learning_rate, *hyper, **named):
+        super().__init__(learning_rate, *hyper, **named)
+        self._steps: dict[tuple, object] = {}
         #: How often mx.compile traced the step: once per tree signature, more is a retrace.
         self.traces = 0
 
@@ -36,13 +36,19 @@ class CompiledRMSprop(RMSpropBase):
             )
         return None
 
-    def _whole_tree_step(self, w, g, v, lr):
-        self.traces += 1  # Python runs here only while mx.compile traces
-        pairs = [rmsprop_update(wi, gi, vi, lr, self.alpha, self.eps) for wi, gi, vi in zip(w, g, v)]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
+    def _compiled_for(self, hyper: dict) -> object:
+        key = repr(sorted(hyper.items()))
+        if key not in self._steps:
 
-    def update_leaves(self, w, g, v, lr):
-        return self._step(w, g, v, lr)
+            def whole_tree_step(w, g, s, lr, values):
+                self.traces += 1  # Python runs here only while mx.compile traces
+                return update_each_leaf(self.rule, hyper, w, g, s, lr, values)
+
+            self._steps[key] = mx.compile(whole_tree_step)
+        return self._steps[key]
+
+    def update_leaves(self, w, g, s, scalars):
+        return self._compiled_for(self.hyper)(w, g, s, scalars.lr, scalars.values)
 
 
-VARIANT = CompiledRMSprop
+VARIANT = CompiledOptimizer

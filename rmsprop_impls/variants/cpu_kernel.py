@@ -25,11 +25,11 @@ float32 (``precision="float32"``); docs/kernels/cpu.md has the contract."""
 from __future__ import annotations
 
 from ..cpu_threads import default_threads
-from ..optimizer import RMSpropBase
+from ..optimizer import OptimizerBase
 from ..registry import VariantUnavailableError
 
 
-class CpuKernelRMSprop(RMSpropBase):
+class CpuKernelOptimizer(OptimizerBase):
     """Args (beyond RMSprop's): ``threads``, how many threads share a step (default: ``default_threads()``);
     ``precision``, ``"stock"`` (default: bit-identical to ``mlx.optimizers.RMSprop`` in every dtype)
     or ``"float32"`` (float16 and bfloat16 computed in float32 and rounded once)."""
@@ -38,8 +38,8 @@ class CpuKernelRMSprop(RMSpropBase):
     summary = "C++ extension: fused, threaded; 8 big leaves per node, small leaves packed"
     device = "cpu"
 
-    def __init__(self, learning_rate, alpha=0.99, eps=1e-8, threads: int | None = None, precision: str = "stock"):
-        super().__init__(learning_rate, alpha, eps)
+    def __init__(self, learning_rate, *hyper, threads: int | None = None, precision: str = "stock", **named):
+        super().__init__(learning_rate, *hyper, **named)
         if precision not in ("stock", "float32"):
             raise ValueError(f'precision must be "stock" or "float32", not {precision!r}')
         if threads is None:
@@ -91,10 +91,10 @@ class CpuKernelRMSprop(RMSpropBase):
         16384 small leaves the Python walk and the lists cost more than the update. Trees the C++
         walk does not take (and the first step) go through the Python walk, which names any error.
         Either way the state changes only once the whole step has been computed."""
-        if self._initialized:
-            scheduled, lr = self._scheduled()
+        if self._initialized and self.rule.name == "rmsprop":
+            scheduled, scalars = self._scheduled()
             older, newer = self._spare_w
-            args = (lr, self.alpha, self.eps, self.threads, self.precision)
+            args = (scalars.lr, self.alpha, self.eps, self.threads, self.precision)
             stepped = self._step_tree(gradients, parameters, self.state, *args, older)
             if stepped is not None:
                 new_parameters, spares = stepped
@@ -103,8 +103,12 @@ class CpuKernelRMSprop(RMSpropBase):
                 return new_parameters
         return super().apply_gradients(gradients, parameters)
 
-    def update_leaves(self, w, g, v, lr):
-        return self._update(w, g, v, lr, self.alpha, self.eps, self.threads, self.precision)
+    def takes_leaf(self, w, g, states):
+        return self.rule.name == "rmsprop" and super().takes_leaf(w, g, states)
+
+    def update_leaves(self, w, g, s, scalars):
+        new_w, new_v = self._update(w, g, s["v"], scalars.lr, self.alpha, self.eps, self.threads, self.precision)
+        return new_w, {"v": new_v}
 
 
-VARIANT = CpuKernelRMSprop
+VARIANT = CpuKernelOptimizer

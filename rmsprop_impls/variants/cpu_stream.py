@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .eager import EagerRMSprop
+from .eager import EagerOptimizer
 
 
-class CpuStreamRMSprop(EagerRMSprop):
+class CpuStreamOptimizer(EagerOptimizer):
     name = "cpu_stream"
     summary = "eager MLX ops on the mx.cpu stream"
     device = "cpu"
 
-    def update_leaves(self, w, g, v, lr):
+    def update_leaves(self, w, g, s, scalars):
         with mx.stream(mx.cpu):
-            return super().update_leaves(w, g, v, lr)
+            return super().update_leaves(w, g, s, scalars)
 
 
-VARIANT = CpuStreamRMSprop
+VARIANT = CpuStreamOptimizer

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..kernels.gpu_kernels import CUDA, GpuKernelRMSprop
+from ..kernels.gpu_kernels import CUDA, GpuKernelOptimizer
 from ..mlx_packages import libmlx_backends
 
 
-class CudaKernelRMSprop(GpuKernelRMSprop):
+class CudaKernelOptimizer(GpuKernelOptimizer):
     name = "cuda_kernel"
     summary = "mx.fast.cuda_kernel: w and v packed, gradients read in place, 25 leaves per launch"
     device = "gpu"
@@ -40,4 +40,4 @@ class CudaKernelRMSprop(GpuKernelRMSprop):
         )
 
 
-VARIANT = CudaKernelRMSprop
+VARIANT = CudaKernelOptimizer

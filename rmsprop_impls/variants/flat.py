@@ -1,23 +1,22 @@
-"""Multi-tensor RMSprop, like PyTorch's foreach: one MLX update per dtype buffer.
+"""Multi-tensor updates, like PyTorch's foreach: one MLX update per dtype buffer.
 
-The packing, the buffer reuse and pre-packed gradients live in
-:class:`~rmsprop_impls.multi_tensor.PackedRMSprop`; this variant runs stock's
-MLX ops on each buffer.
+The packing and pre-packed gradients live in
+:class:`~rmsprop_impls.kernels.multi_tensor.PackedOptimizer`; this variant runs
+stock's MLX ops on each buffer.
 """
 
 from __future__ import annotations
 
-from ..formula import rmsprop_update
-from ..kernels.multi_tensor import PackedRMSprop
+from ..kernels.multi_tensor import PackedOptimizer
 
 
-class FlatRMSprop(PackedRMSprop):
+class FlatOptimizer(PackedOptimizer):
     name = "flat"
     summary = "one MLX update per dtype over packed buffers"
     device = "default"
 
-    def update_buffers(self, w, g, v, lr):
-        return rmsprop_update(w, g, v, lr, self.alpha, self.eps)
+    def update_buffers(self, w, g, s, scalars):
+        return self.rule.update(self.hyper, w, g, s, scalars.lr, scalars.values)
 
 
-VARIANT = FlatRMSprop
+VARIANT = FlatOptimizer

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..kernels.gpu_kernels import METAL, GpuKernelRMSprop
+from ..kernels.gpu_kernels import METAL, GpuKernelOptimizer
 from ..mlx_device import device_info
 
 
-class MetalKernelRMSprop(GpuKernelRMSprop):
+class MetalKernelOptimizer(GpuKernelOptimizer):
     name = "metal_kernel"
     summary = "mx.fast.metal_kernel: w and v packed, gradients read in place, 25 leaves per launch"
     device = "gpu"
@@ -30,4 +30,4 @@ class MetalKernelRMSprop(GpuKernelRMSprop):
         return device_info().get("max_buffer_length")
 
 
-VARIANT = MetalKernelRMSprop
+VARIANT = MetalKernelOptimizer
