@@ -13,13 +13,17 @@ from ..measure.training import winner_saving
 from ..measure.training_models import TrainingModel, model_from_file, training_model, training_model_names
 from ..measure.trees import MODELS, model_tree, parse_dtype
 from ..registry import variant_names
+from ..rules import rule
 from .common import (
     UserError,
     add_cache_limit_argument,
+    add_optimizer_arguments,
     add_tree_arguments,
     apply_cache_limit,
     at_least,
     check_output_path,
+    checked_hyper,
+    describe_optimizer,
     device_label,
     load_params_file,
     load_tree,
@@ -31,8 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "choose",
         help="measure every variant on your model or parameters file and name the fastest",
         description="Time every variant that runs here on one tree (a built-in model, a named tree or a "
-        "parameters file), with warm-up and interleaved rounds, and name the winner: the simplest of the "
-        "variants within measurement noise of the fastest.",
+        "parameters file), each running the same optimizer rule (--optimizer, RMSprop by default), with warm-up "
+        "and interleaved rounds, and name the winner: the simplest of the variants within measurement noise of "
+        "the fastest.",
     )
     p.add_argument("--model", choices=list(MODELS), help="a built-in mlx.nn model")
     p.add_argument("--size", default="small", choices=["tiny", "small", "base"], help="its size (default small)")
@@ -44,9 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=training_model_names(),
         metavar="NAME",
         help="a model that trains (as in 'rmsprop-bench train': " + ", ".join(training_model_names()) + "): "
-        "choose on its trainable parameters, then time its whole training step, compiled and not, with stock "
-        "RMSprop and with the winner, and say what the winner saves per step. A --params file of a linear chain "
-        "or an mlx-lm Llama gets the same",
+        "choose on its trainable parameters, then time its whole training step, compiled and not, with the "
+        "rule's stock class and with the winner, and say what the winner saves per step. A --params file of a "
+        "linear chain or an mlx-lm Llama gets the same",
     )
     add_tree_arguments(p, default=None, dtype_default=None)
     p.add_argument("--variants", nargs="+", choices=variant_names(), help="candidates (default: all)")
@@ -59,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="forget the choices the auto optimizer remembered (alone: clear and exit)",
     )
+    add_optimizer_arguments(p)
     add_cache_limit_argument(p)
     p.set_defaults(func=run)
 
@@ -90,8 +96,8 @@ def _training_model(args: argparse.Namespace) -> TrainingModel | None:
         return None
 
 
-def _saving_lines(winner: str, saving: dict[str, dict[str, float]]) -> str:
-    lines = [f"per training step, {winner} instead of stock optim.RMSprop:"]
+def _saving_lines(winner: str, saving: dict[str, dict[str, float]], optimizer: str) -> str:
+    lines = [f"per training step, {winner} instead of stock optim.{rule(optimizer).title}:"]
     for kind, s in saving.items():
         verb = "saves" if s["saved_s"] >= 0 else "costs"
         lines.append(
@@ -132,24 +138,29 @@ def run(args: argparse.Namespace) -> int:
     if args.time_budget < 0:
         raise UserError("--time-budget must be >= 0 seconds")
     check_output_path(args.json, "--json")
+    hyper = checked_hyper(args.optimizer, args.hyper)
     name, params, model = _load(args)
     setting = apply_cache_limit(args.cache_limit_mb)
     try:
         # A parameters file keeps its dtypes unless --dtype says otherwise; named trees are made in theirs.
         cast = args.dtype if args.params else None
-        choice = choose(params, args.variants, dtype=cast, time_budget_s=args.time_budget, progress=True)
+        choice = choose(params, args.variants, cast, args.time_budget, progress=True, optimizer=args.optimizer, **hyper)
     except ValueError as e:
         raise UserError(str(e)) from None
     out = sys.stderr if args.json == "-" else sys.stdout
     tree = choice.tree
     dtypes = ", ".join(tree["dtypes"])
-    print(f"{name}: {tree['parameters']:,} parameters in {tree['leaves']} leaves ({dtypes}); {setting}\n", file=out)
+    print(
+        f"{name}: {tree['parameters']:,} parameters in {tree['leaves']} leaves ({dtypes}); "
+        f"{describe_optimizer(args.optimizer, hyper)}; {setting}\n",
+        file=out,
+    )
     print(_table(choice), file=out)
     print(f"\nwinner: {choice.winner} ({choice.why})", file=out)
     saving = None
     if model is not None:
-        saving = winner_saving(model, choice.winner, args.time_budget)
-        print("\n" + _saving_lines(choice.winner, saving), file=out)
+        saving = winner_saving(model, choice.winner, args.time_budget, args.optimizer, hyper)
+        print("\n" + _saving_lines(choice.winner, saving, args.optimizer), file=out)
     elif args.params:
         print("\n(no training step timed: the file is neither a linear chain nor an mlx-lm Llama)", file=out)
     if args.json:

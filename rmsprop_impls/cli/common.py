@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..measure import mlx_settings
 from ..measure.mlx_settings import CPU_CACHE_LIMIT_MB
 from ..measure.trees import DTYPES, parse_dtype, tree_by_name, tree_from_file, tree_info
 from ..registry import VariantUnavailableError, variant_device
+from ..rules import DEFAULT_RULE, RULE_NAMES, rule
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -139,3 +141,66 @@ def device_label(variant: str) -> str | None:
         return variant_device(variant)
     except VariantUnavailableError:
         return None
+
+
+def optimizer_name(text: str) -> str:
+    """An argparse type: a rule's name, any case (``AdamW``), else a one-line usage error listing the names."""
+    key = text.lower()
+    if key not in RULE_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown optimizer {text!r}; choose one of {', '.join(RULE_NAMES)}")
+    return key
+
+
+def add_optimizer_arguments(
+    parser: argparse.ArgumentParser, several: bool = False, default: Any = DEFAULT_RULE, aliases: tuple = ()
+) -> None:
+    """``--optimizer`` (several names where ``several``; ``aliases`` its older spellings) and ``--hyper
+    NAME=VALUE ...`` (stock's names)."""
+    parser.add_argument(
+        "--optimizer",
+        *aliases,
+        dest="optimizer",
+        type=optimizer_name,
+        nargs="+" if several else None,
+        default=default,
+        metavar="NAME",
+        help=f"the mlx.optimizers rule{'s' if several else ''} to run, by name, any case: {', '.join(RULE_NAMES)} "
+        f"(default {' '.join(default) if isinstance(default, (list, tuple)) else default})",
+    )
+    parser.add_argument(
+        "--hyper",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="the rule's hyper-parameters by stock's names, checked as stock checks them, e.g. weight_decay=0.1 "
+        "betas=0.9,0.95 bias_correction=True (the others keep stock's defaults; the learning rate is 1e-3)",
+    )
+
+
+def parse_hyper(pairs: list[str]) -> dict[str, Any]:
+    """``["weight_decay=0.1", "betas=0.9,0.95"]`` -> ``{"weight_decay": 0.1, "betas": [0.9, 0.95]}``: Python
+    literals, a tuple given with commas as the list stock's defaults are; a malformed pair is a user error."""
+    hyper: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"--hyper {pair!r}: write NAME=VALUE, e.g. weight_decay=0.1")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            raise UserError(f"--hyper {pair!r}: {text!r} is not a number, a bool or a list of numbers") from None
+        hyper[name.strip()] = list(value) if isinstance(value, tuple) else value
+    return hyper
+
+
+def checked_hyper(optimizer: str, pairs: list[str]) -> dict[str, Any]:
+    """``--hyper``'s values for ``optimizer``, with stock's defaults for the rest; stock's error as a user error."""
+    try:
+        return rule(optimizer).hyperparameters(**parse_hyper(pairs))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--hyper for {rule(optimizer).title}: {e}") from None
+
+
+def describe_optimizer(optimizer: str, hyper: dict[str, Any]) -> str:
+    """``AdamW (betas=[0.9, 0.999], eps=1e-08, weight_decay=0.01, bias_correction=False)``, for the header line."""
+    return f"{rule(optimizer).title} (" + ", ".join(f"{k}={v}" for k, v in hyper.items()) + ")"

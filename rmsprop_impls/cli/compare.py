@@ -1,5 +1,5 @@
-"""``rmsprop-bench compare``: a quick, asv-free comparison of the variants on one or more trees, and with
-``--peers`` of the same step in numpy, optax and torch (``measure.peers``)."""
+"""``rmsprop-bench compare``: a quick, asv-free comparison of the variants running one rule on one or more
+trees, and with ``--peers`` of the same step in numpy, optax and torch (``measure.peers``)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,13 @@ from ..measure.trees import leaves_of, random_like, step_bytes
 from ..registry import variant_names
 from .common import (
     add_cache_limit_argument,
+    add_optimizer_arguments,
     add_tree_arguments,
     apply_cache_limit,
     at_least,
     check_tree_name,
+    checked_hyper,
+    describe_optimizer,
     load_tree,
 )
 
@@ -35,13 +38,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
         help="time every variant on one or more trees and print a table",
-        description="Time every variant on each tree in this process: median step time, time per leaf, effective "
-        "GB/s (20 bytes per float32 parameter), the roof of the device it runs on at the tree's working set (w, g and "
-        "v; each device's roof is measured once, first, as the best of several kernels over working sets from about "
-        "an L2 to 16 times the last-level cache), the fraction of that roof (marked cache-resident where the working "
-        "set fits in the last-level cache) and the speed-up over the compiled and eager variants. Under the table, the "
-        "fastest variant per tree "
-        "and the tree's floor: the tree walk, rebuild and mx.eval that every step pays, timed with no update. "
+        description="Time every variant running one optimizer rule (--optimizer, RMSprop by default) on each tree "
+        "in this process: median step time, time per leaf, effective GB/s (the bytes the rule reads and writes: 20 "
+        "per float32 parameter for RMSprop, 28 for Adam and AdamW), the roof of the device it runs on at the tree's "
+        "working set (w, g and the rule's state; each device's roof is measured once, first, as the best of several "
+        "kernels over working sets from about an L2 to 16 times the last-level cache), the fraction of that roof "
+        "(marked cache-resident where the working set fits in the last-level cache) and the speed-up over the "
+        "compiled and eager variants. Under the table, the fastest variant per tree and the tree's floor: the tree "
+        "walk, rebuild and mx.eval that every step pays, timed with no update. "
         "With --peers, the same step in other libraries is timed too, in this process on the same tree, and a line "
         "per tree gives how many times faster the fastest MLX variant (and cpu_kernel) is than each peer.",
     )
@@ -52,14 +56,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         nargs="*",
         choices=PEERS,
         metavar="PEER",
-        help="also time peers: a peer is the same RMSprop step written in another library, run on the CPU on the "
-        "same parameters and gradients (converted with numpy), as a yardstick for the MLX variants: numpy (in "
-        "place, no allocation per step), optax (under jax.jit with donated buffers; trees of up to "
-        f"{OPTAX_MAX_LEAVES} leaves), torch-foreach and torch-per-tensor (torch.optim.RMSprop). numpy comes with "
-        "this package, the others with the [peers] extra. With no names, every peer installed here. None runs on "
-        "bfloat16 (numpy has no bfloat16)",
+        help="also time peers: a peer is the same rule's step written in another library, run on the CPU on the "
+        "same parameters and gradients (converted with numpy), as a yardstick for the MLX variants: numpy (the "
+        "rule's own trace, in place, no allocation per step), optax (under jax.jit with donated buffers; trees of "
+        f"up to {OPTAX_MAX_LEAVES} leaves), torch-foreach, torch-fused (where the torch.optim class has a fused CPU "
+        "kernel) and torch-per-tensor. numpy comes with this package, the others with the [peers] extra. With no "
+        "names, every peer installed here. None runs on bfloat16 (numpy has no bfloat16); a peer whose math "
+        "differs from stock's (torch's and optax's Adam always correct the bias) says so in its notes",
     )
     p.add_argument("--repeats", type=at_least(1), default=10, help="timed steps per variant (default 10)")
+    add_optimizer_arguments(p)
     add_cache_limit_argument(p)
     p.set_defaults(func=run)
 
@@ -69,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     names = list(dict.fromkeys(args.tree))
     for name in names:  # a bad name fails before any timing; each tree is built just before it is timed
         check_tree_name(name)
+    hyper = checked_hyper(args.optimizer, args.hyper)
     limits = measure_limits()
     peers = None if args.peers is None else args.peers or installed_peers()
     rows, fastest, ratios = [], [], []
@@ -76,11 +83,13 @@ def run(args: argparse.Namespace) -> int:
         params = load_tree(name, args.dtype)
         leaves = leaves_of(params)
         grads = random_like(params)
-        touched = working_set(step_bytes(params))
-        results = compare_variants(params, grads, args.variants, repeats=args.repeats)
+        touched = working_set(step_bytes(params, args.optimizer, hyper))
+        results = compare_variants(params, grads, args.variants, args.repeats, optimizer=args.optimizer, hyper=hyper)
         rows += [_row(name, r, len(leaves), limits, touched, results) for r in results]
         if peers is not None:
-            peer_results = compare_peers(params, grads, list(dict.fromkeys(peers)), repeats=args.repeats)
+            peer_results = compare_peers(
+                params, grads, list(dict.fromkeys(peers)), args.repeats, optimizer=args.optimizer, hyper=hyper
+            )
             rows += [_row(name, r, len(leaves), limits, touched, results, f"{r.variant} (peer)") for r in peer_results]
             ratios.append(_ratio_line(name, results, peer_results))
         ran = [r for r in results if r.timing]
@@ -96,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             )
         del params, grads, leaves, results
         mx.clear_cache()
-    print(f"{describe_limits(limits)}; {setting}\n")
+    print(f"{describe_optimizer(args.optimizer, hyper)}, lr 1e-3; {describe_limits(limits)}; {setting}\n")
     print(format_table(HEADERS, rows))
     if fastest:
         print("\nfastest:\n" + "\n".join(f"  {line}" for line in fastest))
@@ -154,5 +163,5 @@ def _row(
         f"{roof:.1f}" if roof else None,
         percent_text(r.gbps / roof if roof else None, resident),
         *speedups,
-        f"first step {r.timing.first_s * 1e3:.1f} ms",
+        f"first step {r.timing.first_s * 1e3:.1f} ms" + (f"; math differs: {r.differs}" if r.differs else ""),
     ]

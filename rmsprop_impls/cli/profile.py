@@ -14,13 +14,17 @@ from ..measure.profile import MB, capture_steps, plot_profiles, profile_variants
 from ..measure.roof import working_set
 from ..measure.trees import leaves_of, random_like, step_bytes
 from ..registry import create, variant_names
+from ..rules import rule
 from .common import (
     UserError,
     add_cache_limit_argument,
+    add_optimizer_arguments,
     add_tree_arguments,
     apply_cache_limit,
     at_least,
     check_output_path,
+    checked_hyper,
+    describe_optimizer,
     device_label,
     load_tree,
 )
@@ -30,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "profile",
         help="explain each variant's step: build vs eval time, memory, page faults, GB/s, and the fixes",
-        description="Profile each variant on one tree: graph-build vs evaluation time, first-step cost, peak and "
+        description="Profile each variant running one optimizer rule (--optimizer, RMSprop by default) on one "
+        "tree: graph-build vs evaluation time, first-step cost, peak and "
         "active memory, peak growth and minor page faults per step, effective GB/s against the measured "
         "bandwidth limit of the device each variant runs on; then flag a too-small allocator cache, retracing and "
         "per-leaf launch overhead.",
@@ -48,6 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "variants, PATH's name plus -VARIANT), after the table, so no figure is measured under capture; Apple "
         "silicon only, run with MTL_CAPTURE_ENABLED=1",
     )
+    add_optimizer_arguments(p)
     add_cache_limit_argument(p)
     p.set_defaults(func=run)
 
@@ -87,23 +93,27 @@ def _start(path: Path):
     return start
 
 
-def record_captures(path: str, variants: list[str], params, grads, steps: int) -> None:
+def record_captures(path: str, variants: list[str], params, grads, steps: int, optimizer: str, hyper: dict) -> None:
     for name, where in capture_paths(path, variants).items():
-        capture_steps(create(name, 1e-3), params, grads, steps, _start(where), mx.metal.stop_capture)
+        variant = create(name, 1e-3, optimizer=optimizer, **hyper)
+        capture_steps(variant, params, grads, steps, _start(where), mx.metal.stop_capture)
         print(f"Metal trace of {steps} steps of {name}: {where} (recorded after the table's measurements)")
 
 
 def run(args: argparse.Namespace) -> int:
     check_output_path(args.figure, "--figure")
     check_metal_capture(args.metal_capture)
+    hyper = checked_hyper(args.optimizer, args.hyper)
     setting = apply_cache_limit(args.cache_limit_mb)
     params = load_tree(args.tree, args.dtype)
     grads = random_like(params)
-    profiles, unavailable, limits = profile_variants(params, grads, args.variants, steps=args.steps, progress=True)
+    profiles, unavailable, limits = profile_variants(
+        params, grads, args.variants, steps=args.steps, progress=True, optimizer=args.optimizer, hyper=hyper
+    )
     n_params = sum(x.size for x in leaves_of(params))
     print(f"tree {args.tree} ({n_params:,} {args.dtype} parameters, {len(leaves_of(params))} leaves); {setting}")
-    print(describe_limits(limits) + "\n")
-    touched = working_set(step_bytes(params))
+    print(f"{describe_optimizer(args.optimizer, hyper)}; {describe_limits(limits)}\n")
+    touched = working_set(step_bytes(params, args.optimizer, hyper))
     rows = [
         [
             p.variant,
@@ -131,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"- {note}")
     if args.figure:
-        title = f"RMSprop step on {args.tree} ({args.dtype}): graph build vs evaluation"
+        title = f"{rule(args.optimizer).title} step on {args.tree} ({args.dtype}): graph build vs evaluation"
         try:
             plot_profiles(profiles, title, args.figure)
         except (OSError, ValueError) as e:
@@ -139,5 +149,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nfigure: {args.figure}")
     if args.metal_capture:
         print()
-        record_captures(args.metal_capture, [p.variant for p in profiles], params, grads, args.steps)
+        variants = [p.variant for p in profiles]
+        record_captures(args.metal_capture, variants, params, grads, args.steps, args.optimizer, hyper)
     return 0

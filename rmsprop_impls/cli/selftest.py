@@ -11,7 +11,16 @@ from ..analysis.tables import markdown_table
 from ..measure.bandwidth import percent_text
 from ..measure.selftest import DRIFT_MARGIN, SPEED_TREE, STEPS, SelftestResult, VariantReport, run_selftest
 from ..registry import variant_names
-from .common import UserError, add_cache_limit_argument, apply_cache_limit, at_least, check_output_path, check_tree_name
+from ..rules import RULE_NAMES, rule
+from .common import (
+    UserError,
+    add_cache_limit_argument,
+    apply_cache_limit,
+    at_least,
+    check_output_path,
+    check_tree_name,
+    optimizer_name,
+)
 
 _SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
@@ -19,10 +28,12 @@ _SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "selftest",
-        help="check every variant against the float64 reference and stock RMSprop, and time it: run this first",
-        description="Run every variant that works here against the float64 reference and stock "
-        "mlx.optimizers.RMSprop in float32, float16 and bfloat16 (nested trees with odd sizes, a 0-d leaf, a "
-        "schedule, large gradients, 100 steps), count its largest error in ulps of stock and relative to float64, "
+        help="check every variant against the float64 reference and the stock class, and time it: run this first",
+        description="Run every variant that works here, running one optimizer rule (--optimizer, RMSprop by "
+        "default), against the float64 reference and the rule's stock class (mlx.optimizers.RMSprop, AdamW, ...) "
+        "in float32, float16 and bfloat16 (nested trees with odd sizes, a 0-d leaf, a schedule with non-default "
+        "hyper-parameters, large gradients, 100 steps), count its largest error in ulps of stock and relative to "
+        "float64, "
         "and time it against the bandwidth limit of its device. A variant fails where it differs from stock (any "
         "bit, where it promises stock's bits) or drifts from float64 further than stock itself does here; stock's "
         "own drift is reported, not judged. Writes the results as JSON and a Markdown summary to paste into a bug "
@@ -41,6 +52,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=SPEED_TREE,
         help=f"tree for the speed check (default {SPEED_TREE}); 'none' skips the speed check",
     )
+    p.add_argument(
+        "--optimizer",
+        type=optimizer_name,
+        default="rmsprop",
+        metavar="NAME",
+        help="the mlx.optimizers rule to check, any case: " + ", ".join(RULE_NAMES) + " (default rmsprop); each "
+        "case runs it with stock's defaults, the schedule case with its last configuration (its branches: "
+        "momentum, bias correction)",
+    )
     add_cache_limit_argument(p)
     p.set_defaults(func=run)
 
@@ -51,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if speed_tree:
         check_tree_name(speed_tree)
     setting = apply_cache_limit(args.cache_limit_mb)
-    result = run_selftest(args.variants, steps=args.steps, speed_tree=speed_tree, progress=True)
+    result = run_selftest(args.variants, steps=args.steps, speed_tree=speed_tree, optimizer=args.optimizer)
     json_path = Path(args.json)
     md_path = json_path.with_suffix(".md")
     summary = markdown_summary(result, setting)
@@ -99,15 +119,17 @@ def _stock_summary(result: SelftestResult) -> str:
     """Stock's own drift from float64, and where it is outside the agreement tests' bound: reported, not judged."""
     drift = ", ".join(
         f"{s['case']} {_SHORT[s['dtype']]} {_number(s['rel_w_vs_reference'], '.1e')} / "
-        f"{_number(s['rel_v_vs_reference'], '.1e')}"
+        f"{_number(s['rel_state_vs_reference'], '.1e')}"
         for s in result.stock
     )
-    text = f"Stock RMSprop against float64 (largest relative error of w / v; reported, not judged): {drift}."
+    title = rule(result.optimizer).title
+    text = f"Stock {title} against float64 (largest relative error of w / state; reported, not judged): {drift}."
     outside = [s for s in result.stock if not s["within_tolerance"]]
     if outside:
         where = ", ".join(
             f"{s['case']} {_SHORT[s['dtype']]} (w {_number(s['rel_w_vs_reference'], '.3g')} of "
-            f"{s['w_tolerance']:.3g}, v {_number(s['rel_v_vs_reference'], '.3g')} of {s['v_tolerance']:.3g})"
+            f"{s['w_tolerance']:.3g}, state {_number(s['rel_state_vs_reference'], '.3g')} of "
+            f"{s['state_tolerance']:.3g})"
             for s in outside
         )
         text += (
@@ -146,8 +168,8 @@ def markdown_summary(result: SelftestResult, setting: str = "") -> str:
         [
             "checks",
             f"{len(result.cases)} trees ({', '.join(c.name for c in result.cases)}) x {dtypes} x {result.steps} "
-            "steps against the float64 reference and mlx.optimizers.RMSprop"
-            + (f"; speed on {speed} float32" if speed else ""),
+            f"steps of {rule(result.optimizer).title} against the float64 reference and "
+            f"mlx.optimizers.{rule(result.optimizer).title}" + (f"; speed on {speed} float32" if speed else ""),
         ],
         ["wall time", f"{result.wall_s:.0f} s" + (f"; {setting}" if setting else "")],
     ]
@@ -171,17 +193,17 @@ def markdown_summary(result: SelftestResult, setting: str = "") -> str:
     headers = ["variant", "device", "result", f"max ulps vs stock ({dtypes})", "bit-identical with stock"]
     headers += [f"max rel. error of w vs float64 ({dtypes})", "GB/s", "of limit"]
     sections = [
-        f"## rmsprop-bench selftest: {verdict}",
+        f"## rmsprop-bench selftest ({rule(result.optimizer).title}): {verdict}",
         markdown_table(["", ""], machine),
         markdown_table(headers, rows),
         _stock_summary(result),
         "Errors are `|x - x_ref| / (1 + |x_ref|)` after the last step; ulps of the dtype are `|x - y| / "
-        "ulp(max(|x|, |y|, 1))`, the same scale, over w and v. Judged, per tree and dtype, against stock on the "
-        "same data: a variant marked \"(promised)\" (precision='stock') must give stock's bits exactly, any other "
-        "must be no further from stock in ulps than float64 is plus the margin `c*sqrt(steps)` in ulps at 1 "
-        "(times the largest step `lr/sqrt(1-alpha)` where that exceeds 1; `c` = 1e-6 for float32, 1e-3 for "
-        "float16, 1e-2 for bfloat16); and every variant's w and v must be no further from float64 than stock's "
-        f"plus {DRIFT_MARGIN:g} times that. Stock's own drift is not judged.",
+        "ulp(max(|x|, |y|, 1))`, the same scale, over w and the state arrays. Judged, per tree and dtype, against "
+        "stock on the same data: a variant marked \"(promised)\" (precision='stock') must give stock's bits "
+        "exactly, any other must be no further from stock in ulps than float64 is plus the margin `c*sqrt(steps)` "
+        "in ulps at 1 (times the float64 trajectory's largest step where that exceeds 1; `c` = 1e-6 for float32, "
+        "1e-3 for float16, 1e-2 for bfloat16); and every variant's w and state must be no further from float64 "
+        f"than stock's plus {DRIFT_MARGIN:g} times that. Stock's own drift is not judged.",
     ]
     unavailable = [v for v in result.variants if v.unavailable]
     if unavailable:

@@ -8,9 +8,16 @@ import math
 from tqdm import tqdm
 
 from ..analysis.tables import format_table
-from ..measure.training import STEP_KINDS, STOCK_CLASSES, TrainingResult, measure_training, optimizer_variants
+from ..measure.training import DEFAULT_RULES, STEP_KINDS, TrainingResult, measure_training, optimizer_variants
 from ..measure.training_models import model_from_file, training_model, training_model_names
-from .common import UserError, add_cache_limit_argument, apply_cache_limit, at_least
+from .common import (
+    UserError,
+    add_cache_limit_argument,
+    add_optimizer_arguments,
+    apply_cache_limit,
+    at_least,
+    checked_hyper,
+)
 
 HEADERS = ["step", "rule", "variant", "step ms", "IQR ms", "alone ms", "in step ms", "share", "vs stock", "peak MiB"]
 
@@ -26,8 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "'alone', the same optimizer's step alone on the model's trainable parameters (as 'compare' times it); "
         "'in step', the whole step less the forward and backward pass alone in the same mode (what the update "
         "really costs there) and its share of the step; the step's speed-up over stock (the same rule and mode); "
-        "and the step's peak memory (weights and optimizer state, plus what the step allocates). RMSprop has "
-        "this project's variants; other rules run stock only for now.",
+        "and the step's peak memory (weights and optimizer state, plus what the step allocates). Every rule runs "
+        "with its stock class and each of this project's variants.",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -43,15 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="a .safetensors or .npz file of weights: a chain of linear layers (layers.N.weight, as nn.Sequential "
         "saves it; batch 8, MSE) or an mlx-lm Llama (model.embed_tokens.weight, ...; heads of 64)",
     )
-    p.add_argument(
-        "--rules", nargs="+", choices=list(STOCK_CLASSES), default=list(STOCK_CLASSES),
-        help="optimizer rules (default: all)",
-    )  # fmt: skip
+    add_optimizer_arguments(p, several=True, default=list(DEFAULT_RULES), aliases=("--rules",))
     p.add_argument(
         "--variants",
         nargs="+",
         choices=optimizer_variants("rmsprop"),
-        help="variants to time (default: stock and every variant each rule has); 'stock' is MLX's own class",
+        help="variants to time (default: stock and every variant); 'stock' is the rule's own MLX class",
     )
     p.add_argument("--step", nargs="+", choices=list(STEP_KINDS), default=list(STEP_KINDS), help="step kinds")
     p.add_argument(
@@ -70,6 +74,8 @@ def _load(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    rules = list(dict.fromkeys(args.optimizer))
+    hyper = {r: checked_hyper(r, args.hyper) for r in rules}  # --hyper applies to every rule named
     setting = apply_cache_limit(args.cache_limit_mb)
     model = _load(args)
     with tqdm(desc="training steps", unit="step", leave=False) as bar:
@@ -78,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(label, refresh=False)
             bar.update(1)
 
-        result = measure_training(model, args.rules, args.variants, tuple(args.step), args.time_budget, on_step=stepped)
+        result = measure_training(
+            model, rules, args.variants, tuple(args.step), args.time_budget, on_step=stepped, hyper=hyper
+        )
     d = result.description
     print(
         f"{model.name}: {d['parameters']:,} parameters, {d['trainable']:,} trainable in {d['trainable_leaves']} "

@@ -7,8 +7,9 @@ round-robin over the candidates: one round of first steps (compiles, kernel
 builds), one untimed warm-up round, then ``trial_rounds`` timed rounds. The
 winner is picked as :func:`rmsprop_impls.choose.rank` picks it (the simplest
 of those within noise of the fastest) and remembered in the user cache
-(:mod:`rmsprop_impls.choice_cache`), so a later run on the same tree, MLX,
-device and machine starts with it and measures nothing. Once chosen, the
+(:mod:`rmsprop_impls.choice_cache`), so a later run of the same rule and
+hyper-parameters on the same tree, MLX, device and machine starts with it and
+measures nothing. Once chosen, the
 winner runs every later step, whatever tree comes (each variant takes any
 tree); a new tree signature is measured only by a new optimizer.
 """
@@ -75,7 +76,7 @@ class AutoOptimizer(OptimizerBase):
 
     def update_leaves(self, w, g, s, scalars):
         if self.chosen is None and self._key is None:
-            self._key = choice_key(w, self.candidates, self.rule.name)
+            self._key = choice_key(w, self.candidates, self.rule.name, self.hyper)
             self._adopt_remembered()
         if self.chosen is not None:
             return self._variants[self.chosen].update_leaves(w, g, s, scalars)

@@ -1,8 +1,9 @@
 """Where the ``auto`` optimizer remembers its choice between runs.
 
-A choice holds only for the tree it was measured on (leaf shapes and dtypes,
-in order), the MLX version, the device and the machine, so all of those make
-up its key. Each key is one small JSON file, named by the key's hash, in the
+A choice holds only for the rule it was measured running (the optimizer and
+its hyper-parameters, which pick the branches of its update), the tree it was
+measured on (leaf shapes and dtypes, in order), the MLX version, the device and
+the machine, so all of those make up its key. Each key is one small JSON file, named by the key's hash, in the
 user cache directory (:func:`rmsprop_impls.user_cache.cache_dir`). Files are
 written to a temporary name and renamed, so a reader never sees half of one.
 """
@@ -49,9 +50,12 @@ def machine() -> dict[str, Any]:
     }
 
 
-def choice_key(leaves: list[mx.array], candidates: list[str], optimizer: str = "rmsprop") -> dict[str, Any]:
+def choice_key(
+    leaves: list[mx.array], candidates: list[str], optimizer: str = "rmsprop", hyper: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "optimizer": optimizer,
+        "hyper": json.loads(json.dumps(hyper or {}, default=float)),  # as the file holds it: lists, not tuples
         "tree": [[list(x.shape), str(x.dtype).removeprefix("mlx.core.")] for x in leaves],
         "candidates": sorted(candidates),
         **machine(),

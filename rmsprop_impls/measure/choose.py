@@ -20,6 +20,7 @@ from mlx.utils import tree_map
 from tqdm import tqdm
 
 from ..registry import create, partition_available, variant_device, variant_names
+from ..rules import DEFAULT_RULE, rule
 from .timing import StepTiming, time_interleaved
 from .trees import leaves_of, parse_dtype, random_like, step_bytes
 
@@ -55,6 +56,8 @@ class Choice:
     why: str
     unavailable: dict[str, str] = field(default_factory=dict)
     tree: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = DEFAULT_RULE  # the rule every candidate ran
+    hyper: dict[str, Any] = field(default_factory=dict)  # its hyper-parameters, stock's defaults filled in
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,11 +138,16 @@ def choose(
     min_rounds: int = 3,
     learning_rate: float = 1e-3,
     progress: bool = False,
+    optimizer: str = DEFAULT_RULE,
+    **hyper: Any,
 ) -> Choice:
-    """Time each candidate on this tree and return the ranking and the winner.
+    """Time each candidate running ``optimizer`` on this tree and return the ranking and the winner:
+    ``choose(model, optimizer="adamw", weight_decay=0.1)``.
 
     Args:
         params_or_model: an ``mlx.nn.Module`` (its trainable parameters are used) or a parameter tree.
+        optimizer: the rule every candidate runs (``rmsprop_impls.rules.RULE_NAMES``), with ``hyper`` its
+            hyper-parameters by stock's names (stock's defaults and checks).
         candidates: variant names (default: every variant); those that cannot run here are
             listed in ``Choice.unavailable`` with the reason.
         dtype: cast the parameters to this dtype first (default: keep theirs).
@@ -153,10 +161,12 @@ def choose(
     the two interquartile ranges, or by 5% of the fastest median, whichever is larger. The winner is
     the simplest tied candidate in the order of :data:`SIMPLICITY`.
     """
+    the_rule = rule(optimizer)
+    hyper = the_rule.hyperparameters(**hyper)
     params = parameters_of(params_or_model, dtype)
     runnable, unavailable = runnable_candidates(candidates)
     grads = random_like(params)
-    optimizers = {name: create(name, learning_rate) for name in runnable}
+    optimizers = {name: create(name, learning_rate, optimizer=the_rule, **hyper) for name in runnable}
     bar_format = "{desc}: {percentage:3.0f}%|{bar}| {elapsed} of the time budget"
     with tqdm(total=time_budget_s, desc="measuring", bar_format=bar_format, disable=not progress, leave=False) as bar:
         timings = time_interleaved(
@@ -167,5 +177,5 @@ def choose(
             min_rounds=min_rounds,
             on_step=lambda name, s: bar.update(min(s, max(bar.total - bar.n, 0))),
         )
-    rows, winner, why = rank(timings, step_bytes(params))
-    return Choice(rows, winner, why, unavailable, describe_tree(params))
+    rows, winner, why = rank(timings, step_bytes(params, the_rule, hyper))
+    return Choice(rows, winner, why, unavailable, describe_tree(params), the_rule.name, hyper)

@@ -1,13 +1,15 @@
-"""Time every variant on one tree, in one process, so the figures compare."""
+"""Time every variant running one rule on one tree, in one process, so the figures compare."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
 
 from ..registry import availability, create, variant_device
+from ..rules import DEFAULT_RULE, Rule, rule
 from .timing import StepTiming, time_steps
 from .trees import step_bytes
 
@@ -19,6 +21,7 @@ class VariantResult:
     reason: str | None = None  # why it cannot
     gbps: float | None = None
     device: str | None = None  # "cpu" or "gpu": where it runs, whose limit its GB/s is a fraction of
+    differs: str | None = None  # a peer's: how its math differs from stock's, where it does
 
 
 def compare_variants(
@@ -28,16 +31,21 @@ def compare_variants(
     repeats: int = 10,
     learning_rate: float = 1e-3,
     progress: bool = True,
+    optimizer: str | Rule = DEFAULT_RULE,
+    hyper: Mapping[str, Any] | None = None,
 ) -> list[VariantResult]:
-    """Median step time and effective GB/s of each variant, unavailable ones with their reason."""
+    """Median step time and effective GB/s of each variant running ``optimizer`` (stock's hyper-parameters
+    ``hyper``), unavailable ones with their reason."""
+    r = rule(optimizer)
+    h = r.hyperparameters(**(hyper or {}))
     reasons = availability()
     variants = variants or list(reasons)
-    nbytes = step_bytes(params)
+    nbytes = step_bytes(params, r, h)
     results = []
     for name in tqdm(variants, desc="timing variants", unit="variant", disable=not progress, leave=False):
         if reasons.get(name) is not None:
             results.append(VariantResult(name, None, reasons[name], device=variant_device(name)))
             continue
-        timing = time_steps(create(name, learning_rate), params, grads, repeats=repeats)
+        timing = time_steps(create(name, learning_rate, optimizer=r, **h), params, grads, repeats=repeats)
         results.append(VariantResult(name, timing, gbps=nbytes / timing.median / 1e9, device=variant_device(name)))
     return results

@@ -1,12 +1,21 @@
-"""The same RMSprop step in other libraries, on the CPU: the yardsticks the MLX variants are compared with.
+"""The same step of each rule in other libraries, on the CPU: the yardsticks the MLX variants are compared with.
 
-A *peer* runs the stock formula (``v = alpha*v + (1-alpha)*g^2``, ``w -= lr*g/(sqrt(v)+eps)``, eps outside
-the sqrt) on the same parameters and gradients, converted with numpy, updating its parameters in place as
-a training loop would:
+A *peer* runs a rule (:mod:`rmsprop_impls.rules`) with stock MLX's hyper-parameters on the same parameters
+and gradients, converted with numpy, updating its parameters in place as a training loop would:
 
-- ``numpy``: numpy in place, one temporary per leaf, no allocation per step;
-- ``optax``: ``optax.rmsprop(eps_in_sqrt=False)`` under ``jax.jit`` with the parameters and state donated;
-- ``torch-foreach`` and ``torch-per-tensor``: ``torch.optim.RMSprop`` with ``foreach`` on and off.
+- ``numpy``: the rule's own trace run with numpy ufuncs into scratch buffers (:mod:`.numpy_rule`): stock's
+  math by construction, for every rule, no allocation per step;
+- ``torch-foreach``, ``torch-fused`` and ``torch-per-tensor``: the ``torch.optim`` class of the rule with
+  ``foreach=True``, ``fused=True`` (torch's vectorised CPU kernels, where the class has one) and neither;
+- ``optax``: the rule's optax transformation under ``jax.jit`` with the parameters and state donated.
+
+torch and optax are mapped to stock MLX's math (:func:`torch_rule`, :func:`optax_rule`); where a library
+cannot compute it, the peer still runs its nearest rule and says how its math differs (``PeerStep.differs``;
+the per-element work and the bytes moved are the same): torch and optax always correct Adam's and Adamax's
+bias, where MLX's Adam and AdamW do not by default and its Adamax never does, and both take Adamax's eps
+inside the max. Where nothing is near (Lion in torch, SGD's dampening in optax), the peer is unavailable, with
+the reason. optax's Adagrad adds eps inside the sqrt: it gets ``eps**2`` there, which is stock's math within
+float32 rounding wherever ``v`` is not below ``eps**2``.
 
 numpy is a dependency of the package; jax, optax and torch come with the ``[peers]`` extra. Nothing here
 imports them until a peer needs them. ``benchmarks/bench_peers.py`` (asv) and ``rmsprop-bench compare
@@ -17,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,16 +34,19 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from ..rules import DEFAULT_RULE, Rule, rule
 from .compare import VariantResult
+from .numpy_rule import NumpyRuleStep
 from .timing import time_calls
 from .trees import leaves_of, step_bytes
 
 #: Every peer, in the order tables list them (and asv's parameter order).
-PEERS = ("numpy", "torch-foreach", "torch-per-tensor", "optax")
+PEERS = ("numpy", "torch-foreach", "torch-fused", "torch-per-tensor", "optax")
 #: What each peer is, in a sentence's words: ``cpu_kernel 2.31x numpy in place``.
 PEER_LABELS = {
     "numpy": "numpy in place",
     "torch-foreach": "torch foreach",
+    "torch-fused": "torch fused",
     "torch-per-tensor": "torch per-tensor",
     "optax": "optax jit",
 }
@@ -42,6 +54,7 @@ PEER_LABELS = {
 PEER_PACKAGES = {
     "numpy": ("numpy",),
     "torch-foreach": ("torch",),
+    "torch-fused": ("torch",),
     "torch-per-tensor": ("torch",),
     "optax": ("jax", "optax"),
 }
@@ -55,15 +68,29 @@ PEER_DEVICE = "cpu"
 #: 1.4 s for 256 leaves, 5 s for 1024 and 11 s for 2048, so optax skips trees with more leaves than this
 #: (16384x256 would compile for minutes before its first step).
 OPTAX_MAX_LEAVES = 4096
+#: How torch's and optax's Adam differ from stock's default: the per-element work is the same.
+BIAS_CORRECTED = "bias-corrected (MLX's default is not; set bias_correction=True for the same math)"
 
 
 @dataclass
 class PeerStep:
     """One peer set up on one tree: ``step()`` runs one update in place and returns once it is done;
-    ``parameters()`` copies out the current parameters, as numpy arrays in the tree's leaf order."""
+    ``parameters()`` copies out the current parameters, as numpy arrays in the tree's leaf order; ``differs``
+    says how its math differs from stock's (``None``: it is stock's, up to rounding)."""
 
     step: Callable[[], None]
     parameters: Callable[[], list[np.ndarray]]
+    differs: str | None = None
+
+
+@dataclass(frozen=True)
+class LibraryRule:
+    """A rule in another library: its constructor's name, the arguments that give stock's math, and how it
+    differs where it cannot (``None``: it does not)."""
+
+    name: str
+    arguments: dict[str, Any]
+    differs: str | None = None
 
 
 @functools.cache
@@ -85,9 +112,96 @@ def installed_peers() -> list[str]:
     return [p for p in PEERS if peer_installed(p)]
 
 
-def peer_unavailable_reason(peer: str, dtype: mx.Dtype | str = mx.float32, n_leaves: int = 0) -> str | None:
-    """``None`` if ``peer`` runs here on a tree of ``n_leaves`` leaves of ``dtype``, else why not; an unknown
-    name is a ``ValueError``."""
+def torch_rule(optimizer: str | Rule, hyper: Mapping[str, Any], lr: float) -> LibraryRule:
+    """The ``torch.optim`` class and arguments of stock's rule; ``NotImplementedError`` where torch has none."""
+    r, h = rule(optimizer), dict(hyper)
+    if r.name == "rmsprop":
+        return LibraryRule("RMSprop", {"lr": lr, "alpha": h["alpha"], "eps": h["eps"]})
+    if r.name == "sgd":
+        keys = ("momentum", "dampening", "weight_decay", "nesterov")
+        differs = "torch's first momentum step is g, not (1-dampening)*g" if h["dampening"] and h["momentum"] else None
+        return LibraryRule("SGD", {"lr": lr, **{k: h[k] for k in keys}}, differs)
+    if r.name == "adagrad":
+        return LibraryRule("Adagrad", {"lr": lr, "eps": h["eps"]})
+    if r.name == "adadelta":
+        return LibraryRule("Adadelta", {"lr": lr, "rho": h["rho"], "eps": h["eps"]})
+    if r.name in ("adam", "adamw"):
+        decay = {"weight_decay": h["weight_decay"]} if r.name == "adamw" else {}
+        differs = None if h["bias_correction"] else BIAS_CORRECTED
+        return LibraryRule(r.title, {"lr": lr, "betas": tuple(h["betas"]), "eps": h["eps"], **decay}, differs)
+    if r.name == "adamax":
+        differs = "bias-corrected m, and eps inside the max (max(b2*v, |g|+eps))"
+        return LibraryRule("Adamax", {"lr": lr, "betas": tuple(h["betas"]), "eps": h["eps"]}, differs)
+    raise NotImplementedError(f"torch.optim has no {r.title}")
+
+
+def optax_rule(optimizer: str | Rule, hyper: Mapping[str, Any], lr: float) -> LibraryRule:
+    """The optax transformation and arguments of stock's rule; ``NotImplementedError`` where optax has none.
+
+    ``name`` is an ``optax`` function, ``sgd`` built as ``chain(add_decayed_weights, sgd)`` (:func:`_optax_step`)."""
+    r, h = rule(optimizer), dict(hyper)
+    if r.name == "rmsprop":
+        return LibraryRule("rmsprop", {"learning_rate": lr, "decay": h["alpha"], "eps": h["eps"], "eps_in_sqrt": False})
+    if r.name == "sgd":
+        if h["dampening"] and h["momentum"]:
+            raise NotImplementedError("optax's SGD has no dampening")
+        momentum = h["momentum"] if h["momentum"] > 0 else None
+        arguments = {"learning_rate": lr, "momentum": momentum, "nesterov": h["nesterov"]}
+        return LibraryRule("sgd", {**arguments, "weight_decay": h["weight_decay"]})
+    if r.name == "adagrad":
+        return LibraryRule("adagrad", {"learning_rate": lr, "initial_accumulator_value": 0.0, "eps": h["eps"] ** 2})
+    if r.name == "adadelta":
+        return LibraryRule("adadelta", {"learning_rate": lr, "rho": h["rho"], "eps": h["eps"]})
+    if r.name in ("adam", "adamw"):
+        b1, b2 = h["betas"]
+        decay = {"weight_decay": h["weight_decay"]} if r.name == "adamw" else {}
+        differs = None if h["bias_correction"] else BIAS_CORRECTED
+        return LibraryRule(r.name, {"learning_rate": lr, "b1": b1, "b2": b2, "eps": h["eps"], **decay}, differs)
+    if r.name == "adamax":
+        b1, b2 = h["betas"]
+        differs = "bias-corrected m, and eps inside the max (max(b2*v, |g|+eps))"
+        return LibraryRule("adamax", {"learning_rate": lr, "b1": b1, "b2": b2, "eps": h["eps"]}, differs)
+    if r.name == "lion":
+        b1, b2 = h["betas"]
+        return LibraryRule("lion", {"learning_rate": lr, "b1": b1, "b2": b2, "weight_decay": h["weight_decay"]})
+    raise NotImplementedError(f"optax has no {r.title}")
+
+
+@functools.cache
+def torch_fused_error(class_name: str) -> str | None:
+    """Why ``torch.optim.<class_name>(fused=True)`` does not step on a CPU tensor here (``None``: it does)."""
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.ones(4)
+    try:
+        getattr(torch.optim, class_name)([p], lr=1e-3, fused=True).step()
+    except (RuntimeError, TypeError, ValueError) as e:
+        return f"torch.optim.{class_name} has no fused CPU kernel here ({str(e).splitlines()[0][:80]})"
+    return None
+
+
+def _library_reason(peer: str, optimizer: str | Rule, hyper: Mapping[str, Any]) -> str | None:
+    try:
+        if peer == "optax":
+            optax_rule(optimizer, hyper, 1e-3)
+        elif peer.startswith("torch"):
+            mapped = torch_rule(optimizer, hyper, 1e-3)
+            return torch_fused_error(mapped.name) if peer == "torch-fused" else None
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
+def peer_unavailable_reason(
+    peer: str,
+    dtype: mx.Dtype | str = mx.float32,
+    n_leaves: int = 0,
+    optimizer: str | Rule = DEFAULT_RULE,
+    hyper: Mapping[str, Any] | None = None,
+) -> str | None:
+    """``None`` if ``peer`` runs ``optimizer`` here on a tree of ``n_leaves`` leaves of ``dtype``, else why not;
+    an unknown peer is a ``ValueError``."""
     if peer not in PEERS:
         raise ValueError(f"unknown peer {peer!r}; the peers are {', '.join(PEERS)}")
     if not peer_installed(peer):
@@ -96,12 +210,15 @@ def peer_unavailable_reason(peer: str, dtype: mx.Dtype | str = mx.float32, n_lea
         return NO_BFLOAT16
     if peer == "optax" and n_leaves > OPTAX_MAX_LEAVES:
         return f"jax.jit would compile {n_leaves:,} leaves for minutes (optax runs up to {OPTAX_MAX_LEAVES:,})"
-    return None
+    r = rule(optimizer)
+    return _library_reason(peer, r, r.hyperparameters(**(hyper or {})))
 
 
-def peer_availability(dtype: mx.Dtype | str = mx.float32) -> dict[str, str | None]:
-    """Each peer -> ``None`` if it runs here on ``dtype``, else why it does not."""
-    return {p: peer_unavailable_reason(p, dtype) for p in PEERS}
+def peer_availability(
+    dtype: mx.Dtype | str = mx.float32, optimizer: str | Rule = DEFAULT_RULE, hyper: Mapping[str, Any] | None = None
+) -> dict[str, str | None]:
+    """Each peer -> ``None`` if it runs ``optimizer`` here on ``dtype``, else why it does not."""
+    return {p: peer_unavailable_reason(p, dtype, optimizer=optimizer, hyper=hyper) for p in PEERS}
 
 
 def numpy_leaves(tree: Any) -> list[np.ndarray]:
@@ -109,53 +226,48 @@ def numpy_leaves(tree: Any) -> list[np.ndarray]:
     return [np.array(x) for x in leaves_of(tree)]
 
 
-def numpy_step(
-    w: list[np.ndarray],
-    g: list[np.ndarray],
-    v: list[np.ndarray],
-    scratch: list[np.ndarray],
-    lr: float = 1e-3,
-    alpha: float = 0.99,
-    eps: float = 1e-8,
-) -> None:
-    """In place, with one temporary per leaf (``scratch``, like ``w``): ``v = alpha*v + (1-alpha)*g^2``,
-    ``w -= lr*g/(sqrt(v)+eps)``. No array is allocated, so it is numpy at its fastest."""
-    for wi, gi, vi, ti in zip(w, g, v, scratch):
-        np.multiply(gi, gi, out=ti)
-        ti *= 1 - alpha
-        vi *= alpha
-        vi += ti
-        np.sqrt(vi, out=ti)
-        ti += eps
-        np.divide(gi, ti, out=ti)
-        ti *= lr
-        wi -= ti
-
-
-def _numpy_peer(w: list[np.ndarray], g: list[np.ndarray], lr: float, alpha: float, eps: float) -> PeerStep:
+def _numpy_peer(w: list[np.ndarray], g: list[np.ndarray], lr: float, r: Rule, hyper: dict) -> PeerStep:
     w = [x.copy() for x in w]
-    v, scratch = [np.zeros_like(x) for x in w], [np.empty_like(x) for x in w]
-    return PeerStep(lambda: numpy_step(w, g, v, scratch, lr, alpha, eps), lambda: [x.copy() for x in w])
+    dtype = w[0].dtype if w else np.float32
+    runner = NumpyRuleStep(r, hyper, dtype, max((x.size for x in w), default=1))
+    leaves = [{"w": wi, "g": gi, **{s: np.zeros_like(wi) for s in r.states}} for wi, gi in zip(w, g)]
+    count = [0]
+
+    def step() -> None:
+        count[0] += 1
+        runner.step(leaves, lr, count[0])
+
+    return PeerStep(step, lambda: [x.copy() for x in w])
 
 
-def _torch_peer(
-    w: list[np.ndarray], g: list[np.ndarray], lr: float, alpha: float, eps: float, foreach: bool
-) -> PeerStep:
+def _torch_peer(w: list[np.ndarray], g: list[np.ndarray], mapped: LibraryRule, peer: str) -> PeerStep:
     import torch
 
     params = [torch.from_numpy(x.copy()) for x in w]
     for p, gi in zip(params, g):
         p.grad = torch.from_numpy(gi)
-    optimizer = torch.optim.RMSprop(params, lr=lr, alpha=alpha, eps=eps, foreach=foreach)
-    return PeerStep(torch.no_grad()(optimizer.step), lambda: [p.detach().numpy().copy() for p in params])
+    modes = {"torch-foreach": {"foreach": True}, "torch-fused": {"fused": True}, "torch-per-tensor": {"foreach": False}}
+    optimizer = getattr(torch.optim, mapped.name)(params, **mapped.arguments, **modes[peer])
+    parameters = lambda: [p.detach().numpy().copy() for p in params]  # noqa: E731
+    return PeerStep(torch.no_grad()(optimizer.step), parameters, mapped.differs)
 
 
-def _optax_peer(w: list[np.ndarray], g: list[np.ndarray], lr: float, alpha: float, eps: float) -> PeerStep:
+def _optax_transformation(mapped: LibraryRule):
+    import optax
+
+    arguments = dict(mapped.arguments)
+    if mapped.name != "sgd":
+        return getattr(optax, mapped.name)(**arguments)
+    decay = arguments.pop("weight_decay")  # MLX's SGD adds weight_decay*w to the gradient, before the momentum
+    return optax.chain(optax.add_decayed_weights(decay), optax.sgd(**arguments)) if decay else optax.sgd(**arguments)
+
+
+def _optax_peer(w: list[np.ndarray], g: list[np.ndarray], mapped: LibraryRule) -> PeerStep:
     """Pinned to jax's CPU device, so that a jax with a GPU still compares CPU with CPU."""
     import jax
     import optax
 
-    optimizer = optax.rmsprop(lr, decay=alpha, eps=eps, eps_in_sqrt=False)
+    optimizer = _optax_transformation(mapped)
     cpu = jax.devices("cpu")[0]
     params, grads = jax.device_put(list(w), cpu), jax.device_put(list(g), cpu)
 
@@ -170,7 +282,7 @@ def _optax_peer(w: list[np.ndarray], g: list[np.ndarray], lr: float, alpha: floa
         carry[:] = update(*carry, grads)
         jax.block_until_ready(carry)
 
-    return PeerStep(step, lambda: [np.array(x) for x in carry[0]])
+    return PeerStep(step, lambda: [np.array(x) for x in carry[0]], mapped.differs)
 
 
 def build_peer(
@@ -178,23 +290,26 @@ def build_peer(
     w: Sequence[np.ndarray],
     g: Sequence[np.ndarray],
     lr: float = 1e-3,
-    alpha: float = 0.99,
-    eps: float = 1e-8,
+    optimizer: str | Rule = DEFAULT_RULE,
+    **hyper: Any,
 ) -> PeerStep:
-    """``peer`` set up on parameters ``w`` and gradients ``g`` (numpy arrays, left untouched), state at zero.
+    """``peer`` running ``optimizer`` (stock's hyper-parameters ``hyper``, its defaults for the others) on
+    parameters ``w`` and gradients ``g`` (numpy arrays, left untouched), state at zero.
 
-    Raises ``ValueError`` for an unknown peer and ``NotImplementedError`` (with the reason) for one that
-    cannot run here; nothing is timed or stepped yet.
+    Raises ``ValueError`` for an unknown peer, stock's errors for a bad hyper-parameter and
+    ``NotImplementedError`` (with the reason) for a peer that cannot run here; nothing is stepped yet.
     """
-    reason = peer_unavailable_reason(peer, w[0].dtype.name if w else "float32", len(w))
+    r = rule(optimizer)
+    h = r.hyperparameters(**hyper)
+    reason = peer_unavailable_reason(peer, w[0].dtype.name if w else "float32", len(w), r, h)
     if reason is not None:
         raise NotImplementedError(reason)
     w, g = list(w), list(g)
     if peer == "numpy":
-        return _numpy_peer(w, g, lr, alpha, eps)
+        return _numpy_peer(w, g, lr, r, h)
     if peer == "optax":
-        return _optax_peer(w, g, lr, alpha, eps)
-    return _torch_peer(w, g, lr, alpha, eps, foreach=peer == "torch-foreach")
+        return _optax_peer(w, g, optax_rule(r, h, lr))
+    return _torch_peer(w, g, torch_rule(r, h, lr), peer)
 
 
 def compare_peers(
@@ -204,19 +319,24 @@ def compare_peers(
     repeats: int = 10,
     learning_rate: float = 1e-3,
     progress: bool = True,
+    optimizer: str | Rule = DEFAULT_RULE,
+    hyper: Mapping[str, Any] | None = None,
 ) -> list[VariantResult]:
-    """Median step time and effective GB/s of each peer on this MLX tree, as
+    """Median step time and effective GB/s of each peer running ``optimizer`` on this MLX tree, as
     :func:`~rmsprop_impls.measure.compare.compare_variants` gives them for the variants (``variant`` is the
-    peer's name, ``device`` ``"cpu"``); peers that cannot run come with their reason.
+    peer's name, ``device`` ``"cpu"``, ``differs`` how its math differs from stock's); peers that cannot run
+    come with their reason.
 
     ``peers=None`` takes every installed peer. The tree is converted once and each peer copies the
     parameters, so every peer starts from the same ones.
     """
+    r = rule(optimizer)
+    h = r.hyperparameters(**(hyper or {}))
     peers = list(installed_peers() if peers is None else peers)
     leaves = leaves_of(params)
     dtype = leaves[0].dtype if leaves else mx.float32
-    reasons = {p: peer_unavailable_reason(p, dtype, len(leaves)) for p in peers}
-    nbytes = step_bytes(params)
+    reasons = {p: peer_unavailable_reason(p, dtype, len(leaves), r, h) for p in peers}
+    nbytes = step_bytes(params, r, h)
     w = g = None
     results = []
     for name in tqdm(peers, desc="timing peers", unit="peer", disable=not progress, leave=False):
@@ -225,8 +345,10 @@ def compare_peers(
             continue
         if w is None:
             w, g = numpy_leaves(params), numpy_leaves(grads)
-        peer = build_peer(name, w, g, lr=learning_rate)
+        peer = build_peer(name, w, g, learning_rate, r, **h)
         timing = time_calls(peer.step, repeats=repeats)
+        results.append(
+            VariantResult(name, timing, gbps=nbytes / timing.median / 1e9, device=PEER_DEVICE, differs=peer.differs)
+        )
         del peer
-        results.append(VariantResult(name, timing, gbps=nbytes / timing.median / 1e9, device=PEER_DEVICE))
     return results

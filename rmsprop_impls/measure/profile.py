@@ -23,6 +23,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from ..registry import create, partition_available, variant_device
+from ..rules import DEFAULT_RULE, Rule, rule
 from .bandwidth import limit_at, measure_limits
 from .mlx_settings import current_cache_limit, on_cpu_allocator
 from .roof import working_set
@@ -63,6 +65,16 @@ class VariantProfile:
     faults_per_step: float
     traces_per_step: float | None  # None where the variant does not count its traces
     findings: list[str] = field(default_factory=list)
+    optimizer: str = DEFAULT_RULE  # the rule it ran
+    step_bytes: int = 0  # what one step of that rule reads and writes over the tree
+
+
+def moved_bytes(optimizer: Any, params: Any) -> int:
+    """What one step of ``optimizer`` moves over ``params``: by its rule (stock classes: by their name)."""
+    the_rule = getattr(optimizer, "rule", None)
+    if the_rule is None:
+        return step_bytes(params, type(optimizer).__name__.lower())
+    return step_bytes(params, the_rule, optimizer.hyper)
 
 
 def _minor_faults() -> int:
@@ -101,7 +113,8 @@ def profile_optimizer(
         peak = max(peak, mx.get_peak_memory())
     faults = (_minor_faults() - faults_before) / steps
     step_s = statistics.median(b + e for b, e in zip(builds, evals))
-    gbps = step_bytes(params) / step_s / 1e9
+    nbytes = moved_bytes(optimizer, params)
+    gbps = nbytes / step_s / 1e9
     traces = getattr(optimizer, "traces", None)
     result = VariantProfile(
         variant=getattr(optimizer, "name", type(optimizer).__name__),
@@ -117,6 +130,8 @@ def profile_optimizer(
         peak_growth_bytes=statistics.median(news),
         faults_per_step=faults,
         traces_per_step=None if traces is None else (traces - traces_before) / steps,
+        optimizer=getattr(getattr(optimizer, "rule", None), "name", type(optimizer).__name__.lower()),
+        step_bytes=nbytes,
     )
     result.findings = findings(result, params, bandwidth_gbps, [v for v in MULTI_TENSOR if v != result.variant])
     return result
@@ -131,7 +146,7 @@ def findings(p: VariantProfile, params: Any, bandwidth_gbps: float, alternatives
     cache_limit = current_cache_limit()
     fault_bytes = p.faults_per_step * resource.getpagesize()
     # The cache must hold what the last step freed to serve the next: its buffers and temporaries, with room.
-    needed = 2 * max(p.peak_growth_bytes, step_bytes(params))
+    needed = 2 * max(p.peak_growth_bytes, p.step_bytes)
     if cache_limit < needed and fault_bytes >= FAULTING_FRACTION * p.peak_growth_bytes > 0:
         suggest = -(-int(needed) // MB)
         if on_cpu_allocator():
@@ -144,7 +159,7 @@ def findings(p: VariantProfile, params: Any, bandwidth_gbps: float, alternatives
             f"{p.variant}: every step page-faults ({p.faults_per_step:,.0f} minor faults, "
             f"{fault_bytes / MB:.0f} MB, per step) because {allocator} cache limit ({cache_limit / MB:.0f} MB) "
             f"cannot hold a step's buffers (it raises memory by {p.peak_growth_bytes / MB:.0f} MB and moves "
-            f"{step_bytes(params) / MB:.0f} MB), so {source}; raise it: "
+            f"{p.step_bytes / MB:.0f} MB), so {source}; raise it: "
             f"--cache-limit-mb {suggest} or mx.set_cache_limit({suggest} * 1024**2){or_default}."
         )
     if p.traces_per_step:
@@ -154,7 +169,7 @@ def findings(p: VariantProfile, params: Any, bandwidth_gbps: float, alternatives
             "dtypes and Python constants fixed (pass changing scalars such as the learning rate as mx.array inputs)."
         )
     n_leaves = len(leaves_of(params))
-    bound_s = step_bytes(params) / (bandwidth_gbps * 1e9)
+    bound_s = p.step_bytes / (bandwidth_gbps * 1e9)
     overhead_s = p.step_s - bound_s
     if n_leaves >= MANY_LEAVES and overhead_s > OVERHEAD_FRACTION * p.step_s:
         fix = (
@@ -194,20 +209,28 @@ def profile_variants(
     limits: dict[str, float | None] | None = None,
     learning_rate: float = 1e-3,
     progress: bool = False,
+    optimizer: str | Rule = DEFAULT_RULE,
+    hyper: Mapping[str, Any] | None = None,
 ) -> tuple[list[VariantProfile], dict[str, str], dict[str, float | None]]:
-    """Profile each variant that runs here; returns the profiles, why the others cannot run, and each
-    device's bandwidth limit (measured here once unless given), which each variant's GB/s is a fraction of."""
+    """Profile each variant that runs here, running ``optimizer`` with ``hyper``; returns the profiles, why the
+    others cannot run, and each device's bandwidth limit (measured here once unless given), which each
+    variant's GB/s is a fraction of."""
+    the_rule = rule(optimizer)
+    hyper = the_rule.hyperparameters(**(hyper or {}))
     runnable, unavailable = partition_available(variants)
     if limits is None:
         limits = measure_limits()
 
-    touched = working_set(step_bytes(params))
+    touched = working_set(step_bytes(params, the_rule, hyper))
 
     def limit_of(name: str) -> float:  # the roof at this tree's working set
         return limit_at(limits, variant_device(name), touched) or float("nan")
 
+    def made(name: str):
+        return create(name, learning_rate, optimizer=the_rule, **hyper)
+
     profiles = [
-        profile_optimizer(create(name, learning_rate), params, grads, limit_of(name), steps)
+        profile_optimizer(made(name), params, grads, limit_of(name), steps)
         for name in tqdm(runnable, desc="profiling", unit="variant", disable=not progress, leave=False)
     ]
     for p in profiles:  # now that every variant ran, suggest only the multi-tensor ones that were faster here

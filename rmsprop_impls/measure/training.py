@@ -11,15 +11,14 @@ candidates interleaved in one process, and checks that every variant's
 parameters stay bit-identical with stock's.
 
 The optimizer of a loop comes from :func:`make_optimizer` ``(rule, variant)``:
-the stock class of every rule (``optim.RMSprop``, ``optim.AdamW``), and every
-variant of this project for the rules that have them (RMSprop's today). Any
-other pair raises ``NotImplementedError`` with the reason, so a new rule's
-variants only have to be added here.
+the stock class of every rule of :mod:`rmsprop_impls.rules` (``optim.RMSprop``,
+``optim.AdamW``, ...) or any variant of this project running that rule, with
+stock's hyper-parameters (its defaults unless given).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,15 +28,21 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from ..registry import create, unavailable_reason, variant_names
+from ..rules import RULE_NAMES
+from ..rules import rule as rule_named
 from .timing import StepTiming, time_round_robin, time_steps
 from .training_models import TrainingModel, copy_model
 
-#: The optimizer rules and their stock MLX classes; hyper-parameters are MLX's defaults.
-STOCK_CLASSES: dict[str, type[optim.Optimizer]] = {"rmsprop": optim.RMSprop, "adamw": optim.AdamW}
+#: The optimizer rules and their stock MLX classes.
+STOCK_CLASSES: dict[str, type[optim.Optimizer]] = {name: rule_named(name).stock for name in RULE_NAMES}
+#: The rules ``rmsprop-bench train`` times when none is named.
+DEFAULT_RULES = ("rmsprop", "adamw")
 #: The variant name of a rule's stock MLX class.
 STOCK = "stock"
-#: The rules this project has variants of; a rule's variants are the registry's.
-RULES_WITH_VARIANTS = ("rmsprop",)
+#: The rules this project has variants of (every one); a rule's variants are the registry's.
+RULES_WITH_VARIANTS = RULE_NAMES
+#: Hyper-parameters per rule name, by stock's names; a rule not named keeps stock's defaults.
+Hyper = Mapping[str, Mapping[str, object]]
 #: How the step runs: as mlx-lm's trainer compiles it, or op by op.
 STEP_KINDS = ("compiled", "uncompiled")
 LEARNING_RATE = 1e-3
@@ -57,18 +62,21 @@ def _check_rule(rule: str) -> None:
         raise ValueError(f"unknown optimizer rule '{rule}'; choose one of {', '.join(STOCK_CLASSES)}")
 
 
-def make_optimizer(rule: str, variant: str, learning_rate: float = LEARNING_RATE) -> optim.Optimizer:
-    """A fresh optimizer of ``rule`` run by ``variant``.
+def make_optimizer(
+    rule: str, variant: str, learning_rate: float = LEARNING_RATE, hyper: Mapping[str, object] | None = None
+) -> optim.Optimizer:
+    """A fresh optimizer of ``rule`` run by ``variant`` (``stock``: the rule's MLX class), with ``hyper``.
 
-    Raises ``NotImplementedError`` (the message says why) for a pair that has no implementation, and the
-    registry's errors for a variant it does not know or that cannot run here.
+    Raises ``NotImplementedError`` (the message says why) for a pair that has no implementation, stock's
+    errors for a bad hyper-parameter, and the registry's for a variant it does not know or that cannot run here.
     """
     _check_rule(rule)
+    hyper = dict(hyper or {})
     if variant == STOCK:
-        return STOCK_CLASSES[rule](learning_rate=learning_rate)
+        return STOCK_CLASSES[rule](learning_rate=learning_rate, **hyper)
     if rule not in RULES_WITH_VARIANTS:
-        raise NotImplementedError(f"no '{variant}' variant of {rule}: this project's variants run RMSprop only")
-    return create(variant, learning_rate)
+        raise NotImplementedError(f"no '{variant}' variant of {rule}")
+    return create(variant, learning_rate, optimizer=rule, **hyper)
 
 
 def skip_reason(rule: str, variant: str) -> str | None:
@@ -77,7 +85,7 @@ def skip_reason(rule: str, variant: str) -> str | None:
     if variant == STOCK:
         return None
     if rule not in RULES_WITH_VARIANTS:
-        return f"no '{variant}' variant of {rule}: this project's variants run RMSprop only"
+        return f"no '{variant}' variant of {rule}"
     if variant not in variant_names():
         return f"no variant '{variant}'"
     return unavailable_reason(variant)
@@ -203,21 +211,30 @@ class TrainingResult:
     description: dict[str, Any]
 
     def saving_per_step(self, variant: str, rule: str = "rmsprop", step_kind: str = "compiled") -> float | None:
-        """Seconds per training step that ``variant`` saves over stock (negative: it costs), where both ran."""
+        """Seconds per training step that ``variant`` saves over ``rule``'s stock class (negative: it costs), where
+        both ran."""
         steps = {r.variant: r.step_s for r in self.rows if r.rule == rule and r.step_kind == step_kind}
         if variant not in steps or STOCK not in steps:
             return None
         return steps[STOCK] - steps[variant]
 
 
-def winner_saving(model: TrainingModel, winner: str, time_budget_s: float = 10.0) -> dict[str, dict[str, float]]:
-    """What swapping stock RMSprop for ``winner`` saves per training step of ``model``, in each step kind:
+def winner_saving(
+    model: TrainingModel,
+    winner: str,
+    time_budget_s: float = 10.0,
+    rule: str = "rmsprop",
+    hyper: Mapping[str, object] | None = None,
+) -> dict[str, dict[str, float]]:
+    """What swapping ``rule``'s stock class for ``winner`` saves per training step of ``model``, in each step kind:
     ``{"compiled": {"stock_s": .., "winner_s": .., "saved_s": ..}, "uncompiled": {...}}`` (a negative saving costs)."""
-    result = measure_training(model, ["rmsprop"], [STOCK, winner], time_budget_s=time_budget_s, alone_repeats=1)
+    result = measure_training(
+        model, [rule], [STOCK, winner], time_budget_s=time_budget_s, alone_repeats=1, hyper={rule: hyper or {}}
+    )
     steps = {(r.step_kind, r.variant): r.step_s for r in result.rows}
     return {
         kind: {"stock_s": steps[kind, STOCK], "winner_s": steps[kind, winner],
-               "saved_s": result.saving_per_step(winner, step_kind=kind)}
+               "saved_s": result.saving_per_step(winner, rule, step_kind=kind)}
         for kind in STEP_KINDS
     }  # fmt: skip
 
@@ -244,6 +261,7 @@ def measure_training(
     min_rounds: int = 3,
     alone_repeats: int = 5,
     on_step: Callable[[str], None] | None = None,
+    hyper: Hyper | None = None,
 ) -> TrainingResult:
     """Time every runnable candidate's whole step, interleaved in one process, per mode.
 
@@ -251,8 +269,10 @@ def measure_training(
     and one forward-and-backward-only loop run round-robin (:func:`~.timing.time_round_robin`) for
     ``time_budget_s`` split over the modes; then each candidate's peak memory over one step, and its
     update alone on the same tree (its trainable parameters, with the step's real gradients) for
-    ``alone_repeats`` steps. ``on_step`` gets a label for every step taken (for a progress bar).
+    ``alone_repeats`` steps. ``on_step`` gets a label for every step taken (for a progress bar); ``hyper``
+    holds each rule's hyper-parameters (stock's defaults for a rule it does not name).
     """
+    hyper = hyper or {}
     runnable, skipped = candidates(rules, variants)
     rows: list[TrainingRow] = []
     grad_only: dict[str, float] = {}
@@ -263,7 +283,7 @@ def measure_training(
 
     for kind in step_kinds:
         compiled = kind == "compiled"
-        loops = {pair: training_loop(model, make_optimizer(*pair), compiled) for pair in runnable}
+        loops = {(r, v): training_loop(model, make_optimizer(r, v, hyper=hyper.get(r)), compiled) for r, v in runnable}
         base = training_loop(model, None, compiled)
         timings = time_round_robin(
             {"grad": base.step, **{pair: loop.step for pair, loop in loops.items()}},
@@ -276,7 +296,7 @@ def measure_training(
             row = TrainingRow(model.name, kind, *pair, t.median, t.q1, t.q3, peak_bytes=step_peak_bytes(loop))
             row.in_step_s = row.step_s - grad_only[kind]
             row.share = row.in_step_s / row.step_s
-            row.alone_s = time_update_alone(model, *pair, repeats=alone_repeats).median
+            row.alone_s = time_update_alone(model, *pair, repeats=alone_repeats, hyper=hyper.get(pair[0])).median
             if loop.compiled and loop.traces > EXPECTED_TRACES:
                 row.note = f"the compiled step was traced {loop.traces} times in {len(t.samples) + 2} steps"
             rows.append(row)
@@ -288,11 +308,14 @@ def measure_training(
     return TrainingResult(model.name, rows, grad_only, model.describe())
 
 
-def time_update_alone(model: TrainingModel, rule: str, variant: str, repeats: int = 5) -> StepTiming:
+def time_update_alone(
+    model: TrainingModel, rule: str, variant: str, repeats: int = 5, hyper: Mapping[str, object] | None = None
+) -> StepTiming:
     """A fresh optimizer's step alone, uncompiled, on ``model``'s trainable parameters and the gradients of
     one real forward and backward pass: the update as the optimizer-step suite times it, on the same tree."""
     _, grads = loss_and_grad_of(model.module, model.loss)(*model.batch)
-    return time_steps(make_optimizer(rule, variant), model.module.trainable_parameters(), grads, repeats=repeats)
+    optimizer = make_optimizer(rule, variant, hyper=hyper)
+    return time_steps(optimizer, model.module.trainable_parameters(), grads, repeats=repeats)
 
 
 def _add_speedups(rows: list[TrainingRow]) -> None:
