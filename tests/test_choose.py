@@ -11,10 +11,12 @@ from test_cli import cli
 from trajectory import as_f64, check_against_reference_and_stock, gradient_sequence, max_rel_error, run, tolerance
 
 from rmsprop_impls import choose, clear_choices, create
+from rmsprop_impls.measure import choose as choose_module
 from rmsprop_impls.measure.auto import AutoOptimizer
 from rmsprop_impls.measure.choose import rank
 from rmsprop_impls.measure.timing import StepTiming, time_steps
 from rmsprop_impls.measure.trees import random_like, tree_by_name
+from rmsprop_impls.rules import rule
 from rmsprop_impls.user_cache import cache_dir
 
 
@@ -73,6 +75,20 @@ def test_choose_takes_a_module_lists_unavailable_variants_and_serialises(monkeyp
     assert data["winner"] == "eager" and data["rows"][0]["samples"] >= 3
 
 
+def test_choose_runs_the_rule_asked_for_and_says_which(monkeypatch):
+    created = []
+    real = choose_module.create
+    monkeypatch.setattr(choose_module, "create", lambda *a, **k: created.append(k) or real(*a, **k))
+    result = choose(nn.Linear(8, 4), ["eager", "flat"], time_budget_s=0, optimizer="AdamW", weight_decay=0.1)
+    assert result.optimizer == "adamw" and result.hyper == {**rule("adamw").defaults, "weight_decay": 0.1}
+    assert all(k["optimizer"] is rule("adamw") and k["weight_decay"] == 0.1 for k in created) and len(created) == 2
+    assert all(r.gbps == pytest.approx(28 * 36 / r.median_s / 1e9) for r in result.rows)  # Adam's 7 streams
+    data = json.loads(result.to_json())
+    assert data["optimizer"] == "adamw" and data["hyper"]["weight_decay"] == 0.1
+    with pytest.raises(TypeError, match="AdamW has no hyper-parameter 'alpha'"):
+        choose(nn.Linear(8, 4), ["eager"], time_budget_s=0, optimizer="adamw", alpha=0.9)
+
+
 def test_no_runnable_candidate_is_an_error(monkeypatch):
     from rmsprop_impls import registry
 
@@ -111,8 +127,8 @@ def test_auto_continues_a_stock_state_on_the_same_trajectory():
     assert max_rel_error(as_f64(end), as_f64(straight)) <= 2 * tolerance(mx.float32, 30)
 
 
-def train_with_auto(params, steps: int = 10):
-    opt = create("auto", 1e-2, candidates=["eager", "flat"], trial_rounds=2)
+def train_with_auto(params, steps: int = 10, **rule_and_hyper):
+    opt = create("auto", 1e-2, candidates=["eager", "flat"], trial_rounds=2, **rule_and_hyper)
     run(opt, params, gradient_sequence(params, steps))
     return opt
 
@@ -133,11 +149,21 @@ def test_the_choice_is_cached_reused_and_invalidated(private_cache, monkeypatch)
     assert reshaped.choice["from_cache"] is False and len(measured) == 8
     assert len(list(private_cache.glob("*.json"))) == 2
 
+    other_rule = train_with_auto({"a": mx.ones((64,)), "b": mx.ones((3, 5))}, optimizer="adamw")
+    other_hyper = train_with_auto({"a": mx.ones((64,)), "b": mx.ones((3, 5))}, optimizer="adamw", weight_decay=0.1)
+    assert other_rule.choice["from_cache"] is False and other_hyper.choice["from_cache"] is False
+    assert json.loads(_cache_file(private_cache, other_hyper).read_text())["key"]["hyper"]["weight_decay"] == 0.1
+
     monkeypatch.setattr(mx, "__version__", "0.0.0-other")
     other_mlx = train_with_auto({"a": mx.ones((64,)), "b": mx.ones((3, 5))})
     assert other_mlx.choice["from_cache"] is False
 
-    assert clear_choices() == 3 and list(private_cache.glob("*.json")) == []
+    assert clear_choices() == 5 and list(private_cache.glob("*.json")) == []
+
+
+def _cache_file(cache, auto):
+    (path,) = [p for p in cache.glob("*.json") if json.loads(p.read_text())["key"] == auto._key]
+    return path
 
 
 def test_a_corrupt_cache_file_is_measured_over(private_cache):
@@ -186,6 +212,15 @@ def test_cli_choose_prints_a_table_and_writes_json(tmp_path):
     table = [line for line in out.stderr.splitlines() if line.startswith(("variant", "eager", "flat"))]
     assert len(table) == 3 and len({len(line.rstrip()) for line in table[1:]}) >= 1
     assert f"winner: {result['winner']}" in out.stderr
+
+
+def test_cli_choose_runs_the_rule_asked_for(tmp_path):
+    out = cli("choose", "--tree", "4x1K", "--variants", "eager", "--time-budget", "0", "--json", "-",
+              "--optimizer", "lion", "--hyper", "betas=0.95,0.98")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["optimizer"] == "lion" and result["hyper"] == {"betas": [0.95, 0.98], "weight_decay": 0.0}
+    assert "Lion (betas=[0.95, 0.98], weight_decay=0.0)" in out.stderr
 
 
 def test_cli_choose_reads_a_parameters_file(tmp_path):

@@ -8,6 +8,8 @@ import sys
 import pytest
 
 from rmsprop_impls.cli import COMMANDS
+from rmsprop_impls.cli.common import parse_hyper
+from rmsprop_impls.rules import RULE_NAMES
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -67,3 +69,44 @@ def test_user_mistakes_are_one_line(args, words):
     out = cli(*args)
     assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize("command", ["compare", "choose", "profile", "selftest", "train"])
+def test_every_command_names_the_optimizers_and_a_bad_one_is_one_line(command, capsys):
+    from rmsprop_impls.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in RULE_NAMES)
+    with pytest.raises(SystemExit) as exit_status:
+        main([command, "--optimizer", "NAdam"])
+    err = capsys.readouterr().err
+    assert exit_status.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"unknown optimizer 'NAdam'; choose one of {', '.join(RULE_NAMES)}" in err
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["compare", "--optimizer", "adamw", "--hyper", "alpha=0.9"], "--hyper for AdamW: AdamW has no hyper-param"),
+        (["choose", "--tree", "4x1K", "--hyper", "eps"], "--hyper 'eps': write NAME=VALUE"),
+        (["profile", "--hyper", "eps=tiny"], "--hyper 'eps=tiny': 'tiny' is not a number, a bool or a list"),
+        (["train", "--model", "mlp-2048", "--optimizer", "sgd", "--hyper", "betas=0.9,0.9"], "SGD has no hyper-param"),
+    ],
+)
+def test_a_bad_hyper_parameter_is_one_line(args, words, capsys):
+    from rmsprop_impls.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_hyper_parameters_are_python_literals_and_tuples_become_stock_lists():
+    assert parse_hyper(["weight_decay=0.1", "betas=0.9,0.95", "bias_correction=True", "nesterov= False"]) == {
+        "weight_decay": 0.1,
+        "betas": [0.9, 0.95],
+        "bias_correction": True,
+        "nesterov": False,
+    }

@@ -1,4 +1,5 @@
-"""The peers compute RMSprop, and ``rmsprop-bench compare --peers`` puts them in the table with a ratio line."""
+"""The peers compute each rule as stock does, and ``rmsprop-bench compare --peers`` puts them in the table with a
+ratio line."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from rmsprop_impls.measure.compare import VariantResult
 from rmsprop_impls.measure.timing import StepTiming
 from rmsprop_impls.measure.trees import random_like, synthetic_tree
 from rmsprop_impls.reference import tolerance
+from rmsprop_impls.rules import RULE_NAMES, rule
 
 #: Far from the defaults, so that a peer that drops one, swaps alpha for 1-alpha or puts eps inside the sqrt
 #: lands outside the tolerance (the last is checked below).
@@ -61,6 +63,63 @@ def test_each_peer_matches_the_float64_reference(peer):
         np.testing.assert_allclose(gi, ei, rtol=_tol(), atol=_tol())
 
 
+def _stock_trajectory(optimizer: str, hyper: dict, w: list[np.ndarray], g: list[np.ndarray], lr: float):
+    """Stock MLX's parameters after STEPS steps of ``optimizer`` on the same gradient, in float32."""
+    stock = rule(optimizer).stock(lr, **hyper)
+    params, grads = ({f"p{i}": mx.array(x) for i, x in enumerate(xs)} for xs in (w, g))
+    for _ in range(STEPS):
+        params = stock.apply_gradients(grads, params)
+        mx.eval(params)
+    return [np.array(params[f"p{i}"]) for i in range(len(w))]
+
+
+@pytest.mark.parametrize("optimizer", RULE_NAMES)
+def test_the_numpy_peer_is_stock_bit_for_bit_in_every_configuration(optimizer):
+    """It runs the rule's own trace in float32, op for op as stock rounds: the same bits, with no copy of any rule."""
+    w, g = _tree()
+    for hyper in rule(optimizer).configurations():
+        step = peers.build_peer("numpy", w, g, LR, optimizer, **hyper)
+        for _ in range(STEPS):
+            step.step()
+        assert step.differs is None
+        for got, want in zip(step.parameters(), _stock_trajectory(optimizer, hyper, w, g, LR)):
+            np.testing.assert_array_equal(got, want, err_msg=f"{optimizer} {hyper}")
+
+
+@pytest.mark.parametrize("peer", peers.PEERS[1:])
+@pytest.mark.parametrize("optimizer", RULE_NAMES)
+def test_torch_and_optax_agree_with_stock_within_float32_rounding(optimizer, peer):
+    """Each rule's last configuration (its branches: Nesterov momentum with weight decay, bias correction), where
+    the library has the rule and its math is stock's; where its math differs, it says so."""
+    hyper = rule(optimizer).configurations()[-1]
+    reason = peers.peer_unavailable_reason(peer, optimizer=optimizer, hyper=hyper)
+    if reason is not None:
+        pytest.skip(reason)
+    w, g = _tree()
+    step = peers.build_peer(peer, w, g, LR, optimizer, **hyper)
+    for _ in range(STEPS):
+        step.step()
+    if step.differs is not None:
+        assert optimizer == "adamax" and "eps inside the max" in step.differs
+        return
+    stock = _stock_trajectory(optimizer, hyper, w, g, LR)
+    tol = tolerance(mx.float32, STEPS, max(float(np.abs(s - x).max()) for s, x in zip(stock, w)))
+    for got, want, start in zip(step.parameters(), stock, w):
+        assert np.abs(want - start).max() > 10 * tol  # it moved
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=f"{peer} {optimizer}")
+
+
+def test_where_the_math_differs_the_peer_says_how():
+    assert "bias-corrected" in peers.torch_rule("adam", rule("adam").defaults, 1e-3).differs
+    assert peers.optax_rule("adamw", {**rule("adamw").defaults, "bias_correction": True}, 1e-3).differs is None
+    dampened = {**rule("sgd").defaults, "momentum": 0.9, "dampening": 0.1}
+    assert "(1-dampening)*g" in peers.torch_rule("sgd", dampened, 1e-3).differs
+    with pytest.raises(NotImplementedError, match="optax's SGD has no dampening"):
+        peers.optax_rule("sgd", dampened, 1e-3)
+    with pytest.raises(NotImplementedError, match="torch.optim has no Lion"):
+        peers.torch_rule("lion", rule("lion").defaults, 1e-3)
+
+
 def test_the_tolerance_tells_eps_inside_the_sqrt_apart():
     w, g = _tree()
     wrong, right = _expected(w, g, eps_in_sqrt=True), _expected(w, g)
@@ -76,6 +135,9 @@ def test_what_cannot_run_says_why(monkeypatch):
     assert peers.peer_unavailable_reason("optax", n_leaves=peers.OPTAX_MAX_LEAVES) is None
     assert "optax runs up to 4,096" in peers.peer_unavailable_reason("optax", n_leaves=peers.OPTAX_MAX_LEAVES + 1)
     monkeypatch.undo()
+    if peers.peer_installed("torch-foreach"):
+        assert peers.peer_unavailable_reason("torch-foreach", optimizer="lion") == "torch.optim has no Lion"
+        assert "no fused CPU kernel" in peers.peer_unavailable_reason("torch-fused", optimizer="rmsprop")
     for peer in peers.PEERS[1:]:  # as if the [peers] extra were not installed
         monkeypatch.setitem(peers.PEER_PACKAGES, peer, ("a_package_that_is_not_installed",))
     assert peers.installed_peers() == ["numpy"]
@@ -141,6 +203,21 @@ def test_peers_alone_takes_the_installed_ones_and_names_the_others(monkeypatch, 
     out = capsys.readouterr().out
     assert [line.split()[1] for line in out.splitlines() if line.startswith("4x1K  ")] == ["compiled", "numpy"]
     assert out.rstrip().endswith(
-        "  not installed: torch-foreach, torch-per-tensor, optax: needs the [peers] extra "
+        "  not installed: torch-foreach, torch-fused, torch-per-tensor, optax: needs the [peers] extra "
         "(pip install 'rmsprop-bench[peers]')"
     )
+
+
+def test_compare_runs_the_rule_asked_for_on_the_variants_and_the_peers(monkeypatch, capsys):
+    from rmsprop_impls.cli import compare, main
+
+    monkeypatch.setattr(compare, "measure_limits", lambda: {"cpu": 10.0, "gpu": None})
+    args = ["compare", "--optimizer", "AdamW", "--hyper", "weight_decay=0.1", "--tree", "4x1K", "--repeats", "1"]
+    assert main([*args, "--variants", "eager", "--peers", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("AdamW (betas=[0.9, 0.999], eps=1e-08, weight_decay=0.1, bias_correction=False), lr 1e-3;")
+    rows = [line.split() for line in out.splitlines() if line.startswith("4x1K  ")]
+    assert [row[1] for row in rows] == ["eager", "numpy"]
+    # 28 bytes per float32 parameter (w, g, m, v read; w, m, v written): 4,096 of them in the median step
+    eager = rows[0]
+    assert float(eager[6]) == pytest.approx(28 * 4096 / float(eager[3]) / 1e6, rel=0.05, abs=0.006)

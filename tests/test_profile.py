@@ -187,3 +187,13 @@ def test_cli_profile_mistakes_are_one_line(args, words):
     out = cli("profile", *args)
     assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0
+
+
+def test_the_profile_runs_the_rule_asked_for_and_counts_its_bytes():
+    params = tree_by_name("4x1K")
+    profiles, _, _ = profile_variants(
+        params, random_like(params), ["eager"], steps=2, limits={"cpu": 10.0, "gpu": None}, optimizer="adamw"
+    )
+    (p,) = profiles
+    assert p.optimizer == "adamw" and p.step_bytes == 28 * 4 * 1024  # w, g, m, v read; w, m, v written
+    assert p.gbps == pytest.approx(p.step_bytes / p.step_s / 1e9)

@@ -67,7 +67,9 @@ def test_every_variant_passes_here_and_the_report_has_what_a_bug_report_needs(tm
     assert [(s["case"], s["dtype"]) for s in rows] == [(c.name, d) for c in selftest.CASES for d in DTYPES]
     assert all(s["rel_w_vs_reference"] < s["w_tolerance"] and "passed" not in s for s in rows)  # reported only
     assert "reported, not judged" in markdown
-    assert markdown.startswith("## rmsprop-bench selftest: PASSED")
+    assert markdown.startswith("## rmsprop-bench selftest (RMSprop): PASSED")
+    assert result["optimizer"] == "rmsprop" and result["stock_class"] == "mlx.optimizers.RMSprop"
+    assert [c["hyper"]["alpha"] for c in result["cases"]] == [0.99, 0.9, 0.99]  # the schedule's own values
     for needed in ("| platform |", "| CPU |", "| GPU | none |", f"| MLX | {mx.__version__}", "gpu limit n/a (no GPU)"):
         assert needed in markdown
     assert "### Disagreements" not in markdown
@@ -88,7 +90,7 @@ def test_a_variant_that_disagrees_fails_the_selftest_with_exit_status_1(tmp_path
     assert eager["passed"] is True and flat["passed"] is False
     failures = [f for c in flat["checks"] for f in c["failures"]]
     assert failures and all("drifts from float64" in f or "ulps from stock" in f for f in failures)
-    assert markdown.startswith("## rmsprop-bench selftest: FAILED")
+    assert markdown.startswith("## rmsprop-bench selftest (RMSprop): FAILED")
     assert "| flat | cpu | **FAIL** |" in markdown and "### Disagreements" in markdown
     assert "- flat: nested float32: w drifts from float64 (" in markdown
 
@@ -194,23 +196,23 @@ def test_correct_variants_pass_where_stock_drifts_past_the_agreement_bound(monke
         class CpuKernelFloat32(registry.variant_class("cpu_kernel")):
             name = "test_cpu_kernel_float32"
 
-            def __init__(self, learning_rate, alpha=0.99, eps=1e-8):
-                super().__init__(learning_rate, alpha, eps, precision="float32")
+            def __init__(self, learning_rate, *hyper, **named):
+                super().__init__(learning_rate, *hyper, precision="float32", **named)
 
         extra.append(_register(monkeypatch, CpuKernelFloat32))
     result = _large_case_selftest(available_variants() + extra)
     stock = {s["dtype"]: s for s in result.stock}
     for dtype in (mx.float16, mx.bfloat16):  # what the data are for: stock's v is outside the old bound
         row = stock[selftest.dtype_name(dtype)]
-        assert row["rel_v_vs_reference"] > tolerance(dtype, selftest.STEPS) and not row["within_tolerance"]
+        assert row["rel_state_vs_reference"] > tolerance(dtype, selftest.STEPS) and not row["within_tolerance"]
     assert result.passed, [f for v in result.variants for c in v.checks for f in c.failures]
     assert all(v.passed for v in result.variants) and {v.variant for v in result.variants} >= set(extra)
     eager = next(v for v in result.variants if v.variant == "eager")
-    assert eager.worst("rel_v_vs_reference", "float16") > tolerance(mx.float16, selftest.STEPS)  # the old verdict
+    assert eager.worst("rel_state_vs_reference", "float16") > tolerance(mx.float16, selftest.STEPS)  # old verdict
     float32_math = next(v for v in result.variants if v.variant == "test_float32_math")
     assert float32_math.worst("differing_vs_stock") > 0 and float32_math.worst("ulps_vs_stock", "float16") > 1
     markdown = markdown_summary(result)
-    assert markdown.startswith("## rmsprop-bench selftest: PASSED") and "### Disagreements" not in markdown
+    assert markdown.startswith("## rmsprop-bench selftest (RMSprop): PASSED") and "### Disagreements" not in markdown
     assert "Stock itself is outside the agreement tests' bound" in markdown and "large f16 (w " in markdown
 
 
@@ -251,8 +253,8 @@ def test_a_stock_exact_promise_fails_on_one_differing_bit(monkeypatch):
     class NotPromising(Promising):
         name = "test_not_promising"
 
-        def __init__(self, learning_rate, alpha=0.99, eps=1e-8):
-            super().__init__(learning_rate, alpha, eps)
+        def __init__(self, learning_rate, *hyper, **named):  # no precision: no promise
+            super().__init__(learning_rate, *hyper, **named)
 
     promising, not_promising = _register(monkeypatch, Promising), _register(monkeypatch, NotPromising)
     case = selftest.CASES[0]
@@ -304,3 +306,30 @@ def test_nan_fails_every_bound():
 
 def test_json_has_no_nan_or_infinity():
     assert selftest._finite_json({"a": [math.nan, math.inf, 1.0]}) == {"a": ["nan", "inf", 1.0]}
+
+
+def test_the_selftest_checks_the_rule_asked_for_and_names_it(tmp_path, stub_limits):
+    """AdamW on eager and flat, 8 steps: every state array judged (m and v), the bias correction taken in the
+    schedule case, the stock class named."""
+    status, result, markdown = _selftest(tmp_path, "--variants", "eager", "flat", "--optimizer", "AdamW")
+    assert status == 0 and result["passed"] is True, markdown
+    assert result["optimizer"] == "adamw" and result["stock_class"] == "mlx.optimizers.AdamW"
+    assert [c["hyper"]["bias_correction"] for c in result["cases"]] == [False, True, False]
+    assert markdown.startswith("## rmsprop-bench selftest (AdamW): PASSED")
+    assert "Stock AdamW against float64" in markdown
+    for v in result["variants"]:
+        assert all(v["bit_identical_with_stock"].values()) and v["speed"]["gbps"] > 0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lion"])
+def test_a_planted_drift_fails_on_other_rules_too(monkeypatch, optimizer):
+    """A 1% longer step in every dtype, on the nested case: caught for rules whose w moves by lr*g (SGD's
+    momentum) and by lr*sign (Lion), with the bound measured from the float64 trajectory."""
+    name = _register(monkeypatch, LearningRateOnePercentHigh)
+    result = selftest.run_selftest(
+        ["eager", name], 20, None, dict(LIMITS), False, cases=(selftest.CASES[0],), optimizer=optimizer
+    )
+    eager, planted = result.variants
+    assert eager.passed and planted.passed is False
+    assert "float32" in _failing_dtypes(planted)
+    assert result.stock[0]["largest_step"] > 0

@@ -13,8 +13,8 @@ import pytest
 from mlx.utils import tree_flatten
 from test_cli import cli
 
-from rmsprop_impls import available_variants, create
-from rmsprop_impls.measure import training_models
+from rmsprop_impls import available_variants, create, variant_names
+from rmsprop_impls.measure import training, training_models
 from rmsprop_impls.measure.training import (
     STOCK,
     make_optimizer,
@@ -25,6 +25,7 @@ from rmsprop_impls.measure.training import (
     trajectories,
 )
 from rmsprop_impls.measure.training_models import mlx_lm_missing, model_from_file, training_model
+from rmsprop_impls.rules import RULE_NAMES, rule
 
 needs_mlx_lm = pytest.mark.skipif(mlx_lm_missing() is not None, reason=str(mlx_lm_missing()))
 
@@ -39,10 +40,10 @@ def linear_chain_file(tmp_path_factory) -> str:
     return str(path)
 
 
-def assert_bit_identical_with_stock(model, compiled: bool, steps: int = 3) -> None:
+def assert_bit_identical_with_stock(model, compiled: bool, steps: int = 3, rule: str = "rmsprop") -> None:
     """After ``steps`` training steps from the same weights on the same batch, every leaf equals stock's bit for bit."""
     variants = [STOCK, *available_variants()]
-    after = trajectories(model, "rmsprop", variants, compiled, steps)
+    after = trajectories(model, rule, variants, compiled, steps)
     start = dict(tree_flatten(model.module.trainable_parameters()))
     stock = after[STOCK]
     assert all(not mx.array_equal(stock[k], start[k]).item() for k in start)  # the steps moved every leaf
@@ -58,9 +59,12 @@ def test_every_variant_trains_mlx_lm_models_bit_identically_with_stock(name, com
     assert_bit_identical_with_stock(training_model(name), compiled)
 
 
+@pytest.mark.parametrize("rule", ["rmsprop", "adamw"])
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "uncompiled"])
-def test_every_variant_trains_a_model_from_a_parameters_file_bit_identically_with_stock(linear_chain_file, compiled):
-    assert_bit_identical_with_stock(model_from_file(linear_chain_file), compiled)
+def test_every_variant_trains_a_model_from_a_parameters_file_bit_identically_with_stock(
+    linear_chain_file, compiled, rule
+):
+    assert_bit_identical_with_stock(model_from_file(linear_chain_file), compiled, rule=rule)
 
 
 @needs_mlx_lm
@@ -89,16 +93,21 @@ def test_the_variants_take_optimizer_update_of_an_mlx_lm_module_as_stock_does():
             assert np.array_equal(np.array(a), np.array(b)), variant
 
 
-def test_the_factory_gives_stock_for_every_rule_and_variants_for_rmsprop():
-    assert type(make_optimizer("rmsprop", STOCK)) is optim.RMSprop
-    assert type(make_optimizer("adamw", STOCK)) is optim.AdamW
-    assert optimizer_variants("adamw") == [STOCK] and "cpu_kernel" in optimizer_variants("rmsprop")
-    assert make_optimizer("rmsprop", "eager").name == "eager"
-    with pytest.raises(NotImplementedError, match="variants run RMSprop only"):
-        make_optimizer("adamw", "eager")
-    assert "RMSprop only" in skip_reason("adamw", "cpu_kernel") and skip_reason("rmsprop", STOCK) is None
-    with pytest.raises(ValueError, match="unknown optimizer rule 'sgd'"):
-        make_optimizer("sgd", STOCK)
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_the_factory_gives_stock_and_every_variant_for_every_rule(name):
+    stock = make_optimizer(name, STOCK, hyper={"eps": 1e-6} if name != "sgd" and name != "lion" else {})
+    assert type(stock) is rule(name).stock and optimizer_variants(name) == [STOCK, *variant_names()]
+    variant = make_optimizer(name, "eager", hyper=rule(name).configurations()[-1])
+    assert variant.name == "eager" and variant.rule is rule(name) and variant.hyper == rule(name).configurations()[-1]
+    assert skip_reason(name, STOCK) is None and skip_reason(name, "eager") is None
+    assert skip_reason(name, "nope") == "no variant 'nope'"
+
+
+def test_the_factory_rejects_an_unknown_rule_and_a_bad_hyper_parameter():
+    with pytest.raises(ValueError, match="unknown optimizer rule 'nadam'"):
+        make_optimizer("nadam", STOCK)
+    with pytest.raises(TypeError, match=r"of AdamW got unknown option\(s\) alpha"):
+        make_optimizer("adamw", "eager", hyper={"alpha": 0.9})
 
 
 @pytest.mark.parametrize(
@@ -117,22 +126,26 @@ def test_a_missing_or_old_mlx_lm_is_said_in_words(monkeypatch, installed, words)
     assert training_model("mlp-2048").describe()["parameters"] == 4 * (2048 * 2048 + 2048)  # the MLP still builds
 
 
-def test_measure_training_reports_every_candidate(linear_chain_file):
+def test_measure_training_reports_every_candidate(linear_chain_file, monkeypatch):
+    monkeypatch.setattr(training, "unavailable_reason", lambda v: "planted" if v == "flat" else None)
     result = measure_training(model_from_file(linear_chain_file), ["rmsprop", "adamw"], [STOCK, "eager", "flat"],
-                              time_budget_s=0, min_rounds=2)  # fmt: skip
+                              time_budget_s=0, min_rounds=2, hyper={"adamw": {"weight_decay": 0.1}})  # fmt: skip
     ran = {(r.step_kind, r.rule, r.variant): r for r in result.rows if r.step_s == r.step_s}
-    assert set(ran) == {(k, rule, v) for k in ("compiled", "uncompiled") for rule, v in
-                        [("rmsprop", STOCK), ("rmsprop", "eager"), ("rmsprop", "flat"), ("adamw", STOCK)]}  # fmt: skip
+    assert set(ran) == {(k, rule, v) for k in ("compiled", "uncompiled") for rule in ("rmsprop", "adamw")
+                        for v in (STOCK, "eager")}  # fmt: skip
+    params = 48 * 64 + 64 * 64 + 64 * 32
     for r in ran.values():
-        assert r.step_s > 0 and r.alone_s > 0 and r.peak_bytes > 3 * 4 * (48 * 64 + 64 * 64 + 64 * 32)  # w, g, v
+        arrays = 3 if r.rule == "rmsprop" else 4  # w, g and the state: v; m and v
+        assert r.step_s > 0 and r.alone_s > 0 and r.peak_bytes > arrays * 4 * params
         assert r.in_step_s == pytest.approx(r.step_s - result.grad_only_s[r.step_kind])
-    assert ran[("compiled", "rmsprop", STOCK)].speedup == 1.0
+    assert ran[("compiled", "rmsprop", STOCK)].speedup == 1.0 and ran[("compiled", "adamw", STOCK)].speedup == 1.0
     skipped = [r for r in result.rows if r.step_s != r.step_s]
-    assert {(r.rule, r.variant) for r in skipped} == {("adamw", "eager"), ("adamw", "flat")}
-    assert all("RMSprop only" in r.note for r in skipped)
-    assert result.saving_per_step("eager") == pytest.approx(
-        ran[("compiled", "rmsprop", STOCK)].step_s - ran[("compiled", "rmsprop", "eager")].step_s
-    )
+    assert {(r.rule, r.variant) for r in skipped} == {("rmsprop", "flat"), ("adamw", "flat")}
+    assert all(r.note == "skipped: planted" for r in skipped)
+    for rule_name in ("rmsprop", "adamw"):
+        assert result.saving_per_step("eager", rule_name) == pytest.approx(
+            ran[("compiled", rule_name, STOCK)].step_s - ran[("compiled", rule_name, "eager")].step_s
+        )
 
 
 def test_train_prints_the_table(linear_chain_file):
@@ -141,13 +154,18 @@ def test_train_prints_the_table(linear_chain_file):
     assert "9,376 parameters, 9,376 trainable in 6 leaves; batch 8x48" in out.stdout
     table = out.stdout.split("\n\n")[1].splitlines()
     assert table[0].split()[:5] == ["step", "rule", "variant", "step", "ms"] and "vs stock" in table[0]
-    pairs = [("rmsprop", "stock"), ("adamw", "stock")] + [("rmsprop", "cpu_kernel")] * (
-        "cpu_kernel" in available_variants()
-    )
+    variants = ["stock"] + ["cpu_kernel"] * ("cpu_kernel" in available_variants())
     rows = {tuple(line.split()[:3]) for line in table[2:]}
-    assert rows == {(kind, *pair) for kind in ("compiled", "uncompiled") for pair in pairs}
+    assert rows == {(kind, r, v) for kind in ("compiled", "uncompiled") for r in ("rmsprop", "adamw") for v in variants}
     assert "forward and backward alone, compiled:" in out.stdout
-    assert "adamw cpu_kernel: skipped: no 'cpu_kernel' variant of adamw" in out.stdout
+
+
+def test_train_runs_the_optimizers_named_with_their_hyper_parameters(linear_chain_file):
+    out = cli("train", "--params", linear_chain_file, "--optimizer", "AdamW", "Lion", "--hyper", "weight_decay=0.1",
+              "--variants", "stock", "eager", "--step", "uncompiled", "--time-budget", "0")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = {tuple(line.split()[:3]) for line in out.stdout.split("\n\n")[1].splitlines()[2:]}
+    assert rows == {("uncompiled", r, v) for r in ("adamw", "lion") for v in ("stock", "eager")}
 
 
 @pytest.mark.parametrize(
@@ -156,6 +174,8 @@ def test_train_prints_the_table(linear_chain_file):
         (["train", "--params", "missing.npz"], "missing.npz: no such file"),
         (["train", "--model", "llama-huge"], "invalid choice: 'llama-huge'"),
         (["train"], "one of the arguments --model --params is required"),
+        (["train", "--model", "mlp-2048", "--optimizer", "rmsprop", "nadam"], "unknown optimizer 'nadam'"),
+        (["train", "--model", "mlp-2048", "--optimizer", "sgd", "--hyper", "betas=0.9"], "SGD has no hyper-parameter"),
     ],
 )
 def test_train_mistakes_are_one_line(args, words):
@@ -164,9 +184,10 @@ def test_train_mistakes_are_one_line(args, words):
 
 
 def test_choose_says_what_its_winner_saves_per_training_step(linear_chain_file):
-    out = cli("choose", "--params", linear_chain_file, "--variants", "eager", "--time-budget", "0")
+    out = cli("choose", "--params", linear_chain_file, "--variants", "eager", "--time-budget", "0",
+              "--optimizer", "adamw")  # fmt: skip
     assert out.returncode == 0, out.stderr
-    lines = out.stdout[out.stdout.index("per training step, eager instead of stock optim.RMSprop:") :].splitlines()
+    lines = out.stdout[out.stdout.index("per training step, eager instead of stock optim.AdamW:") :].splitlines()
     assert [line.split()[0] for line in lines[1:3]] == ["compiled", "uncompiled"]
     assert all(line.split()[1] in ("saves", "costs") and " ms of " in line for line in lines[1:3])
     tree = cli("choose", "--tree", "4x1K", "--variants", "eager", "--time-budget", "0")

@@ -245,11 +245,15 @@ def _torch_peer(w: list[np.ndarray], g: list[np.ndarray], mapped: LibraryRule, p
 
     params = [torch.from_numpy(x.copy()) for x in w]
     for p, gi in zip(params, g):
-        p.grad = torch.from_numpy(gi)
+        p.grad = torch.from_numpy(gi.copy())  # its own: torch's foreach Nesterov SGD adds into the gradient
     modes = {"torch-foreach": {"foreach": True}, "torch-fused": {"fused": True}, "torch-per-tensor": {"foreach": False}}
     optimizer = getattr(torch.optim, mapped.name)(params, **mapped.arguments, **modes[peer])
     parameters = lambda: [p.detach().numpy().copy() for p in params]  # noqa: E731
-    return PeerStep(torch.no_grad()(optimizer.step), parameters, mapped.differs)
+    differs = mapped.differs
+    if peer == "torch-foreach" and mapped.name == "SGD" and mapped.arguments["nesterov"]:
+        if not mapped.arguments["weight_decay"]:
+            differs = "torch's foreach Nesterov SGD adds the momentum into the gradient, so one gradient reused drifts"
+    return PeerStep(torch.no_grad()(optimizer.step), parameters, differs)
 
 
 def _optax_transformation(mapped: LibraryRule):
