@@ -70,11 +70,11 @@ class VariantProfile:
 
 
 def moved_bytes(optimizer: Any, params: Any) -> int:
-    """What one step of ``optimizer`` moves over ``params``: by its rule (stock classes: by their name)."""
-    the_rule = getattr(optimizer, "rule", None)
-    if the_rule is None:
-        return step_bytes(params, type(optimizer).__name__.lower())
-    return step_bytes(params, the_rule, optimizer.hyper)
+    """What one step of ``optimizer`` moves over ``params``, by its rule and hyper-parameters (a stock class's:
+    the rule of its name, its attributes)."""
+    the_rule = getattr(optimizer, "rule", None) or rule(type(optimizer).__name__)
+    hyper = {k: getattr(optimizer, k, default) for k, default in the_rule.defaults.items()}
+    return step_bytes(params, the_rule, hyper)
 
 
 def _minor_faults() -> int:
