@@ -15,7 +15,7 @@ from typing import Any
 
 from .optimizer import OptimizerBase
 from .registry import create
-from .rules import RULE_NAMES, Rule, rule
+from .rules import Rule, rule
 
 #: The variant a drop-in class runs when none is named.
 DEFAULT_VARIANT = "auto"
@@ -52,4 +52,11 @@ def drop_in_class(name: str) -> DropIn:
     return cls
 
 
-DROP_INS: dict[str, DropIn] = {rule(name).title: drop_in_class(name) for name in RULE_NAMES}
+SGD = drop_in_class("sgd")
+RMSprop = drop_in_class("rmsprop")
+Adagrad = drop_in_class("adagrad")
+AdaDelta = drop_in_class("adadelta")
+Adam = drop_in_class("adam")
+AdamW = drop_in_class("adamw")
+Adamax = drop_in_class("adamax")
+Lion = drop_in_class("lion")
