@@ -56,7 +56,7 @@ import hashlib
 from dataclasses import dataclass
 
 from ..rules.codegen import emit
-from ..rules.element import F32, T, Node, Trace
+from ..rules.element import F32, Node, T, Trace
 
 PRECISIONS = ("stock", "float32")
 #: Metal's limit of buffer arguments per kernel (``[[buffer(n)]]``, n < 31); the CUDA launches keep to it too.
@@ -234,9 +234,10 @@ def kernel_source(backend: Backend, trace: Trace, precision: str = "stock", n_gr
     pick = [f"(i < {OFFSETS}[{j + 1}]) ? g{j}[i - {OFFSETS}[{j}]] :" for j in range(n_gradients - 1)]
     g_i = " ".join([*pick, f"g{n_gradients - 1}[i - {OFFSETS}[{n_gradients - 1}]]"])
     loads = [f"const float g_i = {f(f'({g_i})')};"] if "g" in code.inputs else []
-    loads += [f"const float {name}_i = {f(f'{name}[i]')};" for name in ("w", *layout.state_inputs) if name in code.inputs]
-    stores = [f"{out}[i] = {t(code.results[name])};" for name, out in zip(("w", *layout.state_outputs),
-                                                                           layout.output_names())]  # fmt: skip
+    arrays = [name for name in ("w", *layout.state_inputs) if name in code.inputs]
+    loads += [f"const float {name}_i = {f(f'{name}[i]')};" for name in arrays]
+    results = [code.results[name] for name in ("w", *layout.state_outputs)]
+    stores = [f"{out}[i] = {t(result)};" for out, result in zip(layout.output_names(), results)]
     lines = [f"const {b.index_type} i = {b.index};", f"if (i >= {OFFSETS}[{n_gradients}]) return;"]
     return "\n".join([*lines, *code.uniform, *loads, *code.per_element, *stores, ""])
 
