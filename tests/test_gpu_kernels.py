@@ -485,3 +485,18 @@ def test_precision_is_an_option_of_create(variant, fake_launcher):
     assert create(variant, 1e-2, precision="float32").precision == "float32"
     with pytest.raises(ValueError, match="precision is one of"):
         create(variant, 1e-2, precision="half")
+
+
+def test_a_hyperparameter_that_changes_the_branch_mid_run_changes_the_kernel_and_the_plan(fake_launcher):
+    """Plain SGD takes 27 leaves per launch and never reads v; with momentum set between steps it reads v and takes
+    25: stock's numbers either way (float32, where the launcher's ops are stock's)."""
+    params = {f"p{k}": mx.random.normal((k + 1,)) for k in range(30)}
+    grads = gradient_sequence(params, 2)
+    got, want = create("cuda_kernel", 1e-2, optimizer="sgd"), optim.SGD(1e-2)
+    p_got = p_want = params
+    for g in grads:
+        p_got, p_want = got.apply_gradients(g, p_got), want.apply_gradients(g, p_want)
+        for (k, a), (_, b) in zip(tree_flatten((p_got, got.state)), tree_flatten((p_want, want.state))):
+            assert mx.array_equal(a, b).item(), k
+        got.momentum = want.momentum = 0.9
+    assert [len(launch["inputs"]) - 3 for launch in fake_launcher.launches] == [27, 3, 25 + 1, 5 + 1]  # + v

@@ -226,7 +226,7 @@ class GpuKernelOptimizer(PackedOptimizer):
         self.precision = precision
         self._launches: list[Launch] = []
         self._launch_offsets: list[mx.array] = []
-        self._planned_for: tuple | None = None
+        self._planned_for: tuple[FlatLayout, int] | None = None
 
     def _max_elements(self, itemsize: int) -> int:
         return max_launch_elements(self.backend, itemsize, self.max_buffer_bytes())
@@ -237,10 +237,11 @@ class GpuKernelOptimizer(PackedOptimizer):
         return None
 
     def _plan(self, layout: FlatLayout, max_leaves: int) -> None:
-        if self._planned_for != (id(layout), max_leaves):
+        """Plan once per layout and leaves per launch (a hyper-parameter may change the rule's branch)."""
+        if self._planned_for is None or self._planned_for[0] is not layout or self._planned_for[1] != max_leaves:
             self._launches = plan_launches(layout, max_leaves, max_elements=self._max_elements)
             self._launch_offsets = [mx.array(launch.group.offsets, dtype=mx.uint32) for launch in self._launches]
-            self._planned_for = (id(layout), max_leaves)
+            self._planned_for = (layout, max_leaves)
 
     def _gradients(self, launch: Launch, g: list[mx.array]) -> tuple[list[mx.array], mx.array | None]:
         """The launch's gradients, and the offsets to use when they are not one buffer per leaf."""
