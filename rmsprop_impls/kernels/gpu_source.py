@@ -29,7 +29,7 @@ float32 arrays do. Each operation is computed as stock's device code computes it
   them (``Abs``, ``Sign`` in ``mlx/backend/metal/kernels/unary_ops.h`` and
   ``mlx/backend/cuda/device/unary_ops.cuh``; ``Maximum`` in ``binary_ops.h`` and
   ``binary_ops.cuh``): ``abs`` clears the sign (``metal::abs``; CUDA's ``abs``,
-  ``__habs`` for ``__half``); ``sign`` is ``(x > 0) - (x < 0)``, so ``sign(NaN)``
+  ``__habs`` for both half types in ``fp16_math.cuh``); ``sign`` is ``(x > 0) - (x < 0)``, so ``sign(NaN)``
   and ``sign(-0)`` are ``+0`` (CUDA's ``__nv_bfloat16`` case goes through float,
   the same numbers); ``maximum(x, y)`` is ``isnan(x) ? x : (x > y ? x : y)``, so
   a NaN in either argument wins and ``maximum(+0, -0)`` is ``-0``. On ``T``
@@ -140,7 +140,7 @@ CUDA = Backend(
     sub="__fsub_rn({}, {})",
     sqrt="__fsqrt_rn({})",
     divide="__fdiv_rn({}, {})",
-    abs="fabsf({})",  # unary_ops.cuh Abs: abs(x), fabsf for float, __habs for __half
+    abs="fabsf({})",  # unary_ops.cuh Abs: fp16_math.cuh's abs, __habs for __half and __nv_bfloat16, fabsf for float
     sign="static_cast<float>(({0} > 0.0f) - ({0} < 0.0f))",  # unary_ops.cuh Sign
     maximum="(isnan({0}) ? {0} : ({0} > {1} ? {0} : {1}))",  # binary_ops.cuh Maximum
     to_float="static_cast<float>({})",
