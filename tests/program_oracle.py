@@ -43,34 +43,40 @@ def as_float(x: mx.array) -> np.ndarray:
     return np.array(x.astype(mx.float64) if x.dtype != mx.float64 else x)
 
 
-def difference(a: mx.array, b: mx.array) -> str | None:
-    """``None`` where ``a`` and ``b`` hold the same bits, else what differs (for the failure message)."""
+def difference(a: mx.array, b: mx.array, any_nan: bool = False) -> str | None:
+    """``None`` where ``a`` and ``b`` hold the same bits, else what differs (for the failure message);
+    with ``any_nan``, a NaN equals any NaN (its sign and payload are not stock's promise)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return f"{a.dtype} {a.shape} against {b.dtype} {b.shape}"
     ba, bb = bits(a), bits(b)
     if np.array_equal(ba, bb):
         return None
-    wrong = np.flatnonzero(ba.reshape(-1) != bb.reshape(-1))
     fa, fb = as_float(a).reshape(-1), as_float(b).reshape(-1)
+    differ = ba.reshape(-1) != bb.reshape(-1)
+    if any_nan and a.dtype in (mx.float32, mx.float16, mx.bfloat16, mx.float64):
+        differ &= ~(np.isnan(fa) & np.isnan(fb))
+    wrong = np.flatnonzero(differ)
+    if not wrong.size:
+        return None
     i = wrong[0]
     return f"{len(wrong)} of {a.size} elements differ, first at {i}: {fa[i]:.9g} against stock's {fb[i]:.9g}"
 
 
-def differences(got: Any, want: Any) -> list[str]:
+def differences(got: Any, want: Any, any_nan: bool = False) -> list[str]:
     """Every array of ``got`` whose bits differ from ``want``'s (trees of one layout), by path."""
     fg, fw = tree_flatten(got), tree_flatten(want)
     if [k for k, _ in fg] != [k for k, _ in fw]:
         return [f"the trees differ: {[k for k, _ in fg]} against stock's {[k for k, _ in fw]}"]
     out = []
     for (path, a), (_, b) in zip(fg, fw):
-        why = difference(a, b)
+        why = difference(a, b, any_nan)
         if why is not None:
             out.append(f"{path or '<array>'}: {why}")
     return out
 
 
-def assert_same_bits(got: Any, want: Any, what: str = "") -> None:
-    wrong = differences(got, want)
+def assert_same_bits(got: Any, want: Any, what: str = "", any_nan: bool = False) -> None:
+    wrong = differences(got, want, any_nan)
     assert not wrong, f"{what}: " + "; ".join(wrong)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
@@ -150,3 +152,43 @@ def with_special_values(grads: list, every: int = 3) -> list:
         out.append(tree_map(put, g))
     mx.eval(out)
     return out
+
+
+#: The rules every variant runs in the sampled tests: RMSprop, AdamW with bias correction, SGD with Nesterov
+#: momentum and weight decay, Lion with weight decay; eager runs every setting of every rule.
+SAMPLE = {
+    "rmsprop": {},
+    "adamw": {"bias_correction": True},
+    "sgd": {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
+    "lion": {"weight_decay": 0.1},
+}
+#: ``RMSPROP_RULE_GRID=full`` runs every setting of every rule through every variant instead of the sample.
+FULL_GRID = os.environ.get("RMSPROP_RULE_GRID") == "full"
+
+
+#: Variants too slow to build for the whole grid by default: ``compiled`` has ``g++`` build each new graph's
+#: kernels (about 2 s each here, six per tree and dtype), so it runs :data:`SAMPLE` unless the grid is full.
+SLOW_TO_BUILD = ("compiled",)
+
+
+def sample() -> list[tuple[str, dict]]:
+    from rmsprop_impls.rules import rule
+
+    return [(name, far_from_defaults(rule(name).hyperparameters(**h))) for name, h in SAMPLE.items()]
+
+
+def sampled_settings(variant: str, everything_for: tuple[str, ...] = ("eager",)) -> list[tuple[str, dict]]:
+    """The ``(rule, hyper-parameters)`` that ``variant`` runs in a sampled test: every setting for the variants
+    in ``everything_for`` (and for all under ``RMSPROP_RULE_GRID=full``), else :data:`SAMPLE`."""
+    return rule_settings() if FULL_GRID or variant in everything_for else sample()
+
+
+def variant_rule_grid(variants: list[str]) -> list:
+    """``pytest.param(variant, rule, hyper)`` over :func:`sampled_settings`, with readable ids."""
+    import pytest
+
+    return [
+        pytest.param(v, name, hyper, id=f"{v}-{setting_id(name, hyper)}")
+        for v in variants
+        for name, hyper in sampled_settings(v)
+    ]
