@@ -1,5 +1,6 @@
-"""Shared by the program tests: a variant and stock ``mlx.optimizers.RMSprop`` run the same program,
-and every array the program holds is compared bit for bit (NaN and -0.0 included)."""
+"""Shared by the program tests: a variant and its stock class (``mlx.optimizers.RMSprop`` unless a rule is
+named) run the same program, and every array the program holds is compared bit for bit (NaN and -0.0
+included)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from rmsprop_impls import available_variants, create
+from rmsprop_impls.rules import rule
 
 #: Far from the defaults (alpha=0.99, eps=1e-8), so a variant that drops or swaps one fails.
 LR, ALPHA, EPS = 0.03, 0.8, 1e-4
@@ -26,11 +28,14 @@ ALIASES = {
 }
 
 
-def make(variant: str, learning_rate: Any = LR) -> optim.Optimizer:
-    """``variant``'s optimizer, or stock's for ``"stock"``, with the tests' hyper-parameters."""
+def make(variant: str, learning_rate: Any = LR, name: str = "rmsprop", hyper: dict | None = None) -> optim.Optimizer:
+    """``variant``'s optimizer for rule ``name``, or its stock class for ``"stock"``; RMSprop with the tests'
+    hyper-parameters by default."""
+    if hyper is None:
+        hyper = {"alpha": ALPHA, "eps": EPS} if name == "rmsprop" else {}
     if variant == "stock":
-        return optim.RMSprop(learning_rate, alpha=ALPHA, eps=EPS)
-    return create(variant, learning_rate, alpha=ALPHA, eps=EPS)
+        return rule(name).stock(learning_rate, **hyper)
+    return create(variant, learning_rate, optimizer=name, **hyper)
 
 
 def bits(x: mx.array) -> np.ndarray:
