@@ -85,10 +85,16 @@ def assert_same_bits(got: Any, want: Any, what: str = "", any_nan: bool = False)
     assert not wrong, f"{what}: " + "; ".join(wrong)
 
 
-def same_program(variant: str, program: Callable[[optim.Optimizer], Any], learning_rate: Any = LR) -> Any:
-    """Runs ``program`` (optimizer -> every array it holds) on ``variant`` and on stock; same bits."""
-    got = program(make(variant, learning_rate))
-    want = program(make("stock", learning_rate))
+def same_program(
+    variant: str,
+    program: Callable[[optim.Optimizer], Any],
+    learning_rate: Any = LR,
+    setting: tuple[str, dict | None] = ("rmsprop", None),
+) -> Any:
+    """Runs ``program`` (optimizer -> every array it holds) on ``variant`` and on stock, for the rule and
+    hyper-parameters of ``setting`` (the tests' RMSprop by default); same bits."""
+    got = program(make(variant, learning_rate, *setting))
+    want = program(make("stock", learning_rate, *setting))
     assert_same_bits(got, want, variant)
     return got
 
