@@ -30,7 +30,8 @@ class DropIn(type):
         return create(variant, learning_rate, *hyper, optimizer=cls.rule, **named)
 
     def __instancecheck__(cls, instance: Any) -> bool:
-        return isinstance(instance, OptimizerBase) and instance.rule is cls.rule
+        """As stock's classes: an AdamW (or Adamax) optimizer is an instance of ``Adam`` too."""
+        return isinstance(instance, OptimizerBase) and issubclass(instance.rule.stock, cls.rule.stock)
 
 
 def drop_in_class(name: str) -> DropIn:
