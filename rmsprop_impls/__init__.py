@@ -17,7 +17,7 @@ from . import (
     _mlx_backend,  # noqa: F401  (first: a clear error where MLX has no back-end)
     _moved,
 )
-from .drop_in import DROP_INS
+from .drop_in import SGD, AdaDelta, Adagrad, Adam, Adamax, AdamW, Lion, RMSprop
 from .kernels.packing import FlatLayout, PackedGradients
 from .measure.choice_cache import clear_choices
 from .measure.choose import Choice, choose
@@ -36,7 +36,6 @@ from .registry import (
 from .rules import RULE_NAMES, UnknownRuleError, rule
 from .tree_paths import TreeMismatchError
 
-globals().update(DROP_INS)  # SGD, RMSprop, Adagrad, AdaDelta, Adam, AdamW, Adamax, Lion
 _moved.install()
 
 
@@ -57,7 +56,14 @@ __all__ = [
     "RULE_NAMES",
     "UnknownRuleError",
     "rule",
-    *DROP_INS,
+    "SGD",
+    "RMSprop",
+    "Adagrad",
+    "AdaDelta",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "Lion",
     "TreeMismatchError",
     "UnknownVariantError",
     "VariantUnavailableError",

@@ -15,7 +15,7 @@ from typing import Any
 
 from .optimizer import OptimizerBase
 from .registry import create
-from .rules import RULE_NAMES, Rule, rule
+from .rules import Rule, rule
 
 #: The variant a drop-in class runs when none is named.
 DEFAULT_VARIANT = "auto"
@@ -30,7 +30,8 @@ class DropIn(type):
         return create(variant, learning_rate, *hyper, optimizer=cls.rule, **named)
 
     def __instancecheck__(cls, instance: Any) -> bool:
-        return isinstance(instance, OptimizerBase) and instance.rule is cls.rule
+        """As stock's classes: an AdamW (or Adamax) optimizer is an instance of ``Adam`` too."""
+        return isinstance(instance, OptimizerBase) and issubclass(instance.rule.stock, cls.rule.stock)
 
 
 def drop_in_class(name: str) -> DropIn:
@@ -52,4 +53,11 @@ def drop_in_class(name: str) -> DropIn:
     return cls
 
 
-DROP_INS: dict[str, DropIn] = {rule(name).title: drop_in_class(name) for name in RULE_NAMES}
+SGD = drop_in_class("sgd")
+RMSprop = drop_in_class("rmsprop")
+Adagrad = drop_in_class("adagrad")
+AdaDelta = drop_in_class("adadelta")
+Adam = drop_in_class("adam")
+AdamW = drop_in_class("adamw")
+Adamax = drop_in_class("adamax")
+Lion = drop_in_class("lion")

@@ -138,7 +138,7 @@ class OptimizerBase(optim.Optimizer):
             return self._stock_leaf_by_leaf(w, g, states, scalars)
         s = {name: [d[name] for d in states] for name in self.rule.states}
         taken = [i for i in range(len(w)) if self.takes_leaf(w[i], g[i], [s[k][i] for k in s])]
-        if len(taken) == len(w):
+        if w and len(taken) == len(w):  # no leaves: no variant call (its update may be for another rule)
             return self.update_leaves(w, g, s, scalars)
         new_w, new_s = list(w), {name: list(x) for name, x in s.items()}
         if taken:

@@ -62,6 +62,17 @@ def test_step_bytes_is_20_per_float32_parameter():
     assert step_bytes(synthetic_tree(2, 10, mx.bfloat16)) == 10 * 20
 
 
+@pytest.mark.parametrize(
+    "optimizer, hyper, per_float32",
+    [("sgd", {}, 12), ("sgd", {"momentum": 0.9}, 20), ("adamw", {}, 28), ("adadelta", {}, 28), ("lion", {}, 20)],
+)
+def test_step_bytes_counts_each_rules_streams(optimizer, hyper, per_float32):
+    """w and g, each state the update reads, w again and each state it writes: SGD without momentum never
+    touches its v."""
+    assert step_bytes(synthetic_tree(2, 10), optimizer, hyper) == 20 * per_float32
+    assert step_bytes(synthetic_tree(2, 10, mx.float16), optimizer, hyper) == 10 * per_float32
+
+
 def test_random_like_matches_shapes_and_dtypes():
     tree = model_tree("mlp", "tiny", mx.float16)
     grads = random_like(tree)

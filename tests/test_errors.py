@@ -14,8 +14,11 @@ from rmsprop_impls import (
     variant_names,
 )
 from rmsprop_impls.registry import availability
+from rmsprop_impls.rules import RULE_NAMES, rule
 
 VARIANTS = available_variants()
+#: One rule per number of state arrays (none used, one, two) and Adam's per-step inputs.
+MULTI_STATE = ["sgd", "rmsprop", "adam", "adadelta"]
 
 
 def params():
@@ -34,8 +37,9 @@ def params():
     ],
     ids=["missing-key", "shape", "non-array", "list-length", "dict-vs-list"],
 )
-def test_tree_mismatch_names_the_path(variant, grads, path, words):
-    opt = create(variant, 0.1)
+@pytest.mark.parametrize("name", MULTI_STATE)
+def test_tree_mismatch_names_the_path(variant, grads, path, words, name):
+    opt = create(variant, 0.1, optimizer=name)
     with pytest.raises(TreeMismatchError) as e:
         opt.apply_gradients(grads, params())
     message = str(e.value)
@@ -43,13 +47,51 @@ def test_tree_mismatch_names_the_path(variant, grads, path, words):
     assert e.value.path == path
 
 
+@pytest.mark.parametrize("name", MULTI_STATE)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_a_bad_first_step_leaves_no_state(variant):
-    opt = create(variant, 0.1)
+def test_a_bad_first_step_leaves_no_state(variant, name):
+    opt = create(variant, 0.1, optimizer=name)
     with pytest.raises(TreeMismatchError):
         opt.apply_gradients({"x": mx.ones((2,))}, {"x": mx.ones((3,))})
+    assert set(opt.state) == {"step", "learning_rate"} and int(opt.state["step"]) == 0
     out = opt.apply_gradients({"x": mx.ones((3,))}, {"x": mx.ones((3,))})
     assert out["x"].shape == (3,) and int(opt.state["step"]) == 1
+    assert set(opt.state["x"]) == set(rule(name).states)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", ["adam", "adadelta", "adamax"])
+def test_a_state_missing_one_of_its_arrays_names_the_leaf_and_the_array(variant, name):
+    opt = create(variant, 0.1, optimizer=name)
+    params = {"layers": [{"w": mx.ones((3,))}]}
+    opt.apply_gradients(params, params)
+    second = rule(name).states[1]
+    del opt.state["layers"][0]["w"][second]
+    before = int(opt.state["step"])
+    with pytest.raises(TreeMismatchError, match=f"at 'layers.0.w': the optimizer state has no '{second}'"):
+        opt.apply_gradients(params, params)
+    assert int(opt.state["step"]) == before
+
+
+def stock_refusals():
+    """Each hyper-parameter value stock's class refuses, with stock's exception."""
+    candidates = {"alpha": -0.1, "eps": -1.0, "rho": -0.5, "betas": [0.9, 1.0], "nesterov": True}
+    for name in RULE_NAMES:
+        r = rule(name)
+        for key, value in candidates.items():
+            if key in r.defaults:
+                try:
+                    r.stock(0.1, **{key: value})
+                except ValueError as e:
+                    yield pytest.param(name, {key: value}, str(e), id=f"{name}-{key}")
+
+
+@pytest.mark.parametrize("name, bad, message", list(stock_refusals()))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bad_hyperparameters_of_every_rule_get_stocks_error(variant, name, bad, message):
+    with pytest.raises(ValueError) as e:
+        create(variant, 0.1, optimizer=name, **bad)
+    assert str(e.value) == message
 
 
 @pytest.mark.parametrize("variant", variant_names())
@@ -77,9 +119,13 @@ def test_unknown_variant_lists_the_known_ones():
         assert name in str(e.value)
 
 
-def test_unknown_option_names_it_and_what_is_taken():
-    with pytest.raises(TypeError, match="variant 'eager' got unknown option.*bogus.*it takes: no options"):
-        create("eager", 0.1, bogus=1)
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_unknown_option_names_it_and_what_is_taken(name):
+    r = rule(name)
+    with pytest.raises(TypeError) as e:
+        create("eager", 0.1, optimizer=name, bogus=1)
+    takes = ", ".join(sorted(r.defaults))
+    assert str(e.value) == f"variant 'eager' of {r.title} got unknown option(s) bogus; it takes: {takes}"
 
 
 def test_unavailable_variant_carries_its_reason(monkeypatch):

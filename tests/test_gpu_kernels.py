@@ -11,6 +11,7 @@ it says nothing about the kernel source itself.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import re
 
@@ -22,32 +23,62 @@ from mlx.utils import tree_flatten
 from trajectory import check_against_reference_and_stock, gradient_sequence
 
 from rmsprop_impls import FlatLayout, PackedGradients, VariantUnavailableError, create, variant_class
-from rmsprop_impls.kernels import gpu_kernels
+from rmsprop_impls.kernels import gpu_kernels, gpu_source
 from rmsprop_impls.kernels.gpu_kernels import (
     CUDA,
-    MAX_LEAVES_PER_LAUNCH,
     METAL,
-    OUTPUT_NAMES,
     THREADS_PER_GROUP,
     dispatch,
-    hyperparameters,
-    input_names,
-    kernel_source,
     launch_geometry,
     plan_launches,
-    stock_constants,
+    step_scalars,
 )
+from rmsprop_impls.kernels.gpu_source import kernel_layout, kernel_source
 from rmsprop_impls.registry import unavailable_reason
+from rmsprop_impls.rules import all_rules, rule
+from rmsprop_impls.rules.codegen import live_nodes
+from rmsprop_impls.rules.element import T
 
 BACKENDS = {"metal_kernel": METAL, "cuda_kernel": CUDA}
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+RMSPROP = rule("rmsprop").trace(rule("rmsprop").defaults)
+#: Each rule's traced update in each of its configurations.
+TRACES = {f"{r.name}-{k}": r.trace(hyper) for r in all_rules() for k, hyper in enumerate(r.configurations())}
+#: MLX ops for each node of a trace, all in float32: what precision="float32" computes.
+FLOAT32_OPS = dict(add=mx.add, sub=mx.subtract, mul=mx.multiply, div=mx.divide, maximum=mx.maximum, sqrt=mx.sqrt,
+                   square=mx.square, abs=mx.abs, sign=mx.sign, cast=lambda x: x)  # fmt: skip
+
+
+def evaluate(trace, arrays: dict[str, mx.array], scalars: mx.array) -> list[mx.array]:
+    """The trace's results (w, then each changed state) on float32 ``arrays`` and a kernel's ``scalars`` input."""
+    layout = kernel_layout(trace)
+    values: dict[int, mx.array] = {}
+    for i in live_nodes(trace):
+        node = trace.nodes[i]
+        if node.op == "input" and node.kind == T:
+            values[i] = arrays[node.name]
+        elif node.op == "input":
+            values[i] = scalars[layout.scalar_inputs.index(node.name)]
+        elif node.op == "slot":
+            values[i] = scalars[len(layout.scalar_inputs) + node.slot]
+        else:
+            values[i] = FLOAT32_OPS[node.op](*(values[a] for a in node.args))
+    return [values[trace.w_out], *(values[trace.state_out[name]] for name in layout.state_outputs)]
 
 
 class FakeLauncher:
-    """Test double of a kernel object: records each launch, computes the update with MLX ops."""
+    """Test double of the kernel objects: records each launch, computes the trace's update in float32 with MLX ops
+    (what precision="float32" computes), so the code around the kernel is checked, not the kernel source."""
 
-    def __init__(self):
+    def __init__(self, trace=RMSPROP):
         self.launches: list[dict] = []
+        self.trace = trace
+
+    def bound(self, trace) -> FakeLauncher:
+        """The kernel object for ``trace``, recording into the same launches."""
+        other = FakeLauncher(trace)
+        other.launches = self.launches
+        return other
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, stream):
         self.launches.append(
@@ -55,12 +86,13 @@ class FakeLauncher:
                  output_shapes=output_shapes, output_dtypes=output_dtypes)
         )  # fmt: skip
         self.launches[-1]["input_ops"] = [materialising_ops(x) for x in inputs]  # before evaluating drops the graph
-        w, v, hyper, _offsets, *gs = (x.astype(mx.float32) for x in inputs)
-        g = mx.concatenate(gs) if len(gs) > 1 else gs[0]
-        lr, alpha, one_minus_alpha, eps = (hyper[k] for k in range(4))
-        v_new = alpha * v + one_minus_alpha * (g * g)
-        w_new = w - (lr * g) / (mx.sqrt(v_new) + eps)
-        outputs = [x.astype(dt).reshape(s) for x, dt, s in zip((w_new, v_new), output_dtypes, output_shapes)]
+        layout = kernel_layout(self.trace)
+        n_gradients = len(inputs) - 3 - len(layout.state_inputs)
+        named = dict(zip(layout.input_names(n_gradients), (x.astype(mx.float32) for x in inputs)))
+        gs = [named[f"g{j}"] for j in range(n_gradients)]
+        named["g"] = mx.concatenate(gs) if len(gs) > 1 else gs[0]
+        results = evaluate(self.trace, named, named["scalars"])
+        outputs = [mx.broadcast_to(x, s).astype(dt) for x, dt, s in zip(results, output_dtypes, output_shapes)]
         mx.eval(outputs)  # a kernel's outputs are where the step's graph starts, as on the device
         self.launches[-1]["outputs"] = outputs
         return outputs
@@ -70,29 +102,41 @@ class FakeLauncher:
 def fake_launcher(monkeypatch):
     """Make both GPU variants constructible here, launching on a ``FakeLauncher``."""
     launcher = FakeLauncher()
-    monkeypatch.setattr(gpu_kernels, "shared_kernel", lambda *args: launcher)
+    monkeypatch.setattr(gpu_kernels, "shared_kernel", lambda backend, trace, *args: launcher.bound(trace))
     for name in BACKENDS:
         monkeypatch.setattr(f"rmsprop_impls.variants.{name}.VARIANT.unavailable_reason", classmethod(lambda cls: None))
     return launcher
 
 
+@pytest.mark.parametrize("name", TRACES)
 @pytest.mark.parametrize("backend", BACKENDS.values(), ids=BACKENDS.keys())
-def test_source_rounds_each_operation_to_T_in_stock_mode_and_once_in_float32(backend):
-    stock, single = kernel_source(backend, "stock", 3), kernel_source(backend, "float32", 3)
+def test_source_rounds_each_T_operation_to_T_in_stock_mode_and_once_in_float32(backend, name):
+    trace = TRACES[name]
+    stock, single = kernel_source(backend, trace, "stock", 3), kernel_source(backend, trace, "float32", 3)
     cast = backend.from_float.format("")[:-1]  # "T(" or "static_cast<T>("
-    assert stock.count(cast) == 10 and single.count(cast) == 2  # 8 operations and 2 stores; only the stores
+    t_nodes = [i for i in live_nodes(trace) if trace.nodes[i].op != "input" and trace.nodes[i].kind == T]
+    stores = 1 + len(trace.state_out)
+    assert stock.count(cast) == len(t_nodes) + stores and single.count(cast) == stores  # in float32 only the stores
     for src in (stock, single):
-        assert "v[i]" in src and "w[i]" in src and "g0[i - offsets[0]]" in src and "g2[i - offsets[2]]" in src
-        assert "if (i >= offsets[3]) return;" in src and "hyper[0]" in src and "hyper[3]" in src
-        assert "1e-" not in src and "0.99" not in src  # hyper-parameters are inputs, never baked in
+        assert "w[i]" in src and "g0[i - offsets[0]]" in src and "g2[i - offsets[2]]" in src
+        assert "if (i >= offsets[3]) return;" in src and f"scalars[{len(trace.slots)}]" in src
+        assert "e-" not in src and "0.9" not in src  # hyper-parameters are inputs, never baked in
         assert "_shape" not in src and "_strides" not in src  # no extra buffer arguments
-    numerator = backend.to_float.format(cast + backend.mul.format("lr", "g_i") + ")")
-    assert backend.stock_divide.format(numerator, "denom") in stock
-    assert backend.divide.format(backend.mul.format("lr", "g_i"), "denom") in single
+        assert all(f"{name}_new[i] = " in src for name in trace.state_out)
+
+
+def test_rmsprop_divides_as_stock_in_stock_mode_and_correctly_rounded_in_float32():
+    for backend in BACKENDS.values():
+        stock, single = kernel_source(backend, RMSPROP, "stock"), kernel_source(backend, RMSPROP, "float32")
+        calls = lambda *spellings: [x.split("{")[0] for x in spellings]  # noqa: E731  ("stock_divide<T>(", ...)
+        assert all(call in stock for call in calls(backend.stock_divide, backend.stock_sqrt))
+        assert all(call in single for call in calls(backend.divide, backend.sqrt))
+        assert backend is METAL or "stock_" not in single
 
 
 def test_each_backend_speaks_its_language():
-    metal, cuda, cuda32 = kernel_source(METAL), kernel_source(CUDA), kernel_source(CUDA, "float32")
+    metal, cuda = kernel_source(METAL, RMSPROP), kernel_source(CUDA, RMSPROP)
+    cuda32 = kernel_source(CUDA, RMSPROP, "float32")
     assert "thread_position_in_grid.x" in metal and "metal::precise::sqrt" in metal and "precise::divide" in metal
     assert "this_grid().thread_rank()" in cuda and "stock_sqrt<T>(" in cuda and "static_cast<T>(" in cuda
     assert "stock_divide<T>(" in cuda and "__fmul_rn(" in cuda and "__fadd_rn(" in cuda  # never fused into an fma
@@ -100,10 +144,19 @@ def test_each_backend_speaks_its_language():
     assert "metal::" not in cuda and "cooperative_groups" not in metal
 
 
+@pytest.mark.parametrize("backend", BACKENDS.values(), ids=BACKENDS.keys())
+def test_abs_sign_and_maximum_are_spelled_as_mlxs_kernels_compute_them(backend):
+    adamax = kernel_source(backend, rule("adamax").trace(rule("adamax").defaults))
+    lion = kernel_source(backend, rule("lion").trace(rule("lion").defaults))
+    isnan = "metal::isnan(" if backend is METAL else "isnan("
+    assert isnan in adamax and ("metal::abs(" if backend is METAL else "fabsf(") in adamax
+    assert "> 0.0f) - (" in lion and "< 0.0f))" in lion
+
+
 def test_cuda_stock_takes_sqrt_and_divide_as_mlxs_cuda_build_does_per_dtype():
     """MLX's CUDA Sqrt and Divide on __half and __nv_bfloat16 are hsqrt and __hdiv (approximations); on float
     IEEE's. The header says so per type, and only the CUDA kernel object gets it."""
-    header = gpu_kernels.CUDA_STOCK_HEADER
+    header = gpu_source.CUDA_STOCK_HEADER
     for half in ("__half", "__nv_bfloat16"):
         assert f"stock_sqrt<{half}>" in header and f"stock_divide<{half}>" in header
     assert header.count("hsqrt(") == 2 and header.count("__hdiv(") == 2
@@ -114,11 +167,24 @@ def test_cuda_stock_takes_sqrt_and_divide_as_mlxs_cuda_build_does_per_dtype():
 @pytest.mark.parametrize("bad", [dict(precision="half"), dict(n_gradients=0), dict(n_gradients=26)])
 def test_source_refuses_what_it_cannot_build(bad):
     with pytest.raises(ValueError):
-        kernel_source(METAL, **bad)
+        kernel_source(METAL, RMSPROP, **bad)
 
 
-def test_metal_buffer_arguments_fit_its_limit_of_31():
-    assert len(input_names(MAX_LEAVES_PER_LAUNCH)) + len(OUTPUT_NAMES) <= 31
+#: Leaves per launch: 31 buffers less w, scalars, offsets, the w output, and each state read and each changed.
+LEAVES_PER_LAUNCH = {"rmsprop": [25], "sgd": [27, 27] + [25] * 6, "adagrad": [25], "adadelta": [23],
+                     "adam": [23, 23], "adamw": [23, 23], "adamax": [23], "lion": [25, 25]}  # fmt: skip
+
+
+@pytest.mark.parametrize("r", all_rules(), ids=lambda r: r.name)
+def test_metal_buffer_arguments_fit_its_limit_of_31_per_rule(r):
+    traces = [r.trace(hyper) for hyper in r.configurations()]
+    assert [kernel_layout(trace).max_leaves for trace in traces] == LEAVES_PER_LAUNCH[r.name]
+    for trace in traces:
+        most = kernel_layout(trace).max_leaves
+        assert len(kernel_layout(trace).input_names(most)) + len(kernel_layout(trace).output_names()) == 31
+        assert f"g{most - 1}[i - offsets[{most - 1}]]" in kernel_source(METAL, trace, n_gradients=most)
+        with pytest.raises(ValueError, match=f"1 to {most} gradient leaves"):
+            kernel_source(METAL, trace, n_gradients=most + 1)
 
 
 @pytest.mark.parametrize("n", [1, 255, 256, 257, 1000003])
@@ -174,8 +240,8 @@ def test_dispatch_launches_once_with_the_expected_arguments(dtype):
     w, v = (mx.random.normal((1000003,)).astype(dtype) for _ in range(2))
     gs = [mx.random.normal((3,)).astype(dtype), mx.random.normal((1000000,)).astype(dtype)]
     offsets = mx.array([0, 3, 1000003], dtype=mx.uint32)
-    hyper = hyperparameters(mx.array(0.01), stock_constants(0.9, 1e-3, dtype, "float32"), dtype, "float32")
-    w_new, v_new = dispatch(launcher, w, mx.abs(v), gs, offsets, hyper)
+    hyper = step_scalars(RMSPROP, kernel_layout(RMSPROP), mx.array(0.01), {})
+    w_new, v_new = dispatch(launcher, w, [mx.abs(v), hyper, offsets, *gs], 2)
     (call,) = launcher.launches
     assert (
         call["inputs"][0] is w and call["inputs"][3] is offsets and all(a is b for a, b in zip(call["inputs"][4:], gs))
@@ -184,34 +250,32 @@ def test_dispatch_launches_once_with_the_expected_arguments(dtype):
     assert call["grid"] == (1000003, 1, 1) and call["threadgroup"] == (THREADS_PER_GROUP, 1, 1)
     assert call["output_shapes"] == [(1000003,), (1000003,)] and call["output_dtypes"] == [dtype, dtype]
     assert call["stream"] == mx.gpu
-    assert np.allclose(np.array(hyper), [0.01, 0.9, 0.1, 1e-3]) and hyper.dtype == mx.float32
     assert w_new.dtype == dtype and v_new.shape == (1000003,)
 
 
-@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
-def test_stock_mode_rounds_the_hyperparameters_as_stock_does(dtype):
-    hyper = hyperparameters(mx.array(0.01), stock_constants(0.99, 1e-8, dtype, "stock"), dtype, "stock")
-    one = mx.ones((), dtype=dtype)
-    want = [mx.array(0.01).astype(dtype), 0.99 * one, (1 - 0.99) * one, 1e-8 * one]
-    assert np.array(hyper).tolist() == [x.astype(mx.float32).item() for x in want]
-    assert (
-        np.array(stock_constants(0.99, 1e-8, dtype, "float32")).tolist() == np.float32([0.99, 1 - 0.99, 1e-8]).tolist()
-    )
+def test_the_scalars_input_holds_lr_the_steps_values_and_the_slots_in_float32():
+    rmsprop = step_scalars(RMSPROP, kernel_layout(RMSPROP), mx.array(0.01), {})
+    assert np.array(rmsprop).tolist() == np.float32([0.01, 0.99, 1 - 0.99, 1e-8]).tolist()
+    adam = rule("adam").trace({**rule("adam").defaults, "bias_correction": True})
+    values = {"bias1": mx.array(0.1), "rsqrt_bias2": mx.array(31.6)}
+    scalars = step_scalars(adam, kernel_layout(adam), mx.array(0.5), values)
+    assert kernel_layout(adam).scalar_inputs == ("lr", "bias1", "rsqrt_bias2") and scalars.dtype == mx.float32
+    assert np.array(scalars).tolist() == np.float32([0.5, 0.1, 31.6, *adam.slots]).tolist()
 
 
 def test_dispatch_skips_empty_buffers_and_refuses_other_dtypes():
     launcher = FakeLauncher()
     empty = mx.zeros((0,))
-    assert dispatch(launcher, empty, empty, [empty], mx.zeros((2,), mx.uint32), mx.zeros((4,)))[0] is empty
+    assert dispatch(launcher, empty, [empty, mx.zeros((4,)), mx.zeros((2,), mx.uint32), empty], 2)[0] is empty
     ints = mx.zeros((4,), dtype=mx.int32)
     with pytest.raises(ValueError, match="float32, float16 and bfloat16"):
-        dispatch(launcher, ints, ints, [ints], mx.zeros((2,), mx.uint32), mx.zeros((4,)))
+        dispatch(launcher, ints, [ints, mx.zeros((4,)), mx.zeros((2,), mx.uint32), ints], 2)
     assert launcher.launches == []
 
 
 def test_launches_take_at_most_25_leaves_of_one_dtype_and_skip_empty_ones():
     leaves = [mx.zeros((k + 1,)) for k in range(60)] + [mx.zeros((0,)), mx.zeros((2,), mx.float16)]
-    launches = plan_launches(FlatLayout(leaves))
+    launches = plan_launches(FlatLayout(leaves), 25)
     assert [len(launch.group.indices) for launch in launches] == [25, 25, 10, 1]
     assert launches[1].start == sum(range(1, 26)) and launches[1].group.offsets[:3] == (0, 26, 53)
     assert 60 not in {i for launch in launches for i in launch.group.indices}
@@ -234,7 +298,7 @@ def test_launches_per_chunk_of_leaves_and_buffers_packed_each_step(variant, fake
         assert after["inputs"][0] is not before["outputs"][0] and after["inputs"][1] is not before["outputs"][1]
         assert len(after["inputs"]) == 4 + 25  # the gradients come as they are, one buffer per leaf
     lr, alpha, one_minus_alpha, eps = np.array(first[0]["inputs"][2]).tolist()
-    assert [lr, alpha, one_minus_alpha, eps] == pytest.approx([1e-2, 0.9, 0.1, 1e-6], rel=1e-6)  # float32
+    assert [lr, alpha, one_minus_alpha, eps] == np.float32([1e-2, 0.9, 1 - 0.9, 1e-6]).tolist()  # float32, raw
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16", "bfloat16"])
@@ -245,17 +309,37 @@ def test_packing_and_dispatch_reach_the_reference(variant, dtype, fake_launcher)
     check_against_reference_and_stock(variant, params, gradient_sequence(params, 30), 1e-2)
 
 
-def test_the_kernel_object_is_built_once(monkeypatch):
+@pytest.mark.parametrize("name", TRACES)
+def test_packing_and_dispatch_give_stocks_float32_numbers_for_every_rule(name, fake_launcher):
+    """In float32 the launcher's float32 ops are stock's: the states packed, unpacked and handed back in the
+    right places, for each rule and configuration (on the code around the kernel, not the kernel source)."""
+    r = rule(name.split("-")[0])
+    hyper = r.configurations()[int(name.split("-")[1])]
+    mx.random.seed(6)
+    params = {"a": mx.random.normal((7, 5)), "b": [mx.random.normal((5, 3)).T, mx.random.normal((2,))]}
+    grads = gradient_sequence(params, 3)
+    got, want = create("metal_kernel", 1e-2, optimizer=r.name, **hyper), r.stock(1e-2, **hyper)
+    for g in grads:
+        p_got, p_want = got.apply_gradients(g, params), want.apply_gradients(g, params)
+        params = p_got
+        for (k, a), (_, b) in zip(tree_flatten((p_got, got.state)), tree_flatten((p_want, want.state))):
+            assert mx.array_equal(a, b).item(), f"{name}: {k}"
+    assert len(fake_launcher.launches) == len(grads)
+
+
+def test_one_kernel_object_per_source_and_none_for_a_new_hyperparameter_value(monkeypatch):
     built = []
     monkeypatch.setattr(mx.fast, "metal_kernel", lambda **kw: built.append(kw) or FakeLauncher())
-    gpu_kernels.shared_kernel.cache_clear()
-    try:
-        assert gpu_kernels.shared_kernel(METAL) is gpu_kernels.shared_kernel(METAL)
-    finally:
-        gpu_kernels.shared_kernel.cache_clear()
-    (kw,) = built
-    assert kw["input_names"] == ["w", "v", "hyper", "offsets", "g0"] and kw["output_names"] == list(OUTPUT_NAMES)
-    assert kw["source"] == kernel_source(METAL, "stock", 1)
+    monkeypatch.setattr(gpu_kernels, "_KERNELS", {})
+    sgd = rule("sgd")
+    first = gpu_kernels.shared_kernel(METAL, sgd.trace({**sgd.defaults, "momentum": 0.9}))
+    assert gpu_kernels.shared_kernel(METAL, sgd.trace({**sgd.defaults, "momentum": 0.5})) is first  # a slot
+    assert gpu_kernels.shared_kernel(METAL, sgd.trace(sgd.defaults)) is not first  # no momentum: another branch
+    plain, moving = built[1], built[0]
+    assert moving["input_names"] == ["w", "v", "scalars", "offsets", "g0"]
+    assert moving["output_names"] == ["w_new", "v_new"] and plain["input_names"] == ["w", "scalars", "offsets", "g0"]
+    assert moving["source"] == kernel_source(METAL, sgd.trace({**sgd.defaults, "momentum": 0.9}), "stock", 1)
+    assert len(built) == 2 and moving["name"] != plain["name"]
 
 
 @pytest.mark.parametrize("variant", BACKENDS)
@@ -276,6 +360,21 @@ def test_on_the_device(variant):
         mx.eval(want)
         for (k, a), (_, b) in zip(tree_flatten(got), tree_flatten(want)):
             assert mx.array_equal(a, b).item(), f"{variant} {dtype} {k} differs from stock"
+    for r in all_rules():  # every rule and configuration, in every dtype
+        for hyper, dtype in itertools.product(r.configurations(), DTYPES):
+            check_every_rule_matches_stock_bit_for_bit(variant, r, hyper, dtype)
+
+
+def check_every_rule_matches_stock_bit_for_bit(variant, r, hyper, dtype):
+    """Three steps of ``variant`` and of the stock class on the same device: the same bits, the state included."""
+    mx.random.seed(2)
+    params = {"x": mx.random.normal((4099,)).astype(dtype), "y": [mx.random.normal((3, 257)).astype(dtype)]}
+    opt, stock = create(variant, 1e-2, optimizer=r.name, **hyper), r.stock(1e-2, **hyper)
+    got = want = params
+    for g in gradient_sequence(params, 3):
+        got, want = opt.apply_gradients(g, got), stock.apply_gradients(g, want)
+    for (k, a), (_, b) in zip(tree_flatten((got, opt.state)), tree_flatten((want, stock.state))):
+        assert mx.array_equal(a, b, equal_nan=True).item(), f"{variant} {r.name} {hyper} {dtype} {k}"
 
 
 def test_prepacked_gradients_reach_the_kernel_as_they_are(fake_launcher):
@@ -335,7 +434,7 @@ def test_a_step_moves_20_bytes_per_parameter(variant, fake_launcher):
 
 def test_a_launch_stays_within_the_grid_mlx_can_launch(monkeypatch):
     monkeypatch.setattr(gpu_kernels, "MAX_GRID", 10)
-    launches = plan_launches(FlatLayout([mx.zeros((4,)), mx.zeros((5,)), mx.zeros((2,)), mx.zeros((10,))]))
+    launches = plan_launches(FlatLayout([mx.zeros((4,)), mx.zeros((5,)), mx.zeros((2,)), mx.zeros((10,))]), 25)
     assert [launch.group.offsets for launch in launches] == [(0, 4, 9), (0, 2), (0, 10)]
     assert [launch.start for launch in launches] == [0, 9, 11]
 
@@ -353,10 +452,10 @@ def test_each_backends_launch_limit_is_what_mlxs_int_grid_arithmetic_and_metals_
 
 def test_the_launch_plan_splits_at_the_limit_per_dtype_and_refuses_one_leaf_over_it():
     leaves = [mx.zeros((6,)), mx.zeros((6,)), mx.zeros((6,), mx.float16), mx.zeros((6,), mx.float16)]
-    plan = plan_launches(FlatLayout(leaves), max_elements=lambda itemsize: 40 // itemsize)  # a 40-byte buffer
+    plan = plan_launches(FlatLayout(leaves), 25, max_elements=lambda itemsize: 40 // itemsize)  # a 40-byte buffer
     assert [launch.group.indices for launch in plan] == [(0,), (1,), (2, 3)]
     with pytest.raises(ValueError, match="leaf 0 has 6 elements; one mlx.core.float32 launch on this device"):
-        plan_launches(FlatLayout(leaves), max_elements=lambda itemsize: 20 // itemsize)
+        plan_launches(FlatLayout(leaves), 25, max_elements=lambda itemsize: 20 // itemsize)
 
 
 def test_metal_launches_stay_within_the_devices_max_buffer_length(monkeypatch, fake_launcher):
@@ -374,9 +473,9 @@ def test_a_metal_kernel_name_says_which_inputs_mlx_passes_in_constant_memory(fak
     for size in (300, 3):  # the first gradient: device memory, then constant memory
         params = {"a": mx.ones((size,)), "b": mx.ones((9,))}
         create("metal_kernel", 1e-2).apply_gradients(gradient_sequence(params, 1)[0], params)
-    kinds = [args[3] for args in asked]
-    assert kinds == ["ddccdd", "ddcccd"]  # w, v, hyper, offsets, then the gradients
-    assert gpu_kernels.kernel_name("stock", 2, kinds[1]) == "rmsprop_step_stock_2_ddcccd"
+    kinds = [args[4] for args in asked]
+    assert kinds == ["ddccdd", "ddcccd"]  # w, v, scalars, offsets, then the gradients
+    assert gpu_source.kernel_name("source", kinds[1]).endswith("_ddcccd")
     assert gpu_kernels.input_kinds(CUDA, [mx.ones((3,))]) == ""  # CUDA's signature does not depend on sizes
 
 
@@ -386,3 +485,18 @@ def test_precision_is_an_option_of_create(variant, fake_launcher):
     assert create(variant, 1e-2, precision="float32").precision == "float32"
     with pytest.raises(ValueError, match="precision is one of"):
         create(variant, 1e-2, precision="half")
+
+
+def test_a_hyperparameter_that_changes_the_branch_mid_run_changes_the_kernel_and_the_plan(fake_launcher):
+    """Plain SGD takes 27 leaves per launch and never reads v; with momentum set between steps it reads v and takes
+    25: stock's numbers either way (float32, where the launcher's ops are stock's)."""
+    params = {f"p{k}": mx.random.normal((k + 1,)) for k in range(30)}
+    grads = gradient_sequence(params, 2)
+    got, want = create("cuda_kernel", 1e-2, optimizer="sgd"), optim.SGD(1e-2)
+    p_got = p_want = params
+    for g in grads:
+        p_got, p_want = got.apply_gradients(g, p_got), want.apply_gradients(g, p_want)
+        for (k, a), (_, b) in zip(tree_flatten((p_got, got.state)), tree_flatten((p_want, want.state))):
+            assert mx.array_equal(a, b).item(), k
+        got.momentum = want.momentum = 0.9
+    assert [len(launch["inputs"]) - 3 for launch in fake_launcher.launches] == [27, 3, 25 + 1, 5 + 1]  # + v

@@ -1,5 +1,6 @@
-"""A differential test of programs, not of calls: a hypothesis state machine runs stock
-``mlx.optimizers.RMSprop``, ``cpu_kernel`` and sometimes another variant side by side, and between
+"""A differential test of programs, not of calls: a hypothesis state machine runs a rule's stock class
+(RMSprop in half the programs, any setting of any rule in the others: ``trajectory.rule_settings``),
+``cpu_kernel`` and sometimes another variant side by side, and between
 their steps does what a training program does: keeps old parameters, v's and returned trees; views,
 slices, reshapes, ties and overwrites parameters and state entries; shares and replaces state dicts;
 casts, adds and drops leaves; steps lazily or evaluated, from a second thread too; under a float or
@@ -25,8 +26,10 @@ from hypothesis import HealthCheck, Phase, event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 from mlx.utils import tree_flatten
-from program_oracle import ALIASES, LR, VARIANTS, bits, changed_since, differences, make, snapshot
-from trajectory import gradient_sequence
+from program_oracle import ALIASES, ALPHA, EPS, LR, VARIANTS, bits, changed_since, differences, make, snapshot
+from trajectory import gradient_sequence, rule_settings, setting_id
+
+from rmsprop_impls.rules import rule as rule_named
 
 pytestmark = pytest.mark.skipif("cpu_kernel" not in VARIANTS, reason="cpu_kernel does not run here")
 
@@ -43,6 +46,9 @@ SCHEDULES = {
 }
 COUNTS = {"programs": 0, "steps": 0}
 OTHERS = [v for v in VARIANTS if v != "cpu_kernel"]
+#: Half the programs run the RMSprop the sanitizer lane fuzzes the kernel with, the others any rule's setting.
+RMSPROP = ("rmsprop", {"alpha": ALPHA, "eps": EPS})
+SETTINGS = st.one_of(st.just(RMSPROP), st.sampled_from(rule_settings()))
 
 
 def random_leaf(size: int, dtype: mx.Dtype, seed: int) -> mx.array:
@@ -54,9 +60,11 @@ def random_leaf(size: int, dtype: mx.Dtype, seed: int) -> mx.array:
 class World:
     """One side of the program: an optimizer, the parameters, and what the program keeps."""
 
-    def __init__(self, variant: str, learning_rate, leaves: dict):
+    def __init__(self, variant: str, learning_rate, leaves: dict, setting: tuple[str, dict]):
         self.variant = variant
-        self.opt = make(variant, learning_rate)
+        self.opt = make(variant, learning_rate, *setting)
+        #: The rule's state arrays; the program's state rules act on the first (``v`` for RMSprop).
+        self.states = rule_named(setting[0]).states
         self.params = {name: random_leaf(*spec) for name, spec in leaves.items()}  # this world's own arrays
         self.kept: dict = {}
 
@@ -75,7 +83,7 @@ class World:
     def references(self) -> tuple:
         """The state's and parameters' objects, to put stock back where it raised half-way."""
         state = self.opt.state
-        entries = {k: (s, s.get("v")) if isinstance(s, dict) else (s, None) for k, s in state.items()}
+        entries = {k: (s, {n: s.get(n) for n in self.states} if isinstance(s, dict) else {}) for k, s in state.items()}
         return dict(self.params), entries, self.opt._initialized
 
     def restore(self, references: tuple) -> None:
@@ -86,10 +94,11 @@ class World:
         for k in list(state):
             if k not in entries:
                 del state[k]
-        for k, (s, v) in entries.items():
+        for k, (s, arrays) in entries.items():
             state[k] = s
-            if v is not None:
-                s["v"] = v
+            for n, x in arrays.items():
+                if x is not None:
+                    s[n] = x
 
 
 def attempt(action, world: World):
@@ -114,15 +123,18 @@ class Programs(RuleBasedStateMachine):
         small=st.lists(st.tuples(st.sampled_from(SMALL_SIZES), st.sampled_from(DTYPES)), min_size=1, max_size=4),
         big_dtype=st.sampled_from(DTYPES),
         seed=st.integers(0, 2**16),
+        setting=SETTINGS,
     )
-    def start(self, other, schedule, small, big_dtype, seed):
+    def start(self, other, schedule, small, big_dtype, seed, setting):
         leaves = {f"l{i}": (size, dtype, seed + i) for i, (size, dtype) in enumerate(small)}
         leaves["twin"] = (*small[0][:2], seed + 100)  # one shape and dtype twice: ties and sharing have a pair
         leaves["big"] = (BIG_SIZE, big_dtype, seed + 101)
         names = ["stock", "cpu_kernel"] + ([other] if other else [])
-        self.worlds = [World(name, SCHEDULES[schedule], leaves) for name in names]
+        self.worlds = [World(name, SCHEDULES[schedule], leaves, setting) for name in names]
         event(f"third variant: {other}")
-        note(f"worlds {names}, learning rate {schedule}, leaves {[(k, s, str(d)) for k, (s, d, _) in leaves.items()]}")
+        event(f"rule: {setting_id(*setting)}")
+        shapes = [(k, s, str(d)) for k, (s, d, _) in leaves.items()]
+        note(f"worlds {names}, {setting}, learning rate {schedule}, leaves {shapes}")
 
     # ------------------------------------------------------------------ the oracle ---
 
@@ -231,7 +243,7 @@ class Programs(RuleBasedStateMachine):
             if what == "parameter":
                 w.kept[key] = w.params[name]
             elif what == "v":
-                w.kept[key] = w.opt.state[name]["v"]
+                w.kept[key] = w.opt.state[name][w.states[0]]
             elif what == "tree":
                 w.kept[key] = dict(w.params)
             else:
@@ -308,19 +320,21 @@ class Programs(RuleBasedStateMachine):
     @rule(i=st.integers(0, 99), how=st.sampled_from(list(ALIASES)))
     def v_over_anothers_buffer(self, i, how):
         def run(w, a, b):
-            w.opt.state[b]["v"] = ALIASES[how](w.opt.state[a]["v"])
-            mx.eval(w.opt.state[b]["v"])
+            v = w.states[0]
+            w.opt.state[b][v] = ALIASES[how](w.opt.state[a][v])
+            mx.eval(w.opt.state[b][v])
 
         self.each_on_a_pair(i, run)
 
     @rule(i=st.integers(0, 99), seed=st.integers(0, 2**16))
     def vs_from_overlapping_slices(self, i, seed):
         def run(w, a, b):
-            v = w.opt.state[a]["v"]
+            first = w.states[0]
+            v = w.opt.state[a][first]
             n = v.size
             base = mx.abs(random_leaf(n + n // 2 + 1, v.dtype, seed))
             mx.eval(base)
-            w.opt.state[a]["v"], w.opt.state[b]["v"] = base[:n], base[n // 2 + 1 :]
+            w.opt.state[a][first], w.opt.state[b][first] = base[:n], base[n // 2 + 1 :]
 
         self.each_on_a_pair(i, run)
 
@@ -336,9 +350,12 @@ class Programs(RuleBasedStateMachine):
         name = self.leaf(i)
 
         def run(w):
-            v = w.opt.state[name]["v"]
-            new = mx.abs(random_leaf(v.size, v.dtype, seed)).reshape(v.shape)
-            w.opt.state[name] = OrderedDict(v=new) if ordered else {"v": new}
+            old = w.opt.state[name]
+            new = {
+                n: mx.abs(random_leaf(x.size, x.dtype, seed + i)).reshape(x.shape)
+                for i, (n, x) in enumerate(old.items())
+            }
+            w.opt.state[name] = OrderedDict(new) if ordered else new
 
         self.each(run)
 

@@ -32,13 +32,24 @@ from program_oracle import (
     same_program,
     snapshot,
 )
-from trajectory import gradient_sequence
+from trajectory import FULL_GRID, gradient_sequence, rule_settings, sample, setting_id
+
+from rmsprop_impls.rules import rule
 
 pytestmark = pytest.mark.skipif("cpu_kernel" not in VARIANTS, reason="cpu_kernel does not run here")
 
 
 #: A leaf the kernel packs and updates at once, and one past its 256K-element limit (a graph node).
 ON_BOTH_PATHS = pytest.mark.parametrize("size", [300, 300_000], ids=["packed", "graph"])
+#: The rules the failures are replayed with: the tests' RMSprop, then AdamW with bias correction, SGD with Nesterov
+#: momentum and Lion with weight decay (trajectory.SAMPLE); RMSPROP_RULE_GRID=full: every setting of every rule.
+_SETTINGS = [("rmsprop", None), *(rule_settings() if FULL_GRID else sample()[1:])]
+EVERY_RULE = pytest.mark.parametrize("setting", _SETTINGS, ids=[setting_id(n, h or {}) for n, h in _SETTINGS])
+
+
+def first_state(setting) -> str:
+    """The state array the program aliases, shares or replaces: ``v`` for RMSprop, ``m`` for AdamW and Lion."""
+    return rule(setting[0]).states[0]
 
 
 def leaves(*sizes: int, dtype=mx.float32, seed: int = 0) -> dict:
@@ -62,9 +73,12 @@ def steps(opt, params, grads):
 PER_LEAF = [v for v in VARIANTS if v not in ("flat", "metal_kernel", "cuda_kernel")]
 
 
+@EVERY_RULE
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("how", [*ALIASES, "overlapping slices"])
-def test_two_state_vs_over_one_buffer(variant, how):
+def test_two_state_vs_over_one_buffer(variant, how, setting):
+    v = first_state(setting)
+
     def program(opt):
         p = leaves(300, 300)
         grads = gradient_sequence(p, 5, seed=1)
@@ -73,23 +87,24 @@ def test_two_state_vs_over_one_buffer(variant, how):
             mx.random.seed(7)
             base = mx.abs(mx.random.normal((400,)))
             mx.eval(base)
-            opt.state["p0"]["v"], opt.state["p1"]["v"] = base[:300], base[100:]
+            opt.state["p0"][v], opt.state["p1"][v] = base[:300], base[100:]
             del base
         else:
-            opt.state["p1"]["v"] = ALIASES[how](opt.state["p0"]["v"])
+            opt.state["p1"][v] = ALIASES[how](opt.state["p0"][v])
         mx.eval(opt.state)
         return {"p": steps(opt, p, grads[2:]), "state": opt.state}
 
-    same_program(variant, program)
+    same_program(variant, program, setting=setting)
 
 
 # ---------------------------------------------------------------- 2: parameters tied in place ---
 
 
+@EVERY_RULE
 @pytest.mark.parametrize("variant", VARIANTS)
 @ON_BOTH_PATHS
 @pytest.mark.parametrize("evaluated", [False, True], ids=["lazy", "evaluated"])
-def test_parameters_tied_in_place_by_the_caller(variant, size, evaluated):
+def test_parameters_tied_in_place_by_the_caller(variant, size, evaluated, setting):
     """After each step but the last (whose results then show how the tied leaf was updated), on the
     step's lazy or its evaluated results."""
 
@@ -105,7 +120,7 @@ def test_parameters_tied_in_place_by_the_caller(variant, size, evaluated):
             mx.eval(p, opt.state)
         return {"p": p, "state": opt.state}
 
-    same_program(variant, program)
+    same_program(variant, program, setting=setting)
 
 
 # ------------------------------------------------- 3: another thread swaps a v mid-step ---
@@ -179,9 +194,10 @@ def test_a_v_swapped_by_another_thread_mid_step_keeps_the_values_the_user_holds(
 # ------------------------------------------------------ 4: two leaves share one state dict ---
 
 
+@EVERY_RULE
 @pytest.mark.parametrize("variant", VARIANTS)
 @ON_BOTH_PATHS
-def test_two_leaves_sharing_one_state_dict_step_leaf_by_leaf(variant, size):
+def test_two_leaves_sharing_one_state_dict_step_leaf_by_leaf(variant, size, setting):
     def program(opt):
         p = leaves(size, size)
         grads = gradient_sequence(p, 4, seed=1)
@@ -191,7 +207,7 @@ def test_two_leaves_sharing_one_state_dict_step_leaf_by_leaf(variant, size):
         assert opt.state["p1"] is opt.state["p0"]
         return {"p": p, "state": opt.state}
 
-    same_program(variant, program)
+    same_program(variant, program, setting=setting)
 
 
 # ------------------------------------------------- 5: a namedtuple; a step that raises ---
@@ -204,8 +220,9 @@ def layered(seed: int = 0, layer=Layer) -> dict:
     return {"layer": layer(mx.random.normal((6, 5)), mx.random.normal((5,))), "head": mx.random.normal((7,))}
 
 
+@EVERY_RULE
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_a_namedtuple_in_the_parameters_and_gradients(variant):
+def test_a_namedtuple_in_the_parameters_and_gradients(variant, setting):
     def program(opt):
         p = layered()
         for seed in range(1, 5):
@@ -214,7 +231,7 @@ def test_a_namedtuple_in_the_parameters_and_gradients(variant):
         assert type(p["layer"]) is Layer
         return {"p": p, "state": opt.state}
 
-    same_program(variant, program)
+    same_program(variant, program, setting=setting)
 
 
 def with_last_leaf(g: dict, x) -> dict:
@@ -241,11 +258,13 @@ def outcome(opt, g, p):
         return e
 
 
+@EVERY_RULE
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("bad", BAD_STEPS)
-def test_a_step_that_raises_leaves_the_state_as_it_was(variant, bad):
+def test_a_step_that_raises_leaves_the_state_as_it_was(variant, bad, setting):
     """Then a retry does not apply the update twice: the run goes on as stock's without that call."""
-    opt, stock = make(variant, optim.cosine_decay(LR, 20)), make("stock", optim.cosine_decay(LR, 20))
+    schedule = optim.cosine_decay(LR, 20)
+    opt, stock = make(variant, schedule, *setting), make("stock", schedule, *setting)
     first = leaves(300, 7, 300_000)
     grads = gradient_sequence(first, 3, seed=1)
     p, pk = steps(opt, first, grads[:2]), steps(stock, first, grads[:2])

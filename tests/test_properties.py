@@ -1,13 +1,23 @@
-"""Property tests: random trees and hyper-parameters, every variant against float64 and stock."""
+"""Property tests: random trees and hyper-parameters, every variant against float64 and stock (RMSprop), and
+every rule against its stock class bit for bit."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from trajectory import check_against_reference_and_stock, gradient_sequence
+from program_oracle import assert_same_bits
+from trajectory import (
+    SLOW_TO_BUILD,
+    check_against_reference_and_stock,
+    gradient_sequence,
+    make_optimizer,
+    run,
+    with_special_values,
+)
 
 from rmsprop_impls import available_variants
+from rmsprop_impls.rules import RULE_NAMES, rule
 
 shapes = st.lists(st.integers(1, 6), min_size=0, max_size=3).map(tuple)
 leaf = shapes.map(lambda s: ("leaf", s))
@@ -52,3 +62,52 @@ def test_random_trees_and_hyperparameters(spec, variant, dtype, lr, alpha, eps, 
     params = build(spec, dtype, mx.random.key(seed))
     grads = gradient_sequence(params, steps, seed=seed)
     check_against_reference_and_stock(variant, params, grads, lr, alpha=alpha, eps=eps)
+
+
+#: Each hyper-parameter's values, by stock's name: zeros (a branch off) as often as not.
+HYPER = {
+    "alpha": st.floats(0.0, 0.999),
+    "rho": st.floats(0.0, 0.999),
+    "eps": st.floats(1e-8, 1e-2),
+    "momentum": st.one_of(st.just(0.0), st.floats(0.0, 0.99)),
+    "dampening": st.one_of(st.just(0.0), st.floats(0.0, 0.5)),
+    "nesterov": st.booleans(),
+    "weight_decay": st.one_of(st.just(0.0), st.floats(0.0, 0.2)),
+    "betas": st.lists(st.floats(0.0, 0.999), min_size=2, max_size=2),
+    "bias_correction": st.booleans(),
+}
+
+
+@st.composite
+def rule_and_hyper(draw):
+    name = draw(st.sampled_from(RULE_NAMES))
+    r = rule(name)
+    hyper = {key: draw(HYPER[key]) for key in r.defaults}
+    try:
+        return name, r.hyperparameters(**hyper)
+    except ValueError:  # Nesterov without momentum, or with dampening: stock refuses it too
+        assume(False)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    spec=top_level,
+    variant=st.sampled_from([v for v in available_variants() if v not in SLOW_TO_BUILD]),
+    setting=rule_and_hyper(),
+    dtype=st.sampled_from([mx.float32, mx.float16, mx.bfloat16]),
+    lr=st.floats(1e-4, 0.1),
+    steps=st.integers(1, 8),
+    every=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_every_rule_on_random_trees_and_hyperparameters_gives_stocks_bits(
+    spec, variant, setting, dtype, lr, steps, every, seed
+):
+    """Any rule, any hyper-parameters stock takes, special gradients every ``every`` steps: stock's bits.
+    (``compiled`` would have g++ build kernels for every example; test_agreement.py holds it to a sample.)"""
+    name, hyper = setting
+    params = build(spec, dtype, mx.random.key(seed))
+    grads = with_special_values(gradient_sequence(params, steps, seed=seed), every)
+    opt, stock = make_optimizer(variant, lr, name, hyper), make_optimizer("stock", lr, name, hyper)
+    assert_same_bits(run(opt, params, grads), run(stock, params, grads), f"{variant} {name} {hyper}", any_nan=True)
+    assert_same_bits(opt.state, stock.state, f"{variant} {name} {hyper} state", any_nan=True)

@@ -1,8 +1,9 @@
-"""A hand-written CUDA kernel (``mx.fast.cuda_kernel``): w and v stay packed, gradients are read in place.
+"""A CUDA kernel (``mx.fast.cuda_kernel``) generated from the rule: w and the state stay packed, gradients
+are read in place.
 
-The kernel, its geometry and its dispatch live in :mod:`rmsprop_impls.kernels.gpu_kernels`,
-shared with ``metal_kernel``. It needs MLX's CUDA back-end: ``mlx[cuda12]`` or
-``mlx[cuda13]`` on Linux with an NVIDIA GPU.
+The kernel source is generated in :mod:`rmsprop_impls.kernels.gpu_source`; its geometry and dispatch live
+in :mod:`rmsprop_impls.kernels.gpu_kernels`, shared with ``metal_kernel``. It needs MLX's CUDA back-end:
+``mlx[cuda12]`` or ``mlx[cuda13]`` on Linux with an NVIDIA GPU.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ..mlx_packages import libmlx_backends
 
 class CudaKernelOptimizer(GpuKernelOptimizer):
     name = "cuda_kernel"
-    summary = "mx.fast.cuda_kernel: w and v packed, gradients read in place, 25 leaves per launch"
+    summary = "mx.fast.cuda_kernel generated from the rule: w and state packed, gradients read in place"
     device = "gpu"
     backend = CUDA
 

@@ -1,7 +1,8 @@
-"""A hand-written Metal kernel (``mx.fast.metal_kernel``): w and v stay packed, gradients are read in place.
+"""A Metal kernel (``mx.fast.metal_kernel``) generated from the rule: w and the state stay packed, gradients
+are read in place.
 
-The kernel, its geometry and its dispatch live in :mod:`rmsprop_impls.kernels.gpu_kernels`,
-shared with ``cuda_kernel``.
+The kernel source is generated in :mod:`rmsprop_impls.kernels.gpu_source`; its geometry and dispatch live
+in :mod:`rmsprop_impls.kernels.gpu_kernels`, shared with ``cuda_kernel``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ..mlx_device import device_info
 
 class MetalKernelOptimizer(GpuKernelOptimizer):
     name = "metal_kernel"
-    summary = "mx.fast.metal_kernel: w and v packed, gradients read in place, 25 leaves per launch"
+    summary = "mx.fast.metal_kernel generated from the rule: w and state packed, gradients read in place"
     device = "gpu"
     backend = METAL
 

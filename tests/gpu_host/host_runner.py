@@ -155,21 +155,18 @@ def run_kernel(language, kernel, *, name, input_names, output_names, source, inp
 
 
 class HostLauncher:
-    """Stands in for the kernel object ``shared_kernel(backend, precision, n)`` returns, running its generated
-    source on the host; records each launch."""
+    """Stands in for the kernel object ``shared_kernel(backend, trace, precision, n, kinds)`` returns, running its
+    generated source on the host; records each launch."""
 
-    def __init__(self, backend, precision: str, n_gradients: int, kinds: str = ""):
+    def __init__(self, backend, trace, precision: str, n_gradients: int, kinds: str = ""):
         self.language = backend.name
-        self.names = dict(
-            name=gpu_kernels.kernel_name(precision, n_gradients, kinds),
-            input_names=gpu_kernels.input_names(n_gradients),
-            output_names=list(gpu_kernels.OUTPUT_NAMES),
-        )
-        self.source = gpu_kernels.kernel_source(backend, precision, n_gradients)
+        spec = gpu_kernels.KernelSpec.of(backend, trace, precision, n_gradients, kinds)
+        self.names = dict(name=spec.name, input_names=list(spec.input_names), output_names=list(spec.output_names))
+        self.source = spec.source
         # From MLX 0.32, Metal's kernel object builds here (it only refuses to launch), and MLX writes its source
         # while exporting; before, it refuses to build, and the source is written by MLX's rule.
         metal_builds = self.language == "metal" and metal_writes_kinds_in_name()
-        self.kernel = _REAL_SHARED_KERNEL(backend, precision, n_gradients, kinds) if metal_builds else None
+        self.kernel = _REAL_SHARED_KERNEL(backend, trace, precision, n_gradients, kinds) if metal_builds else None
         self.launches: list[dict] = []
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, stream):

@@ -30,6 +30,9 @@ struct Strides {
 };
 } // namespace mlx::core::cu
 
+// isnan on float in the global namespace, as CUDA's device math library has it (fabsf is <cmath>'s).
+using std::isnan;
+
 inline float __fmul_rn(float a, float b) {
   return a * b;
 }
