@@ -8,6 +8,7 @@ from rmsprop_impls.measure.timing import run_step
 from .common import (
     apply_settings,
     bytes_moved,
+    check_in_subset,
     dtypes,
     limit_at,
     make_optimizer,
@@ -40,6 +41,7 @@ class Step:
         if getattr(self, "built_for", None) == (variant, tree, dtype, optimizer):
             return
         apply_settings()
+        check_in_subset(optimizer, tree)
         self.params_, grads = tree_and_gradients(tree, dtype)
         self.optimizer, self.grads = make_optimizer(variant, grads, optimizer)
         self.params_ = run_step(self.optimizer, self.params_, self.grads)
@@ -89,6 +91,7 @@ class FirstStep:
 
     def setup(self, variant, tree, dtype, optimizer):
         apply_settings()
+        check_in_subset(optimizer, tree)
         self.params_, grads = tree_and_gradients(tree, dtype)
         self.optimizer, self.grads = make_optimizer(variant, grads, optimizer)
 

@@ -49,7 +49,10 @@ _COLUMN_PARAMS = (*_VARIANT_PARAMS, "tree", "dtype", "optimizer")
 #: The rule every step ran before the ``optimizer`` parameter, and the one the peer libraries run.
 _RULE_BEFORE_RULES = "rmsprop"
 _DEFAULT_PARAM_NAMES = ["variant", "tree", "dtype"]
-_SKIPPED = "skipped by asv: setup raised NotImplementedError (the variant cannot run there)"
+_SKIPPED = (
+    "skipped by asv: setup raised NotImplementedError (the variant cannot run there, or the default subset "
+    "leaves that optimizer and tree out)"
+)
 _FAILED = "failed: asv recorded no value (see the asv run log)"
 
 COLUMNS = [
