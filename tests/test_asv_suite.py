@@ -39,7 +39,7 @@ def finished_run(asv_history, tmp_path_factory) -> tuple[Path, subprocess.Comple
     out = subprocess.run(
         [RMSPROP_BENCH, "run", "--quick", "--project", str(project), "--machine", "test-machine",
          "--optimizer", "RMSprop,adamw"],
-        env=asv_history.env, capture_output=True, text=True, timeout=300,
+        env=asv_history.env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     return project, out
 
