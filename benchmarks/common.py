@@ -7,8 +7,8 @@ shows it as skipped.
 
 The grid comes from the environment, which asv passes through to each
 benchmark process: ``RMSPROP_BENCH_GRID=full`` picks the whole grid instead of
-the default subset, and ``RMSPROP_BENCH_VARIANTS``, ``RMSPROP_BENCH_TREES`` and
-``RMSPROP_BENCH_DTYPES`` (comma lists) replace one axis each.
+the default subset, and ``RMSPROP_BENCH_VARIANTS``, ``RMSPROP_BENCH_TREES``,
+``RMSPROP_BENCH_DTYPES`` and ``RMSPROP_BENCH_OPTIMIZERS`` (comma lists) replace one axis each.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ FULL_TREES = [
 DEFAULT_TREES = ["1x1K", "16x1M", "1024x16K", "mlp-small", "transformer-small"]
 FULL_DTYPES = ["float32", "float16", "bfloat16"]
 DEFAULT_DTYPES = ["float32"]
+#: Every elementwise rule of ``mlx.optimizers``, written out (``rmsprop_impls.rules.RULE_NAMES``) so that the grid
+#: stays the same for every commit asv runs; a commit without a rule skips it in ``setup``.
+FULL_OPTIMIZERS = ["rmsprop", "sgd", "adagrad", "adadelta", "adam", "adamw", "adamax", "lion"]
+DEFAULT_OPTIMIZERS = ["rmsprop", "adamw"]
+#: In the default subset, the rules other than RMSprop run on its smaller trees only: asv starts a process per
+#: combination, whose setup builds the tree, and the two 16M-parameter ones took most of the subset's time.
+SMALL_DEFAULT_TREES = ["1x1K", "mlp-small", "transformer-small"]
 
 #: MLX's CPU allocator caches only 32 MB by default, so big steps would mostly measure page faults. Metal's
 #: caches most of RAM already: on a GPU device MLX's own default stays unless the variable sets a limit.
@@ -51,9 +58,21 @@ def grid_axis(variable: str, default: list[str], full: list[str]) -> list[str]:
 
 
 def variants() -> list[str]:
-    """Every variant this commit registers, plus ``flat+packed``; unavailable ones skip in ``setup``."""
-    names = rmsprop_impls.variant_names()
-    return grid_axis("RMSPROP_BENCH_VARIANTS", names + [FLAT_PACKED], names + [FLAT_PACKED])
+    """Every variant this commit registers, plus ``flat+packed``; unavailable ones skip in ``setup``.
+
+    The default subset leaves out a GPU kernel whose GPU this machine lacks: asv starts a process for
+    each combination, a skipped one too, and those were a quarter of the subset's processes on a CPU.
+    """
+    names = rmsprop_impls.variant_names() + [FLAT_PACKED]
+    return grid_axis("RMSPROP_BENCH_VARIANTS", [n for n in names if not lacks_its_gpu(n)], names)
+
+
+def lacks_its_gpu(variant: str) -> bool:
+    """Whether ``variant`` runs on a GPU that is not here; only a GPU variant is asked (``cpu_kernel``'s check
+    may build its extension)."""
+    if variant_declared_device(variant) != "gpu":
+        return False
+    return rmsprop_impls.registry.unavailable_reason(variant) is not None
 
 
 def trees() -> list[str]:
@@ -62,6 +81,18 @@ def trees() -> list[str]:
 
 def dtypes() -> list[str]:
     return grid_axis("RMSPROP_BENCH_DTYPES", DEFAULT_DTYPES, FULL_DTYPES)
+
+
+def optimizers() -> list[str]:
+    return grid_axis("RMSPROP_BENCH_OPTIMIZERS", DEFAULT_OPTIMIZERS, FULL_OPTIMIZERS)
+
+
+def check_in_subset(optimizer: str, tree: str) -> None:
+    """``NotImplementedError`` for a rule other than RMSprop on a big tree of the default subset, before the tree
+    is built; the full grid, or a tree axis named in ``RMSPROP_BENCH_TREES``, takes every pair."""
+    default_trees = not os.environ.get("RMSPROP_BENCH_TREES") and os.environ.get("RMSPROP_BENCH_GRID") != "full"
+    if default_trees and optimizer != "rmsprop" and tree not in SMALL_DEFAULT_TREES:
+        raise NotImplementedError(f"{optimizer} on {tree} is outside the default subset (RMSPROP_BENCH_GRID=full)")
 
 
 @contextlib.contextmanager
@@ -133,11 +164,14 @@ def tree_and_gradients(tree: str, dtype: str) -> tuple:
     return params, grads
 
 
-def make_optimizer(variant: str, grads) -> tuple:
-    """A fresh optimizer for ``variant`` and the gradients it takes; ``NotImplementedError`` where it cannot run."""
+def make_optimizer(variant: str, grads, optimizer: str = "rmsprop") -> tuple:
+    """A fresh ``variant`` running rule ``optimizer`` and the gradients it takes; ``NotImplementedError`` where it
+    cannot run, or where this commit has no such rule (a commit from before the rules runs RMSprop alone)."""
     name = "flat" if variant == FLAT_PACKED else variant
     if name not in rmsprop_impls.variant_names():
         raise NotImplementedError("not in this commit")
+    if optimizer not in getattr(rmsprop_impls, "RULE_NAMES", ("rmsprop",)):
+        raise NotImplementedError(f"this commit has no optimizer rule {optimizer!r}")
     reason = rmsprop_impls.registry.unavailable_reason(name)  # this one only: cpu_kernel's may build its extension
     if reason is not None:
         raise NotImplementedError(reason)
@@ -147,7 +181,8 @@ def make_optimizer(variant: str, grads) -> tuple:
             raise NotImplementedError("this commit has no PackedGradients")
         grads = packed_gradients.pack(grads)
         mx.eval(grads.buffers)
-    return rmsprop_impls.create(name, 1e-3), grads
+    options = {} if optimizer == "rmsprop" else {"optimizer": optimizer}  # a commit before the rules takes none
+    return rmsprop_impls.create(name, 1e-3, **options), grads
 
 
 def measure_limit() -> dict[str, float | None]:
@@ -168,15 +203,24 @@ def measure_limit() -> dict[str, float | None]:
 measure_limit.timeout = 300
 
 
-def limit_at(limits: dict, device: str, step_bytes: int) -> float | None:
-    """``device``'s limit for a step moving ``step_bytes``: its roof at the step's working set, or, from a commit
-    before the roof, its one figure; ``None`` where the device has none."""
+def bytes_moved(params, optimizer: str) -> int:
+    """What one step of ``optimizer`` reads and writes over ``params`` (RMSprop 5 bytes per parameter byte)."""
+    from rmsprop_impls.measure.trees import step_bytes
+
+    return step_bytes(params) if optimizer == "rmsprop" else step_bytes(params, optimizer)  # see make_optimizer
+
+
+def limit_at(limits: dict, device: str, step_bytes: int, optimizer: str = "rmsprop") -> float | None:
+    """``device``'s limit for a step of ``optimizer`` moving ``step_bytes``: its roof at the step's working set,
+    or, from a commit before the roof, its one figure; ``None`` where the device has none."""
     limit = limits[device]
     if not hasattr(limit, "at"):
         return limit
     from rmsprop_impls.measure.roof import working_set
 
-    return limit.at(working_set(step_bytes))
+    if optimizer == "rmsprop":  # see make_optimizer
+        return limit.at(working_set(step_bytes))
+    return limit.at(working_set(step_bytes, optimizer))
 
 
 def roof_sweep(limits: dict, device: str, of_llc: str) -> tuple:
@@ -189,13 +233,19 @@ def roof_sweep(limits: dict, device: str, of_llc: str) -> tuple:
     return roof, sweep_size(of_llc, roof.last_level_cache)
 
 
+def variant_declared_device(variant: str) -> str | None:
+    """The device ``variant``'s class declares (``"cpu"``, ``"gpu"``, ``"default"``); ``None`` where a commit's
+    variants declare none, or the name is unknown or its module does not import."""
+    try:
+        return getattr(rmsprop_impls.variant_class("flat" if variant == FLAT_PACKED else variant), "device", None)
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+
+
 def variant_device(variant: str) -> str:
     """``"cpu"`` or ``"gpu"``: where ``variant`` runs in this process; a commit whose variants declare no device
     ran them all on MLX's default device."""
-    try:
-        declared = getattr(rmsprop_impls.variant_class("flat" if variant == FLAT_PACKED else variant), "device", None)
-    except (AttributeError, ValueError, RuntimeError):  # an old commit, an unknown name, a module that does not import
-        declared = None
+    declared = variant_declared_device(variant)
     if declared in ("cpu", "gpu"):
         return declared
     return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"

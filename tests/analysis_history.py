@@ -3,7 +3,7 @@
 The shared ``asv_history`` fixture times two variants on one tree; the plots
 need more to show: trees of the same total size with different leaf counts
 (per-leaf overhead), a bigger one (scaling), a variant asv skips because it
-cannot run here, and the bandwidth limit, measured by a small triad
+cannot run here, two optimizer rules (RMSprop and AdamW), and the bandwidth limit, measured by a small triad
 benchmark added to the throw-away copy only (for the last commit).
 """
 
@@ -32,6 +32,7 @@ UNAVAILABLE = unavailable_variant()
 #: 4x1K and 16x256 hold 4096 parameters each; 4x16K is 16 times bigger.
 VARIANTS = f"eager,flat,{UNAVAILABLE}"
 TREES = "4x1K,16x256,4x16K"
+OPTIMIZERS = "rmsprop,adamw"
 
 _built: dict[str, AsvHistory] = {}
 
@@ -39,7 +40,7 @@ _built: dict[str, AsvHistory] = {}
 def analysis_history(workdir: Path) -> AsvHistory:
     """Built once per test session (``workdir`` from the first caller), shared by every module that asks."""
     if "history" not in _built:
-        history = build_history(workdir, variants=VARIANTS, trees=TREES, commits_each_side=1)
+        history = build_history(workdir, variants=VARIANTS, trees=TREES, commits_each_side=1, optimizers=OPTIMIZERS)
         history.asv(
             *("run", "--quick", "-E", f"existing:{history.python}", "--set-commit-hash", history.commits[-1]),
             *("--machine", "test-machine", "--bench", "bench_bandwidth"),

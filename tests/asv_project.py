@@ -101,9 +101,17 @@ class AsvHistory:
 
 
 def build_history(
-    workdir: Path, variants: str = "eager,flat", trees: str = "4x1K", commits_each_side: int = 2
+    workdir: Path,
+    variants: str = "eager,flat",
+    trees: str = "4x1K",
+    commits_each_side: int = 2,
+    optimizers: str = "rmsprop",
 ) -> AsvHistory:
-    """Commit the project, a few harmless commits, the slowdown, a few more; run asv on each commit."""
+    """Commit the project, a few harmless commits, the slowdown, a few more; run asv on each commit.
+
+    The step suites time ``optimizers`` only: RMSprop alone by default, so that a results file of this history
+    less its one-valued ``optimizer`` parameter is one from before that parameter.
+    """
     repo = copy_project(workdir / "repo")
     env = {
         **os.environ,
@@ -111,6 +119,7 @@ def build_history(
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
         "RMSPROP_BENCH_VARIANTS": variants, "RMSPROP_BENCH_TREES": trees, "RMSPROP_BENCH_DTYPES": "float32",
+        "RMSPROP_BENCH_OPTIMIZERS": optimizers,
         "RMSPROP_BENCH_ROOF_MAX_MIB": "16",  # the trees here are tiny: a roof to 16 MiB takes a second, not ten
         # One training-step case per commit: stock AdamW on mlx-lm's tiny Llama, both step kinds (about 10 s).
         "RMSPROP_BENCH_TRAIN_MODELS": "llama-tiny", "RMSPROP_BENCH_TRAIN_RULES": "adamw",

@@ -11,5 +11,5 @@ def test_history_has_real_results_for_every_commit(asv_history):
     for run in runs:
         timings = run["results"]["bench_step.Step.time_step"][0]
         slowed = asv_history.commits.index(run["commit_hash"]) >= asv_history.commits.index(asv_history.slowed)
-        eager, flat = timings  # params are (variant, tree, dtype) = (eager|flat, 4x1K, float32)
+        eager, flat = timings  # params are (variant, tree, dtype, optimizer) = (eager|flat, 4x1K, float32, rmsprop)
         assert (eager > 0.02) == slowed and flat < 0.02

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from rmsprop_impls.analysis.results import load_asv_results
 from rmsprop_impls.analysis.suite import mlx_matrix, read_conf
 from rmsprop_impls.measure.roof import SWEEP
 from rmsprop_impls.measure.training_models import mlx_lm_missing
+from rmsprop_impls.registry import unavailable_reason, variant_names
+from rmsprop_impls.rules import RULE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 ASV = str(Path(sys.executable).with_name("asv"))
@@ -29,12 +32,14 @@ def load_run(results_dir: Path, commit: str) -> dict:
 
 @pytest.fixture(scope="module")
 def finished_run(asv_history, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """``rmsprop-bench run`` to the end on a copy of the throw-away history: the project and its output."""
+    """``rmsprop-bench run`` to the end on a copy of the throw-away history, timing AdamW beside the history's
+    RMSprop (``--optimizer`` over ``RMSPROP_BENCH_OPTIMIZERS``): the project and its output."""
     project = tmp_path_factory.mktemp("finished-run") / "repo"
     shutil.copytree(asv_history.repo, project, symlinks=True)
     out = subprocess.run(
-        [RMSPROP_BENCH, "run", "--quick", "--project", str(project), "--machine", "test-machine"],
-        env=asv_history.env, capture_output=True, text=True, timeout=300,
+        [RMSPROP_BENCH, "run", "--quick", "--project", str(project), "--machine", "test-machine",
+         "--optimizer", "RMSprop,adamw"],
+        env=asv_history.env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     return project, out
 
@@ -49,7 +54,7 @@ def test_asv_check_passes():
 def test_results_hold_every_benchmark_with_its_parameters_and_units(asv_history):
     run = load_run(asv_history.results_dir, asv_history.commits[0])
     columns = run["result_columns"]
-    params = [["'eager'", "'flat'"], ["'4x1K'"], ["'float32'"]]
+    params = [["'eager'", "'flat'"], ["'4x1K'"], ["'float32'"], ["'rmsprop'"]]
     for name in [f"bench_step.Step.{b}" for b in STEP_BENCHMARKS] + ["bench_step.FirstStep.time_first_step"]:
         entry = dict(zip(columns, run["results"][name]))
         assert entry["params"] == params and len(entry["result"]) == 2 and all(v > 0 for v in entry["result"]), name
@@ -60,6 +65,7 @@ def test_results_hold_every_benchmark_with_its_parameters_and_units(asv_history)
     # params, grads and v of 4 leaves of 1024 float32 are resident during the step
     assert all(m >= 3 * 4 * 1024 * 4 for m in run["results"]["bench_step.Step.track_peak_memory"][0])
     units = json.loads((asv_history.results_dir / "benchmarks.json").read_text())
+    assert units["bench_step.Step.time_step"]["param_names"] == ["variant", "tree", "dtype", "optimizer"]
     assert units["bench_step.Step.track_gbps"]["unit"] == "GB/s"
     assert units["bench_step.Step.track_fraction_of_limit"]["unit"] == "fraction"
     assert units["bench_step.Step.track_peak_memory"]["unit"] == "bytes"
@@ -103,13 +109,21 @@ def test_a_variant_this_commit_lacks_is_skipped_not_failed(asv_history, tmp_path
     assert "n/a" in out.stdout and "failed" not in out.stdout
 
 
-def test_run_prints_the_fastest_variant_per_tree_and_publishes(finished_run):
+def test_run_prints_the_fastest_variant_per_optimizer_and_tree_and_publishes(finished_run):
     project, out = finished_run
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "settings: default subset of rmsprop, adamw;" in out.stdout
     assert "memory-bandwidth roof (best of several kernels, per working-set size" in out.stdout
-    table = out.stdout[out.stdout.index("tree  ") : out.stdout.index("\n\nreport:")].splitlines()
-    assert table[0].split() == ["tree", "dtype", "fastest", "device", "median", "ms", "GB/s", "of", "limit"]
-    assert [row.split()[:3] for row in table[2:]] in ([["4x1K", "float32", "eager"]], [["4x1K", "float32", "flat"]])
+    table = out.stdout[out.stdout.index("optimizer  ") : out.stdout.index("\n\nreport:")].splitlines()
+    headers = ["optimizer", "tree", "dtype", "fastest", "device", "median", "ms", "GB/s", "of", "limit"]
+    assert table[0].split() == headers
+    assert [row.split()[:3] for row in table[2:]] == [["adamw", "4x1K", "float32"], ["rmsprop", "4x1K", "float32"]]
+    assert {row.split()[3] for row in table[2:]} <= {"eager", "flat"}
+    steps = load_asv_results(project / ".asv" / "results")
+    steps = steps[(steps["benchmark"] == "bench_step.Step.time_step") & steps["available"]]
+    adamw = steps[steps["optimizer"] == "adamw"]  # the history timed RMSprop alone: these are this run's
+    assert sorted(adamw["variant"]) == ["eager", "flat"]
+    assert adamw["gbps"].tolist() == pytest.approx((7 * 4 * 4096 / adamw["median"] / 1e9).tolist())
     assert (project / ".asv" / "html" / "index.html").is_file()
     assert f"report:    {project / 'report' / 'summary.md'}" in out.stdout
     assert (project / "report" / "summary.md").is_file() and list((project / "report").glob("*.png"))
@@ -176,10 +190,54 @@ def test_asv_continuous_fails_on_the_slowed_commit(asv_history, tmp_path):
     )  # fmt: skip
     assert out.returncode == 1, out.stdout + out.stderr
     changed = [line for line in out.stdout.splitlines() if line.startswith("| +")]
-    assert len(changed) == 1 and "time_step('eager', '4x1K', 'float32')" in changed[0], out.stdout
+    assert len(changed) == 1 and "time_step('eager', '4x1K', 'float32', 'rmsprop')" in changed[0], out.stdout
     assert "PERFORMANCE DECREASED" in out.stdout
 
 
 def test_run_outside_any_project_is_one_line(tmp_path):
     out = subprocess.run([RMSPROP_BENCH, "run", "--project", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 2 and "no asv project" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_run_names_the_optimizers_it_takes_and_refuses_others():
+    out = subprocess.run([RMSPROP_BENCH, "run", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--optimizer NAME" in out.stdout and "adamw" in out.stdout
+    assert "RMSprop and AdamW" in " ".join(out.stdout.split())
+    out = subprocess.run([RMSPROP_BENCH, "run", "--optimizer", "adamw,nadam"], capture_output=True, text=True)
+    assert out.returncode == 2 and "--optimizer: unknown optimizer 'nadam'" in out.stderr, out.stderr
+    assert "lion" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_suites_grid_has_the_default_optimizers_and_every_rule_in_full(monkeypatch):
+    from benchmarks import common
+
+    assert common.FULL_OPTIMIZERS == list(RULE_NAMES)  # written out in the suite, so it must be kept in step
+    for variable in ("RMSPROP_BENCH_GRID", "RMSPROP_BENCH_OPTIMIZERS"):
+        monkeypatch.delenv(variable, raising=False)
+    assert common.optimizers() == ["rmsprop", "adamw"]
+    assert set(common.SMALL_DEFAULT_TREES) < set(common.trees())
+    for tree in common.trees():  # AdamW runs on the smaller trees only, RMSprop on all
+        common.check_in_subset("rmsprop", tree)
+        if tree in common.SMALL_DEFAULT_TREES:
+            common.check_in_subset("adamw", tree)
+        else:
+            with pytest.raises(NotImplementedError, match="outside the default subset"):
+                common.check_in_subset("adamw", tree)
+    monkeypatch.setenv("RMSPROP_BENCH_GRID", "full")
+    assert common.optimizers() == list(RULE_NAMES)
+    common.check_in_subset("adamw", "16x1M")
+    monkeypatch.setenv("RMSPROP_BENCH_OPTIMIZERS", "lion,sgd")
+    assert common.optimizers() == ["lion", "sgd"]
+
+
+def test_the_default_subset_leaves_out_a_gpu_kernel_without_its_gpu(monkeypatch):
+    from benchmarks import common
+
+    for variable in ("RMSPROP_BENCH_GRID", "RMSPROP_BENCH_VARIANTS"):
+        monkeypatch.delenv(variable, raising=False)
+    every = [*variant_names(), "flat+packed"]
+    missing_gpu = [v for v in ("metal_kernel", "cuda_kernel") if unavailable_reason(v) is not None]
+    assert missing_gpu  # MLX has one GPU back-end per build: one of the two cannot run anywhere
+    assert common.variants() == [v for v in every if v not in missing_gpu]
+    monkeypatch.setenv("RMSPROP_BENCH_GRID", "full")
+    assert common.variants() == every  # shown there as skipped, with the reason

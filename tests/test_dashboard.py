@@ -118,6 +118,7 @@ def test_graph_page_shows_more_than_one_variant(site, profile, tmp_path):
     dom = chromium(url, profile)
     assert DEPENDENCY_ERROR not in dom and 'class="flot-base"' in dom
     assert 'class="legendLabel">variant-eager<' in dom and 'class="legendLabel">variant-flat<' in dom
+    assert ">optimizer<" in dom and ">rmsprop<" in dom  # the parameter's selector, as asv draws one per parameter
     screenshot(url, profile, tmp_path / "dashboard-graph.png")
 
 
@@ -125,7 +126,7 @@ def test_regressions_page_lists_the_planted_regression(site, profile, tmp_path, 
     url = f"{site[0]}#/regressions"
     dom = chromium(url, profile)
     assert DEPENDENCY_ERROR not in dom
-    rows = [r for r in dom.split("<tr") if "('eager', '4x1K', 'float32')" in r]
+    rows = [r for r in dom.split("<tr") if "('eager', '4x1K', 'float32', 'rmsprop')" in r]
     assert any(asv_history.slowed[:8] in r for r in rows), rows
     screenshot(url, profile, tmp_path / "dashboard-regressions.png")
 

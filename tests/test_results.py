@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -17,12 +18,14 @@ from rmsprop_impls.analysis.results import (
     LIMIT_BENCHMARK,
     STEP_BENCHMARK,
     ResultsError,
+    bytes_per_parameter_byte,
     case_params,
     latest,
     load_asv_results,
     run_roofs,
 )
 from rmsprop_impls.analysis.training_report import training_steps
+from rmsprop_impls.measure.roof import working_set
 from rmsprop_impls.measure.training_models import mlx_lm_missing
 
 
@@ -44,6 +47,7 @@ def test_one_row_per_measurement_with_sizes_and_throughput(asv_history):
     steps = df[df["benchmark"] == STEP_BENCHMARK]
     assert len(steps) == 2 * len(asv_history.commits)  # eager and flat on 4x1K float32, per commit
     assert (steps["n_leaves"] == 4).all() and (steps["n_params"] == 4096).all() and (steps["dtype"] == "float32").all()
+    assert (steps["optimizer"] == "rmsprop").all()
     assert steps["gbps"].tolist() == pytest.approx((5 * 4 * 4096 / steps["median"] / 1e9).tolist())
     eager = steps[steps["variant"] == "eager"].set_index("commit")["median"]
     slowed_from = asv_history.commits.index(asv_history.slowed)
@@ -62,8 +66,41 @@ def test_skipped_variant_is_a_row_with_its_reason_and_fraction_uses_the_runs_roo
     assert roof.beyond_caches == newest.loc[newest["benchmark"] == LIMIT_BENCHMARK, "median"].item() > 0
     assert len(roof.working_sets) > 1 and roof.last_level_cache  # the sweep, as asv tracked it
     steps = newest[(newest["benchmark"] == STEP_BENCHMARK) & newest["available"]]
-    at_working_sets = [roof.at(12 * n) for n in steps["n_params"]]  # w, g and v in float32
+    assert set(steps["optimizer"]) == {"rmsprop", "adamw"}
+    touched = steps["optimizer"].map({"rmsprop": 12, "adamw": 16})  # w, g and v; w, g, m and v; in float32
+    at_working_sets = [roof.at(b * n) for b, n in zip(touched, steps["n_params"])]
     assert steps["fraction_of_limit"].tolist() == pytest.approx((steps["gbps"] / at_working_sets).tolist())
+    moved = steps["optimizer"].map({"rmsprop": 20, "adamw": 28})  # reads and writes per float32 parameter
+    assert steps["gbps"].tolist() == pytest.approx((moved * steps["n_params"] / steps["median"] / 1e9).tolist())
+
+
+@pytest.mark.parametrize(
+    "optimizer, moved, touched", [("rmsprop", 5, 3), ("adamw", 7, 4), ("adam", 7, 4), ("sgd", 3, 2), ("lion", 5, 3)]
+)
+def test_each_rule_moves_and_touches_its_own_arrays(optimizer, moved, touched):
+    assert bytes_per_parameter_byte(optimizer) == (moved, pytest.approx(touched))
+    assert working_set(moved * 1000, optimizer) == pytest.approx(touched * 1000)
+
+
+def test_results_from_before_the_optimizer_parameter_read_as_rmsprop(asv_history, tmp_path):
+    """The history times RMSprop alone, so its files less the one-valued parameter are as an older suite wrote them."""
+    results = shutil.copytree(asv_history.results_dir, tmp_path / "results")
+    index = json.loads((results / "benchmarks.json").read_text())
+    for path in results.glob("test-machine/*-existing-*.json"):
+        run = json.loads(path.read_text())
+        params_at = run["result_columns"].index("params")
+        for name, entry in run["results"].items():
+            if name.startswith("bench_step."):
+                assert entry[params_at][-1] == ["'rmsprop'"]
+                entry[params_at] = entry[params_at][:-1]
+                index[name]["param_names"] = index[name]["param_names"][:-1]
+                index[name]["params"] = index[name]["params"][:-1]
+        path.write_text(json.dumps(run))
+    (results / "benchmarks.json").write_text(json.dumps(index))
+    old, new = load_asv_results(results), load_asv_results(asv_history.results_dir)
+    steps = old["benchmark"].str.startswith("bench_step.")
+    assert steps.any() and (old.loc[steps, "optimizer"] == "rmsprop").all()
+    assert old.equals(new)  # the same table, with the parameter or without
 
 
 def test_missing_and_empty_directories_are_clear_errors(tmp_path):
@@ -133,17 +170,32 @@ def test_scaling_draws_the_roof_and_history_names_the_commit(rich_df, asv_histor
 def test_winners_pick_the_fastest_measured_variant(rich_df):
     table = winners(rich_df)
     newest = rich_df[(rich_df["commit"] == rich_df["commit"].iloc[-1]) & (rich_df["benchmark"] == STEP_BENCHMARK)]
+    assert sorted(set(table["optimizer"])) == ["adamw", "rmsprop"]
     for row in table.itertuples():
-        ran = newest[(newest["tree"] == row.tree) & newest["available"]]
+        ran = newest[(newest["tree"] == row.tree) & (newest["optimizer"] == row.optimizer) & newest["available"]]
         assert row.median == ran["median"].min() and row.variant != UNAVAILABLE
+        eager = ran.loc[ran["variant"] == "eager", "median"].item()
+        assert row.speedup == pytest.approx(eager / row.median)
+
+
+def test_figures_draw_one_optimizer_and_the_comparison_draws_each(rich_df):
+    assert "RMSprop, float32" in plots.variant_comparison(rich_df)._suptitle.get_text()
+    assert "AdamW, float32" in plots.fraction_of_limit(rich_df, optimizer="adamw")._suptitle.get_text()
+    fig = plots.optimizer_comparison(rich_df)
+    assert len(fig.axes) == 6 and "RMSprop 5, AdamW 7" in fig.caption  # 3 trees x (time, fraction)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["rmsprop", "adamw"]
+    for ax in fig.axes:
+        assert len(ax.patches) == 2 * 2  # eager and flat (the unavailable one has no bar), each optimizer
+    with pytest.raises(plots.NothingToPlot, match="one optimizer only"):
+        plots.optimizer_comparison(rich_df[rich_df["optimizer"] != "adamw"])
 
 
 def test_report_command_writes_figures_and_a_summary(asv_history, tmp_path):
     out = cli("report", "--results", str(asv_history.results_dir), "--out", str(tmp_path / "report"))
     assert out.returncode == 0, out.stderr
     summary = (tmp_path / "report" / "summary.md").read_text()
-    assert "## Fastest variant per tree" in summary and "| 4x1K | float32 |" in summary
-    assert f"| eager/4x1K/float32 | {asv_history.slowed[:8]} |" in summary
+    assert "## Fastest variant per optimizer and tree" in summary and "| rmsprop | 4x1K | float32 |" in summary
+    assert f"| eager/4x1K/float32/rmsprop | {asv_history.slowed[:8]} |" in summary
     assert sorted(p.stem for p in (tmp_path / "report").glob("*.png")) == sorted(plots.FIGURES)
 
 
@@ -166,7 +218,7 @@ def test_the_report_shows_the_training_steps_beside_the_optimizer_steps(asv_hist
     assert (table["speedup"] == 1.0).all() and (table["alone_s"] > 0).all() and (table["peak_bytes"] > 0).all()
     assert (table["in_step_s"] == table["step_s"] - df_grad(df, table["step"])).all()
     summary = write_report(df, tmp_path).read_text()
-    assert summary.index("## Fastest variant per tree") < summary.index("## Per training step")
+    assert summary.index("## Fastest variant per optimizer and tree") < summary.index("## Per training step")
     assert "| llama-tiny | compiled | adamw | stock |" in summary
 
 

@@ -105,9 +105,12 @@ def test_machine_comparison_per_tree_both_absolute_and_fraction(history, tmp_pat
     df = load_asv_results(split_by_machine(history, tmp_path))
     table = by_machine(df)
     assert set(table["machine"]) == set(MACHINES) and set(table["tree"]) == {"4x1K", "16x256"}
+    assert set(table["optimizer"]) == {"rmsprop", "adamw"}  # the default subset's
     assert (table["median"] > 0).all() and (table["fraction_of_limit"] > 0).all()
     fig = plots.machine_comparison(df)
     assert len(fig.axes) == 4 and all(m in fig.caption for m in MACHINES)  # 2 trees x (time, fraction)
+    assert "RMSprop, float32" in fig._suptitle.get_text()
+    assert "AdamW" in plots.machine_comparison(df, optimizer="adamw")._suptitle.get_text()
 
 
 def test_report_over_two_machines_directories(history, tmp_path):
@@ -119,6 +122,7 @@ def test_report_over_two_machines_directories(history, tmp_path):
     assert out.returncode == 0, out.stderr
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "## Machines compared" in summary and all(f"{m} % of limit" in summary for m in MACHINES)
+    assert "| optimizer | tree | dtype | variant | machine-a ms |" in summary and "| adamw | 4x1K |" in summary
     assert (tmp_path / "report" / "machine_comparison.png").is_file()
 
 
@@ -150,7 +154,8 @@ def test_a_slower_release_is_flagged_like_a_slower_commit(releases):
     slowed = (newer["variant"] == "eager") & (newer["tree"] == "4x1K") & (newer["benchmark"].str.endswith("time_step"))
     newer.loc[slowed, "median"] *= 3
     found = find_release_regressions(pd.concat([older, newer]))
-    assert found[["variant", "tree", "mlx", "previous"]].values.tolist() == [["eager", "4x1K", *RELEASES[::-1]]]
+    expected = [["eager", "4x1K", optimizer, *RELEASES[::-1]] for optimizer in ("adamw", "rmsprop")]
+    assert found[["variant", "tree", "optimizer", "mlx", "previous"]].values.tolist() == expected
 
 
 def test_publish_merges_machines_into_one_report_and_dashboard(history, tmp_path):
@@ -168,3 +173,5 @@ def test_publish_merges_machines_into_one_report_and_dashboard(history, tmp_path
     assert "## Machines compared" in (clone / "report" / "summary.md").read_text()
     published = json.loads((clone / ".asv" / "html" / "index.json").read_text())
     assert sorted(published["params"]["machine"]) == sorted(MACHINES)  # the dashboard's machine selector
+    assert published["benchmarks"]["bench_step.Step.time_step"]["param_names"][-1] == "optimizer"
+    assert published["benchmarks"]["bench_step.Step.time_step"]["params"][-1] == ["'rmsprop'", "'adamw'"]

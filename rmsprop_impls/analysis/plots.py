@@ -16,10 +16,11 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from ..measure.bandwidth import limit_text as limit_text_of
-from ..measure.roof import Roof, working_set
+from ..measure.roof import Roof
 from ..registry import variant_names
+from ..rules import DEFAULT_RULE, RULE_NAMES, rule
 from .regressions import commit_series, find_regressions
-from .results import ITEMSIZE, STEP_BENCHMARK, device_limits, latest
+from .results import ITEMSIZE, STEP_BENCHMARK, bytes_per_parameter_byte, device_limits, latest
 from .tracking import by_machine, by_release, releases_in
 
 
@@ -47,19 +48,24 @@ def _finish(fig: CaptionedFigure, title: str, caption: str) -> CaptionedFigure:
     return fig
 
 
-def _step_rows(df: pd.DataFrame, dtype: str | None = None) -> pd.DataFrame:
-    """The newest run's step timings in one dtype (float32 where measured)."""
+def _one_of(rows: pd.DataFrame, column: str, wanted: str | None, preferred: str) -> pd.DataFrame:
+    """The rows of one value of ``column``: ``wanted``, else ``preferred`` where measured, else the first."""
+    values = rows[column].dropna().unique().tolist()
+    return rows[rows[column] == (wanted or (preferred if preferred in values or not values else values[0]))]
+
+
+def _step_rows(df: pd.DataFrame, dtype: str | None = None, optimizer: str | None = None) -> pd.DataFrame:
+    """The newest run's step timings in one dtype (float32 where measured) of one optimizer (RMSprop where
+    measured)."""
     rows = latest(df[df["benchmark"] == STEP_BENCHMARK])
     if rows.empty:
         raise NothingToPlot(f"no '{STEP_BENCHMARK}' results to plot")
-    dtypes = rows["dtype"].dropna().unique().tolist()
-    chosen = dtype or ("float32" if "float32" in dtypes else dtypes[0])
-    return rows[rows["dtype"] == chosen]
+    return _one_of(_one_of(rows, "dtype", dtype, "float32"), "optimizer", optimizer, DEFAULT_RULE)
 
 
-def _measured_step_rows(df: pd.DataFrame, dtype: str | None = None) -> pd.DataFrame:
+def _measured_step_rows(df: pd.DataFrame, dtype: str | None = None, optimizer: str | None = None) -> pd.DataFrame:
     """The newest run's step timings that have a value."""
-    rows = _step_rows(df, dtype)
+    rows = _step_rows(df, dtype, optimizer)
     rows = rows[rows["available"]]
     if rows.empty:
         raise NothingToPlot(f"every '{STEP_BENCHMARK}' result in the newest run was skipped or failed")
@@ -92,6 +98,11 @@ def _empty(ax, message: str) -> None:
     ax.set_yticks([])
 
 
+def _what(rows: pd.DataFrame) -> str:
+    """``AdamW, float32``: the optimizer and dtype a figure's rows ran."""
+    return f"{rule(rows['optimizer'].iloc[0]).title}, {rows['dtype'].iloc[0]}"
+
+
 def _status(per_variant: pd.DataFrame) -> pd.Series:
     """Why each variant has no bar: '' where it ran, else unavailable (asv skipped it), failed or not run."""
     reason = per_variant["skip_reason"].fillna("").astype(str)
@@ -101,9 +112,11 @@ def _status(per_variant: pd.DataFrame) -> pd.Series:
     )
 
 
-def variant_comparison(df: pd.DataFrame, dtype: str | None = None, max_trees: int = 4) -> CaptionedFigure:
+def variant_comparison(
+    df: pd.DataFrame, dtype: str | None = None, max_trees: int = 4, optimizer: str | None = None
+) -> CaptionedFigure:
     """Median step time of every variant on each tree, with asv's interquartile range as error bars."""
-    rows = _step_rows(df, dtype)
+    rows = _step_rows(df, dtype, optimizer)
     trees = _trees_by_size(rows)[:max_trees]
     order = _variant_order(rows["variant"])
     fig, axes = _figure(len(trees), width=max(7.0, 3.2 * len(trees)))
@@ -132,22 +145,24 @@ def variant_comparison(df: pd.DataFrame, dtype: str | None = None, max_trees: in
         f"Shorter bars are faster and whiskers span asv's interquartile range; fastest: {', '.join(winners)}; "
         "grey labels mark variants that cannot run on this machine (unavailable), failed, or were not run."
     )
-    return _finish(fig, f"Step time per variant ({rows['dtype'].iloc[0]}, newest commit)", caption)
+    return _finish(fig, f"Step time per variant ({_what(rows)}, newest commit)", caption)
 
 
-def roof_seconds(n_params: np.ndarray, dtype: str, roof: Roof) -> np.ndarray:
-    """The fastest a step can be: 5 bytes per parameter byte at the roof at its working set (w, g and v)."""
-    moved = 5 * ITEMSIZE[dtype] * np.asarray(n_params, dtype=float)
-    return moved / (np.array([roof.at(working_set(b)) for b in moved]) * 1e9)
+def roof_seconds(n_params: np.ndarray, dtype: str, roof: Roof, optimizer: str = DEFAULT_RULE) -> np.ndarray:
+    """The fastest a step can be: the bytes ``optimizer`` moves (RMSprop 5 per parameter byte) at the roof at its
+    working set (the arrays it touches: RMSprop's w, g and v)."""
+    moved_per_byte, touched_per_byte = bytes_per_parameter_byte(optimizer)
+    moved = moved_per_byte * ITEMSIZE[dtype] * np.asarray(n_params, dtype=float)
+    return moved / (np.array([roof.at(b * touched_per_byte / moved_per_byte) for b in moved]) * 1e9)
 
 
-def scaling(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
+def scaling(df: pd.DataFrame, dtype: str | None = None, optimizer: str | None = None) -> CaptionedFigure:
     """Step time against parameter count, log-log, one line per variant, with each device's roof as a curve."""
-    rows = _measured_step_rows(df, dtype).sort_values("n_params")
+    rows = _measured_step_rows(df, dtype, optimizer).sort_values("n_params")
     # One point per size: where several trees share a size, the one with the fewest leaves (per_leaf_overhead
     # shows the others).
     rows = rows[rows["n_leaves"] == rows.groupby("n_params")["n_leaves"].transform("min")]
-    dtype = rows["dtype"].iloc[0]
+    dtype, optimizer = rows["dtype"].iloc[0], rows["optimizer"].iloc[0]
     fig, (ax,) = _figure()
     for variant in _variant_order(rows["variant"]):
         line = rows[rows["variant"] == variant]
@@ -158,10 +173,11 @@ def scaling(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
     for device, style in zip(drawn, ("k--", "k:")):
         roof = limits[device]
         label = f"{device} roof ({limit_text_of(roof, device)})"
-        ax.plot(sizes, roof_seconds(sizes, dtype, roof) * 1e3, style, label=label)
+        ax.plot(sizes, roof_seconds(sizes, dtype, roof, optimizer) * 1e3, style, label=label)
         llc = roof.last_level_cache
-        if llc and sizes[0] <= llc / (3 * ITEMSIZE[dtype]) <= sizes[-1]:
-            ax.axvline(llc / (3 * ITEMSIZE[dtype]), color="0.6", linewidth=0.8)
+        fits = llc / (bytes_per_parameter_byte(optimizer)[1] * ITEMSIZE[dtype]) if llc else math.nan
+        if sizes[0] <= fits <= sizes[-1]:
+            ax.axvline(fits, color="0.6", linewidth=0.8)
     if drawn:
         limit_text = (
             "the dashed curve is the fastest a step can be at the roof measured at its working set "
@@ -178,12 +194,12 @@ def scaling(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
     ax.set_ylabel("median step time (ms, log scale)")
     ax.legend(fontsize=8)
     caption = f"Lines with slope 1 scale with size and lines flat at the left are overhead-bound; {limit_text}."
-    return _finish(fig, f"Scaling with tree size ({dtype})", caption)
+    return _finish(fig, f"Scaling with tree size ({_what(rows)})", caption)
 
 
-def fraction_of_limit(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
+def fraction_of_limit(df: pd.DataFrame, dtype: str | None = None, optimizer: str | None = None) -> CaptionedFigure:
     """Each variant's effective bandwidth as a share of its device's roof at the tree's working set, per tree."""
-    rows = _step_rows(df, dtype)
+    rows = _step_rows(df, dtype, optimizer)
     fig, (ax,) = _figure()
     measured = rows[rows["available"] & rows["fraction_of_limit"].notna()]
     if measured.empty:
@@ -209,12 +225,12 @@ def fraction_of_limit(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFi
         )
     ax.set_xlabel("tree")
     ax.set_ylabel("effective bandwidth (% of its device's limit)")
-    return _finish(fig, "Fraction of the memory-bandwidth roof at each tree's working set", caption)
+    return _finish(fig, f"Fraction of the memory-bandwidth roof at each tree's working set ({_what(rows)})", caption)
 
 
-def per_leaf_overhead(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFigure:
+def per_leaf_overhead(df: pd.DataFrame, dtype: str | None = None, optimizer: str | None = None) -> CaptionedFigure:
     """Step time against leaf count at the total size measured with the most leaf counts."""
-    rows = _measured_step_rows(df, dtype)
+    rows = _measured_step_rows(df, dtype, optimizer)
     fig, (ax,) = _figure()
     total = rows.groupby("n_params")["n_leaves"].nunique().idxmax()
     same_size = rows[rows["n_params"] == total].sort_values("n_leaves")
@@ -230,12 +246,14 @@ def per_leaf_overhead(df: pd.DataFrame, dtype: str | None = None) -> CaptionedFi
         f"At a fixed {int(total):,} parameters ({trees}), a line that rises with the leaf "
         "count pays a cost per leaf (dispatch, kernel launch); a flat line does not."
     )
-    return _finish(fig, "Per-leaf overhead at a fixed total size", caption)
+    return _finish(fig, f"Per-leaf overhead at a fixed total size ({_what(rows)})", caption)
 
 
-def speedup_heatmap(df: pd.DataFrame, baseline: str = "eager", dtype: str | None = None) -> CaptionedFigure:
+def speedup_heatmap(
+    df: pd.DataFrame, baseline: str = "eager", dtype: str | None = None, optimizer: str | None = None
+) -> CaptionedFigure:
     """``baseline``'s median over each variant's, for every variant and tree; n/a where one did not run."""
-    rows = _step_rows(df, dtype)
+    rows = _step_rows(df, dtype, optimizer)
     trees, order = _trees_by_size(rows), _variant_order(rows["variant"])
     medians = rows[rows["available"]].pivot_table(index="variant", columns="tree", values="median")
     medians = medians.reindex(index=order, columns=trees)
@@ -255,7 +273,7 @@ def speedup_heatmap(df: pd.DataFrame, baseline: str = "eager", dtype: str | None
         f"Green cells are faster than {baseline} and red ones slower, by the factor written in them; "
         "n/a marks a variant that did not run on that tree."
     )
-    return _finish(fig, f"Speed-up over {baseline} (step time ratio)", caption)
+    return _finish(fig, f"Speed-up over {baseline} (step time ratio; {_what(rows)})", caption)
 
 
 def history(
@@ -277,7 +295,7 @@ def history(
         x, y = position[r["commit"]], r["after"] * 1e3
         ax.plot(x, y, marker="v", color="red", markersize=12, linestyle="none")
         ax.annotate(
-            f"regression in {r['commit'][:8]}\n{r['variant']}/{r['tree']}: {r['ratio']:.1f}x slower",
+            f"regression in {r['commit'][:8]}\n{r['variant']}/{r['tree']}/{r['optimizer']}: {r['ratio']:.1f}x slower",
             (x, y),
             textcoords="offset points",
             xytext=(-10, -30),
@@ -290,7 +308,7 @@ def history(
     ax.set_xlabel("commit (oldest left)")
     ax.set_ylabel("median step time (ms, log scale)")
     ax.legend(fontsize=8)
-    named = [f"{r.variant}/{r.tree} at {r.commit[:8]} ({r.ratio:.1f}x)" for r in regressions.itertuples()]
+    named = [f"{r.variant}/{r.tree}/{r.optimizer} at {r.commit[:8]} ({r.ratio:.1f}x)" for r in regressions.itertuples()]
     caption = (
         f"Red triangles mark the first slow commit of each step up that asv's step detection finds: {'; '.join(named)}."
         if named
@@ -309,38 +327,60 @@ def _grouped_bars(ax, table: pd.DataFrame, groups: list[str], values: str, scale
     ax.set_xticks(np.arange(len(order)), order, rotation=30, ha="right")
 
 
-def machine_comparison(df: pd.DataFrame, dtype: str | None = None, max_trees: int = 4) -> CaptionedFigure:
-    """Per tree, each variant's step time and fraction of its own machine's limit, machine by machine."""
-    rows = by_machine(df)
-    machines = sorted(rows["machine"].unique())
-    if len(machines) < 2:
-        raise NothingToPlot(f"results from one machine only ({', '.join(machines) or 'none'}); pass several")
-    dtypes = rows["dtype"].unique().tolist()
-    rows = rows[rows["dtype"] == (dtype or ("float32" if "float32" in dtypes else dtypes[0]))].assign(
-        group=lambda t: t["machine"]
-    )
+def _time_and_fraction(rows: pd.DataFrame, groups: list[str], legend: str, max_trees: int) -> CaptionedFigure:
+    """Per tree (a column), each variant's step time (top) and fraction of its limit (bottom), a bar per group."""
     trees = _trees_by_size(rows)[:max_trees]
     fig = CaptionedFigure(figsize=(max(7.0, 3.4 * len(trees)), 7.5))
     axes = fig.subplots(2, len(trees), squeeze=False)
     for (top, bottom), tree in zip(axes.T, trees):
         per = rows[rows["tree"] == tree]
-        _grouped_bars(top, per, machines, "median", 1e3)
+        _grouped_bars(top, per, groups, "median", 1e3)
         top.set_title(
             f"{tree}\n{int(per['n_params'].max()):,} params, {int(per['n_leaves'].max())} leaves", fontsize=10
         )
         top.set_ylabel("median step time (ms)")
-        _grouped_bars(bottom, per, machines, "fraction_of_limit", 100)
+        _grouped_bars(bottom, per, groups, "fraction_of_limit", 100)
         bottom.axhline(100, color="k", linestyle="--", linewidth=1)
-        bottom.set_ylabel("% of its machine's limit")
+        bottom.set_ylabel("% of its machine's limit" if legend == "machine" else "% of its device's limit")
         bottom.set_xlabel("variant")
-    axes[0][0].legend(title="machine", fontsize=8)
+    axes[0][0].legend(title=legend, fontsize=8)
+    return fig
+
+
+def machine_comparison(
+    df: pd.DataFrame, dtype: str | None = None, max_trees: int = 4, optimizer: str | None = None
+) -> CaptionedFigure:
+    """Per tree, each variant's step time and fraction of its own machine's limit, machine by machine."""
+    rows = by_machine(df)
+    machines = sorted(rows["machine"].unique())
+    if len(machines) < 2:
+        raise NothingToPlot(f"results from one machine only ({', '.join(machines) or 'none'}); pass several")
+    rows = _one_of(_one_of(rows, "dtype", dtype, "float32"), "optimizer", optimizer, DEFAULT_RULE)
+    fig = _time_and_fraction(rows.assign(group=rows["machine"]), machines, "machine", max_trees)
     caption = (
         "Top: shorter bars are faster on that machine; bottom: each bar is a share of its own machine's "
         f"bandwidth roof at the step's working set ({machine_roofs_text(rows, machines)}), so a variant that is "
         "slow on a slow machine but near 100% there is doing "
         "all the machine allows."
     )
-    return _finish(fig, f"Machines compared ({rows['dtype'].iloc[0]}, each machine's newest commit)", caption)
+    return _finish(fig, f"Machines compared ({_what(rows)}, each machine's newest commit)", caption)
+
+
+def optimizer_comparison(df: pd.DataFrame, dtype: str | None = None, max_trees: int = 4) -> CaptionedFigure:
+    """Per tree, each variant's step time and fraction of its limit, optimizer by optimizer."""
+    rows = latest(df[(df["benchmark"] == STEP_BENCHMARK) & df["available"]])
+    rows = _one_of(rows, "dtype", dtype, "float32")
+    names = [name for name in RULE_NAMES if name in set(rows["optimizer"])]
+    if len(names) < 2:
+        raise NothingToPlot(f"one optimizer only in the newest run ({', '.join(names) or 'none'})")
+    fig = _time_and_fraction(rows.assign(group=rows["optimizer"]), names, "optimizer", max_trees)
+    per_byte = ", ".join(f"{rule(n).title} {bytes_per_parameter_byte(n)[0]:g}" for n in names)
+    caption = (
+        "Top: bars side by side are one variant running each optimizer, shorter is faster; bottom: each bar is a "
+        "share of its device's roof at the step's working set, so an optimizer that moves more bytes per "
+        f"parameter byte ({per_byte}) may take longer and still be as near its limit."
+    )
+    return _finish(fig, f"Optimizers compared ({rows['dtype'].iloc[0]}, newest commit)", caption)
 
 
 def machine_roofs_text(rows: pd.DataFrame, machines: list[str]) -> str:
@@ -352,7 +392,9 @@ def machine_roofs_text(rows: pd.DataFrame, machines: list[str]) -> str:
     )
 
 
-def release_comparison(df: pd.DataFrame, machine: str | None = None, max_trees: int = 4) -> CaptionedFigure:
+def release_comparison(
+    df: pd.DataFrame, machine: str | None = None, max_trees: int = 4, optimizer: str | None = None
+) -> CaptionedFigure:
     """Per tree, each variant's step time under each MLX release, on one machine and commit."""
     table = by_release(df)
     if table.empty:
@@ -360,8 +402,7 @@ def release_comparison(df: pd.DataFrame, machine: str | None = None, max_trees: 
     machine = machine or table["machine"].value_counts().idxmax()
     table = table[table["machine"] == machine]
     releases = releases_in(table)
-    dtypes = table["dtype"].unique().tolist()
-    table = table[table["dtype"] == ("float32" if "float32" in dtypes else dtypes[0])]
+    table = _one_of(_one_of(table, "dtype", None, "float32"), "optimizer", optimizer, DEFAULT_RULE)
     long = table.melt(id_vars=["tree", "n_params", "n_leaves", "variant"], value_vars=releases, var_name="group",
                       value_name="median")  # fmt: skip
     trees = _trees_by_size(long)[:max_trees]
@@ -384,7 +425,7 @@ def release_comparison(df: pd.DataFrame, machine: str | None = None, max_trees: 
         f"({table['commit'].iloc[0][:8]}) and machine ({machine}); a taller bar on the right is slower in the "
         f"newer release{worst}."
     )
-    return _finish(fig, "MLX releases compared", caption)
+    return _finish(fig, f"MLX releases compared ({_what(table)})", caption)
 
 
 #: Every figure by file name, in the order the report shows them.
@@ -397,8 +438,10 @@ FIGURES = {
     "history": history,
 }
 
-#: Figures over several machines or MLX releases, which the report draws only where the results hold them.
+#: Figures over several optimizers, machines or MLX releases, which the report draws only where the results hold
+#: them.
 COMPARISON_FIGURES = {
+    "optimizer_comparison": optimizer_comparison,
     "machine_comparison": machine_comparison,
     "release_comparison": release_comparison,
 }

@@ -24,7 +24,7 @@ _HIGHER_IS_BETTER = ("gbps", "fraction_of_limit")
 #: Benchmarks that record what ran, not how fast: a newer MLX release is no regression.
 _NOT_A_MEASURE = (MLX_RELEASE_BENCHMARK,)
 
-SERIES = ["machine", "environment", "benchmark", "variant", "tree", "dtype", "case"]
+SERIES = ["machine", "environment", "benchmark", "variant", "tree", "dtype", "optimizer", "case"]
 
 
 def commit_series(df: pd.DataFrame) -> DataFrameGroupBy:
@@ -64,7 +64,7 @@ def find_release_regressions(df: pd.DataFrame, threshold: float = DEFAULT_THRESH
     ``previous`` the last good one.
     """
     measured = df[df["available"]].dropna(subset=["mlx"])
-    keys = ["machine", "commit", "benchmark", "variant", "tree", "dtype", "case"]
+    keys = ["machine", "commit", "benchmark", "variant", "tree", "dtype", "optimizer", "case"]
     found = []
     for key, series in measured.groupby(keys, dropna=False, sort=True):
         benchmark = series["benchmark"].iloc[0]

@@ -26,6 +26,7 @@ from asv.util import UserError as AsvUserError
 from ..measure.roof import Roof, working_set
 from ..measure.trees import tree_info
 from ..registry import VariantUnavailableError, variant_class
+from ..rules import rule
 
 #: The benchmarks whose results are the CPU's and the GPU's bandwidth limits (GB/s), and the main time benchmark.
 LIMIT_BENCHMARK = "bench_bandwidth.Bandwidth.track_triad_gbps"
@@ -44,9 +45,14 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 #: asv parameter names that mean "which implementation": a variant of ours or a peer library.
 _VARIANT_PARAMS = ("variant", "peer")
 #: The parameters with columns of their own; any other (a training step's model, step kind, rule) goes in ``case``.
-_COLUMN_PARAMS = (*_VARIANT_PARAMS, "tree", "dtype")
+_COLUMN_PARAMS = (*_VARIANT_PARAMS, "tree", "dtype", "optimizer")
+#: The rule every step ran before the ``optimizer`` parameter, and the one the peer libraries run.
+_RULE_BEFORE_RULES = "rmsprop"
 _DEFAULT_PARAM_NAMES = ["variant", "tree", "dtype"]
-_SKIPPED = "skipped by asv: setup raised NotImplementedError (the variant cannot run there)"
+_SKIPPED = (
+    "skipped by asv: setup raised NotImplementedError (the variant cannot run there, or the default subset "
+    "leaves that optimizer and tree out)"
+)
 _FAILED = "failed: asv recorded no value (see the asv run log)"
 
 COLUMNS = [
@@ -64,6 +70,7 @@ COLUMNS = [
     "n_leaves",
     "n_params",
     "dtype",
+    "optimizer",
     "case",
     "median",
     "ci_low",
@@ -91,12 +98,15 @@ def load_asv_results(results_dir: str | Path | Sequence[str | Path]) -> pd.DataF
     holding several results directories: see :func:`results_dirs`. Each run's ``machine`` and ``mlx``
     (the MLX release of its asv environment, from asv.conf.json's matrix) are columns.
 
-    A benchmark's parameters other than variant (or peer), tree and dtype are in ``case``
+    ``optimizer`` is the rule a step ran (asv's ``optimizer`` parameter, the training suite's ``rule``); results from
+    before the rules, and the peer libraries' steps, ran RMSprop. A benchmark's parameters other than variant (or
+    peer), tree, dtype and optimizer are in ``case``
     (:func:`case_params` reads them back), so each of its series stays apart.
 
     Columns are ``COLUMNS`` plus ``limit_gbps``, the roof of the row's ``device`` measured in the same run at the
-    row's working set (w, g and v of its tree and dtype; beyond the caches for rows of no tree; NaN where the run
-    has none), and ``cache_resident``, whether that working set fits in the run's last-level cache.
+    row's working set (the arrays its rule touches: RMSprop's w, g and v of its tree and dtype; beyond the caches
+    for rows of no tree; NaN where the run has none), and ``cache_resident``, whether that working set fits in the
+    run's last-level cache.
 
     ``device`` is where the row ran, ``"cpu"`` or ``"gpu"``: a variant's
     declared device, with MLX's default device read as the GPU where the run measured a GPU limit (MLX picks the
@@ -203,6 +213,7 @@ def _describe_params(params: dict[str, str]) -> dict[str, Any]:
         "n_leaves": n_leaves,
         "n_params": n_params,
         "dtype": params.get("dtype"),
+        "optimizer": params.get("optimizer") or params.get("rule") or (_RULE_BEFORE_RULES if variant else None),
         "of_llc": params.get("of_llc"),  # a point of the roof's sweep
         "case": ";".join(f"{k}={v}" for k, v in params.items() if k not in _COLUMN_PARAMS) or None,
     }
@@ -250,13 +261,31 @@ def _statistics(value: float | None, stats: dict[str, float], samples: list[floa
     }
 
 
+@functools.cache
+def bytes_per_parameter_byte(optimizer: str) -> tuple[float, float]:
+    """Bytes a step of ``optimizer`` moves and touches per parameter byte (RMSprop 5 and 3); NaN for a rule this
+    package does not know."""
+    try:
+        the_rule = rule(optimizer)
+    except ValueError:  # a rule this package does not know, or none (a row of no step)
+        return math.nan, math.nan
+    moved = float(the_rule.bytes_per_element(the_rule.defaults, itemsize=1))
+    return moved, working_set(moved, the_rule)
+
+
+def step_bytes(df: pd.DataFrame, touched: bool = False) -> pd.Series:
+    """Each row's bytes moved per step (every read and write of its rule's arrays), or, ``touched``, its working
+    set (each array once); NaN for rows of no tree."""
+    per_byte = df["optimizer"].map(lambda o: bytes_per_parameter_byte(o)[touched]).astype(float)
+    return per_byte * df["dtype"].map(ITEMSIZE).astype(float) * df["n_params"]
+
+
 def _add_throughput(df: pd.DataFrame) -> pd.DataFrame:
-    """GB/s of time benchmarks (5 bytes moved per parameter byte) and the fraction of each run's limit."""
+    """GB/s of time benchmarks (the bytes each row's rule moves) and the fraction of each run's limit."""
     df["n_leaves"] = df["n_leaves"].astype(float)
     df["n_params"] = df["n_params"].astype(float)
     is_time = df["benchmark"].str.split(".").str[-1].str.startswith("time_")
-    step_bytes = 5 * df["dtype"].map(ITEMSIZE).astype(float) * df["n_params"]
-    df["gbps"] = (step_bytes / df["median"] / 1e9).where(is_time)
+    df["gbps"] = (step_bytes(df) / df["median"] / 1e9).where(is_time)
     tracked = df["benchmark"].str.endswith(".track_gbps")
     df.loc[tracked, "gbps"] = df.loc[tracked, "median"]
     df = _attribute_devices(df)
@@ -275,7 +304,7 @@ def _attribute_devices(df: pd.DataFrame) -> pd.DataFrame:
     df = df.join(has_gpu, on=run)
     default = df["device"] == "default"
     df.loc[default, "device"] = df.loc[default, "has_gpu"].notna().map({True: "gpu", False: "cpu"})
-    working_sets = working_set(5 * df["dtype"].map(ITEMSIZE).astype(float) * df["n_params"])
+    working_sets = step_bytes(df, touched=True)
     df["limit_gbps"], df["cache_resident"] = math.nan, False
     for _, rows in df.groupby(run, sort=False):
         roofs = run_roofs(rows)

@@ -119,6 +119,7 @@ class RunSettings:
     compile_dir: Path | None = None  # TMPDIR, where mx.compile caches its g++ kernels
     machine: str | None = None
     mlx: list[str] | None = None  # MLX releases, one virtualenv each; None: this Python (asv's existing environment)
+    optimizers: list[str] | None = None  # rules of both step suites; None: the grid's own (RMSprop, AdamW by default)
 
     def environment(self, base: dict[str, str]) -> dict[str, str]:
         env = dict(base)
@@ -126,6 +127,8 @@ class RunSettings:
             env["RMSPROP_BENCH_CACHE_LIMIT_MB"] = str(self.cache_limit_mb)
         if self.full:
             env["RMSPROP_BENCH_GRID"] = "full"
+        if self.optimizers:
+            env["RMSPROP_BENCH_OPTIMIZERS"] = env["RMSPROP_BENCH_TRAIN_RULES"] = ",".join(self.optimizers)
         if self.compile_dir:
             self.compile_dir.mkdir(parents=True, exist_ok=True)
             env["TMPDIR"] = str(self.compile_dir)
@@ -133,6 +136,8 @@ class RunSettings:
 
     def describe(self) -> str:
         grid = "full grid" if self.full else "default subset"
+        if self.optimizers:
+            grid += f" of {', '.join(self.optimizers)}"
         compile_dir = self.compile_dir or os.environ.get("TMPDIR", "/tmp")
         memory_mb = int(os.environ.get("RMSPROP_BENCH_MEMORY_LIMIT_MB", MEMORY_LIMIT_MB))
         where = (

@@ -19,7 +19,9 @@ from packaging.version import InvalidVersion, Version
 from .results import STEP_BENCHMARK, latest_by, results_dirs
 
 #: What one step-time row is known by, on every machine and release.
-STEP_KEY = ["tree", "dtype", "variant"]
+STEP_KEY = ["optimizer", "tree", "dtype", "variant"]
+#: The order of the tables' rows: by optimizer, then smallest tree first.
+SIZE_ORDER = ["optimizer", "n_params", "tree", "dtype", "variant"]
 
 
 def release_order(releases: pd.Series | list) -> list[str]:
@@ -42,7 +44,7 @@ def step_rows(df: pd.DataFrame) -> pd.DataFrame:
 def by_release(df: pd.DataFrame) -> pd.DataFrame:
     """Median step time per MLX release on each machine's newest commit measured with two releases or more.
 
-    One row per machine, tree, dtype and variant (with the tree's size); one
+    One row per machine, optimizer, tree, dtype and variant (with the tree's size); one
     column per release, oldest first, and ``ratio``: the newest release's median over the oldest's
     (above 1 is slower). Empty where no machine has two releases on one commit.
     """
@@ -64,13 +66,14 @@ def by_release(df: pd.DataFrame) -> pd.DataFrame:
         tables.append(table.reset_index())
     if not tables:
         return pd.DataFrame(columns=["machine", "commit", *STEP_KEY, "n_params", "n_leaves", "ratio"])
-    out = pd.concat(tables, ignore_index=True).sort_values(["machine", "n_params", "tree", "dtype", "variant"])
+    out = pd.concat(tables, ignore_index=True).sort_values(["machine", *SIZE_ORDER])
     out.columns.name = None
     return out.reset_index(drop=True)
 
 
 def by_machine(df: pd.DataFrame) -> pd.DataFrame:
-    """Each machine's newest run: per tree, dtype and variant, its median step time and fraction of its own limit.
+    """Each machine's newest run: per optimizer, tree, dtype and variant, its median step time and fraction of its
+    own limit.
 
     Machines differ in speed, so both figures are there: the absolute time, and
     the share of the bandwidth limit measured on that machine in that run.
@@ -78,7 +81,7 @@ def by_machine(df: pd.DataFrame) -> pd.DataFrame:
     rows = latest_by(step_rows(df), "machine")
     columns = ["machine", "mlx", *STEP_KEY, "n_params", "n_leaves", "median", "gbps", "limit_gbps", "fraction_of_limit"]
     columns += ["cache_resident"]
-    return rows[columns].sort_values(["n_params", "tree", "dtype", "variant", "machine"], ignore_index=True)
+    return rows[columns].sort_values([*SIZE_ORDER, "machine"], ignore_index=True)
 
 
 def machines(df: pd.DataFrame) -> list[str]:

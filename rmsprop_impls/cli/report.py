@@ -13,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "report",
         help="write the figures (PNG) and a one-page summary of the asv results",
         description="Read asv's results directory and write every figure as PNG plus summary.md: the fastest "
-        "variant per tree, the bandwidth limit and the regressions asv's step detection finds. No Jupyter needed.",
+        "variant per optimizer and tree, the optimizers compared, the bandwidth limit and the regressions asv's step "
+        "detection finds. No Jupyter needed.",
     )
     add_results_argument(p)
     p.add_argument("--out", default="report", help="directory to write into (default report/)")

@@ -14,6 +14,7 @@ from ..analysis.suite import KeptResults, RunSettings, find_project, git_head, r
 from ..analysis.tables import format_table
 from ..measure.bandwidth import describe_limits, percent_text
 from ..registry import unavailable_reason
+from ..rules import RULE_NAMES, UnknownRuleError, rule
 from .common import UserError, add_cache_limit_argument, load_results
 
 if TYPE_CHECKING:
@@ -25,10 +26,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "run",
         help="run the asv suite on this commit, publish the dashboard, print the fastest variant per tree",
         description="Run the asv benchmark suite for the current commit with this Python (asv's 'existing' "
-        "environment), publish the dashboard (asv publish) and print, per tree, the fastest variant with its median "
-        "step time, GB/s and fraction of the measured bandwidth limit. Ctrl-C keeps all earlier results.",
+        "environment), publish the dashboard (asv publish) and print, per optimizer and tree, the fastest variant "
+        "with its median step time, GB/s and fraction of the measured bandwidth limit. The default subset times "
+        "RMSprop and AdamW; --optimizer picks others, --full every rule. Ctrl-C keeps all earlier results.",
     )
-    p.add_argument("--full", action="store_true", help="the whole grid (every tree and dtype) instead of the subset")
+    p.add_argument(
+        "--full", action="store_true", help="the whole grid (every tree, dtype and optimizer) instead of the subset"
+    )
+    p.add_argument(
+        "--optimizer",
+        action="append",
+        metavar="NAME",
+        help="time these optimizer rules only (repeatable or a comma list, e.g. --optimizer adam,lion; one of "
+        f"{', '.join(RULE_NAMES)}); default: the subset's rmsprop and adamw, every rule with --full",
+    )
     p.add_argument("--quick", action="store_true", help="one sample per benchmark (asv run --quick)")
     p.add_argument("-b", "--bench", action="append", metavar="REGEX", help="only benchmarks matching REGEX (asv -b)")
     p.add_argument("--project", type=Path, help="the checkout to benchmark (default: the one this package runs from)")
@@ -54,7 +65,14 @@ def run(args: argparse.Namespace) -> int:
     project = find_project(args.project)
     compile_dir = args.compile_dir or project / ".asv" / "tmp"
     settings = RunSettings(
-        args.full, args.quick, args.bench, args.cache_limit_mb, compile_dir.resolve(), args.machine, args.mlx
+        args.full,
+        args.quick,
+        args.bench,
+        args.cache_limit_mb,
+        compile_dir.resolve(),
+        args.machine,
+        args.mlx,
+        optimizer_names(args.optimizer),
     )
     where = "in asv virtualenvs (uncommitted changes are not measured)" if args.mlx else f"with {sys.executable}"
     print(f"benchmarking {project} at {git_head(project)[:8]} {where}")
@@ -100,6 +118,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def optimizer_names(given: list[str] | None) -> list[str] | None:
+    """The rules ``--optimizer`` names (each a name or a comma list), as the suites spell them; ``None``: none given."""
+    if not given:
+        return None
+    try:
+        return list(dict.fromkeys(rule(name.strip()).name for names in given for name in names.split(",") if name))
+    except UnknownRuleError as e:
+        raise UserError(f"--optimizer: {e}") from None
+
+
 def publish_dashboard(project: Path) -> str:
     """Publish the self-contained dashboard; where its JavaScript cannot be fetched, say so and keep asv's page."""
     try:
@@ -110,13 +138,15 @@ def publish_dashboard(project: Path) -> str:
 
 
 def summary(results: pd.DataFrame) -> str:
-    """Each device's bandwidth limit and, per tree and dtype, the fastest variant of the newest run in ``results``."""
+    """Each device's bandwidth limit and, per optimizer, tree and dtype, the fastest variant of the newest run in
+    ``results``."""
     from ..analysis.report import winners
     from ..analysis.results import device_limits, latest
 
     limits = device_limits(latest(results))
     rows = [
         [
+            r.optimizer,
             r.tree,
             r.dtype,
             r.variant,
@@ -128,11 +158,12 @@ def summary(results: pd.DataFrame) -> str:
         for r in winners(results).itertuples()
     ]
     head = f"\n{describe_limits(limits)}\n" if limits["cpu"] else "\n"
-    return head + format_table(["tree", "dtype", "fastest", "device", "median ms", "GB/s", "of limit"], rows)
+    headers = ["optimizer", "tree", "dtype", "fastest", "device", "median ms", "GB/s", "of limit"]
+    return head + format_table(headers, rows)
 
 
 def release_summary(results: pd.DataFrame) -> str:
-    """Per tree and variant, the median step time under each MLX release and the newest over the oldest."""
+    """Per optimizer, tree and variant, the median step time under each MLX release and the newest over the oldest."""
     from ..analysis.tracking import by_release, releases_in
 
     table = by_release(results)
@@ -140,9 +171,9 @@ def release_summary(results: pd.DataFrame) -> str:
         return "\nno two MLX releases have results for this commit (see the failures above)"
     releases = releases_in(table)
     rows = [
-        [r["machine"], r["tree"], r["dtype"], r["variant"], *(f"{r[m] * 1e3:.3f}" for m in releases),
+        [r["machine"], r["optimizer"], r["tree"], r["dtype"], r["variant"], *(f"{r[m] * 1e3:.3f}" for m in releases),
          f"{r['ratio']:.2f}x"]
         for _, r in table.iterrows()
     ]  # fmt: skip
-    headers = ["machine", "tree", "dtype", "variant", *(f"MLX {m} ms" for m in releases), "newest/oldest"]
+    headers = ["machine", "optimizer", "tree", "dtype", "variant", *(f"MLX {m} ms" for m in releases), "newest/oldest"]
     return "\nstep time per MLX release:\n" + format_table(headers, rows)

@@ -36,6 +36,7 @@ loaded machine only ever makes a kernel slower.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import math
@@ -50,6 +51,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..cpu_threads import default_threads
+from ..rules import Rule, rule
 from . import stream_kernels
 from .caches import FALLBACK_LAST_LEVEL, MIB, CacheSizes, cache_sizes
 
@@ -71,9 +73,20 @@ MLX_PASSES_PER_EVAL = 32
 ITEMSIZE = 4
 
 
-def working_set(step_bytes: float) -> float:
-    """The bytes a step touches (w, g and v: 3 per parameter byte) from the bytes it moves (5 per parameter byte)."""
-    return step_bytes * 3 / 5
+def working_set(step_bytes: float, optimizer: str | Rule = "rmsprop") -> float:
+    """The bytes a step of ``optimizer`` (its default hyper-parameters) touches, each array it reads or writes once,
+    from the bytes it moves, each read and each write: RMSprop's w, g and v of 5 streams, Adam's w, g, m and v of 7.
+    """
+    return step_bytes * _touched_fraction(rule(optimizer))
+
+
+@functools.cache
+def _touched_fraction(r: Rule) -> float:
+    """The arrays a step touches over the streams it moves (RMSprop 3/5), from the rule's trace."""
+    hyper = r.defaults
+    t = r.trace(hyper)
+    touched = (t.used_inputs() & {"w", "g", *r.states}) | {"w"} | set(t.state_out)
+    return len(touched) / r.bytes_per_element(hyper, itemsize=1)
 
 
 @dataclass(frozen=True)
