@@ -35,7 +35,6 @@ from ..cpu_threads import default_threads
 from ..optimizer import OptimizerBase
 from ..registry import VariantUnavailableError
 
-
 _UNREAD = mx.array(0.0)
 
 

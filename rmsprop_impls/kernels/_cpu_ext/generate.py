@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ...rules import Rule, all_rules
 from ...rules.codegen import emit
-from ...rules.element import F32, T, Node, Trace
+from ...rules.element import Node, T, Trace
 
 OUT_DIR = Path(__file__).resolve().parent / "generated"
 #: State arrays a kernel may have (Adam's m and v): the loop's streams are sized for this many.
@@ -264,12 +264,20 @@ def formula_header(ks: list[Kernel]) -> str:
 def headers() -> dict[str, str]:
     """The generated headers' file names and their text."""
     ks = kernels()
-    return {"rules_table.h": table_header(ks), "rules_kernels.h": kernels_header(ks), "rules_formula.h": formula_header(ks)}
+    return {
+        "rules_table.h": table_header(ks),
+        "rules_kernels.h": kernels_header(ks),
+        "rules_formula.h": formula_header(ks),
+    }
 
 
 def stale(out_dir: Path = OUT_DIR) -> list[str]:
     """The generated headers that differ from what this module writes now."""
-    return [name for name, text in headers().items() if not (out_dir / name).is_file() or (out_dir / name).read_text() != text]
+    return [
+        name
+        for name, text in headers().items()
+        if not (out_dir / name).is_file() or (out_dir / name).read_text() != text
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
