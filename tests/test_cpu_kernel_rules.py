@@ -46,7 +46,7 @@ def test_every_setting_of_every_rule_has_a_kernel_and_the_kernels_differ():
 
 @needs_extension
 def test_the_extension_runs_the_generated_kernels():
-    assert _cpu_ext._ext.kernels_table() == [(generate._title(k), k.digest) for k in KERNELS]
+    assert _cpu_ext._ext.kernels_table() == [(k.title, k.digest) for k in KERNELS]
 
 
 def far_from_defaults(hyper: dict) -> dict:
@@ -350,3 +350,25 @@ def test_every_instruction_set_gives_stocks_bits(kernel):
                 assert np.array_equal(nan_bits(got_s[name]), nan_bits(want_s[name])), (isa, name)
     finally:
         _cpu_ext._ext.set_kernel(default)
+
+
+@needs_extension
+def test_hyper_parameters_changed_between_steps_take_effect():
+    """A program may set ``opt.betas`` or ``opt.momentum`` between steps, as on the stock class: the next step
+    runs with the new values, and with another kernel where a branch changes."""
+    params = small_params(3)
+    for name, changes in (("adamw", {"betas": [0.5, 0.6], "eps": 1e-3}), ("sgd", {"momentum": 0.0})):
+        opt = create("cpu_kernel", 1e-2, optimizer=name, **({"momentum": 0.9} if name == "sgd" else {}))
+        stock = opt.rule.stock(1e-2, **({"momentum": 0.9} if name == "sgd" else {}))
+        got, want = training(opt, params, 2), training(stock, params, 2)
+        for o in (opt, stock):
+            for key, value in changes.items():
+                setattr(o, key, value)
+        got, want = training(opt, got, 2, seed=4), training(stock, want, 2, seed=4)
+        assert all(np.array_equal(np.array(got[k]), np.array(want[k])) for k in got), name
+    adamw = create("cpu_kernel", 1e-2, optimizer="adamw", betas=[0.9, 0.999])  # lists of their own
+    stock = ADAMW.rule.stock(1e-2, betas=[0.9, 0.999])
+    got, want = training(adamw, params, 2), training(stock, params, 2)
+    adamw.betas[0] = stock.betas[0] = 0.3  # a list changed in place is seen too
+    got, want = training(adamw, got, 2, seed=5), training(stock, want, 2, seed=5)
+    assert all(np.array_equal(np.array(got[k]), np.array(want[k])) for k in got)

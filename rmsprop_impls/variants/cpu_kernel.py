@@ -66,6 +66,7 @@ class CpuKernelOptimizer(OptimizerBase):
         from ..kernels import _cpu_ext
 
         self._ext = _cpu_ext
+        self._kernel_at: tuple[list | None, object] = (None, None)  # (the hyper-parameters, their kernel)
         # The small leaves' new w of the last two steps: a step writes into those of the step before
         # last, once the caller has dropped them, instead of making new arrays (step_tree).
         self._spare_w: tuple[list, list] = ([], [])
@@ -73,7 +74,7 @@ class CpuKernelOptimizer(OptimizerBase):
     def __getstate__(self) -> dict:
         """What a copy (``copy.deepcopy``) takes: all but the extension, which does not copy, and the
         spares, which only save allocations."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("_ext", "_spare_w")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_ext", "_spare_w", "_kernel_at")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -95,8 +96,13 @@ class CpuKernelOptimizer(OptimizerBase):
         return None
 
     def _kernel(self):
-        """The generated kernel for the rule at its hyper-parameters now (a program may change them), or None."""
-        return self._ext.kernel_for(self.rule, self.hyper)
+        """The generated kernel for the rule at its hyper-parameters now (a program may change them), or None;
+        looked up again only when one changed (a list, such as ``betas``, compares by value)."""
+        now = [getattr(self, key) for key in self.rule.defaults]
+        if now != self._kernel_at[0]:
+            kernel = self._ext.kernel_for(self.rule, self.hyper)
+            self._kernel_at = ([list(x) if isinstance(x, list) else x for x in now], kernel)
+        return self._kernel_at[1]
 
     def apply_gradients(self, gradients, parameters):
         """The whole step in one call into C++, the tree walk included, once the state exists: on

@@ -47,6 +47,12 @@ class Kernel:
     def digest(self) -> str:
         return digest(self.trace)
 
+    @property
+    def title(self) -> str:
+        """``"13: AdamW(betas=[0.9, 0.999], ...)"``: the kernel's name in the extension."""
+        settings = ", ".join(f"{k}={v}" for k, v in self.hyper.items())
+        return f"{self.index}: {self.rule.title}({settings})"
+
     def reads(self, state: str) -> bool:
         return state in self.trace.used_inputs()
 
@@ -94,11 +100,6 @@ def _mask(kernel: Kernel, test) -> str:
     return f"0b{bits:0{MAX_STATES}b}"
 
 
-def _title(kernel: Kernel) -> str:
-    settings = ", ".join(f"{k}={v}" for k, v in kernel.hyper.items())
-    return f"{kernel.index}: {kernel.rule.title}({settings})"
-
-
 # ------------------------------------------------------------------ the table ---
 
 
@@ -127,7 +128,7 @@ def table_header(ks: list[Kernel]) -> str:
     for k in ks:
         values = ", ".join(repr(float(x)) for x in k.trace.slots) or "0.0"
         lines.append(
-            f'    {{"{_title(k)}", "{k.digest}", {_mask(k, k.reads)}, {_mask(k, k.writes)}, {len(k.rule.states)}, '
+            f'    {{"{k.title}", "{k.digest}", {_mask(k, k.reads)}, {_mask(k, k.writes)}, {len(k.rule.states)}, '
             f"{len(k.trace.slots)}, {len(k.rule.step_inputs)}, {{{values}}}}},"
         )
     lines += ["};\n", "}  // namespace rmsprop::rules", ""]
@@ -159,7 +160,7 @@ def simd_kernel(kernel: Kernel) -> str:
     e = emit(kernel.trace, _simd_spell, declare="{name} = {expr};", input_name=_simd_input(kernel))
     members = [line.split(" = ")[0] for line in e.uniform]
     members += ["lr_"] + [f"step_{j}" for j in range(len(kernel.rule.step_inputs))]
-    out = [f"// {_title(kernel)}", "template <>", f"struct Rule<{kernel.index}> {{"]
+    out = [f"// {kernel.title}", "template <>", f"struct Rule<{kernel.index}> {{"]
     out += ["  template <typename T, bool kExact>", "  struct Step {", f"    V {', '.join(members)};", ""]
     out += ["    explicit Step(const Scalars& x) {", "      lr_ = broadcast(x.lr);"]
     out += [f"      step_{j} = broadcast(x.step[{j}]);" for j in range(len(kernel.rule.step_inputs))]
@@ -212,7 +213,7 @@ def mlx_formula(kernel: Kernel) -> str:
         return states.get(node.name) or steps.get(node.name) or node.name
 
     e = emit(kernel.trace, _mlx_spell, declare="array {name} = {expr};", input_name=name)
-    out = [f"// {_title(kernel)}", "inline Stepped formula_" + str(kernel.index) + "(const Inputs& in) {"]
+    out = [f"// {kernel.title}", "inline Stepped formula_" + str(kernel.index) + "(const Inputs& in) {"]
     out += ["  const auto& [w, g, s, lr, step, slots, st] = in;", "  const Dtype t = g.dtype();"]
     out += ["  (void)w, (void)s, (void)lr, (void)step, (void)slots;"]
     out += [f"  {line}" for line in e.uniform + e.per_element]

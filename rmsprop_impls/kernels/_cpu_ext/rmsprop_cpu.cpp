@@ -1,15 +1,20 @@
-// One fused, multi-tensor, threaded RMSprop step for MLX's CPU back-end.
+// One fused, multi-tensor, threaded optimizer step for MLX's CPU back-end, for every rule.
 //
-// Leaves of kEagerMaxElements or more: an RMSpropStep node takes the w, g and v of up to
-// kLeavesPerNode leaves plus the learning rate and yields their new w and v, reusing input
-// buffers nobody else holds (donation). Smaller leaves are updated at once, outside the graph (as
-// graph nodes they would cost MLX more than their work), each new w and v in memory of its own,
-// except where in_place.h allows v to be overwritten and the new w to go into the w of the step
-// before last. After the first step, step_tree()
-// walks the trees here too. Either way the elements are split evenly over a persistent thread pool
-// (MLX's CPU back-end runs each task on one thread) and each thread streams its share once, with
-// the vector kernel simd/simd.h picks for this CPU (AVX2, NEON, or the scalar loop) and software
-// prefetch, rounding as stock does (precision "stock") or once from float32 (precision "float32").
+// Nothing here names a rule: a step runs one of the kernels generated from the rules' traces
+// (generated/, written by generate.py), by its index, with its slot values, the learning rate and
+// the rule's per-step inputs. A kernel reads 0 to 2 state arrays and writes some of them
+// (rules::kInfo); every path below carries the states it uses and no others.
+//
+// Leaves of kEagerMaxElements or more: an OptimizerStep node takes the w, g and read states of up
+// to kLeavesPerNode leaves plus the step's scalars and yields their new w and written states,
+// reusing input buffers nobody else holds (donation). Smaller leaves are updated at once, outside
+// the graph (as graph nodes they would cost MLX more than their work), each new w and state in
+// memory of its own, except where in_place.h allows a state to be overwritten and the new w to go
+// into the w of the step before last. After the first step, step_tree() walks the trees here too.
+// Either way the elements are split evenly over a persistent thread pool (MLX's CPU back-end runs
+// each task on one thread) and each thread streams its share once, with the vector kernel
+// simd/simd.h picks for this CPU (AVX2, NEON, or the scalar loop) and software prefetch, rounding
+// as stock does (precision "stock") or once from float32 (precision "float32").
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
