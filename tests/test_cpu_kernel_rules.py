@@ -372,3 +372,29 @@ def test_hyper_parameters_changed_between_steps_take_effect():
     adamw.betas[0] = stock.betas[0] = 0.3  # a list changed in place is seen too
     got, want = training(adamw, got, 2, seed=5), training(stock, want, 2, seed=5)
     assert all(np.array_equal(np.array(got[k]), np.array(want[k])) for k in got)
+
+
+@needs_extension
+def test_a_rule_with_no_generated_kernel_runs_its_own_mlx_ops():
+    from rmsprop_impls.rules import rule
+
+    class Halved(type(rule("rmsprop"))):
+        """RMSprop with half the step: a trace no kernel was generated for."""
+
+        def element(self, e, h, x):
+            w, states = super().element(e, h, x)
+            return (w + x.w) * 0.5, states
+
+    halved = Halved()
+    assert _cpu_ext.kernel_for(halved, halved.defaults) is None
+    params = small_params(2)
+    opt = create("cpu_kernel", 1e-2, optimizer=halved)
+    got = training(opt, params, 2)
+    want, v = dict(params), {k: mx.zeros_like(x) for k, x in params.items()}
+    mx.random.seed(0)
+    for _ in range(2):
+        g = {k: mx.random.normal(x.shape) for k, x in params.items()}
+        for k in want:
+            want[k], new = halved.update(halved.defaults, want[k], g[k], {"v": v[k]}, mx.array(1e-2), {})
+            v[k] = new["v"]
+    assert all(np.array_equal(np.array(got[k]), np.array(want[k])) for k in got)
