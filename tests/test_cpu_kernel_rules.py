@@ -1,9 +1,10 @@
-"""``cpu_kernel`` for every rule: the generated kernels are current, bit-identical with the stock class in
-float32, float16 and bfloat16 (zeros, -0, subnormals, inf and NaN included, hyper-parameters far from the
-defaults), sound in place for a two-state rule (AdamW), and right under grad, jvp and vmap.
+"""``cpu_kernel`` for every rule: the generated kernels are current and bit-identical with the stock class in
+float32, float16 and bfloat16 (zeros, -0, subnormals, inf and NaN included, every NaN counted as one value;
+hyper-parameters far from the defaults), sound in place for a two-state rule (AdamW), and right under grad,
+jvp and vmap.
 
-By default each kernel runs in one dtype (they take turns) and one precision; ``RMSPROP_FULL_GRID=1``
-runs every kernel in every dtype and both precisions.
+By default each kernel runs in one dtype (they take turns) and, in float32, one precision (about 25 s
+here); ``RMSPROP_FULL_GRID=1`` runs every kernel in every dtype and both precisions (about 40 s).
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def bits(x: mx.array) -> np.ndarray:
 
 
 def nan_bits(x: mx.array) -> np.ndarray:
-    """:func:`bits`, with every NaN as one value."""
+    """:func:`bits`, with every NaN as one value: the contract (docs/kernels/cpu.md) leaves a NaN's sign and
+    payload open, since where two NaNs meet in one operation IEEE 754 lets either through, and the compilers
+    (of stock's MLX too) pick either operand."""
     out = bits(x).astype(np.int64)
     out[np.isnan(np.array(x.astype(mx.float32)))] = -1
     return out
@@ -127,10 +130,10 @@ def test_every_kernel_is_bit_identical_with_stock_over_many_steps(kernel, dtype,
         mine, theirs = opt.apply_gradients(g, mine), stock.apply_gradients(g, theirs)
         mx.eval(mine, theirs, opt.state, stock.state)
         for a, b in zip(leaves(mine), leaves(theirs)):
-            assert np.array_equal(bits(a), bits(b)), f"w after step {step + 1}"
+            assert np.array_equal(nan_bits(a), nan_bits(b)), f"w after step {step + 1}"
         for name in kernel.rule.states:
             for a, b in zip(leaves(_states(opt.state, name)), leaves(_states(stock.state, name))):
-                assert np.array_equal(bits(a), bits(b)), f"{name} after step {step + 1}"
+                assert np.array_equal(nan_bits(a), nan_bits(b)), f"{name} after step {step + 1}"
 
 
 def _states(state, name):
@@ -159,10 +162,10 @@ def test_precision_float32_is_stock_in_float32_rounded_once(kernel, dtype, n):
     got_w, got_s = kernel_step(kernel, hyper, w, g, states, lr, values, precision="float32")
     f32 = {name: x.astype(mx.float32) for name, x in states.items()}
     want_w, want_s = kernel.rule.update(hyper, w.astype(mx.float32), g.astype(mx.float32), f32, lr, values)
-    assert np.array_equal(bits(got_w), bits(want_w.astype(dtype)))
+    assert np.array_equal(nan_bits(got_w), nan_bits(want_w.astype(dtype)))
     assert set(got_s) == set(want_s)
     for name in want_s:
-        assert np.array_equal(bits(got_s[name]), bits(want_s[name].astype(dtype))), name
+        assert np.array_equal(nan_bits(got_s[name]), nan_bits(want_s[name].astype(dtype))), name
 
 
 def kernel_step(kernel, hyper, w, g, states, lr, values, precision="stock"):
@@ -331,8 +334,7 @@ def test_adamw_vmap_over_a_step_matches_stock(axes):
 def test_every_instruction_set_gives_stocks_bits(kernel):
     """Each kernel on each instruction set this CPU runs (AVX2 or NEON, and the scalar loop), one step with
     special values in w, g and every state (negative ones too) on a leaf with a vector tail, in the dtype it
-    takes its turn in. Bit for bit but for the sign of a NaN where two NaNs of different signs meet in one
-    operation: IEEE 754 leaves that open, and the compilers (of stock's MLX too) take either operand's."""
+    takes its turn in."""
     dtype = DTYPES[kernel.index % len(DTYPES)]
     hyper = far_from_defaults(kernel.hyper)
     mx.random.seed(kernel.index)
