@@ -9,11 +9,11 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from stock_update import rmsprop_update
 from trajectory import check_against_reference_and_stock, gradient_sequence
 
 import rmsprop_impls
 from rmsprop_impls import VariantUnavailableError, create, reference_step
-from stock_update import rmsprop_update
 from rmsprop_impls.registry import unavailable_reason
 
 REASON = unavailable_reason("cpu_kernel")

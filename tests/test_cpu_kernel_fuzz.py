@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
 from stock_update import rmsprop_update
+
 from rmsprop_impls.registry import unavailable_reason
 
 REASON = unavailable_reason("cpu_kernel")

@@ -13,9 +13,9 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from stock_update import rmsprop_update
 
 from rmsprop_impls import create
-from stock_update import rmsprop_update
 from rmsprop_impls.registry import unavailable_reason
 
 REASON = unavailable_reason("cpu_kernel")

@@ -8,8 +8,8 @@ import time
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from stock_update import rmsprop_update
+
 from rmsprop_impls.registry import unavailable_reason
 
 REASON = unavailable_reason("cpu_kernel")

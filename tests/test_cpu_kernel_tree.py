@@ -95,7 +95,8 @@ def test_step_tree_refuses_trees_that_are_not_plain_and_changes_nothing():
     params = opt.apply_gradients(grads, params)  # the first step makes the state
     mx.eval(params, opt.state)
     step, v = opt.state["step"], opt.state["w"]["v"]
-    args = (opt.learning_rate, opt.alpha, opt.eps, 1, "stock", [])
+    kernel = _cpu_ext.kernel_for(opt.rule, opt.hyper)
+    args = (kernel.index, kernel.slots, ["v"], opt.learning_rate, [], 1, "stock", [])
     refused = {
         "a leaf that is not an array": ({"w": 1.0, "l": [mx.ones((2,))]}, params),
         "a missing parameter": (grads, {"l": params["l"]}),
@@ -205,11 +206,11 @@ def test_v_is_updated_in_place_when_only_the_state_holds_it():
     opt, stock = create("cpu_kernel", 1e-2), optim.RMSprop(1e-2)
     p = pk = small_tree()
     grads = small_tree(seed=1)
-    before = _cpu_ext.v_updated_in_place()
+    before = _cpu_ext.states_updated_in_place()
     for _ in range(5):
         p, pk = opt.apply_gradients(grads, p), stock.apply_gradients(grads, pk)
         mx.eval(p, pk, opt.state, stock.state)
-    assert _cpu_ext.v_updated_in_place() - before >= 3 * 3  # every leaf from the third step on
+    assert _cpu_ext.states_updated_in_place() - before >= 3 * 3  # every leaf from the third step on
     assert_same_trees(p, pk)
     assert_same_trees(opt.state, stock.state)
 
@@ -227,13 +228,13 @@ def test_a_v_that_anything_else_holds_is_never_overwritten():
     doubled = opt.state["b"][1]["v"] * 2
     mx.async_eval(doubled)
     snapshots = [np.array(held), np.array(view), 2 * np.array(opt.state["b"][1]["v"])]
-    before = _cpu_ext.v_updated_in_place()
+    before = _cpu_ext.states_updated_in_place()
     p = rebinding_steps(opt, p, grads, 3)
     np.testing.assert_array_equal(np.array(held), snapshots[0])
     np.testing.assert_array_equal(np.array(view), snapshots[1])
     np.testing.assert_array_equal(np.array(doubled), snapshots[2])
     assert opt.state["a"]["v"] is not held
-    assert _cpu_ext.v_updated_in_place() - before < 3 * 3
+    assert _cpu_ext.states_updated_in_place() - before < 3 * 3
 
 
 def test_new_w_goes_into_the_w_of_the_step_before_last_once_the_caller_dropped_it():

@@ -30,7 +30,7 @@ grep -q "CXX compiler identification is Clang" "$W/ext/build.log"
 say "cpu_kernel's tests and agreement on clang's build"
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts= -rs)
 RMSPROP_BENCH_CPU_EXT_DIR="$W/ext" "${PYTEST[@]}" tests/test_cpu_kernel.py tests/test_cpu_kernel_paths.py \
-  tests/test_cpu_kernel_tree.py tests/test_cpu_kernel_hardening.py
+  tests/test_cpu_kernel_tree.py tests/test_cpu_kernel_hardening.py tests/test_cpu_kernel_rules.py
 RMSPROP_BENCH_CPU_EXT_DIR="$W/ext" "${PYTEST[@]}" tests/test_agreement.py -k cpu_kernel
 say "both GPU kernels' host simulations and the build's error line, compiled by clang++"
 "${PYTEST[@]}" tests/test_gpu_host.py tests/test_extension_build.py::test_a_compile_error_is_the_compilers_first_error_line

@@ -83,9 +83,13 @@ say "tests under qemu"
 # tests that start a child Python are left out: without binfmt registration the child, an aarch64
 # executable, cannot be exec'd from inside qemu.
 run -m pytest -q -p no:cacheprovider --noconftest -o addopts= --durations=12 \
-  tests/test_cpu_kernel.py tests/test_cpu_kernel_*.py \
+  tests/test_cpu_kernel.py tests/test_cpu_kernel_*.py --ignore tests/test_cpu_kernel_rules.py \
   tests/test_agreement.py -k "cpu_kernel or properties" \
   --deselect "tests/test_cpu_kernel_hardening.py::test_a_forked_child_runs_steps_on_a_fresh_pool" \
   --deselect "tests/test_cpu_kernel_hardening.py::test_shapeless_compile_replayed_on_mismatched_sizes_raises_instead_of_corrupting_memory" \
   tests/test_properties.py
+# Every rule's kernels on NEON and the scalar loop (one step each, special values included), AdamW's
+# in-place and transform tests, and the generated headers: the grid of many steps adds nothing here.
+run -m pytest -q -p no:cacheprovider --noconftest -o addopts= tests/test_cpu_kernel_rules.py \
+  -k "instruction or adamw or headers or generated_kernel or runs_the_generated"
 say "done"

@@ -28,7 +28,7 @@ say() { echo "[sanitizers $(($(date +%s) - start))s] $*"; }
 [ -x "$PY" ] || { python3 -m venv .venv && .venv/bin/pip install -q -e '.[cpu,test]'; }
 
 TESTS=(tests/test_cpu_kernel.py tests/test_cpu_kernel_paths.py tests/test_cpu_kernel_hardening.py tests/test_cpu_kernel_tree.py
-  tests/test_cpu_kernel_fuzz.py tests/test_programs.py)
+  tests/test_cpu_kernel_rules.py tests/test_cpu_kernel_fuzz.py tests/test_programs.py)
 
 lane() {  # name, -fsanitize= list, runtime library, fuzz examples, programs, extra pytest arguments...
   local name=$1 sanitize=$2 runtime=$3 examples=$4 programs=$5
@@ -61,7 +61,8 @@ if [[ " $LANES " == *" tsan "* ]]; then
   # die_after_fork=0: the fork test starts the child's pool threads, which TSan otherwise refuses.
   export TSAN_OPTIONS="halt_on_error=1:report_signal_unsafe=0:die_after_fork=0:suppressions=$PWD/ci/sanitizers/tsan.supp"
   # Under TSan the big-tree tests of test_cpu_kernel.py take minutes; the pool is exercised by the
-  # two-thread tests, the fuzz and the programs (45: about 2 minutes, TSan being about 4x slower here).
-  lane tsan thread libtsan.so 60 45 -k "thread or fuzz or fork or paths or hardening or programs"
+  # two-thread tests, the fuzz and the programs (45: about 2 minutes, TSan being about 4x slower here);
+  # of the rules' tests, the instruction sets' and AdamW's (in place, transforms).
+  lane tsan thread libtsan.so 60 45 -k "thread or fuzz or fork or paths or hardening or programs or instruction or adamw"
 fi
 say "done"

@@ -1,11 +1,16 @@
-"""A C++ MLX extension: one fused, multi-tensor, threaded step over many leaves.
+"""A C++ MLX extension: one fused, multi-tensor, threaded step over many leaves, for every rule.
+
+The per-element update is generated from the rule's trace (``_cpu_ext/generate.py``: one kernel per
+distinct trace of every rule); this module only finds the kernel for the rule at its hyper-parameters
+now, and passes it the slot values, the learning rate and the rule's per-step inputs (Adam's bias
+corrections, computed by stock's MLX ops). A rule setting with no generated kernel gets stock's ops.
 
 After the first step, a step is one call into C++: it walks the gradient,
-parameter and state trees there, updates every leaf, stores the new ``v`` and
+parameter and state trees there, updates every leaf, stores the new states and
 advances the step counter (computed at once, so ``mx.eval`` of the new state
 has nothing left to run), and returns the new parameter tree.
 
-Leaves of 256K elements or more go through ``RMSpropStep`` graph nodes, up to
+Leaves of 256K elements or more go through ``OptimizerStep`` graph nodes, up to
 eight leaves per node (MLX's multi-output nodes cost the square of their output
 count in references). Their outputs reuse the buffers of inputs nobody else
 holds (MLX's donation), so a training loop that drops its old parameters
@@ -15,27 +20,31 @@ Smaller leaves cost MLX more as graph nodes than as work, so they are updated
 at once, outside the graph: the new w into that leaf's w of the step before last
 where the caller has dropped it, else into packed allocations of at most 4 MiB
 (from 2 MiB on huge pages), written with streaming stores on steps of 8 MiB or
-more either way, and the new v over the old one where nothing but the optimizer state can see it (under
-``mx.compile`` they stay in the graph). Either way the work is split over a
-persistent thread pool (MLX's CPU back-end has none of its own) and w, g and v
-are streamed once, with AVX2 or NEON and software prefetch where the CPU has
-them, rounding exactly as stock does (``precision="stock"``) or once from
+more either way, and each new state over the old one where nothing but the optimizer state can see it
+(under ``mx.compile`` they stay in the graph). Either way the work is split over a
+persistent thread pool (MLX's CPU back-end has none of its own) and w, g and the states
+are streamed once (only the states the rule reads and writes), with AVX2 or NEON and software
+prefetch where the CPU has them, rounding exactly as stock does (``precision="stock"``) or once from
 float32 (``precision="float32"``); docs/kernels/cpu.md has the contract."""
 
 from __future__ import annotations
+
+import mlx.core as mx
 
 from ..cpu_threads import default_threads
 from ..optimizer import OptimizerBase
 from ..registry import VariantUnavailableError
 
+_UNREAD = mx.array(0.0)
+
 
 class CpuKernelOptimizer(OptimizerBase):
-    """Args (beyond RMSprop's): ``threads``, how many threads share a step (default: ``default_threads()``);
-    ``precision``, ``"stock"`` (default: bit-identical to ``mlx.optimizers.RMSprop`` in every dtype)
+    """Args (beyond the rule's): ``threads``, how many threads share a step (default: ``default_threads()``);
+    ``precision``, ``"stock"`` (default: bit-identical to the rule's stock class in every dtype)
     or ``"float32"`` (float16 and bfloat16 computed in float32 and rounded once)."""
 
     name = "cpu_kernel"
-    summary = "C++ extension: fused, threaded; 8 big leaves per node, small leaves packed"
+    summary = "C++ extension: generated per rule, fused, threaded; 8 big leaves per node, small leaves packed"
     device = "cpu"
 
     def __init__(self, learning_rate, *hyper, threads: int | None = None, precision: str = "stock", **named):
@@ -56,16 +65,16 @@ class CpuKernelOptimizer(OptimizerBase):
     def _bind(self) -> None:
         from ..kernels import _cpu_ext
 
-        self._update = _cpu_ext.rmsprop_update
-        self._step_tree = _cpu_ext.step_tree
+        self._ext = _cpu_ext
+        self._kernel_at: tuple[list | None, object] = (None, None)  # (the hyper-parameters, their kernel)
         # The small leaves' new w of the last two steps: a step writes into those of the step before
         # last, once the caller has dropped them, instead of making new arrays (step_tree).
         self._spare_w: tuple[list, list] = ([], [])
 
     def __getstate__(self) -> dict:
-        """What a copy (``copy.deepcopy``) takes: all but the extension's functions, which do not copy,
-        and the spares, which only save allocations."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("_update", "_step_tree", "_spare_w")}
+        """What a copy (``copy.deepcopy``) takes: all but the extension, which does not copy, and the
+        spares, which only save allocations."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_ext", "_spare_w", "_kernel_at")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -86,16 +95,29 @@ class CpuKernelOptimizer(OptimizerBase):
             return f"{where} ({e})"
         return None
 
+    def _kernel(self):
+        """The generated kernel for the rule at its hyper-parameters now (a program may change them), or None;
+        looked up again only when one changed (a list, such as ``betas``, compares by value)."""
+        now = [getattr(self, key) for key in self.rule.defaults]
+        if now != self._kernel_at[0]:
+            kernel = self._ext.kernel_for(self.rule, self.hyper)
+            self._kernel_at = ([list(x) if isinstance(x, list) else x for x in now], kernel)
+        return self._kernel_at[1]
+
     def apply_gradients(self, gradients, parameters):
         """The whole step in one call into C++, the tree walk included, once the state exists: on
         16384 small leaves the Python walk and the lists cost more than the update. Trees the C++
         walk does not take (and the first step) go through the Python walk, which names any error.
         Either way the state changes only once the whole step has been computed."""
-        if self._initialized and self.rule.name == "rmsprop":
+        kernel = self._kernel() if self._initialized else None
+        if kernel is not None:
             scheduled, scalars = self._scheduled()
             older, newer = self._spare_w
-            args = (scalars.lr, self.alpha, self.eps, self.threads, self.precision)
-            stepped = self._step_tree(gradients, parameters, self.state, *args, older)
+            values = self._step_values(scalars)
+            stepped = self._ext.step_tree(
+                gradients, parameters, self.state, kernel.index, kernel.slots, list(self.rule.states),
+                scalars.lr, values, self.threads, self.precision, older,
+            )  # fmt: skip
             if stepped is not None:
                 new_parameters, spares = stepped
                 self.state.update(scheduled)
@@ -103,12 +125,23 @@ class CpuKernelOptimizer(OptimizerBase):
                 return new_parameters
         return super().apply_gradients(gradients, parameters)
 
+    def _step_values(self, scalars) -> list:
+        """The rule's per-step inputs in its order; one this setting does not compute (Adam without bias
+        correction) is a zero the kernel never reads."""
+        return [scalars.values.get(name, _UNREAD) for name in self.rule.step_inputs]
+
     def takes_leaf(self, w, g, states):
-        return self.rule.name == "rmsprop" and super().takes_leaf(w, g, states)
+        return self._kernel() is not None and super().takes_leaf(w, g, states)
 
     def update_leaves(self, w, g, s, scalars):
-        new_w, new_v = self._update(w, g, s["v"], scalars.lr, self.alpha, self.eps, self.threads, self.precision)
-        return new_w, {"v": new_v}
+        kernel = self._kernel()
+        values = self._step_values(scalars)
+        states = [s[name] for name in self.rule.states]
+        new_w, new_states = self._ext.optimizer_update(
+            kernel.index, kernel.slots, w, g, states, scalars.lr, values, self.threads, self.precision
+        )
+        written = self.rule.trace(self.hyper).state_out
+        return new_w, {name: x for name, x in zip(self.rule.states, new_states) if name in written}
 
 
 VARIANT = CpuKernelOptimizer

@@ -1,5 +1,9 @@
 """The ``cpu_kernel`` variant's C++ extension: ``rmsprop_cpu.cpp``, its CMake build and the compiled ``_ext``.
 
+It runs every rule through kernels generated from the rules' traces (``generate.py`` writes
+``generated/*.h``); :func:`kernel_for` finds the one for a rule's hyper-parameters, and
+:func:`rmsprop_update` is the RMSprop step of the tests and the import-time checks.
+
 ``_ext`` is loaded on first use of one of its names (``_cpu_ext.rmsprop_update``), from
 
 1. the directory in ``$RMSPROP_BENCH_CPU_EXT_DIR``, when set: a prebuilt ``_ext*.so``
@@ -15,30 +19,38 @@ MLX's C++ ABI changes between releases.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from . import build
+
+if TYPE_CHECKING:
+    from ...rules import Rule
 
 DIR_VARIABLE = "RMSPROP_BENCH_CPU_EXT_DIR"
 SKIP_VARIABLE = "RMSPROP_BENCH_NO_EXTENSION"
 
-__all__ = [
+_FROM_EXT = {
     "EAGER_MAX_ELEMENTS",
+    "MLX_VERSION",
     "STREAM_MIN_BYTES",
     "donated_buffers",
     "hardware_threads",
     "huge_page_moves",
-    "rmsprop_update",
+    "optimizer_update",
+    "states_updated_in_place",
     "step_tree",
-    "v_updated_in_place",
     "w_into_spares",
     "uses_avx2",
-]
-_FROM_EXT = {*__all__, "MLX_VERSION"}
+}
+__all__ = sorted(_FROM_EXT - {"MLX_VERSION"}) + ["Kernel", "kernel_for", "rmsprop_update"]
 
 
 class ExtensionUnavailable(ImportError):
@@ -104,6 +116,47 @@ def _import(path: Path) -> ModuleType:
         )
     sys.modules[name] = module
     return module
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A generated kernel for one rule's hyper-parameters: its index in the extension and its slot values."""
+
+    index: int
+    slots: tuple[float, ...]
+
+
+def kernel_for(rule: Rule, hyper: Mapping[str, Any]) -> Kernel | None:
+    """The generated kernel that runs ``rule`` at ``hyper``, or ``None`` where none does (then stock's ops run).
+    Checks that the loaded extension was generated from these rules (a stale build would run other math)."""
+    frozen = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in hyper.items())
+    return _kernel_for(rule, frozen)
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_for(rule: Rule, hyper: tuple) -> Kernel | None:
+    from . import generate  # imports the rules, so mlx: not needed to build
+
+    trace = rule.trace(dict(hyper))
+    index = generate.kernel_index(trace)
+    if index is None:
+        return None
+    table = load().kernels_table()
+    if index >= len(table) or table[index][1] != generate.digest(trace):
+        raise ExtensionUnavailable(
+            f"the loaded extension's kernel {index} is not {rule.title}'s at {dict(hyper)}: it was built from "
+            "other rules; rebuild it (python -m rmsprop_impls.kernels._cpu_ext.build --force)"
+        )
+    return Kernel(index, tuple(trace.slots))
+
+
+def rmsprop_update(w, g, v, lr, alpha: float, eps: float, threads: int, precision: str = "stock"):
+    """RMSprop's step over lists of leaves through the generic entry point: ``(new w list, new v list)``."""
+    from ...rules import rule
+
+    kernel = kernel_for(rule("rmsprop"), {"alpha": alpha, "eps": eps})
+    new_w, states = load().optimizer_update(kernel.index, kernel.slots, w, g, [v], lr, [], threads, precision)
+    return new_w, states[0]
 
 
 def __getattr__(name: str):

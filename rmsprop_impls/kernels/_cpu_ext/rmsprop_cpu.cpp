@@ -1,15 +1,20 @@
-// One fused, multi-tensor, threaded RMSprop step for MLX's CPU back-end.
+// One fused, multi-tensor, threaded optimizer step for MLX's CPU back-end, for every rule.
 //
-// Leaves of kEagerMaxElements or more: an RMSpropStep node takes the w, g and v of up to
-// kLeavesPerNode leaves plus the learning rate and yields their new w and v, reusing input
-// buffers nobody else holds (donation). Smaller leaves are updated at once, outside the graph (as
-// graph nodes they would cost MLX more than their work), each new w and v in memory of its own,
-// except where in_place.h allows v to be overwritten and the new w to go into the w of the step
-// before last. After the first step, step_tree()
-// walks the trees here too. Either way the elements are split evenly over a persistent thread pool
-// (MLX's CPU back-end runs each task on one thread) and each thread streams its share once, with
-// the vector kernel simd/simd.h picks for this CPU (AVX2, NEON, or the scalar loop) and software
-// prefetch, rounding as stock does (precision "stock") or once from float32 (precision "float32").
+// Nothing here names a rule: a step runs one of the kernels generated from the rules' traces
+// (generated/, written by generate.py), by its index, with its slot values, the learning rate and
+// the rule's per-step inputs. A kernel reads 0 to 2 state arrays and writes some of them
+// (rules::kInfo); every path below carries the states it uses and no others.
+//
+// Leaves of kEagerMaxElements or more: an OptimizerStep node takes the w, g and read states of up
+// to kLeavesPerNode leaves plus the step's scalars and yields their new w and written states,
+// reusing input buffers nobody else holds (donation). Smaller leaves are updated at once, outside
+// the graph (as graph nodes they would cost MLX more than their work), each new w and state in
+// memory of its own, except where in_place.h allows a state to be overwritten and the new w to go
+// into the w of the step before last. After the first step, step_tree() walks the trees here too.
+// Either way the elements are split evenly over a persistent thread pool (MLX's CPU back-end runs
+// each task on one thread) and each thread streams its share once, with the vector kernel
+// simd/simd.h picks for this CPU (AVX2, NEON, or the scalar loop) and software prefetch, rounding
+// as stock does (precision "stock") or once from float32 (precision "float32").
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
@@ -28,6 +33,7 @@
 #include <pthread.h>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <unordered_map>
 #include <unordered_set>
@@ -39,6 +45,7 @@
 #include "in_place.h"
 #include "mlx_compat.h"
 #include "platform.h"
+#include "generated/rules_formula.h"
 #include "simd/simd.h"
 #include "tree_walk.h"
 
@@ -47,7 +54,8 @@ using namespace nb::literals;
 using namespace mlx::core;
 using rmsprop::bf16;
 using rmsprop::f16;
-using rmsprop::Hyper;
+using rmsprop::Scalars;
+using rmsprop::rules::kMaxStates;
 using rmsprop::Kernel;
 using rmsprop::in_place::Candidate;
 using rmsprop::in_place::evaluated;
@@ -289,12 +297,61 @@ const bool fork_handler_installed = [] {
          }) == 0;
 }();
 
-// ------------------------------------------------------------------ math ---
+// ------------------------------------------------------------------ rules ---
 
-// The learning rate is filled in once its array has been evaluated.
-Hyper hyper(double alpha, double eps) {
-  return {0.0f, static_cast<float>(alpha), static_cast<float>(1.0 - alpha), static_cast<float>(eps)};
-}
+// What a step computes: one of the kernels generated from the rules' traces (generated/, by
+// generate.py), and the values of its slots (the hyper-parameters and the numbers folded from them).
+// Python finds the kernel by its trace's signature, so this file never knows which rule it runs.
+struct RuleStep {
+  int kernel = 0;
+  std::vector<double> slots;
+
+  const rmsprop::rules::Info& info() const {
+    return rmsprop::rules::kInfo[kernel];
+  }
+  bool reads(size_t j) const {
+    return (info().reads >> j) & 1u;
+  }
+  bool writes(size_t j) const {
+    return (info().writes >> j) & 1u;
+  }
+  bool uses(size_t j) const {
+    return reads(j) || writes(j);
+  }
+  size_t states() const {
+    return info().states;
+  }
+  size_t step_inputs() const {
+    return info().step_inputs;
+  }
+
+  static RuleStep of(int kernel, std::vector<double> slots) {
+    if (kernel < 0 || kernel >= rmsprop::rules::kKernels) {
+      throw std::invalid_argument("cpu_kernel: no generated kernel " + std::to_string(kernel) + "; there are " +
+                                  std::to_string(rmsprop::rules::kKernels));
+    }
+    RuleStep r{kernel, std::move(slots)};
+    if (r.slots.size() != r.info().slots) {
+      throw std::invalid_argument("cpu_kernel: kernel " + std::string(r.info().name) + " takes " +
+                                  std::to_string(r.info().slots) + " slot values, not " +
+                                  std::to_string(r.slots.size()));
+    }
+    return r;
+  }
+
+  // The step's float32 scalars; lr and the step inputs are filled in once their arrays are evaluated.
+  Scalars scalars() const {
+    Scalars x;
+    for (size_t k = 0; k < slots.size(); ++k) {
+      x.slots[k] = static_cast<float>(slots[k]);
+    }
+    return x;
+  }
+
+  bool operator==(const RuleStep& o) const {
+    return kernel == o.kernel && slots == o.slots;
+  }
+};
 
 // The kernel every step runs: picked once, the fastest this CPU has; tests switch it.
 std::atomic<Kernel> active_kernel{rmsprop::available_kernels().front()};
@@ -304,67 +361,75 @@ std::atomic<Kernel> active_kernel{rmsprop::available_kernels().front()};
 struct Leaf {
   const void* w;
   const void* g;
-  const void* v;
+  const void* s[kMaxStates] = {};  // the rule's state arrays; null where the kernel does not load one
   void* w_out;
-  void* v_out;
+  void* s_out[kMaxStates] = {};  // null where the kernel does not store one
   size_t size;
   Dtype::Val dtype;
   size_t itemsize;
-  // Whether the kernel writes w_out and v_out past the cache (loop.h): not memory it reads in this
-  // step (a fresh allocation, a spare, not v in place) and a step of kStreamMinBytes or more.
-  bool stream_w, stream_v;
-  // The allocations behind w_out, g and v_out, which the huge-page move keys on. Weak: a handle
+  // Whether the kernel writes w_out and s_out past the cache (loop.h): not memory it reads in this
+  // step (a fresh allocation, a spare, not a state in place) and a step of kStreamMinBytes or more.
+  bool stream_w = false, stream_s = false;
+  // The allocations behind w_out, g and s_out, which the huge-page move keys on. Weak: a handle
   // here must not count as a holder when the next step asks whether it may donate a buffer.
-  std::weak_ptr<array::Data> w_owner, g_owner, v_owner;
+  std::weak_ptr<array::Data> w_owner, g_owner, s_owner[kMaxStates];
   // Where g is the transpose of a row-major matrix (a Linear's weight gradient): w's columns, and g
-  // is read tile by tile (update_transposed()); 0 where g is row-major like w and v.
+  // is read tile by tile (update_transposed()); 0 where g is row-major like w and the states.
   size_t g_transposed_columns = 0;
 };
 
 // The two numeric contracts (docs/kernels/cpu.md): stock's, which rounds lr, the constants and
-// every intermediate to the storage dtype as stock RMSprop does, and one rounding from float32.
+// every intermediate to the storage dtype as the stock class does, and one rounding from float32.
 enum class Precision { stock, float32 };
 
 Precision parse_precision(const std::string& name) {
   if (name == "stock") return Precision::stock;
   if (name == "float32") return Precision::float32;
-  throw std::invalid_argument("rmsprop_update: precision must be \"stock\" or \"float32\", not \"" + name + "\"");
+  throw std::invalid_argument("cpu_kernel: precision must be \"stock\" or \"float32\", not \"" + name + "\"");
 }
 
-template <typename T, bool kStreamW, bool kStreamV>
-void update_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h, Precision precision) {
-  auto at = [&](const void* p) { return static_cast<const T*>(p) + lo; };
-  T* w_out = static_cast<T*>(leaf.w_out) + lo;
-  T* v_out = static_cast<T*>(leaf.v_out) + lo;
+// One launch's work beyond the leaves: the kernel, its scalars and the contract.
+struct Job {
+  int kernel;
+  Scalars x;
+  Precision precision;
+};
+
+template <typename T, bool kStreamW, bool kStreamS>
+void update_range(const Leaf& leaf, size_t lo, size_t hi, const Job& job) {
+  rmsprop::Streams<T> a{static_cast<const T*>(leaf.w), static_cast<const T*>(leaf.g), {}, static_cast<T*>(leaf.w_out), {}};
+  for (size_t j = 0; j < kMaxStates; ++j) {
+    a.s[j] = static_cast<const T*>(leaf.s[j]);
+    a.s_out[j] = static_cast<T*>(leaf.s_out[j]);
+  }
   Kernel k = active_kernel.load(std::memory_order_relaxed);
-  if (precision == Precision::stock) {
-    rmsprop::update<T, true, kStreamW, kStreamV>(k, at(leaf.w), at(leaf.g), at(leaf.v), w_out, v_out, hi - lo,
-                                                 rmsprop::rounded_to<T>(h));
+  if (job.precision == Precision::stock) {
+    rmsprop::update<T, true, kStreamW, kStreamS>(k, job.kernel, a.at(lo), hi - lo, job.x);
   } else {
-    rmsprop::update<T, false, kStreamW, kStreamV>(k, at(leaf.w), at(leaf.g), at(leaf.v), w_out, v_out, hi - lo, h);
+    rmsprop::update<T, false, kStreamW, kStreamS>(k, job.kernel, a.at(lo), hi - lo, job.x);
   }
 }
 
 template <typename T>
-void update_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h, Precision precision) {
+void update_range(const Leaf& leaf, size_t lo, size_t hi, const Job& job) {
   if (!leaf.stream_w) {
-    update_range<T, false, false>(leaf, lo, hi, h, precision);
-  } else if (leaf.stream_v) {
-    update_range<T, true, true>(leaf, lo, hi, h, precision);
+    update_range<T, false, false>(leaf, lo, hi, job);
+  } else if (leaf.stream_s) {
+    update_range<T, true, true>(leaf, lo, hi, job);
   } else {
-    update_range<T, true, false>(leaf, lo, hi, h, precision);
+    update_range<T, true, false>(leaf, lo, hi, job);
   }
 }
 
-void update_leaf_range(const Leaf& leaf, size_t lo, size_t hi, const Hyper& h, Precision precision) {
+void update_leaf_range(const Leaf& leaf, size_t lo, size_t hi, const Job& job) {
   switch (leaf.dtype) {
     case Dtype::Val::float32:
       // float32 has the bits for both contracts to be the same: one instantiation.
-      return update_range<float>(leaf, lo, hi, h, Precision::float32);
+      return update_range<float>(leaf, lo, hi, {job.kernel, job.x, Precision::float32});
     case Dtype::Val::float16:
-      return update_range<f16>(leaf, lo, hi, h, precision);
+      return update_range<f16>(leaf, lo, hi, job);
     default:
-      return update_range<bf16>(leaf, lo, hi, h, precision);
+      return update_range<bf16>(leaf, lo, hi, job);
   }
 }
 
@@ -377,14 +442,14 @@ constexpr size_t kShareAlign = 64;
 // kernel's own prefetch runs ahead within a leaf, and a small leaf ends before it starts.
 void prefetch_start(const Leaf& leaf) {
   size_t bytes = std::min<size_t>(leaf.size * leaf.itemsize, 256);
-  for (const void* p : {leaf.w, leaf.g, leaf.v}) {
-    for (size_t at = 0; at < bytes; at += 64) {
+  for (const void* p : {leaf.w, leaf.g, leaf.s[0], leaf.s[1]}) {
+    for (size_t at = 0; p && at < bytes; at += 64) {
       __builtin_prefetch(static_cast<const char*>(p) + at);
     }
   }
 }
 
-void update_all(const std::vector<Leaf>& leaves, const Hyper& h, Precision precision, int max_threads) {
+void update_all(const std::vector<Leaf>& leaves, const Job& job, int max_threads) {
   std::vector<size_t> starts(leaves.size() + 1, 0);
   for (size_t i = 0; i < leaves.size(); ++i) {
     starts[i + 1] = starts[i] + leaves[i].size;
@@ -402,7 +467,7 @@ void update_all(const std::vector<Leaf>& leaves, const Hyper& h, Precision preci
         prefetch_start(leaves[i + 1]);
       }
       if (a < b) {
-        update_leaf_range(leaves[i], a, b, h, precision);
+        update_leaf_range(leaves[i], a, b, job);
       }
     }
     rmsprop::fence_streams(active_kernel.load(std::memory_order_relaxed));
@@ -417,15 +482,22 @@ bool is_transposed_matrix(const array& x) {
 }
 
 // Tiles of a transposed gradient: this many rows of w by this many columns (16 KiB of float32),
-// so that g's lines and w's and v's all stay in L1 while a tile is updated.
+// so that g's lines and w's and the states' all stay in L1 while a tile is updated.
 constexpr size_t kTileRows = 32, kTileColumns = 128;
+
+// `p` moved `bytes` on, where it is set.
+template <typename P>
+P offset(P p, size_t bytes) {
+  using Byte = std::conditional_t<std::is_const_v<std::remove_pointer_t<P>>, const char, char>;
+  return p ? static_cast<P>(static_cast<Byte*>(p) + bytes) : nullptr;
+}
 
 // One leaf whose g is the transpose of a row-major matrix (Leaf::g_transposed_columns): each tile of
 // g is gathered into a buffer on the stack, then w's rows are updated against it with the same
 // kernel as every other leaf. Copying g out first, element by element or tile by tile, cost more
 // than the whole update (2048x2048 float32, MLP training step).
 template <typename Element>
-void update_transposed(const Leaf& leaf, const Hyper& h, Precision precision, int max_threads) {
+void update_transposed(const Leaf& leaf, const Job& job, int max_threads) {
   const size_t columns = leaf.g_transposed_columns, rows = leaf.size / columns;
   const size_t tile_rows = (rows + kTileRows - 1) / kTileRows;
   const Element* g = static_cast<const Element*>(leaf.g);  // g[r, c] lies at g[c * rows + r]
@@ -433,8 +505,9 @@ void update_transposed(const Leaf& leaf, const Hyper& h, Precision precision, in
   pool().run(threads, [&](int t) {
     Element tile[kTileRows * kTileColumns];
     // One row's pointers, moved along w's rows; no owners, so the rows copy no reference count.
-    Leaf row{leaf.w, leaf.g, leaf.v, leaf.w_out, leaf.v_out, leaf.size, leaf.dtype, leaf.itemsize,
-             leaf.stream_w, leaf.stream_v};
+    Leaf row;
+    row.size = leaf.size, row.dtype = leaf.dtype, row.itemsize = leaf.itemsize;
+    row.stream_w = leaf.stream_w, row.stream_s = leaf.stream_s;
     for (size_t tr = tile_rows * t / threads; tr < tile_rows * (t + 1) / threads; ++tr) {
       size_t r0 = tr * kTileRows, r1 = std::min(rows, r0 + kTileRows);
       for (size_t c0 = 0; c0 < columns; c0 += kTileColumns) {
@@ -446,12 +519,14 @@ void update_transposed(const Leaf& leaf, const Hyper& h, Precision precision, in
         }
         for (size_t r = r0; r < r1; ++r) {
           size_t at = (r * columns + c0) * leaf.itemsize;
-          row.w = static_cast<const char*>(leaf.w) + at;
-          row.v = static_cast<const char*>(leaf.v) + at;
-          row.w_out = static_cast<char*>(leaf.w_out) + at;
-          row.v_out = static_cast<char*>(leaf.v_out) + at;
+          row.w = offset(leaf.w, at);
+          row.w_out = offset(leaf.w_out, at);
+          for (size_t j = 0; j < kMaxStates; ++j) {
+            row.s[j] = offset(leaf.s[j], at);
+            row.s_out[j] = offset(leaf.s_out[j], at);
+          }
           row.g = tile + (r - r0) * kTileColumns;
-          update_leaf_range(row, 0, width, h, precision);
+          update_leaf_range(row, 0, width, job);
         }
       }
     }
@@ -480,84 +555,165 @@ void gather_row_major(const array& src, array& dst) {
 
 // ---------------------------------------------------------------- checks ---
 
+using rmsprop::tree::LeafArrays;
+
 bool supported(Dtype t) {
   return t == float32 || t == float16 || t == bfloat16;
 }
 
-// Thrown where a leaf's w, g and v disagree in shape or dtype, or have a dtype the kernel does not take;
-// step_tree() then leaves the step to the Python walk, which names the leaf by its path.
+// Thrown where a leaf's w, g and states disagree in shape or dtype, or have a dtype the kernel does not
+// take; step_tree() then leaves the step to the Python walk, which names the leaf by its path.
 struct LeafMismatch : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
-// The two halves of check_leaf(), for read_leaves() to ask without throwing.
-bool dtypes_match(const array& w, const array& g, const array& v) {
-  return supported(w.dtype()) && g.dtype() == w.dtype() && v.dtype() == w.dtype();
-}
-
-bool shapes_match(const array& w, const array& g, const array& v) {
-  return g.shape() == w.shape() && v.shape() == w.shape();
-}
-
-// What every step needs of leaf i: w, g and v of one supported dtype and one shape. Checked where
-// the graph is built and again where it runs (sizes and dtypes) and where shapes are inferred
-// (mx.compile(shapeless=True) replays a graph on new inputs without building it again): the
-// kernel reads and writes w's size in all five streams.
-void check_leaf(size_t i, const array& w, const array& g, const array& v) {
-  if (!dtypes_match(w, g, v)) {
-    throw LeafMismatch("rmsprop_update: leaf " + std::to_string(i) +
-                       " needs w, g and v of one dtype among float32, float16, bfloat16");
+// The two halves of check_leaf(), for read_leaves() to ask without throwing. A state the kernel
+// neither loads nor stores is null, and not asked about.
+bool dtypes_match(const LeafArrays& x) {
+  bool match = supported(x.w->dtype()) && x.g->dtype() == x.w->dtype();
+  for (const array* s : x.s) {
+    match = match && (!s || s->dtype() == x.w->dtype());
   }
-  if (!shapes_match(w, g, v)) {
-    throw LeafMismatch("rmsprop_update: leaf " + std::to_string(i) + " has w, g and v of different shapes");
+  return match;
+}
+
+bool shapes_match(const LeafArrays& x) {
+  bool match = x.g->shape() == x.w->shape();
+  for (const array* s : x.s) {
+    match = match && (!s || s->shape() == x.w->shape());
+  }
+  return match;
+}
+
+// What every step needs of leaf i: w, g and the states of one supported dtype and one shape. Checked
+// where the graph is built and again where it runs (sizes and dtypes) and where shapes are inferred
+// (mx.compile(shapeless=True) replays a graph on new inputs without building it again): the
+// kernel reads and writes w's size in every stream.
+void check_leaf(size_t i, const LeafArrays& x) {
+  if (!dtypes_match(x)) {
+    throw LeafMismatch("cpu_kernel: leaf " + std::to_string(i) +
+                       " needs w, g and its state arrays of one dtype among float32, float16, bfloat16");
+  }
+  if (!shapes_match(x)) {
+    throw LeafMismatch("cpu_kernel: leaf " + std::to_string(i) + " has w, g and state arrays of different shapes");
   }
 }
 
 // ---------------------------------------------------------------- formula ---
 
-// Stock RMSprop's step in MLX ops, op for op (rmsprop_impls/formula.py): what the transforms of
-// RMSpropStep (grad, jvp, vmap) differentiate and batch. Precision::float32 computes in float32
-// and rounds once, as the kernel does in that mode.
-std::pair<array, array> formula(const array& w, const array& g, const array& v, const array& lr, double alpha,
-                                double eps, Precision precision, const Stream& s) {
+// The rule's step in MLX ops, op for op as its stock class (generated/rules_formula.h): what the
+// transforms of OptimizerStep (grad, jvp, vmap) differentiate and batch, and what leaves under a
+// transform run. Precision::float32 computes in float32 and rounds once, as the kernel does in that
+// mode. `s` holds every state of the rule, in its order; one the kernel does not read may be any array.
+rmsprop::rules::Stepped formula(const RuleStep& rule, const array& w, const array& g, const std::vector<array>& s,
+                                const array& lr, const std::vector<array>& step, Precision precision,
+                                const Stream& st) {
   Dtype t = g.dtype();
   if (precision == Precision::float32 && t != float32) {
-    auto [nw, nv] = formula(astype(w, float32, s), astype(g, float32, s), astype(v, float32, s), lr, alpha, eps,
-                            Precision::stock, s);
-    return {astype(nw, t, s), astype(nv, t, s)};
+    std::vector<array> s32;
+    for (const array& x : s) {
+      s32.push_back(astype(x, float32, st));
+    }
+    auto out = formula(rule, astype(w, float32, st), astype(g, float32, st), s32, lr, step, Precision::stock, st);
+    out.w = astype(out.w, t, st);
+    for (auto& x : out.s) {
+      if (x) x = astype(*x, t, st);
+    }
+    return out;
   }
-  // Python floats meet an array as weakly typed scalars: float32, then the array's dtype.
-  auto scalar = [&](double x) { return array(static_cast<float>(x), t); };
-  array nv = add(multiply(scalar(alpha), v, s), multiply(scalar(1.0 - alpha), square(g, s), s), s);
-  array step = divide(multiply(astype(lr, t, s), g, s), add(sqrt(nv, s), scalar(eps), s), s);
-  return {subtract(w, step, s), nv};
+  return rmsprop::rules::formula(rule.kernel, {w, g, s, lr, step, rule.slots, st});
 }
 
 // ---------------------------------------------------------------- primitive ---
 
-class RMSpropStep : public Primitive {
+// Where a node's arrays are in its input and output lists, for a node of n leaves of one kernel: the
+// inputs are w..., g..., then each state the kernel reads (by the rule's order) for every leaf, the
+// learning rate, then the rule's per-step inputs; the outputs are new w..., then each state it writes.
+struct Layout {
+  size_t n = 0, n_reads = 0, n_writes = 0, n_steps = 0;
+  size_t read_states[kMaxStates] = {}, written_states[kMaxStates] = {};  // the rule's state index of each
+  int read_slot[kMaxStates], write_slot[kMaxStates];                       // and back; -1 where not
+
+  Layout(const RuleStep& rule, size_t leaves) : n(leaves), n_steps(rule.step_inputs()) {
+    for (size_t j = 0; j < kMaxStates; ++j) {
+      read_slot[j] = rule.reads(j) ? static_cast<int>(n_reads) : -1;
+      write_slot[j] = rule.writes(j) ? static_cast<int>(n_writes) : -1;
+      if (rule.reads(j)) read_states[n_reads++] = j;
+      if (rule.writes(j)) written_states[n_writes++] = j;
+    }
+  }
+  static Layout of_inputs(const RuleStep& rule, size_t inputs) {
+    Layout l(rule, 0);
+    l.n = (inputs - 1 - l.n_steps) / (2 + l.n_reads);
+    return l;
+  }
+
+  size_t w(size_t i) const { return i; }
+  size_t g(size_t i) const { return n + i; }
+  size_t state_in(size_t r, size_t i) const { return (2 + r) * n + i; }  // r: the r-th state read
+  size_t lr() const { return (2 + n_reads) * n; }
+  size_t step(size_t k) const { return lr() + 1 + k; }
+  size_t inputs() const { return lr() + 1 + n_steps; }
+  size_t state_out(size_t r, size_t i) const { return (1 + r) * n + i; }  // r: the r-th state written
+  size_t outputs() const { return (1 + n_writes) * n; }
+
+  // Leaf i's arrays within a node's inputs (null where the kernel does not read a state).
+  LeafArrays leaf(const std::vector<array>& in, size_t i) const {
+    LeafArrays x{&in[w(i)], &in[g(i)], {}};
+    for (size_t r = 0; r < n_reads; ++r) x.s[read_states[r]] = &in[state_in(r, i)];
+    return x;
+  }
+
+  // Leaf i's inputs to its formula: w, g, the states read, lr, the step inputs.
+  std::vector<array> leaf_inputs(const std::vector<array>& in, size_t i) const {
+    std::vector<array> x{in[w(i)], in[g(i)]};
+    for (size_t r = 0; r < n_reads; ++r) x.push_back(in[state_in(r, i)]);
+    for (size_t k = 0; k <= n_steps; ++k) x.push_back(in[lr() + k]);
+    return x;
+  }
+};
+
+// The formula over one leaf's inputs as Layout::leaf_inputs() orders them, returning new w and the
+// states written: what vjp and jvp take.
+std::vector<array> leaf_formula(const RuleStep& rule, const Layout& l, const std::vector<array>& x, Precision precision,
+                                const Stream& st) {
+  std::vector<array> states(rule.states(), x[0]);  // an unread state is never looked at
+  for (size_t r = 0; r < l.n_reads; ++r) states[l.read_states[r]] = x[2 + r];
+  std::vector<array> step(x.begin() + 3 + l.n_reads, x.end());
+  auto out = formula(rule, x[0], x[1], states, x[2 + l.n_reads], step, precision, st);
+  std::vector<array> result{out.w};
+  for (size_t r = 0; r < l.n_writes; ++r) result.push_back(*out.s[l.written_states[r]]);
+  return result;
+}
+
+class OptimizerStep : public Primitive {
  public:
-  RMSpropStep(Stream stream, double alpha, double eps, Precision precision, int threads)
-      : Primitive(stream), alpha_(alpha), eps_(eps), precision_(precision), threads_(threads) {}
+  OptimizerStep(Stream stream, RuleStep rule, Precision precision, int threads)
+      : Primitive(stream), rule_(std::move(rule)), precision_(precision), threads_(threads) {}
 
   void eval_cpu(const std::vector<array>& inputs, std::vector<array>& outputs) override {
-    size_t n = outputs.size() / 2;
-    for (size_t i = 0; i < n; ++i) {
-      const array &w = inputs[i], &g = inputs[n + i], &v = inputs[2 * n + i];
-      check_leaf(i, w, g, v);
-      for (const array* out : {&outputs[i], &outputs[n + i]}) {
-        if (out->size() != w.size() || out->dtype() != w.dtype()) {
-          throw std::invalid_argument("rmsprop_update: leaf " + std::to_string(i) + "'s outputs do not match its w");
+    Layout l = Layout::of_inputs(rule_, inputs.size());
+    if (l.inputs() != inputs.size() || l.outputs() != outputs.size()) {
+      throw std::invalid_argument("cpu_kernel: a step node's inputs and outputs do not match its kernel");
+    }
+    for (size_t i = 0; i < l.n; ++i) {
+      check_leaf(i, l.leaf(inputs, i));
+      for (size_t k = 0; k <= l.n_writes; ++k) {
+        const array& out = outputs[k * l.n + i];
+        if (out.size() != inputs[i].size() || out.dtype() != inputs[i].dtype()) {
+          throw std::invalid_argument("cpu_kernel: leaf " + std::to_string(i) + "'s outputs do not match its w");
         }
       }
     }
-    if (inputs[3 * n].size() != 1 || inputs[3 * n].dtype() != float32) {
-      throw std::invalid_argument("rmsprop_update: the learning rate must be a float32 scalar");
+    for (size_t k = 0; k <= l.n_steps; ++k) {
+      if (inputs[l.lr() + k].size() != 1 || inputs[l.lr() + k].dtype() != float32) {
+        throw std::invalid_argument("cpu_kernel: the learning rate and the step inputs must be float32 scalars");
+      }
     }
     auto& encoder = cpu::get_command_encoder(stream());
     std::vector<array> strided_sources, contiguous_copies;
     std::vector<Leaf> leaves;
-    leaves.reserve(n);
+    leaves.reserve(l.n);
     // Flags are read here, at eval time: an input's layout is only known once it has been evaluated.
     auto readable = [&](const array& x) -> array {
       if (x.flags().row_contiguous) {
@@ -569,86 +725,119 @@ class RMSpropStep : public Primitive {
       contiguous_copies.push_back(copy);
       return copy;
     };
-    for (size_t i = 0; i < n; ++i) {
+    for (size_t i = 0; i < l.n; ++i) {
       // Before readable() below, which holds one more handle to its argument.
       bool fresh = !give_buffer(inputs[i], outputs[i], outputs.size());
-      fresh = !give_buffer(inputs[2 * n + i], outputs[n + i], outputs.size()) && fresh;
-      bool transposed = is_transposed_matrix(inputs[n + i]);
-      array w = readable(inputs[i]), v = readable(inputs[2 * n + i]);
-      array g = transposed ? inputs[n + i] : readable(inputs[n + i]);
-      leaves.push_back({w.data<void>(), g.data<void>(), v.data<void>(), outputs[i].data<void>(),
-                        outputs[n + i].data<void>(), outputs[i].size(), outputs[i].dtype().val(), outputs[i].itemsize(),
-                        fresh, fresh, outputs[i].data_shared_ptr(), g.data_shared_ptr(),
-                        outputs[n + i].data_shared_ptr(), transposed ? static_cast<size_t>(g.shape(1)) : 0});
+      for (size_t r = 0; r < l.n_writes; ++r) {
+        size_t j = l.written_states[r];
+        array& out = outputs[l.state_out(r, i)];
+        if (l.read_slot[j] >= 0) {
+          fresh = !give_buffer(inputs[l.state_in(l.read_slot[j], i)], out, outputs.size()) && fresh;
+        } else {
+          out.set_data(allocator::malloc(out.nbytes()));
+        }
+      }
+      bool transposed = is_transposed_matrix(inputs[l.g(i)]);
+      array w = readable(inputs[i]);
+      array g = transposed ? inputs[l.g(i)] : readable(inputs[l.g(i)]);
+      Leaf leaf;
+      leaf.w = w.data<void>(), leaf.g = g.data<void>(), leaf.w_out = outputs[i].data<void>();
+      for (size_t r = 0; r < l.n_reads; ++r) {
+        leaf.s[l.read_states[r]] = readable(inputs[l.state_in(r, i)]).data<void>();
+      }
+      for (size_t r = 0; r < l.n_writes; ++r) {
+        array& out = outputs[l.state_out(r, i)];
+        leaf.s_out[l.written_states[r]] = out.data<void>();
+        leaf.s_owner[l.written_states[r]] = out.data_shared_ptr();
+      }
+      leaf.size = outputs[i].size(), leaf.dtype = outputs[i].dtype().val(), leaf.itemsize = outputs[i].itemsize();
+      leaf.stream_w = leaf.stream_s = fresh;
+      leaf.w_owner = outputs[i].data_shared_ptr(), leaf.g_owner = g.data_shared_ptr();
+      leaf.g_transposed_columns = transposed ? static_cast<size_t>(g.shape(1)) : 0;
+      leaves.push_back(std::move(leaf));
     }
-    Hyper h = hyper(alpha_, eps_);
-    Precision precision = precision_;
+    Job job{rule_.kernel, rule_.scalars(), precision_};
     // The task holds weak copies only; MLX keeps the buffers alive (inputs, outputs, temporaries) until it ran.
     std::vector<std::pair<array, array>> gathers;
     for (size_t k = 0; k < strided_sources.size(); ++k) {
       gathers.emplace_back(array::unsafe_weak_copy(strided_sources[k]), array::unsafe_weak_copy(contiguous_copies[k]));
     }
-    encoder.dispatch([leaves = std::move(leaves), h, lr = array::unsafe_weak_copy(inputs[3 * n]),
-                      gathers = std::move(gathers), precision, threads = threads_]() mutable {
+    std::vector<array> scalars;
+    for (size_t k = 0; k <= l.n_steps; ++k) {
+      scalars.push_back(array::unsafe_weak_copy(inputs[l.lr() + k]));
+    }
+    encoder.dispatch([leaves = std::move(leaves), job, scalars = std::move(scalars), gathers = std::move(gathers),
+                      threads = threads_]() mutable {
       for (auto& [source, copy] : gathers) {
         gather_row_major(source, copy);
       }
-      h.lr = *lr.data<float>();
+      job.x.lr = *scalars[0].data<float>();
+      for (size_t k = 1; k < scalars.size(); ++k) {
+        job.x.step[k - 1] = *scalars[k].data<float>();
+      }
       for (const Leaf& leaf : leaves) {
         size_t bytes = leaf.size * leaf.itemsize;
         the_huge_pages->use_for(leaf.w_out, bytes, leaf.w_owner);
         the_huge_pages->use_for(leaf.g, bytes, leaf.g_owner);
-        the_huge_pages->use_for(leaf.v_out, bytes, leaf.v_owner);
+        for (size_t j = 0; j < kMaxStates; ++j) {
+          if (leaf.s_out[j]) the_huge_pages->use_for(leaf.s_out[j], bytes, leaf.s_owner[j]);
+        }
       }
       auto transposed = std::stable_partition(leaves.begin(), leaves.end(),
                                               [](const Leaf& leaf) { return leaf.g_transposed_columns == 0; });
       for (auto leaf = transposed; leaf != leaves.end(); ++leaf) {
-        leaf->itemsize == 4 ? update_transposed<uint32_t>(*leaf, h, precision, threads)
-                            : update_transposed<uint16_t>(*leaf, h, precision, threads);
+        leaf->itemsize == 4 ? update_transposed<uint32_t>(*leaf, job, threads)
+                            : update_transposed<uint16_t>(*leaf, job, threads);
       }
       leaves.erase(transposed, leaves.end());
-      update_all(leaves, h, precision, threads);
+      update_all(leaves, job, threads);
     });
     encoder.add_temporaries(std::move(strided_sources));
     encoder.add_temporaries(std::move(contiguous_copies));
   }
 
   void eval_gpu(const std::vector<array>&, std::vector<array>&) override {
-    throw std::runtime_error("RMSpropStep runs on the CPU only; use the metal_kernel or cuda_kernel variant on a GPU.");
+    throw std::runtime_error("OptimizerStep runs on the CPU only; use the metal_kernel or cuda_kernel variant on a GPU.");
   }
 
   std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
-    size_t n = (inputs.size() - 1) / 3;
-    for (size_t i = 0; i < n; ++i) {
-      check_leaf(i, inputs[i], inputs[n + i], inputs[2 * n + i]);
+    Layout l = Layout::of_inputs(rule_, inputs.size());
+    for (size_t i = 0; i < l.n; ++i) {
+      check_leaf(i, l.leaf(inputs, i));
     }
     std::vector<Shape> shapes;
-    for (size_t i = 0; i < n; ++i) shapes.push_back(inputs[i].shape());
-    for (size_t i = 0; i < n; ++i) shapes.push_back(inputs[2 * n + i].shape());
+    for (size_t k = 0; k <= l.n_writes; ++k) {
+      for (size_t i = 0; i < l.n; ++i) shapes.push_back(inputs[i].shape());
+    }
     return shapes;
   }
 
   const char* name() const override {
-    return "RMSpropStep";
+    return "OptimizerStep";
   }
 
   bool is_equivalent(const Primitive& other) const override {
-    auto& o = static_cast<const RMSpropStep&>(other);
-    return alpha_ == o.alpha_ && eps_ == o.eps_ && precision_ == o.precision_ && threads_ == o.threads_;
+    auto& o = static_cast<const OptimizerStep&>(other);
+    return rule_ == o.rule_ && precision_ == o.precision_ && threads_ == o.threads_;
   }
 
-  // The transforms run the formula in MLX ops, leaf by leaf: the inputs are w..., g..., v..., lr
-  // and the outputs new w..., new v....
+  // The transforms run the formula in MLX ops, leaf by leaf (Layout has the order of the arrays).
   std::vector<array> vjp(const std::vector<array>& primals, const std::vector<array>& cotangents,
                          const std::vector<int>& argnums, const std::vector<array>&) override {
-    size_t n = (primals.size() - 1) / 3;
+    Layout l = Layout::of_inputs(rule_, primals.size());
     std::vector<std::optional<array>> grads(primals.size());
-    for (size_t i = 0; i < n; ++i) {
-      auto [outs, vjps] = mlx::core::vjp(leaf_formula(), leaf_inputs(primals, i), {cotangents[i], cotangents[n + i]});
-      for (size_t k = 0; k < 3; ++k) {
-        grads[k * n + i] = vjps[k];
+    for (size_t i = 0; i < l.n; ++i) {
+      std::vector<array> cot{cotangents[i]};
+      for (size_t r = 0; r < l.n_writes; ++r) cot.push_back(cotangents[l.state_out(r, i)]);
+      auto [outs, vjps] = mlx::core::vjp(leaf_function(l), l.leaf_inputs(primals, i), cot);
+      grads[l.w(i)] = vjps[0];
+      grads[l.g(i)] = vjps[1];
+      for (size_t r = 0; r < l.n_reads; ++r) grads[l.state_in(r, i)] = vjps[2 + r];
+      for (size_t k = 0; k <= l.n_steps; ++k) {  // lr and the step inputs are shared by every leaf
+        auto& sum = grads[l.lr() + k];
+        const array& mine = vjps[2 + l.n_reads + k];
+        sum = sum ? add(*sum, mine, stream()) : mine;
       }
-      grads[3 * n] = grads[3 * n] ? add(*grads[3 * n], vjps[3], stream()) : vjps[3];
     }
     std::vector<array> result;
     for (int a : argnums) {
@@ -659,7 +848,7 @@ class RMSpropStep : public Primitive {
 
   std::vector<array> jvp(const std::vector<array>& primals, const std::vector<array>& tangents,
                          const std::vector<int>& argnums) override {
-    size_t n = (primals.size() - 1) / 3;
+    Layout l = Layout::of_inputs(rule_, primals.size());
     std::vector<array> full;
     for (const array& p : primals) {
       full.push_back(zeros_like(p, stream()));
@@ -667,37 +856,44 @@ class RMSpropStep : public Primitive {
     for (size_t k = 0; k < argnums.size(); ++k) {
       full[argnums[k]] = tangents[k];
     }
-    std::vector<array> out(2 * n, array(0.0f));
-    for (size_t i = 0; i < n; ++i) {
-      auto [outs, jvps] = mlx::core::jvp(leaf_formula(), leaf_inputs(primals, i), leaf_inputs(full, i));
+    std::vector<array> out(l.outputs(), array(0.0f));
+    for (size_t i = 0; i < l.n; ++i) {
+      auto [outs, jvps] = mlx::core::jvp(leaf_function(l), l.leaf_inputs(primals, i), l.leaf_inputs(full, i));
       out[i] = jvps[0];
-      out[n + i] = jvps[1];
+      for (size_t r = 0; r < l.n_writes; ++r) out[l.state_out(r, i)] = jvps[1 + r];
     }
     return out;
   }
 
   std::pair<std::vector<array>, std::vector<int>> vmap(const std::vector<array>& inputs,
                                                        const std::vector<int>& axes) override {
-    size_t n = (inputs.size() - 1) / 3;
+    Layout l = Layout::of_inputs(rule_, inputs.size());
     // Batch axes to the front; an unbatched input broadcasts against a batched one as it is.
     std::vector<array> moved;
     for (size_t k = 0; k < inputs.size(); ++k) {
       moved.push_back(axes[k] < 0 || axes[k] == 0 ? inputs[k] : moveaxis(inputs[k], axes[k], 0, stream()));
     }
-    std::vector<array> out(2 * n, array(0.0f));
-    std::vector<int> out_axes(2 * n, -1);
-    for (size_t i = 0; i < n; ++i) {
-      array lr = moved[3 * n];
-      if (axes[3 * n] >= 0) {  // a batch of learning rates: one per row of every leaf
-        Shape shape(1 + ndim_of_leaf(inputs, axes, i), 1);
-        shape[0] = lr.shape(0);
-        lr = reshape(lr, shape, stream());
+    std::vector<array> out(l.outputs(), array(0.0f));
+    std::vector<int> out_axes(l.outputs(), -1);
+    for (size_t i = 0; i < l.n; ++i) {
+      std::vector<array> x = l.leaf_inputs(moved, i);
+      bool batched = false;
+      for (size_t k = 0; k < x.size(); ++k) {
+        size_t at = k < 2 + l.n_reads ? (k < 2 ? (k == 0 ? l.w(i) : l.g(i)) : l.state_in(k - 2, i))
+                                      : l.lr() + (k - 2 - l.n_reads);
+        batched = batched || axes[at] >= 0;
+        if (k >= 2 + l.n_reads && axes[at] >= 0) {  // a batch of scalars: one per row of every leaf
+          Shape shape(1 + ndim_of_leaf(inputs, axes, i), 1);
+          shape[0] = x[k].shape(0);
+          x[k] = reshape(x[k], shape, stream());
+        }
       }
-      auto [nw, nv] = formula(moved[i], moved[n + i], moved[2 * n + i], lr, alpha_, eps_, precision_, stream());
-      bool batched = axes[i] >= 0 || axes[n + i] >= 0 || axes[2 * n + i] >= 0 || axes[3 * n] >= 0;
-      out[i] = nw;
-      out[n + i] = nv;
-      out_axes[i] = out_axes[n + i] = batched ? 0 : -1;
+      std::vector<array> results = leaf_formula(rule_, l, x, precision_, stream());
+      for (size_t k = 0; k < results.size(); ++k) {
+        size_t at = k == 0 ? i : l.state_out(k - 1, i);
+        out[at] = results[k];
+        out_axes[at] = batched ? 0 : -1;
+      }
     }
     return {out, out_axes};
   }
@@ -729,16 +925,10 @@ class RMSpropStep : public Primitive {
     return false;
   }
 
-  std::function<std::vector<array>(const std::vector<array>&)> leaf_formula() {
-    return [alpha = alpha_, eps = eps_, precision = precision_, s = stream()](const std::vector<array>& x) {
-      auto [nw, nv] = formula(x[0], x[1], x[2], x[3], alpha, eps, precision, s);
-      return std::vector<array>{nw, nv};
+  std::function<std::vector<array>(const std::vector<array>&)> leaf_function(const Layout& l) {
+    return [rule = rule_, l, precision = precision_, s = stream()](const std::vector<array>& x) {
+      return leaf_formula(rule, l, x, precision, s);
     };
-  }
-
-  static std::vector<array> leaf_inputs(const std::vector<array>& all, size_t i) {
-    size_t n = (all.size() - 1) / 3;
-    return {all[i], all[n + i], all[2 * n + i], all[3 * n]};
   }
 
   // The unbatched rank of leaf i.
@@ -746,7 +936,7 @@ class RMSpropStep : public Primitive {
     return static_cast<int>(inputs[i].ndim()) - (axes[i] >= 0 ? 1 : 0);
   }
 
-  double alpha_, eps_;
+  RuleStep rule_;
   Precision precision_;
   int threads_;
 };
@@ -756,65 +946,104 @@ class RMSpropStep : public Primitive {
 // 16384-leaf tree would need tens of GB. Eight keeps that small and the nodes few.
 constexpr size_t kLeavesPerNode = 8;
 
-using rmsprop::tree::LeafArrays;
 using Indices = std::vector<size_t>;  // of leaves
 
-// One leaf's step: its new w and v. Empty where the step wrote into memory the caller already has:
-// v over the old one, which the state holds, or w into the spare, whose object step_tree() returns.
+// The step's scalar inputs as float32 scalars: the learning rate and the rule's per-step inputs.
+struct StepInputs {
+  array lr;
+  std::vector<array> values;
+
+  bool traced() const {
+    bool any = lr.is_tracer();
+    for (const array& x : values) any = any || x.is_tracer();
+    return any;
+  }
+  std::vector<array> all() const {
+    std::vector<array> out{lr};
+    out.insert(out.end(), values.begin(), values.end());
+    return out;
+  }
+  // Their values, once evaluated, into a kernel's scalars.
+  Scalars fill(Scalars x) const {
+    x.lr = *lr.data<float>();
+    for (size_t k = 0; k < values.size(); ++k) x.step[k] = *values[k].data<float>();
+    return x;
+  }
+};
+
+// One leaf's step: its new w and the states the kernel writes. Empty where the step wrote into memory
+// the caller already has: a state over the old one, which the state dict holds, or w into the spare,
+// whose object step_tree() returns; a state the kernel does not write stays empty too.
 struct Stepped {
-  std::optional<array> w, v;
+  std::optional<array> w, s[kMaxStates];
   nb::object w_spare;   // the spare's object, where w went into it
   bool packed = false;  // updated at once, outside the graph (then its new w is kept as a spare)
 };
 
-// Lazy: one RMSpropStep node per kLeavesPerNode of `which`, donating buffers at eval time.
-void update_in_graph(const std::vector<LeafArrays>& leaves, const array& lr, const Indices& which,
-                     const std::shared_ptr<RMSpropStep>& step, std::vector<Stepped>& out) {
+// Lazy: one OptimizerStep node per kLeavesPerNode of `which`, donating buffers at eval time.
+void update_in_graph(const std::vector<LeafArrays>& leaves, const StepInputs& scalars, const Indices& which,
+                     const std::shared_ptr<OptimizerStep>& step, const RuleStep& rule, std::vector<Stepped>& out) {
   for (size_t lo = 0; lo < which.size(); lo += kLeavesPerNode) {
     size_t hi = std::min(which.size(), lo + kLeavesPerNode);
+    Layout l(rule, hi - lo);
     std::vector<array> inputs;
-    inputs.reserve(3 * (hi - lo) + 1);
-    for (auto member : {&LeafArrays::w, &LeafArrays::g, &LeafArrays::v}) {
-      for (size_t k = lo; k < hi; ++k) {
-        inputs.push_back(*(leaves[which[k]].*member));
-      }
+    inputs.reserve(l.inputs());
+    for (size_t k = lo; k < hi; ++k) inputs.push_back(*leaves[which[k]].w);
+    for (size_t k = lo; k < hi; ++k) inputs.push_back(*leaves[which[k]].g);
+    for (size_t r = 0; r < l.n_reads; ++r) {
+      for (size_t k = lo; k < hi; ++k) inputs.push_back(*leaves[which[k]].s[l.read_states[r]]);
     }
-    inputs.push_back(lr);
+    for (const array& x : scalars.all()) inputs.push_back(x);
     std::vector<Shape> shapes;
     std::vector<Dtype> dtypes;
-    for (int twice = 0; twice < 2; ++twice) {
+    for (size_t r = 0; r <= l.n_writes; ++r) {
       for (size_t k = lo; k < hi; ++k) {
         shapes.push_back(leaves[which[k]].w->shape());
         dtypes.push_back(leaves[which[k]].w->dtype());
       }
     }
     auto outputs = array::make_arrays(std::move(shapes), dtypes, step, std::move(inputs));
-    size_t n = hi - lo;
     for (size_t k = lo; k < hi; ++k) {
       out[which[k]].w = outputs[k - lo];
-      out[which[k]].v = outputs[n + k - lo];
+      for (size_t r = 0; r < l.n_writes; ++r) out[which[k]].s[l.written_states[r]] = outputs[l.state_out(r, k - lo)];
     }
   }
 }
 
-// Under a transform, which leaves run stock's own ops instead of an RMSpropStep node. A leaf whose v
-// is a placeholder (a tracer with no primitive: an input of the mx.compile'd function, as the
-// optimizer state is in mlx-lm's and mlx-examples' training steps) keeps the node, so a compiled
-// training step runs the kernel. Every other traced leaf (mx.grad, vjp or jvp through the step,
-// a compiled function that closes over the state) runs stock's ops, so that the gradients through
-// a step are the ones MLX computes for stock, bit for bit: the node's vjp sums the learning
-// rate's cotangents in another order. MLX's headers name no test for "in a gradient transform"
-// that its library exports (0.32's InTracing and InExportTracing are hidden).
+// Under a transform, which leaves run stock's own ops instead of an OptimizerStep node. A leaf whose
+// states are placeholders (tracers with no primitive: inputs of the mx.compile'd function, as the
+// optimizer state is in mlx-lm's and mlx-examples' training steps; for a rule that reads no state, w)
+// keeps the node, so a compiled training step runs the kernel. Every other traced leaf (mx.grad, vjp
+// or jvp through the step, a compiled function that closes over the state) runs stock's ops, so that
+// the gradients through a step are the ones MLX computes for stock, bit for bit: the node's vjp sums
+// the learning rate's cotangents in another order. MLX's headers name no test for "in a gradient
+// transform" that its library exports (0.32's InTracing and InExportTracing are hidden).
 bool is_placeholder(const array& x) {
   return x.is_tracer() && !x.has_primitive();
 }
 
-void update_by_formula(const std::vector<LeafArrays>& leaves, const array& lr, const Indices& which, double alpha,
-                       double eps, Precision precision, const Stream& s, std::vector<Stepped>& out) {
+bool keeps_node(const LeafArrays& x) {
+  bool any = false, all = true;
+  for (const array* s : x.s) {
+    if (s) any = true, all = all && is_placeholder(*s);
+  }
+  return any ? all : is_placeholder(*x.w);
+}
+
+// The rule's states of one leaf for its formula: every state in the rule's order (w where unread).
+std::vector<array> formula_states(const RuleStep& rule, const LeafArrays& x) {
+  std::vector<array> s;
+  for (size_t j = 0; j < rule.states(); ++j) s.push_back(x.s[j] ? *x.s[j] : *x.w);
+  return s;
+}
+
+void update_by_formula(const std::vector<LeafArrays>& leaves, const StepInputs& scalars, const Indices& which,
+                       const RuleStep& rule, Precision precision, const Stream& st, std::vector<Stepped>& out) {
   for (size_t i : which) {
-    auto [nw, nv] = formula(*leaves[i].w, *leaves[i].g, *leaves[i].v, lr, alpha, eps, precision, s);
-    out[i].w = std::move(nw);
-    out[i].v = std::move(nv);
+    const LeafArrays& x = leaves[i];
+    auto stepped = formula(rule, *x.w, *x.g, formula_states(rule, x), scalars.lr, scalars.values, precision, st);
+    out[i].w = std::move(stepped.w);
+    for (size_t j = 0; j < kMaxStates; ++j) out[i].s[j] = std::move(stepped.s[j]);
   }
 }
 
@@ -850,9 +1079,10 @@ array fresh_like(const array& like) {
 }
 
 // What the step knows of the leaves beyond their arrays, which lets the small-leaf path write in
-// place (in_place.h): each v's Python object (held by the state and by the walk), and the spare w's.
+// place (in_place.h): each state's Python objects (held by the state dict and by the walk), and the
+// spare w's.
 struct Reuse {
-  const std::vector<nb::object>* v_objects = nullptr;
+  const std::vector<nb::object>* s_objects = nullptr;  // kMaxStates lists, by the rule's state order
   // A list: per leaf, its new w of the step before last (None where it was not a small leaf). The
   // caller has usually dropped them by now, and then they take this step's new w instead of new memory.
   PyObject* spare = nullptr;
@@ -862,14 +1092,15 @@ struct Reuse {
 // leaves the arrays' descriptors (some 20 MB) fall out of the cache from one pass to the next, and
 // every pass would wait on memory for each of them again.
 struct LeafFacts {
-  bool matches = false;  // w, g and v of one shape and of one dtype the kernel takes
+  bool matches = false;  // w, g and the states of one shape and of one dtype the kernel takes
   bool traced = false;   // one of them is a tracer (mx.compile, a grad): every leaf goes in the graph
   bool evaluated = false;
   bool packed = false;  // evaluated, row-major and small: updated at once, unless a leaf is traced
   size_t size = 0, itemsize = 0;
   Dtype::Val dtype = Dtype::Val::float32;
-  const void *w = nullptr, *g = nullptr, *v = nullptr;
-  Candidate v_buffer, spare_buffer;  // clauses 1-3 of in_place.h hold for the v, for the spare
+  const void *w = nullptr, *g = nullptr, *s[kMaxStates] = {};
+  // Clauses 1-3 of in_place.h hold for each state the kernel reads and writes, for the spare.
+  Candidate s_buffer[kMaxStates], spare_buffer;
   PyObject* spare = nullptr;
 };
 
@@ -888,7 +1119,7 @@ void prefetch_descriptor(const array& x) {
 }
 
 // Every leaf's LeafFacts, in one pass that asks the cache for the leaves ahead.
-std::vector<LeafFacts> read_leaves(const std::vector<LeafArrays>& leaves, const Reuse& reuse) {
+std::vector<LeafFacts> read_leaves(const std::vector<LeafArrays>& leaves, const Reuse& reuse, const RuleStep& rule) {
   static PyTypeObject* array_type = reinterpret_cast<PyTypeObject*>(nb::type<array>().ptr());
   size_t n = leaves.size();
   std::vector<LeafFacts> facts(n);
@@ -901,8 +1132,8 @@ std::vector<LeafFacts> read_leaves(const std::vector<LeafArrays>& leaves, const 
   for (size_t i = 0; i < n; ++i) {
     if (i + 2 * kReadAhead < n) {
       const LeafArrays& later = leaves[i + 2 * kReadAhead];
-      for (const array* x : {later.w, later.g, later.v}) {
-        __builtin_prefetch(x);  // the handle, inside the Python object
+      for (const array* x : {later.w, later.g, later.s[0], later.s[1]}) {
+        if (x) __builtin_prefetch(x);  // the handle, inside the Python object
       }
       if (i + 2 * kReadAhead < n_spares) {
         __builtin_prefetch(PyList_GET_ITEM(spares, i + 2 * kReadAhead));
@@ -910,23 +1141,31 @@ std::vector<LeafFacts> read_leaves(const std::vector<LeafArrays>& leaves, const 
     }
     if (i + kReadAhead < n) {
       const LeafArrays& next = leaves[i + kReadAhead];
-      for (const array* x : {next.w, next.g, next.v, spare_at(i + kReadAhead)}) {
+      for (const array* x : {next.w, next.g, next.s[0], next.s[1], spare_at(i + kReadAhead)}) {
         if (x) {
           prefetch_descriptor(*x);
         }
       }
     }
-    const array &w = *leaves[i].w, &g = *leaves[i].g, &v = *leaves[i].v;
+    const LeafArrays& x = leaves[i];
+    const array &w = *x.w, &g = *x.g;
     LeafFacts& f = facts[i];
-    f.matches = dtypes_match(w, g, v) && shapes_match(w, g, v);  // else check_leaf() says which
+    f.matches = dtypes_match(x) && shapes_match(x);  // else check_leaf() says which
     if (!f.matches) {
       continue;
     }
     f.size = w.size();
-    f.traced = w.is_tracer() || g.is_tracer() || v.is_tracer();
-    f.evaluated = evaluated(w) && evaluated(g) && evaluated(v);
-    f.packed = !f.traced && f.evaluated && f.size < kEagerMaxElements && w.flags().row_contiguous &&
-               g.flags().row_contiguous && v.flags().row_contiguous;
+    f.traced = w.is_tracer() || g.is_tracer();
+    f.evaluated = evaluated(w) && evaluated(g);
+    bool row_major = w.flags().row_contiguous && g.flags().row_contiguous;
+    for (const array* s : x.s) {
+      if (s) {
+        f.traced = f.traced || s->is_tracer();
+        f.evaluated = f.evaluated && evaluated(*s);
+        row_major = row_major && s->flags().row_contiguous;
+      }
+    }
+    f.packed = !f.traced && f.evaluated && f.size < kEagerMaxElements && row_major;
     if (!f.packed) {
       continue;
     }
@@ -934,10 +1173,15 @@ std::vector<LeafFacts> read_leaves(const std::vector<LeafArrays>& leaves, const 
     f.dtype = w.dtype().val();
     f.w = w.data<void>();
     f.g = g.data<void>();
-    f.v = v.data<void>();
-    // The state's dict and the walk hold v's object.
-    if (reuse.v_objects && unseen_alone((*reuse.v_objects)[i].ptr(), 2, v)) {
-      f.v_buffer = Candidate::of(v);
+    for (size_t j = 0; j < kMaxStates; ++j) {
+      if (!x.s[j]) {
+        continue;
+      }
+      f.s[j] = x.s[j]->data<void>();
+      // The state's dict and the walk hold each state's object.
+      if (reuse.s_objects && rule.reads(j) && rule.writes(j) && unseen_alone(reuse.s_objects[j][i].ptr(), 2, *x.s[j])) {
+        f.s_buffer[j] = Candidate::of(*x.s[j]);
+      }
     }
     // Only the spare list holds the spare.
     const array* spare = spare_at(i);
@@ -950,35 +1194,37 @@ std::vector<LeafFacts> read_leaves(const std::vector<LeafArrays>& leaves, const 
   return facts;
 }
 
-std::atomic<uint64_t> v_in_place{0}, w_into_spares{0};
+std::atomic<uint64_t> states_in_place{0}, w_into_spares{0};
 
-// The small leaves' update, planned: where each new w and v goes. Nothing is written until run().
+// The small leaves' update, planned: where each new w and state goes. Nothing is written until run().
 struct SmallLeavesPlan {
   std::vector<Leaf> updates;
   size_t n_in_place = 0, n_spares = 0;
 
-  void run(const array& lr, Hyper h, Precision precision, int threads) {
+  void run(const StepInputs& scalars, Job job, int threads) {
     if (updates.empty()) {
       return;  // then lr may be a tracer, with no data
     }
-    h.lr = *lr.data<float>();
-    v_in_place.fetch_add(n_in_place, std::memory_order_relaxed);
+    job.x = scalars.fill(job.x);
+    states_in_place.fetch_add(n_in_place, std::memory_order_relaxed);
     w_into_spares.fetch_add(n_spares, std::memory_order_relaxed);
-    update_all(updates, h, precision, threads);
+    update_all(updates, job, threads);
   }
 };
 
-// Plans the small leaves: the new w into the spare and the new v over the old one where in_place.h's
-// clause 4 allows, given clauses 1-3 from read_leaves(); elsewhere into fresh allocations, made here.
-// Must be followed by run() with no Python code in between (clause 5).
+// Plans the small leaves: the new w into the spare and each new state over the old one where
+// in_place.h's clause 4 allows, given clauses 1-3 from read_leaves(); elsewhere into fresh
+// allocations, made here. Must be followed by run() with no Python code in between (clause 5).
 SmallLeavesPlan plan_small_leaves(const std::vector<LeafArrays>& leaves, const std::vector<LeafFacts>& facts,
-                                  const Indices& packed, std::vector<Stepped>& out) {
-  // Every candidate of the step in one list, so that a v and a spare over the same bytes are caught too.
+                                  const Indices& packed, const RuleStep& rule, std::vector<Stepped>& out) {
+  // Every candidate of the step in one list, so that two states, or a state and a spare, over the
+  // same bytes are caught too. Per leaf: its states, then its spare.
+  constexpr size_t kPer = kMaxStates + 1;
   std::vector<Candidate> candidates;
-  candidates.reserve(2 * packed.size());
+  candidates.reserve(kPer * packed.size());
   size_t new_w_bytes = 0;
   for (size_t i : packed) {
-    candidates.push_back(facts[i].v_buffer);
+    for (const Candidate& c : facts[i].s_buffer) candidates.push_back(c);
     candidates.push_back(facts[i].spare_buffer);
     new_w_bytes += facts[i].size * facts[i].itemsize;
   }
@@ -989,26 +1235,36 @@ SmallLeavesPlan plan_small_leaves(const std::vector<LeafArrays>& leaves, const s
   for (size_t k = 0; k < packed.size(); ++k) {
     size_t i = packed[k];
     const LeafFacts& f = facts[i];
-    const Candidate &v_in = candidates[2 * k], &w_in = candidates[2 * k + 1];
+    const Candidate& w_in = candidates[kPer * k + kMaxStates];
     Stepped& result = out[i];
     result.packed = true;
-    void *w_out, *v_out;
+    Leaf leaf;
+    leaf.w = f.w, leaf.g = f.g, leaf.size = f.size, leaf.dtype = f.dtype, leaf.itemsize = f.itemsize;
     if (w_in) {
       result.w_spare = nb::borrow(f.spare);
-      w_out = reinterpret_cast<void*>(w_in.begin);
+      leaf.w_out = reinterpret_cast<void*>(w_in.begin);
       ++plan.n_spares;
     } else {
       result.w = fresh_like(*leaves[i].w);
-      w_out = result.w->data<void>();
+      leaf.w_out = result.w->data<void>();
     }
-    if (v_in) {
-      v_out = const_cast<void*>(f.v);
-      ++plan.n_in_place;
-    } else {
-      result.v = fresh_like(*leaves[i].w);
-      v_out = result.v->data<void>();
+    bool all_in_place = true;
+    for (size_t j = 0; j < kMaxStates; ++j) {
+      leaf.s[j] = rule.reads(j) ? f.s[j] : nullptr;
+      if (!rule.writes(j)) {
+        continue;
+      }
+      if (candidates[kPer * k + j]) {
+        leaf.s_out[j] = const_cast<void*>(f.s[j]);
+        ++plan.n_in_place;
+      } else {
+        result.s[j] = fresh_like(*leaves[i].w);
+        leaf.s_out[j] = result.s[j]->data<void>();
+        all_in_place = false;
+      }
     }
-    plan.updates.push_back({f.w, f.g, f.v, w_out, v_out, f.size, f.dtype, f.itemsize, stream, stream && !v_in});
+    leaf.stream_w = stream, leaf.stream_s = stream && !all_in_place;
+    plan.updates.push_back(std::move(leaf));
   }
   return plan;
 }
@@ -1020,18 +1276,17 @@ SmallLeavesPlan plan_small_leaves(const std::vector<LeafArrays>& leaves, const s
 struct Planned {
   std::vector<Stepped> out;
   SmallLeavesPlan small;
-  array lr;  // the learning rate as a float32 scalar
 };
 
 // The arrays that must be evaluated before the small leaves can be updated now (gradients usually
 // are not yet), or none: then the step can be planned from these facts.
 std::vector<array> pending_inputs(const std::vector<LeafArrays>& leaves, const std::vector<LeafFacts>& facts,
-                                  const array& lr32) {
+                                  const StepInputs& scalars) {
   std::vector<array> pending;
-  bool traced = lr32.is_tracer();
+  bool traced = scalars.traced();
   for (size_t i = 0; i < leaves.size(); ++i) {
     if (!facts[i].matches) {
-      check_leaf(i, *leaves[i].w, *leaves[i].g, *leaves[i].v);  // throws, naming what differs
+      check_leaf(i, leaves[i]);  // throws, naming what differs
     }
     traced = traced || facts[i].traced;
   }
@@ -1040,24 +1295,26 @@ std::vector<array> pending_inputs(const std::vector<LeafArrays>& leaves, const s
   }
   for (size_t i = 0; i < leaves.size(); ++i) {
     if (!facts[i].evaluated && facts[i].size < kEagerMaxElements) {
-      for (const array* x : {leaves[i].w, leaves[i].g, leaves[i].v}) {
-        if (!evaluated(*x)) {
+      for (const array* x : {leaves[i].w, leaves[i].g, leaves[i].s[0], leaves[i].s[1]}) {
+        if (x && !evaluated(*x)) {
           pending.push_back(*x);
         }
       }
     }
   }
-  if (!pending.empty() && !evaluated(lr32)) {
-    pending.push_back(lr32);
+  if (!pending.empty()) {
+    for (const array& x : scalars.all()) {
+      if (!evaluated(x)) pending.push_back(x);
+    }
   }
   return pending;
 }
 
-Planned plan_step(const std::vector<LeafArrays>& leaves, const std::vector<LeafFacts>& facts, const array& lr32,
-                  double alpha, double eps, int threads, Precision precision) {
+Planned plan_step(const std::vector<LeafArrays>& leaves, const std::vector<LeafFacts>& facts,
+                  const StepInputs& scalars, const RuleStep& rule, int threads, Precision precision) {
   size_t n = leaves.size();
-  Planned p{std::vector<Stepped>(n), {}, lr32};
-  bool traced = lr32.is_tracer();
+  Planned p{std::vector<Stepped>(n), {}};
+  bool traced = scalars.traced();
   for (const LeafFacts& f : facts) {
     traced = traced || f.traced;
   }
@@ -1065,83 +1322,112 @@ Planned plan_step(const std::vector<LeafArrays>& leaves, const std::vector<LeafF
   for (size_t i = 0; i < n && !traced; ++i) {
     any_small = any_small || facts[i].packed;
   }
-  if (any_small && !evaluated(p.lr)) {
-    eval(p.lr);  // a scalar, usually available already; with the GIL held, so no Python code runs meanwhile
+  if (any_small) {
+    std::vector<array> lazy;
+    for (const array& x : scalars.all()) {
+      if (!evaluated(x)) lazy.push_back(x);
+    }
+    if (!lazy.empty()) {
+      eval(lazy);  // scalars, usually available already; with the GIL held, so no Python code runs meanwhile
+    }
   }
   Indices packed, in_graph;
   for (size_t i = 0; i < n; ++i) {
     (!traced && facts[i].packed ? packed : in_graph).push_back(i);
   }
-  p.small = plan_small_leaves(leaves, facts, packed, p.out);
+  p.small = plan_small_leaves(leaves, facts, packed, rule, p.out);
   Indices by_formula;
   if (traced) {
-    auto stays = std::stable_partition(in_graph.begin(), in_graph.end(),
-                                       [&](size_t i) { return is_placeholder(*leaves[i].v); });
+    auto stays = std::stable_partition(in_graph.begin(), in_graph.end(), [&](size_t i) { return keeps_node(leaves[i]); });
     by_formula.assign(stays, in_graph.end());
     in_graph.erase(stays, in_graph.end());
   }
   Stream s = default_stream(Device::cpu);
-  update_by_formula(leaves, p.lr, by_formula, alpha, eps, precision, s, p.out);
-  update_in_graph(leaves, p.lr, in_graph, std::make_shared<RMSpropStep>(s, alpha, eps, precision, threads), p.out);
+  update_by_formula(leaves, scalars, by_formula, rule, precision, s, p.out);
+  update_in_graph(leaves, scalars, in_graph, std::make_shared<OptimizerStep>(s, rule, precision, threads), rule, p.out);
   return p;
 }
 
-void check_arguments(const array& lr, int threads) {
-  if (lr.size() != 1) {
-    throw std::invalid_argument("rmsprop_update: the learning rate must be a scalar");
-  }
+void check_threads(int threads) {
   if (threads < 1) {
-    throw std::invalid_argument("rmsprop_update: threads must be >= 1");
+    throw std::invalid_argument("cpu_kernel: threads must be >= 1");
   }
 }
 
 // Usually a float32 scalar already: then no op, and nothing to evaluate for the small leaves.
-array as_float32_scalar(const array& lr) {
+array as_float32_scalar(const array& x, const char* what) {
+  if (x.size() != 1) {
+    throw std::invalid_argument(std::string("cpu_kernel: the ") + what + " must be a scalar");
+  }
   Stream s = default_stream(Device::cpu);
-  return lr.dtype() == float32 && lr.ndim() == 0 ? lr : reshape(astype(lr, float32, s), {}, s);
+  return x.dtype() == float32 && x.ndim() == 0 ? x : reshape(astype(x, float32, s), {}, s);
+}
+
+StepInputs step_inputs(const RuleStep& rule, const array& lr, const std::vector<array>& values) {
+  if (values.size() != rule.step_inputs()) {
+    throw std::invalid_argument("cpu_kernel: kernel " + std::string(rule.info().name) + " takes " +
+                                std::to_string(rule.step_inputs()) + " step inputs, not " +
+                                std::to_string(values.size()));
+  }
+  StepInputs out{as_float32_scalar(lr, "learning rate"), {}};
+  for (const array& x : values) out.values.push_back(as_float32_scalar(x, "step inputs"));
+  return out;
 }
 
 // How often a step evaluates lazy inputs and reads the leaves again before it leaves the ones still
 // lazy to the graph: a thread that keeps making them lazy cannot hold a step in a loop.
 constexpr int kEvalRounds = 2;
 
-std::pair<std::vector<array>, std::vector<array>> rmsprop_update(const std::vector<array>& w,
-                                                                 const std::vector<array>& g,
-                                                                 const std::vector<array>& v, const array& lr,
-                                                                 double alpha, double eps, int threads,
-                                                                 const std::string& precision_name) {
+// One step over every leaf of one generated kernel: returns (new w list, per state of the rule its
+// new arrays, empty for a state the kernel does not write). `states` holds one list per state of the
+// rule; a state the kernel does not use may have an empty list.
+std::pair<std::vector<array>, std::vector<std::vector<array>>> optimizer_update(
+    int kernel, const std::vector<double>& slots, const std::vector<array>& w, const std::vector<array>& g,
+    const std::vector<std::vector<array>>& states, const array& lr, const std::vector<array>& values, int threads,
+    const std::string& precision_name) {
+  RuleStep rule = RuleStep::of(kernel, slots);
   Precision precision = parse_precision(precision_name);
-  check_arguments(lr, threads);
+  check_threads(threads);
   size_t n = w.size();
-  if (g.size() != n || v.size() != n) {
-    throw std::invalid_argument("rmsprop_update: w, g and v need one entry per leaf each");
+  if (states.size() != rule.states()) {
+    throw std::invalid_argument("cpu_kernel: kernel " + std::string(rule.info().name) + " takes " +
+                                std::to_string(rule.states()) + " state lists, not " + std::to_string(states.size()));
+  }
+  bool sizes = g.size() == n;
+  for (size_t j = 0; j < rule.states(); ++j) {
+    sizes = sizes && (!rule.uses(j) || states[j].size() == n);
+  }
+  if (!sizes) {
+    throw std::invalid_argument("cpu_kernel: w, g and each state the kernel uses need one entry per leaf each");
   }
   // The lists hold their own handles, so nothing here can be changed under the step, and with no
   // Reuse nothing is written in place.
-  std::vector<LeafArrays> leaves;
-  leaves.reserve(n);
+  std::vector<LeafArrays> leaves(n);
   for (size_t i = 0; i < n; ++i) {
-    leaves.push_back({&w[i], &g[i], &v[i]});
+    leaves[i].w = &w[i], leaves[i].g = &g[i];
+    for (size_t j = 0; j < rule.states(); ++j) leaves[i].s[j] = rule.uses(j) ? &states[j][i] : nullptr;
   }
-  array lr32 = as_float32_scalar(lr);
+  StepInputs scalars = step_inputs(rule, lr, values);
   std::vector<LeafFacts> facts;
   for (int round = 0;; ++round) {
-    facts = read_leaves(leaves, Reuse{});
-    std::vector<array> pending = pending_inputs(leaves, facts, lr32);
+    facts = read_leaves(leaves, Reuse{}, rule);
+    std::vector<array> pending = pending_inputs(leaves, facts, scalars);
     if (pending.empty() || round == kEvalRounds) {
       break;
     }
     nb::gil_scoped_release no_gil;
     eval(pending);
   }
-  Planned p = plan_step(leaves, facts, lr32, alpha, eps, threads, precision);
-  p.small.run(p.lr, hyper(alpha, eps), precision, threads);
-  std::pair<std::vector<array>, std::vector<array>> out;
+  Planned p = plan_step(leaves, facts, scalars, rule, threads, precision);
+  p.small.run(scalars, {rule.kernel, rule.scalars(), precision}, threads);
+  std::pair<std::vector<array>, std::vector<std::vector<array>>> out;
   out.first.reserve(n);
-  out.second.reserve(n);
-  for (Stepped& leaf : p.out) {  // with no Reuse, every leaf has a new w and v
+  out.second.resize(rule.states());
+  for (Stepped& leaf : p.out) {  // with no Reuse, every leaf has a new w and new written states
     out.first.push_back(std::move(*leaf.w));
-    out.second.push_back(std::move(*leaf.v));
+    for (size_t j = 0; j < rule.states(); ++j) {
+      if (rule.writes(j)) out.second[j].push_back(std::move(*leaf.s[j]));
+    }
   }
   return out;
 }
@@ -1158,8 +1444,8 @@ array advanced(const array& step) {
 }
 
 // Whether two leaves share one state dict (opt.state["b"] = opt.state["a"]): stock then updates
-// them one after the other, b reading a's new v, which a step that reads every v first cannot do.
-// A dict held by its parent and the walk alone is not shared, so only the others are looked up.
+// them one after the other, b reading a's new state, which a step that reads every state first cannot
+// do. A dict held by its parent and the walk alone is not shared, so only the others are looked up.
 bool shares_a_state(const rmsprop::tree::Leaves& leaves) {
   std::unordered_set<PyObject*> seen;
   for (const nb::object& state : leaves.states) {
@@ -1171,38 +1457,49 @@ bool shares_a_state(const rmsprop::tree::Leaves& leaves) {
 }
 
 // One whole optimizer step in one call: the trees walked in C++ (tree_walk.h), every leaf updated,
-// the new v stored in the state, its step counter advanced, and (the new parameter tree, the new
-// spare list) returned. None, with nothing changed, where the trees are not plain, a leaf's arrays
-// disagree or two leaves share a state: the Python walk then runs, which names any problem and
-// computes as stock does. `spare` holds the small leaves' new w of the step before last (None for
-// the other leaves), which this step writes into where nothing else can see them; the list returned
-// holds this step's, for the step after next.
+// the new states stored in the state dicts, the step counter advanced, and (the new parameter tree,
+// the new spare list) returned. None, with nothing changed, where the trees are not plain, a leaf's
+// arrays disagree or two leaves share a state: the Python walk then runs, which names any problem and
+// computes as stock does. `state_names` are the rule's states, in its order. `spare` holds the small
+// leaves' new w of the step before last (None for the other leaves), which this step writes into
+// where nothing else can see them; the list returned holds this step's, for the step after next.
 //
 // Transactional: every check, allocation and Python object is made before the first write, so an
 // error leaves the parameters and the state as they were. Between the last walk and the writes the
 // GIL is held and the collector paused (in_place.h, clause 5).
-nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state, const array& lr, double alpha,
-                     double eps, int threads, const std::string& precision_name, nb::list spare) {
-  static const rmsprop::tree::Walker* walker = new rmsprop::tree::Walker();  // leaked: holds a Python str
+nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state, int kernel,
+                     const std::vector<double>& slots, const std::vector<std::string>& state_names, const array& lr,
+                     const std::vector<array>& values, int threads, const std::string& precision_name,
+                     nb::list spare) {
+  RuleStep rule = RuleStep::of(kernel, slots);
   Precision precision = parse_precision(precision_name);
-  check_arguments(lr, threads);
+  check_threads(threads);
+  if (state_names.size() != rule.states()) {
+    throw std::invalid_argument("cpu_kernel: kernel " + std::string(rule.info().name) + " has " +
+                                std::to_string(rule.states()) + " states, not " + std::to_string(state_names.size()));
+  }
   if (!PyDict_Check(gradients.ptr())) {
     return nb::none();
   }
+  std::vector<std::string> used(rule.states());
+  for (size_t j = 0; j < rule.states(); ++j) {
+    if (rule.uses(j)) used[j] = state_names[j];
+  }
+  const rmsprop::tree::Walker walker(used);
   GcPaused no_collection;
-  array lr32 = as_float32_scalar(lr);
+  StepInputs scalars = step_inputs(rule, lr, values);
   rmsprop::tree::Leaves leaves;
   std::vector<LeafFacts> facts;
   for (int round = 0;; ++round) {
     leaves = {};
     leaves.reserve(PyList_GET_SIZE(spare.ptr()));  // as many as the last step had, usually
-    if (!walker->walk(gradients.ptr(), parameters.ptr(), state.ptr(), leaves) || shares_a_state(leaves)) {
+    if (!walker.walk(gradients.ptr(), parameters.ptr(), state.ptr(), leaves) || shares_a_state(leaves)) {
       return nb::none();
     }
-    facts = read_leaves(leaves.arrays, Reuse{&leaves.v_objects, spare.ptr()});
+    facts = read_leaves(leaves.arrays, Reuse{leaves.s_objects, spare.ptr()}, rule);
     std::vector<array> pending;
     try {
-      pending = pending_inputs(leaves.arrays, facts, lr32);
+      pending = pending_inputs(leaves.arrays, facts, scalars);
     } catch (const LeafMismatch&) {
       return nb::none();
     }
@@ -1216,23 +1513,29 @@ nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state
     });
   }
   PyObject* step = PyDict_GetItemString(state.ptr(), "step");
-  if (!step || !walker->is_array(step)) {
+  if (!step || !walker.is_array(step)) {
     return nb::none();
   }
   array next_step = advanced(*nb::inst_ptr<array>(step));
-  Planned p = plan_step(leaves.arrays, facts, lr32, alpha, eps, threads, precision);
+  Planned p = plan_step(leaves.arrays, facts, scalars, rule, threads, precision);
   size_t n = p.out.size();
   // Every Python object the step hands out, made before anything is written.
-  std::vector<nb::object> new_leaves, new_vs(n);
+  std::vector<nb::object> new_leaves, new_states[kMaxStates];
   new_leaves.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     Stepped& leaf = p.out[i];
     new_leaves.push_back(leaf.w ? nb::cast(std::move(*leaf.w)) : std::move(leaf.w_spare));
-    if (leaf.v) {  // else updated in place: the state holds it already
-      new_vs[i] = nb::cast(std::move(*leaf.v));
+  }
+  for (size_t j = 0; j < kMaxStates; ++j) {
+    if (!rule.writes(j)) continue;
+    new_states[j].resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      if (p.out[i].s[j]) {  // else updated in place: the state holds it already
+        new_states[j][i] = nb::cast(std::move(*p.out[i].s[j]));
+      }
     }
   }
-  nb::object new_parameters = walker->rebuild(gradients.ptr(), new_leaves);
+  nb::object new_parameters = walker.rebuild(gradients.ptr(), new_leaves);
   // Only small leaves' w's are kept: holding a big leaf's would stop the next step donating it.
   nb::object next_spare = nb::steal(PyList_New(static_cast<Py_ssize_t>(n)));
   if (!next_spare.is_valid()) {
@@ -1244,11 +1547,13 @@ nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state
   nb::object new_step = nb::cast(std::move(next_step));
   nb::object result = nb::make_tuple(new_parameters, next_spare);
   // The writes. Replacing a dict's existing entry allocates nothing, and the walk still holds every
-  // old v, so no object is freed (and no finalizer runs) until the step has returned.
-  p.small.run(p.lr, hyper(alpha, eps), precision, threads);
-  for (size_t i = 0; i < n; ++i) {
-    if (new_vs[i].is_valid()) {
-      walker->set_v(leaves.states[i], std::move(new_vs[i]));
+  // old state, so no object is freed (and no finalizer runs) until the step has returned.
+  p.small.run(scalars, {rule.kernel, rule.scalars(), precision}, threads);
+  for (size_t j = 0; j < kMaxStates; ++j) {
+    for (size_t i = 0; i < new_states[j].size(); ++i) {
+      if (new_states[j][i].is_valid()) {
+        walker.set_state(leaves.states[i], j, std::move(new_states[j][i]));
+      }
     }
   }
   state["step"] = new_step;
@@ -1280,8 +1585,11 @@ void check_donation_invariant() {
   array w = full(shape, 1.0f, Device::cpu), g = full(shape, 1.0f, Device::cpu), v = full(shape, 1.0f, Device::cpu);
   eval({w, g, v});
   uint64_t before = donated_buffers.load();
-  auto [nw, nv] = rmsprop_update({w}, {g}, {v}, array(0.5f), 0.5, 1e-6, 1, "stock");
-  eval({nw[0], nv[0]});
+  const auto& rmsprop = rmsprop::rules::kInfo[0];  // the first kernel is RMSprop's: v only
+  std::vector<double> slots(rmsprop.slot_values, rmsprop.slot_values + rmsprop.slots);
+  auto [nw, states] = optimizer_update(0, slots, {w}, {g}, {{v}}, array(0.5f), {}, 1, "stock");
+  array nv = states.at(0).at(0);
+  eval({nw[0], nv});
   bool unchanged = w.data<float>()[0] == 1.0f && v.data<float>()[0] == 1.0f && nw[0].data<float>()[0] != 1.0f;
   if (donated_buffers.load() != before || nw[0].data<void>() == w.data<void>() || !unchanged) {
     donated_buffers.store(before);
@@ -1294,26 +1602,34 @@ void check_donation_invariant() {
 }  // namespace
 
 NB_MODULE(_ext, m) {
-  m.doc() = "A fused, multi-tensor, threaded RMSprop step for MLX's CPU back-end.";
+  m.doc() = "A fused, multi-tensor, threaded optimizer step for MLX's CPU back-end, for every generated kernel.";
   check_nanobind_abi();
   check_donation_invariant();
   m.attr("MLX_VERSION") = RMSPROP_MLX_VERSION;
-  m.def("rmsprop_update", &rmsprop_update, "w"_a, "g"_a, "v"_a, "lr"_a, "alpha"_a, "eps"_a, "threads"_a,
-        "precision"_a = "stock",
-        "One step over every leaf: returns (new w list, new v list). precision=\"stock\" rounds as stock RMSprop "
-        "does in every dtype; \"float32\" computes in float32 and rounds once.");
-  m.def("step_tree", &step_tree, "gradients"_a, "parameters"_a, "state"_a, "lr"_a, "alpha"_a, "eps"_a, "threads"_a,
-        "precision"_a, "spare"_a,
-        "One whole optimizer step: walks the trees, updates every leaf, stores each new v in the state and advances "
-        "state['step']; returns the new parameter tree, or None (nothing changed) where the trees are not plain "
-        "dicts, lists and tuples of arrays with the stock state. spare: a list of the step before last's new "
-        "packed w's, written into where nothing else holds them, and refilled with this step's.");
+  m.def("optimizer_update", &optimizer_update, "kernel"_a, "slots"_a, "w"_a, "g"_a, "states"_a, "lr"_a,
+        "step_inputs"_a, "threads"_a, "precision"_a = "stock",
+        "One step of generated kernel `kernel` over every leaf: returns (new w list, per state of the rule its new "
+        "arrays, empty for one the kernel does not write). precision=\"stock\" rounds as the stock class does in "
+        "every dtype; \"float32\" computes in float32 and rounds once.");
+  m.def("step_tree", &step_tree, "gradients"_a, "parameters"_a, "state"_a, "kernel"_a, "slots"_a, "state_names"_a,
+        "lr"_a, "step_inputs"_a, "threads"_a, "precision"_a, "spare"_a,
+        "One whole optimizer step: walks the trees, updates every leaf, stores each new state in the state dicts "
+        "and advances state['step']; returns the new parameter tree, or None (nothing changed) where the trees are "
+        "not plain dicts, lists and tuples of arrays with the stock state. spare: a list of the step before last's "
+        "new packed w's, written into where nothing else holds them, and refilled with this step's.");
+  m.def("kernels_table", [] {
+        std::vector<std::pair<std::string, std::string>> table;
+        for (const auto& k : rmsprop::rules::kInfo) table.emplace_back(k.name, k.digest);
+        return table;
+      },
+      "Each generated kernel's (name, digest of its trace), by index: Python checks them against the rules.");
   m.def("hardware_threads", [] { return std::max(1u, std::thread::hardware_concurrency()); },
         "The number of hardware threads, the default thread count.");
   m.def("donated_buffers", [] { return donated_buffers.load(); },
         "How many outputs so far reused an input's buffer instead of allocating one.");
-  m.def("v_updated_in_place", [] { return v_in_place.load(); },
-        "How many leaves' v so far were updated in place, as nothing but the optimizer state could see them.");
+  m.def("states_updated_in_place", [] { return states_in_place.load(); },
+        "How many leaves' state arrays so far were updated in place, as nothing but the optimizer state could see "
+        "them.");
   m.def("w_into_spares", [] { return w_into_spares.load(); },
         "How many leaves' new w so far went into a spare: a w of the step before last that nothing else held.");
   m.def("huge_page_moves", [] { return the_huge_pages->moves(); },

@@ -8,8 +8,10 @@
 #include <nanobind/nanobind.h>
 
 #include <stdexcept>
+#include <string>
 #include <vector>
 
+#include "generated/rules_table.h"
 #include "mlx/array.h"
 
 namespace rmsprop::tree {
@@ -17,12 +19,15 @@ namespace rmsprop::tree {
 namespace nb = nanobind;
 using mlx::core::array;
 
+using rules::kMaxStates;
+
 // One leaf's arrays, by address: a step copies no array handle, since a copy and its release are
-// atomic operations on the array's descriptor, which on 16384 leaves is not in the cache.
+// atomic operations on the array's descriptor, which on 16384 leaves is not in the cache. A state
+// the step's kernel neither reads nor writes is null.
 struct LeafArrays {
-  const array* w;
-  const array* g;
-  const array* v;
+  const array* w = nullptr;
+  const array* g = nullptr;
+  const array* s[kMaxStates] = {};
 };
 
 // The leaves of one step, in the gradients' order, with the Python objects that hold their arrays:
@@ -30,11 +35,12 @@ struct LeafArrays {
 // may drop them meanwhile.
 struct Leaves {
   std::vector<LeafArrays> arrays;
-  std::vector<nb::object> g_objects, w_objects, states, v_objects;
+  std::vector<nb::object> g_objects, w_objects, states;
+  std::vector<nb::object> s_objects[kMaxStates];  // per state of the rule; empty for one not used
 
   void reserve(size_t n) {
     arrays.reserve(n);
-    for (auto* objects : {&g_objects, &w_objects, &states, &v_objects}) {
+    for (auto* objects : {&g_objects, &w_objects, &states, &s_objects[0], &s_objects[1]}) {
       objects->reserve(n);
     }
   }
@@ -42,7 +48,16 @@ struct Leaves {
 
 class Walker {
  public:
-  Walker() : array_type_(reinterpret_cast<PyTypeObject*>(nb::type<array>().ptr())), v_key_(nb::str("v")) {}
+  // `states`: the rule's state names, in its order; an empty name is a state the step does not use.
+  explicit Walker(const std::vector<std::string>& states)
+      : array_type_(reinterpret_cast<PyTypeObject*>(nb::type<array>().ptr())) {
+    if (states.size() > kMaxStates) {
+      throw std::invalid_argument("cpu_kernel: a rule of more than " + std::to_string(kMaxStates) + " states");
+    }
+    for (size_t j = 0; j < states.size(); ++j) {
+      if (!states[j].empty()) keys_[j] = nb::str(states[j].c_str());
+    }
+  }
 
   // Appends the leaves of (g, w, s) to `out`; false where a tree is not plain or leaves disagree.
   bool walk(PyObject* g, PyObject* w, PyObject* s, Leaves& out, int depth = 0) const {
@@ -98,9 +113,9 @@ class Walker {
     return tree;
   }
 
-  // Stores a new v in a state dict the walk returned.
-  void set_v(const nb::object& state, nb::object v) const {
-    nb::borrow<nb::dict>(state)[v_key_] = std::move(v);
+  // Stores a new state array j in a state dict the walk returned.
+  void set_state(const nb::object& state, size_t j, nb::object x) const {
+    nb::borrow<nb::dict>(state)[keys_[j]] = std::move(x);
   }
 
   bool is_array(PyObject* x) const {
@@ -141,22 +156,35 @@ class Walker {
     return std::runtime_error("cpu_kernel: the gradient tree changed (in another thread) while the step ran");
   }
 
-  // A gradient leaf, its parameter, and the stock state {"v": array}. Their shapes and dtypes are
-  // compared where the step reads the arrays (read_leaves() in rmsprop_cpu.cpp), in the same pass.
+  // A gradient leaf, its parameter, and the stock state {"m": array, "v": array, ...}, of which the
+  // states the step uses must be arrays. Their shapes and dtypes are compared where the step reads
+  // the arrays (read_leaves() in rmsprop_cpu.cpp), in the same pass.
   bool leaf(PyObject* g, PyObject* w, PyObject* s, Leaves& out) const {
     if (Py_TYPE(w) != array_type_ || !PyDict_CheckExact(s)) {
       return false;
     }
-    PyObject* v = PyDict_GetItemWithError(s, v_key_.ptr());
-    if (!v || Py_TYPE(v) != array_type_) {
-      PyErr_Clear();
-      return false;
+    PyObject* found[kMaxStates] = {};
+    for (size_t j = 0; j < kMaxStates; ++j) {
+      if (!keys_[j].is_valid()) {
+        continue;
+      }
+      found[j] = PyDict_GetItemWithError(s, keys_[j].ptr());
+      if (!found[j] || Py_TYPE(found[j]) != array_type_) {
+        PyErr_Clear();
+        return false;
+      }
     }
-    out.arrays.push_back({nb::inst_ptr<array>(w), nb::inst_ptr<array>(g), nb::inst_ptr<array>(v)});
+    LeafArrays arrays{nb::inst_ptr<array>(w), nb::inst_ptr<array>(g), {}};
+    for (size_t j = 0; j < kMaxStates; ++j) {
+      if (found[j]) {
+        arrays.s[j] = nb::inst_ptr<array>(found[j]);
+        out.s_objects[j].push_back(nb::borrow(found[j]));
+      }
+    }
+    out.arrays.push_back(arrays);
     out.g_objects.push_back(nb::borrow(g));
     out.w_objects.push_back(nb::borrow(w));
     out.states.push_back(nb::borrow(s));
-    out.v_objects.push_back(nb::borrow(v));
     return true;
   }
 
@@ -167,7 +195,7 @@ class Walker {
   // Deeper than any model: a cyclic or absurd tree goes to the Python walk.
   static constexpr int kMaxDepth = 256;
   PyTypeObject* array_type_;
-  nb::str v_key_;
+  nb::object keys_[kMaxStates];  // a str each; invalid where the step does not use that state
 };
 
 }  // namespace rmsprop::tree

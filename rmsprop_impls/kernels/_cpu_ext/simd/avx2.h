@@ -124,15 +124,28 @@ inline V div(V a, V b) {
 inline V sqrt(V a) {
   return _mm256_sqrt_ps(a);
 }
+// As the scalar kernel's (scalar.h): vmaxps(a, b) gives b unless a > b, so only a NaN a needs a blend.
+inline V abs(V a) {
+  return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a);
+}
+inline V sign(V a) {
+  const V zero = _mm256_setzero_ps();
+  V above = _mm256_and_ps(_mm256_cmp_ps(a, zero, _CMP_GT_OQ), _mm256_set1_ps(1.0f));
+  V below = _mm256_and_ps(_mm256_cmp_ps(a, zero, _CMP_LT_OQ), _mm256_set1_ps(-1.0f));
+  return _mm256_or_ps(above, below);
+}
+inline V maximum(V a, V b) {
+  return _mm256_blendv_ps(_mm256_max_ps(a, b), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+}
 
 #include "loop.h"
 
 // update(), then the upper halves of the YMM registers cleared. Left dirty, they make every SSE
 // instruction that runs next on this thread pay a transition penalty: MLX's CPU stream thread runs
 // a share of each step, and its libm-based kernels (erfinv, so mx.random.normal) ran 45x slower.
-template <typename T, bool kExact, bool kStreamW, bool kStreamV>
-void update_then_clear(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
-  update<T, kExact, kStreamW, kStreamV>(w, g, v, w_out, v_out, n, h);
+template <int K, typename T, bool kExact, bool kStreamW, bool kStreamS>
+void update_then_clear(const Streams<T>& a, size_t n, const Scalars& x) {
+  update<K, T, kExact, kStreamW, kStreamS>(a, n, x);
   _mm256_zeroupper();
 }
 

@@ -1,15 +1,15 @@
-// The update loop, written once. Each kernel header includes this file inside its own namespace,
-// after defining there: N (floats per vector), V (the vector), load<T>/store<T> (widen to and
-// narrow from float32, rounding to nearest even), round<T> (narrow to T and widen back),
-// broadcast, add, sub, mul, div and sqrt. No include guard on purpose.
+// The update loop, written once for every rule. Each kernel header includes this file inside its own
+// namespace, after defining there: N (floats per vector), V (the vector), load<T>/store<T> (widen to
+// and narrow from float32, rounding to nearest even), round<T> (narrow to T and widen back),
+// broadcast, add, sub, mul, div, sqrt, abs, sign and maximum. No include guard on purpose.
 //
-// Stock's order of operations:
-//   v' = alpha*v + (1-alpha)*g*g
-//   w' = w - lr*g / (sqrt(v') + eps)
-// kExact rounds every intermediate to T, as stock does when T is float16 or bfloat16; otherwise
-// the arithmetic stays in float32 and only w' and v' are rounded. For float32 the two are the same.
-// Multiplies and adds stay separate (the build passes -ffp-contract=off): a fused multiply-add
-// rounds once where stock rounds twice.
+// A rule's step is one of the kernels generated from its trace (generated/rules_kernels.h, included
+// below as Rule<K>): it rounds every value of the storage dtype to T after each operation where
+// kExact (stock's rounding in float16 and bfloat16), and otherwise keeps the arithmetic in float32 and
+// rounds only what is stored. For float32 the two are the same. The loop loads only the state arrays
+// the kernel reads and stores only the ones it changes (Rule<K>'s masks in rules_table.h).
+// Multiplies and adds stay separate (the build passes -ffp-contract=off): a fused multiply-add rounds
+// once where stock rounds twice.
 
 template <typename T, bool kExact>
 inline V maybe_round(V x) {
@@ -20,22 +20,13 @@ inline V maybe_round(V x) {
   }
 }
 
-template <typename T, bool kExact>
-inline V step_v(V w, V g, V v, V lr, V alpha, V one_minus_alpha, V eps, V& w_out) {
-  V g2 = maybe_round<T, kExact>(mul(g, g));
-  V decayed = maybe_round<T, kExact>(mul(alpha, v));
-  V nv = maybe_round<T, kExact>(add(decayed, maybe_round<T, kExact>(mul(one_minus_alpha, g2))));
-  V denominator = maybe_round<T, kExact>(add(maybe_round<T, kExact>(sqrt(nv)), eps));
-  V step = maybe_round<T, kExact>(div(maybe_round<T, kExact>(mul(lr, g)), denominator));
-  w_out = sub(w, step);
-  return nv;
-}
+#include "../generated/rules_kernels.h"
 
-// kStreamW, kStreamV: that output is memory this step does not read (a new pack or allocation, a
+// kStreamW, kStreamS: that output is memory this step does not read (a new pack or allocation, a
 // spare) on a step too big for the cache to keep, so it is written past the cache with stream()
-// rather than read in first by every store that misses: 20 bytes of traffic per float32 parameter
-// instead of 28. In place (a donated buffer, a free v) the lines are in the cache already, and
-// plain stores are faster.
+// rather than read in first by every store that misses: 20 bytes of traffic per float32 RMSprop
+// parameter instead of 28. In place (a donated buffer, a free state) the lines are in the cache
+// already, and plain stores are faster.
 template <typename T, bool kStream>
 inline void put(T* p, V x) {
   if constexpr (kStream) {
@@ -45,33 +36,48 @@ inline void put(T* p, V x) {
   }
 }
 
-template <typename T, bool kExact, bool kStreamW = false, bool kStreamV = false>
-void update(const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
-  const V lr = broadcast(h.lr), alpha = broadcast(h.alpha);
-  const V one_minus_alpha = broadcast(h.one_minus_alpha), eps = broadcast(h.eps);
+template <unsigned kMask, size_t j>
+constexpr bool has() {
+  return (kMask >> j) & 1u;
+}
+
+// One element vector at offset k: loads what kernel K reads, steps, stores what it writes.
+template <int K, typename T, bool kExact, bool kStreamW, bool kStreamS>
+inline void step_at(const typename Rule<K>::template Step<T, kExact>& step, const Streams<T>& a, size_t k) {
+  constexpr unsigned reads = rules::kInfo[K].reads, writes = rules::kInfo[K].writes;
+  V s[rules::kMaxStates] = {}, ns[rules::kMaxStates] = {};
+  if constexpr (has<reads, 0>()) s[0] = load(a.s[0] + k);
+  if constexpr (has<reads, 1>()) s[1] = load(a.s[1] + k);
+  V nw;
+  step(load(a.w + k), load(a.g + k), s, nw, ns);
+  if constexpr (has<writes, 0>()) put<T, kStreamS>(a.s_out[0] + k, ns[0]);
+  if constexpr (has<writes, 1>()) put<T, kStreamS>(a.s_out[1] + k, ns[1]);
+  put<T, kStreamW>(a.w_out + k, nw);
+}
+
+template <int K, typename T, bool kExact, bool kStreamW = false, bool kStreamS = false>
+void update(const Streams<T>& a, size_t n, const Scalars& x) {
+  static_assert(rules::kMaxStates == 2, "step_at() loads and stores two state arrays");
+  constexpr unsigned reads = rules::kInfo[K].reads;
+  const typename Rule<K>::template Step<T, kExact> step(x);
   constexpr size_t ahead = kPrefetchBytes / sizeof(T);
   size_t i = 0;
   for (; i + 2 * N <= n; i += 2 * N) {
     if (N > 1 && i % (64 / sizeof(T)) < 2 * N && i + ahead < n) {
-      prefetch(w + i + ahead);
-      prefetch(g + i + ahead);
-      prefetch(v + i + ahead);
+      prefetch(a.w + i + ahead);
+      prefetch(a.g + i + ahead);
+      if constexpr (has<reads, 0>()) prefetch(a.s[0] + i + ahead);
+      if constexpr (has<reads, 1>()) prefetch(a.s[1] + i + ahead);
     }
     for (size_t k = i; k < i + 2 * N; k += N) {
-      V nw;
-      V nv = step_v<T, kExact>(load(w + k), load(g + k), load(v + k), lr, alpha, one_minus_alpha, eps, nw);
-      put<T, kStreamV>(v_out + k, nv);
-      put<T, kStreamW>(w_out + k, nw);
+      step_at<K, T, kExact, kStreamW, kStreamS>(step, a, k);
     }
   }
   if constexpr (N > 1) {
-    ::rmsprop::scalar::update<T, kExact>(w + i, g + i, v + i, w_out + i, v_out + i, n - i, h);
+    ::rmsprop::scalar::update<K, T, kExact>(a.at(i), n - i, x);
   } else {
     for (; i < n; ++i) {
-      V nw;
-      V nv = step_v<T, kExact>(load(w + i), load(g + i), load(v + i), lr, alpha, one_minus_alpha, eps, nw);
-      store(v_out + i, nv);
-      store(w_out + i, nw);
+      step_at<K, T, kExact, false, false>(step, a, i);
     }
   }
 }

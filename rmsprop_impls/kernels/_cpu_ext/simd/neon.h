@@ -95,6 +95,19 @@ inline V div(V a, V b) {
 inline V sqrt(V a) {
   return vsqrtq_f32(a);
 }
+// As the scalar kernel's (scalar.h); not vmaxq_f32, which orders -0 below +0 and returns either NaN.
+inline V abs(V a) {
+  return vabsq_f32(a);
+}
+inline V sign(V a) {
+  const V zero = vdupq_n_f32(0.0f);
+  uint32x4_t above = vandq_u32(vcgtq_f32(a, zero), vreinterpretq_u32_f32(vdupq_n_f32(1.0f)));
+  uint32x4_t below = vandq_u32(vcltq_f32(a, zero), vreinterpretq_u32_f32(vdupq_n_f32(-1.0f)));
+  return vreinterpretq_f32_u32(vorrq_u32(above, below));
+}
+inline V maximum(V a, V b) {
+  return vbslq_f32(is_nan(a), a, vbslq_f32(vcgtq_f32(a, b), a, b));
+}
 
 #include "loop.h"
 

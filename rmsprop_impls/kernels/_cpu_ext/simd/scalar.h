@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstddef>
 
+#include "../generated/rules_table.h"
 #include "mlx/types/half_types.h"
 
 namespace rmsprop {
@@ -15,21 +16,39 @@ namespace rmsprop {
 using f16 = mlx::core::float16_t;
 using bf16 = mlx::core::bfloat16_t;
 
-// The step's scalars, as float32 values. In the stock-exact mode they are already rounded to the
-// storage dtype (see rounded_to()), as stock's `lr.astype(g.dtype)` and its weakly typed Python
-// constants are.
-struct Hyper {
-  float lr, alpha, one_minus_alpha, eps;
+// The step's scalars, as float32 values, for every kernel alike: the learning rate, the rule's
+// per-step inputs (Adam's bias corrections) and its slots (hyper-parameters and numbers folded from
+// them, generate.py). A kernel rounds them to the storage dtype itself where stock does.
+struct Scalars {
+  float lr = 0.0f;
+  float step[rules::kMaxStepInputs] = {};
+  float slots[rules::kMaxSlots > 0 ? rules::kMaxSlots : 1] = {};
+};
+
+// One range of one leaf: w, g, the rule's state arrays (null where the kernel neither loads nor stores
+// one) and the outputs. at(i) moves every pointer that is set i elements on.
+template <typename T>
+struct Streams {
+  const T* w;
+  const T* g;
+  const T* s[rules::kMaxStates];
+  T* w_out;
+  T* s_out[rules::kMaxStates];
+
+  Streams at(size_t i) const {
+    Streams out = *this;
+    out.w += i, out.g += i, out.w_out += i;
+    for (size_t j = 0; j < rules::kMaxStates; ++j) {
+      out.s[j] = s[j] ? s[j] + i : nullptr;
+      out.s_out[j] = s_out[j] ? s_out[j] + i : nullptr;
+    }
+    return out;
+  }
 };
 
 template <typename T>
 inline float round_to(float x) {
   return static_cast<float>(static_cast<T>(x));
-}
-
-template <typename T>
-Hyper rounded_to(const Hyper& h) {
-  return {round_to<T>(h.lr), round_to<T>(h.alpha), round_to<T>(h.one_minus_alpha), round_to<T>(h.eps)};
 }
 
 // Bytes ahead of the loads that the loop asks the cache for: the hardware prefetcher alone left the
@@ -80,6 +99,19 @@ inline V div(V a, V b) {
 }
 inline V sqrt(V a) {
   return std::sqrt(a);
+}
+// abs, sign and maximum as MLX's CPU back-end computes them (mlx/backend/cpu/unary_ops.h and
+// binary_ops.h), checked against mx.abs, mx.sign and mx.maximum: abs clears the sign bit, NaN's too;
+// sign is (a > 0) - (a < 0), so +0 for ±0 and for NaN; maximum(a, b) is a where a is NaN, else
+// a > b ? a : b (so b for ±0 against ±0, and a NaN b).
+inline V abs(V a) {
+  return std::fabs(a);
+}
+inline V sign(V a) {
+  return a > 0.0f ? 1.0f : (a < 0.0f ? -1.0f : 0.0f);
+}
+inline V maximum(V a, V b) {
+  return std::isnan(a) ? a : (a > b ? a : b);
 }
 
 #include "loop.h"

@@ -1,4 +1,4 @@
-// Picks the update kernel for this CPU, once: AVX2 on x86-64 CPUs that have it, NEON on aarch64,
+// Picks the instruction set for this CPU, once: AVX2 on x86-64 CPUs that have it, NEON on aarch64,
 // the scalar loop anywhere else. All of them run loop.h and round alike, so they give the same
 // bits; tests force each one the machine has through set_kernel() and compare them.
 #pragma once
@@ -41,20 +41,29 @@ inline std::vector<Kernel> available_kernels() {
   return kernels;
 }
 
-// One range of one leaf, on the chosen kernel. kExact: stock's rounding after every operation;
-// kStreamW, kStreamV: that output is written past the cache where the kernel can (loop.h).
-template <typename T, bool kExact, bool kStreamW, bool kStreamV>
-void update(Kernel k, const T* w, const T* g, const T* v, T* w_out, T* v_out, size_t n, const Hyper& h) {
-  switch (k) {
+// One range of one leaf with generated kernel `rule`, on the chosen instruction set. kExact: stock's
+// rounding after every operation; kStreamW, kStreamS: that output is written past the cache where the
+// kernel can (loop.h). The rule is found by a chain of comparisons, one per kernel: a few
+// nanoseconds per call, which is per range, not per element.
+template <typename T, bool kExact, bool kStreamW, bool kStreamS, int K = 0>
+void update(Kernel k, int rule, const Streams<T>& a, size_t n, const Scalars& x) {
+  if constexpr (K < rules::kKernels) {
+    if (rule != K) {
+      return update<T, kExact, kStreamW, kStreamS, K + 1>(k, rule, a, n, x);
+    }
+    switch (k) {
 #if defined(__x86_64__)
-    case Kernel::avx2:
-      return avx2::update_then_clear<T, kExact, kStreamW, kStreamV>(w, g, v, w_out, v_out, n, h);
+      case Kernel::avx2:
+        return avx2::update_then_clear<K, T, kExact, kStreamW, kStreamS>(a, n, x);
 #elif defined(__aarch64__)
-    case Kernel::neon:
-      return neon::update<T, kExact, kStreamW, kStreamV>(w, g, v, w_out, v_out, n, h);
+      case Kernel::neon:
+        return neon::update<K, T, kExact, kStreamW, kStreamS>(a, n, x);
 #endif
-    default:
-      return scalar::update<T, kExact>(w, g, v, w_out, v_out, n, h);
+      default:
+        return scalar::update<K, T, kExact>(a, n, x);
+    }
+  } else {
+    throw std::invalid_argument("no generated kernel " + std::to_string(rule));
   }
 }
 

@@ -1,0 +1,76 @@
+"""Times ``cpu_kernel`` and ``compiled`` for every rule on the same trees, interleaved in one process.
+
+For each tree and rule, the rule's ``cpu_kernel`` steps alternately (``time_interleaved``) with RMSprop's
+``cpu_kernel``, the yardstick of the same moment, then with the rule's ``compiled``: two alternating pairs,
+so that each side follows the other equally often. Printed per row: the
+median step, the time per leaf, GB/s (the bytes the rule moves: AdamW 28 per float32 parameter), the
+fraction of the CPU's roof at the rule's working set (``rmsprop_impls.measure.roof``), the per-leaf
+cost over RMSprop's ``cpu_kernel`` and the step over ``compiled``'s. ``compare`` times RMSprop only
+(it has no ``--optimizer`` yet), hence this script::
+
+    python scripts/rule_kernels_bench.py --tree 1x1K 16x1M 256x64K 1024x16K 4096x4K 16384x256 transformer-base
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import mlx.core as mx
+
+from rmsprop_impls import create
+from rmsprop_impls.measure.roof import measure_cpu_roof
+from rmsprop_impls.measure.roof_cache import best_so_far
+from rmsprop_impls.measure.timing import time_interleaved
+from rmsprop_impls.measure.trees import leaves_of, random_like, step_bytes, tree_by_name
+from rmsprop_impls.rules import RULE_NAMES, rule
+
+
+def working_set(name: str, tree) -> int:
+    """The bytes of the arrays a step touches: w, g and the states the rule's trace reads."""
+    r = rule(name)
+    touched = r.trace(r.defaults).used_inputs() & {"w", "g", *r.states}
+    return len(touched) * sum(x.nbytes for x in leaves_of(tree))
+
+
+def yardstick(other: str, name: str):
+    """RMSprop's ``cpu_kernel``, or the rule's ``compiled``."""
+    return create("cpu_kernel", 1e-3) if other == "rmsprop" else create("compiled", 1e-3, optimizer=name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", nargs="+", default=["16x1M"])
+    parser.add_argument("--rules", nargs="+", default=list(RULE_NAMES), choices=RULE_NAMES)
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed rounds per tree and rule")
+    args = parser.parse_args()
+    roof = best_so_far(measure_cpu_roof())
+    print("| tree | rule | cpu_kernel step | per leaf | GB/s | of roof | per leaf / RMSprop's | step / compiled's |")
+    print("|---|---|---|---|---|---|---|---|")
+    for tree_name in args.tree:
+        params = tree_by_name(tree_name)
+        grads = random_like(params)
+        n_leaves = len(leaves_of(params))
+        for name in args.rules:
+            kernel, ratio = [], {}
+            for other in ("rmsprop", "compiled"):
+                pair = {"kernel": create("cpu_kernel", 1e-3, optimizer=name), other: yardstick(other, name)}
+                timings = time_interleaved(pair, params, grads, args.budget / 2)
+                kernel += timings["kernel"].samples
+                ratio[other] = statistics.median(timings["kernel"].samples) / statistics.median(timings[other].samples)
+                del pair, timings
+            median = {"kernel": statistics.median(kernel)}
+            gbps = step_bytes(params, name) / median["kernel"] / 1e9
+            limit = roof.at(working_set(name, params))
+            per_leaf = median["kernel"] / n_leaves
+            print(
+                f"| {tree_name} | {name} | {median['kernel'] * 1e3:.3f} ms | {per_leaf * 1e6:.2f} us | {gbps:.1f} | "
+                f"{gbps / limit:.0%} | {ratio['rmsprop']:.2f} | {ratio['compiled']:.2f} |",
+                flush=True,
+            )
+        del params, grads
+        mx.clear_cache()
+
+
+if __name__ == "__main__":
+    main()
