@@ -126,7 +126,8 @@ class OptimizerBase(optim.Optimizer):
         """This step's scheduled values, not yet stored, and the step's scalars (the learning rate among them)."""
         scheduled = {param: scheduler(self.step) for param, scheduler in self._schedulers.items()}
         lr = scheduled.get("learning_rate", self.learning_rate)
-        values = self.rule.step_values(self.hyper, self.step + 1) if self.rule.step_inputs else {}
+        hyper = self.hyper
+        values = self.rule.step_values(hyper, self.step + 1) if self.rule.uses_step(hyper) else {}
         return scheduled, StepScalars(lr, values)
 
     def _step_leaves(self, leaves: MatchedLeaves, scalars: StepScalars) -> tuple[list[mx.array], StateLists]:

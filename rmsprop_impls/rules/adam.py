@@ -40,6 +40,9 @@ class Adam(Rule):
     states = ("m", "v")
     step_inputs = ("bias1", "rsqrt_bias2")
 
+    def uses_step(self, hyper):
+        return bool(hyper["bias_correction"])
+
     def step_values(self, hyper, step, e=element.MLX_OPS):
         return bias_corrections(hyper, step, e)
 

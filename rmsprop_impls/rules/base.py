@@ -59,9 +59,15 @@ class Rule:
             if key in given:
                 raise TypeError(f"{self.title} got {key!r} twice")
             given[key] = value
-        hyper = {**self.defaults, **given}
+        # A copy of each list: stock's default betas is one list shared by every instance it makes.
+        hyper = {k: list(v) if isinstance(v, list) else v for k, v in {**self.defaults, **given}.items()}
         self.stock(0.0, **hyper)  # raises stock's own error for a bad value
         return hyper
+
+    def uses_step(self, hyper: Mapping[str, Any]) -> bool:
+        """Whether :meth:`step_values` reads the step count with these hyper-parameters: a step that does not
+        need it computes no ``step + 1``."""
+        return bool(self.step_inputs)
 
     def step_values(self, hyper: Mapping[str, Any], step: Any, e: Any = element.MLX_OPS) -> dict[str, Any]:
         """This step's float32 inputs, in stock's MLX ops (or ``e``'s: the float64 reference passes NumPy's);
