@@ -94,10 +94,12 @@ def test_the_gpu_roof_measures_the_gpu():
 def _run_rows(with_gpu: bool) -> pd.DataFrame:
     """One run's loader rows before throughput: the limits, and a step of 4M float32 parameters per variant."""
     base = {"machine": "m", "commit": "c", "environment": "e", "unit": "seconds", "available": True}
-    rows = [{**base, "benchmark": results.LIMIT_BENCHMARK, "median": CPU_GBPS, "device": None}]
+    rows = [{**base, "benchmark": results.LIMIT_BENCHMARK, "median": CPU_GBPS, "device": None, "optimizer": None}]
     if with_gpu:
         rows.append({**base, "benchmark": results.GPU_LIMIT_BENCHMARK, "median": GPU_GBPS, "device": None})
+        rows[-1]["optimizer"] = None
     step = {**base, "benchmark": results.STEP_BENCHMARK, "tree": "4x1M", "n_leaves": 4, "n_params": 4 << 20}
+    step["optimizer"] = "rmsprop"
     for variant in ["eager", "cpu_kernel", "metal_kernel", "flat+packed"]:
         rows.append({**step, "variant": variant, "device": results._declared_device(variant), "dtype": "float32"})
     rows.append({**step, "variant": "torch-foreach", "device": "cpu", "dtype": "float32"})
@@ -137,8 +139,8 @@ def test_the_run_summary_labels_the_device_and_each_limit():
     text = summary(df)
     assert "cpu 10.0 GB/s beyond the caches; gpu 400.0 GB/s beyond the caches" in text
     header, _, winner = text.strip().splitlines()[-3:]
-    assert header.split()[:4] == ["tree", "dtype", "fastest", "device"]
-    assert winner.split()[2:4] in (["eager", "gpu"], ["cpu_kernel", "cpu"], ["metal_kernel", "gpu"])
+    assert header.split()[:5] == ["optimizer", "tree", "dtype", "fastest", "device"]
+    assert winner.split()[3:5] in (["eager", "gpu"], ["cpu_kernel", "cpu"], ["metal_kernel", "gpu"])
 
 
 def test_the_asv_step_divides_by_its_device_limit(monkeypatch, default_is_gpu):
@@ -163,11 +165,13 @@ def test_the_asv_step_divides_by_its_device_limit(monkeypatch, default_is_gpu):
     step = Step()
     step.params_ = {"w": mx.zeros((1024,))}  # 12 KiB touched per step
     monkeypatch.setattr(Step, "track_gbps", lambda self, *a: 40.0)
-    assert step.track_fraction_of_limit(limits, "cpu_kernel", "1x1K", "float32") == 4.0
-    assert step.track_fraction_of_limit(limits, "eager", "1x1K", "float32") == 0.1
-    assert math.isnan(step.track_fraction_of_limit({"cpu": CPU_GBPS, "gpu": None}, "eager", "1x1K", "float32"))
+    assert step.track_fraction_of_limit(limits, "cpu_kernel", "1x1K", "float32", "rmsprop") == 4.0
+    assert step.track_fraction_of_limit(limits, "eager", "1x1K", "float32", "rmsprop") == 0.1
+    assert math.isnan(
+        step.track_fraction_of_limit({"cpu": CPU_GBPS, "gpu": None}, "eager", "1x1K", "float32", "rmsprop")
+    )
     cached = Roof("cpu", (8 << 10, 1 << 30), (80.0, 10.0), last_level_cache=1 << 20)  # 80 GB/s at 8 KiB, 10 at 1 GiB
-    assert step.track_fraction_of_limit({"cpu": cached, "gpu": None}, "cpu_kernel", "1x1K", "float32") < 0.55
+    assert step.track_fraction_of_limit({"cpu": cached, "gpu": None}, "cpu_kernel", "1x1K", "float32", "rmsprop") < 0.55
 
 
 def test_the_package_exports_variant_device():
