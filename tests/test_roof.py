@@ -118,6 +118,7 @@ def test_results_divide_each_step_by_the_roof_at_its_working_set(machine):
     trees = {"4x256K": 1 << 20, "16x1M": 16 << 20}
     rows = _sweep_rows(machine) + [
         {**step, "variant": "cpu_kernel", "device": "cpu", "dtype": "float32", "tree": t, "n_params": n}
+        | {"optimizer": "rmsprop"}
         for t, n in trees.items()
     ]
     df = pd.DataFrame(rows, columns=[*results.COLUMNS])

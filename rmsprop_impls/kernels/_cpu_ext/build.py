@@ -104,23 +104,37 @@ def build_extension(out_dir: Path, *, cmake_args: Sequence[str] = (), env: Mappi
         [cmake, "-S", str(SOURCE_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", *own_args, *cmake_args],
         [cmake, "--build", str(build_dir), "--parallel", str(os.cpu_count() or 1)],
     ]
+    # A failed parallel build runs again on one job: compilers writing at once interleave their error lines.
+    serial = [cmake, "--build", str(build_dir), "--parallel", "1"]
     with open(log_path, "w") as log:
         for step in steps:
-            log.write(f"$ {shlex.join(step)}\n")
-            log.flush()
-            try:
-                done = subprocess.run(step, stdout=log, stderr=subprocess.STDOUT, env=environment, check=False)
-            except OSError as e:
-                raise BuildError(f"cannot run cmake: {e}", log_path) from e
-            if done.returncode != 0:
-                log.flush()
-                text = log_path.read_text(errors="replace")
-                hint = known_cause(text)
-                raise BuildError(first_error(text) + (f"; {hint}" if hint else ""), log_path)
+            failed = _run_logged(step, log, log_path, environment)
+            if failed is not None and step is steps[-1]:
+                failed = _run_logged(serial, log, log_path, environment) or failed
+            if failed is not None:
+                hint = known_cause(failed)
+                raise BuildError(first_error(failed) + (f"; {hint}" if hint else ""), log_path)
     built = sorted(out_dir.glob("_ext*.so"))
     if not built:
         raise BuildError(f"the build made no _ext*.so in {out_dir}", log_path)
     return built[0]
+
+
+def _run_logged(step: list[str], log, log_path: Path, environment: Mapping[str, str]) -> str | None:
+    """Runs ``step`` with its output appended to ``log``; ``None`` if it succeeded, else its part of the log."""
+    log.write(f"$ {shlex.join(step)}\n")
+    log.flush()
+    start = log.tell()
+    try:
+        done = subprocess.run(step, stdout=log, stderr=subprocess.STDOUT, env=environment, check=False)
+    except OSError as e:
+        raise BuildError(f"cannot run cmake: {e}", log_path) from e
+    if done.returncode == 0:
+        return None
+    log.seek(0, os.SEEK_END)
+    with open(log_path, errors="replace") as text:
+        text.seek(start)
+        return text.read()
 
 
 #: Failures whose cause the compiler's or CMake's words do not name, each with what to do.
