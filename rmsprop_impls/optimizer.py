@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from .rules import DEFAULT_RULE, Rule, rule
-from .tree_paths import MatchedLeaves, TreeMismatchError, match_leaves
+from .tree_paths import TreeMismatchError, match_leaves
 
 LearningRate = float | mx.array | Callable[[mx.array], mx.array]
 #: Each state array's leaves, by the rule's state name: ``{"m": [...], "v": [...]}``.
@@ -113,7 +113,7 @@ class OptimizerBase(optim.Optimizer):
             self.init(gradients)
         scheduled, scalars = self._scheduled()
         leaves = match_leaves(gradients, parameters, self.state, self.rule.states)
-        new_w, new_states = self._step_leaves(leaves, scalars)
+        new_w, new_states = self.step_leaves(leaves.parameters, leaves.gradients, leaves.states, scalars)
         new_parameters = leaves.rebuild(new_w)
         self.state.update(scheduled)
         self.state["step"] = self.step + 1
@@ -130,13 +130,15 @@ class OptimizerBase(optim.Optimizer):
         values = self.rule.step_values(hyper, self.step + 1) if self.rule.uses_step(hyper) else {}
         return scheduled, StepScalars(lr, values)
 
-    def _step_leaves(self, leaves: MatchedLeaves, scalars: StepScalars) -> tuple[list[mx.array], StateLists]:
-        """The new w and changed states of every leaf: the variant's update for the leaves it takes, stock's
-        ops for the others (other dtypes, mixed dtypes as stock promotes them), and stock's ops leaf after
-        leaf where two leaves share one state dict, since stock then feeds a's new state to b."""
-        w, g, states = leaves.parameters, leaves.gradients, leaves.states
+    def step_leaves(
+        self, w: list[mx.array], g: list[mx.array], states: list[dict], scalars: StepScalars
+    ) -> tuple[list[mx.array], StateLists]:
+        """The new w and changed states of every leaf (``states``: each leaf's state dict), state unchanged:
+        the variant's update for the leaves it takes, stock's ops for the others (other dtypes, mixed dtypes
+        as stock promotes them), and stock's ops leaf after leaf where two leaves share one state dict,
+        since stock then feeds a's new state to b."""
         if len({id(s) for s in states}) < len(states):
-            return self._stock_leaf_by_leaf(w, g, states, scalars)
+            return self.stock_leaf_by_leaf(w, g, states, scalars)
         s = {name: [d[name] for d in states] for name in self.rule.states}
         taken = [i for i in range(len(w)) if self.takes_leaf(w[i], g[i], [s[k][i] for k in s])]
         if w and len(taken) == len(w):  # no leaves: no variant call (its update may be for another rule)
@@ -157,7 +159,7 @@ class OptimizerBase(optim.Optimizer):
                 new_s[name][i] = x
         return new_w, new_s
 
-    def _stock_leaf_by_leaf(
+    def stock_leaf_by_leaf(
         self, w: list[mx.array], g: list[mx.array], states: list[dict], scalars: StepScalars
     ) -> tuple[list[mx.array], StateLists]:
         """Stock's ops in stock's order, each leaf reading the newest state of its state dict."""

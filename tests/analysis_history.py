@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from asv_project import AsvHistory, build_history
+from built_once import built_once
 
 from rmsprop_impls import availability
 
@@ -34,16 +36,16 @@ VARIANTS = f"eager,flat,{UNAVAILABLE}"
 TREES = "4x1K,16x256,4x16K"
 OPTIMIZERS = "rmsprop,adamw"
 
-_built: dict[str, AsvHistory] = {}
+
+def analysis_history(tmp_path_factory: pytest.TempPathFactory) -> AsvHistory:
+    """Built once per test session (``built_once``), shared by every module and worker that asks."""
+    return built_once(tmp_path_factory, "analysis-history", _build)
 
 
-def analysis_history(workdir: Path) -> AsvHistory:
-    """Built once per test session (``workdir`` from the first caller), shared by every module that asks."""
-    if "history" not in _built:
-        history = build_history(workdir, variants=VARIANTS, trees=TREES, commits_each_side=1, optimizers=OPTIMIZERS)
-        history.asv(
-            *("run", "--quick", "-E", f"existing:{history.python}", "--set-commit-hash", history.commits[-1]),
-            *("--machine", "test-machine", "--bench", "bench_bandwidth"),
-        )
-        _built["history"] = history
-    return _built["history"]
+def _build(workdir: Path) -> AsvHistory:
+    history = build_history(workdir, variants=VARIANTS, trees=TREES, commits_each_side=1, optimizers=OPTIMIZERS)
+    history.asv(
+        *("run", "--quick", "-E", f"existing:{history.python}", "--set-commit-hash", history.commits[-1]),
+        *("--machine", "test-machine", "--bench", "bench_bandwidth"),
+    )
+    return history

@@ -37,6 +37,10 @@ EagerOptimizer.update_leaves = _slowed
 """
 
 
+#: What ``build_history`` runs on the commits between the first and the newest.
+STEP_SUITES = r"^bench_(step|bandwidth|environment)\."
+
+
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()
 
@@ -107,7 +111,8 @@ def build_history(
     commits_each_side: int = 2,
     optimizers: str = "rmsprop",
 ) -> AsvHistory:
-    """Commit the project, a few harmless commits, the slowdown, a few more; run asv on each commit.
+    """Commit the project, a few harmless commits, the slowdown, a few more; run asv on each commit (the whole
+    suite on the first and the newest, the step suites on those between).
 
     The step suites time ``optimizers`` only: RMSprop alone by default, so that a results file of this history
     less its one-valued ``optimizer`` parameter is one from before that parameter.
@@ -151,8 +156,12 @@ def build_history(
     history.asv("machine", "--yes", "--machine", "test-machine")
     for sha in history.commits:
         git(repo, "checkout", "-q", sha)
+        # The step suites (where the slowdown shows) and the limits they are read against on every commit; the
+        # whole suite on the first and the newest.
+        only_steps = [] if sha in (history.commits[0], history.commits[-1]) else ["--bench", STEP_SUITES]
         history.asv(
-            "run", "--quick", "-E", f"existing:{history.python}", "--set-commit-hash", sha, "--machine", "test-machine"
+            *("run", "--quick", "-E", f"existing:{history.python}", "--set-commit-hash", sha),
+            *("--machine", "test-machine", *only_steps),
         )
     git(repo, "checkout", "-q", "main")
     return history

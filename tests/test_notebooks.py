@@ -16,7 +16,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 @pytest.fixture(scope="module")
 def rich_results(tmp_path_factory) -> Path:
-    return analysis_history(tmp_path_factory.mktemp("analysis-history")).results_dir
+    return analysis_history(tmp_path_factory).results_dir
 
 
 def _tagged(cell, tag: str) -> bool:
@@ -57,7 +57,7 @@ def test_notebook_runs_and_every_figure_cell_draws_an_image(path, rich_results, 
     # two machines' results and two MLX releases' (tests/machines_history.py); the others the richer one.
     results = asv_history.results_dir if "regression" in path.stem else rich_results
     if path.stem.startswith("4_"):
-        results = machines_history(tmp_path_factory.mktemp("machines-history"), releases=True).results_dir
+        results = machines_history(tmp_path_factory).history.results_dir
     nb = nbformat.read(path, as_version=4)
     parameters = next(c for c in nb.cells if _tagged(c, "parameters"))
     # jupyter_client starts "python3" kernels with sys.executable; the assert proves it is this venv's.

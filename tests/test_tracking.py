@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from asv import environment
 from asv.config import Config
-from machines_history import MACHINES, RELEASES, machines_history, release_run, split_by_machine
+from machines_history import MACHINES, RELEASES, MachinesHistory, machines_history, split_by_machine
 
 from rmsprop_impls.analysis import plots
 from rmsprop_impls.analysis.regressions import find_release_regressions
@@ -72,15 +72,14 @@ def test_run_conf_for_other_releases(platform, monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def history(tmp_path_factory):
-    """Two machines' results of one commit."""
-    return machines_history(tmp_path_factory.mktemp("machines-history"))
+def machines(tmp_path_factory) -> MachinesHistory:
+    return machines_history(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def releases(history, tmp_path_factory):
-    """The same history with machine-a's results under two MLX releases, from ``rmsprop-bench run --mlx``."""
-    return machines_history(tmp_path_factory.mktemp("machines-history"), releases=True)
+def history(machines):
+    """Two machines' results of one commit, and machine-a's under two MLX releases (``rmsprop-bench run --mlx``)."""
+    return machines.history
 
 
 def test_loader_reads_two_machines_from_one_directory_or_several(history, tmp_path):
@@ -126,8 +125,8 @@ def test_report_over_two_machines_directories(history, tmp_path):
     assert (tmp_path / "report" / "machine_comparison.png").is_file()
 
 
-def test_run_mlx_records_each_release_in_its_own_virtualenv(releases):
-    out = release_run()
+def test_run_mlx_records_each_release_in_its_own_virtualenv(machines):
+    out, releases = machines.release_run, machines.history
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "step time per MLX release" in out.stdout and all(f"MLX {r} ms" in out.stdout for r in RELEASES)
     df = load_asv_results(releases.results_dir)
@@ -147,8 +146,8 @@ def test_run_mlx_records_each_release_in_its_own_virtualenv(releases):
     assert set(RELEASES) <= set(published["params"]["mlx"])  # the dashboard's MLX selector (run publishes it)
 
 
-def test_a_slower_release_is_flagged_like_a_slower_commit(releases):
-    df = load_asv_results(releases.results_dir)
+def test_a_slower_release_is_flagged_like_a_slower_commit(history):
+    df = load_asv_results(history.results_dir)
     older = df[df["environment"].str.startswith("virtualenv") & (df["mlx"] == RELEASES[0])]
     newer = older.assign(mlx=RELEASES[-1])  # the same timings, but eager on 4x1K three times slower
     slowed = (newer["variant"] == "eager") & (newer["tree"] == "4x1K") & (newer["benchmark"].str.endswith("time_step"))

@@ -16,7 +16,11 @@ KEYS = ["model", "step", "rule", "variant"]
 
 
 def _measured(df: pd.DataFrame, benchmark: str) -> pd.DataFrame:
+    """The benchmark's medians with their cases' parameters; no rows (with the columns) where it did not run,
+    as in a run restricted to some benchmarks."""
     rows = df[(df["benchmark"] == benchmark) & df["available"]]
+    if rows.empty:
+        return pd.DataFrame(columns=["median", *KEYS])
     params = pd.DataFrame([case_params(c) for c in rows["case"]], index=rows.index)
     return pd.concat([rows[["variant", "median"]], params], axis=1)
 

@@ -70,17 +70,15 @@ class AutoOptimizer(OptimizerBase):
     def candidates(self) -> list[str]:
         return list(self._variants)
 
-    def takes_leaf(self, w, g, states):
-        chosen = self._variants.get(self.chosen)
-        return chosen.takes_leaf(w, g, states) if chosen is not None else super().takes_leaf(w, g, states)
-
-    def update_leaves(self, w, g, s, scalars):
+    def step_leaves(self, w, g, states, scalars):
+        """The chosen variant's whole step once chosen (its own leaf rules included); until then the
+        candidates' steps in turn, each timed."""
         if self.chosen is None and self._key is None:
             self._key = choice_key(w, self.candidates, self.rule.name, self.hyper)
             self._adopt_remembered()
         if self.chosen is not None:
-            return self._variants[self.chosen].update_leaves(w, g, s, scalars)
-        return self._measured_step(w, g, s, scalars)
+            return self._variants[self.chosen].step_leaves(w, g, states, scalars)
+        return self._measured_step(w, g, states, scalars)
 
     def _adopt_remembered(self) -> None:
         record = load_choice(self._key) if self.use_cache else None
@@ -88,14 +86,14 @@ class AutoOptimizer(OptimizerBase):
             self.chosen = record["variant"]
             self.choice = {**record, "from_cache": True}
 
-    def _measured_step(self, w, g, s, scalars):
+    def _measured_step(self, w, g, states, scalars):
         names = self.candidates
         name = names[self.measured_steps % len(names)]
-        mx.eval(w, g, s, scalars.lr, scalars.values)  # the backward pass that made g is not the optimizer's time
+        mx.eval(w, g, states, scalars.lr, scalars.values)  # the backward pass that made g is not the optimizer's time
         start = time.perf_counter()
         variant = self._variants[name]
         # Leaves this candidate does not take get stock's ops, as they would under it alone.
-        new_w, new_s = variant._step_leaves(_Matched(w, g, s), scalars)
+        new_w, new_s = variant.step_leaves(w, g, states, scalars)
         mx.eval(new_w, new_s)
         seconds = time.perf_counter() - start
         if self.measured_steps < len(names):
@@ -114,15 +112,6 @@ class AutoOptimizer(OptimizerBase):
         self.choice = {"variant": winner, **details, "from_cache": False}
         if self.use_cache:
             save_choice(self._key, winner, details)
-
-
-class _Matched:
-    """The leaves of one step as :meth:`OptimizerBase._step_leaves` reads them, rebuilt from its lists."""
-
-    def __init__(self, w, g, s):
-        self.parameters, self.gradients = w, g
-        names = list(s)
-        self.states = [{name: s[name][i] for name in names} for i in range(len(w))]
 
 
 VARIANT = AutoOptimizer

@@ -130,8 +130,10 @@ class CpuKernelOptimizer(OptimizerBase):
         correction) is a zero the kernel never reads."""
         return [scalars.values.get(name, _UNREAD) for name in self.rule.step_inputs]
 
-    def takes_leaf(self, w, g, states):
-        return self._kernel() is not None and super().takes_leaf(w, g, states)
+    def step_leaves(self, w, g, states, scalars):
+        if self._kernel() is None:  # no generated kernel for this setting: stock's ops on every leaf
+            return self.stock_leaf_by_leaf(w, g, states, scalars)
+        return super().step_leaves(w, g, states, scalars)
 
     def update_leaves(self, w, g, s, scalars):
         kernel = self._kernel()

@@ -44,6 +44,7 @@ _FROM_EXT = {
     "donated_buffers",
     "hardware_threads",
     "huge_page_moves",
+    "huge_page_tries",
     "optimizer_update",
     "states_updated_in_place",
     "step_tree",

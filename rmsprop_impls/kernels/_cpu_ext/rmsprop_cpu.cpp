@@ -216,6 +216,7 @@ class HugePages {
       seen.moved = true;
     }
     rmsprop::platform::advise_huge_pages(reinterpret_cast<void*>(lo), hi - lo);
+    tries_.fetch_add(1, std::memory_order_relaxed);
     if (rmsprop::platform::collapse_to_huge_pages(reinterpret_cast<void*>(lo), hi - lo)) {
       moves_.fetch_add(1, std::memory_order_relaxed);
     }
@@ -247,6 +248,10 @@ class HugePages {
 
   uint64_t moves() const {
     return moves_.load();
+  }
+
+  uint64_t tries() const {
+    return tries_.load();
   }
 
  private:
@@ -281,6 +286,7 @@ class HugePages {
   std::mutex mutex_;
   std::unordered_map<uintptr_t, Sighting> seen_;
   std::atomic<uint64_t> moves_{0};
+  std::atomic<uint64_t> tries_{0};  // moves asked for; the kernel may refuse one (no free huge page now)
 };
 
 // Leaked like the pool: a CPU task still queued in MLX's (deliberately leaked) scheduler at exit
@@ -1634,6 +1640,8 @@ NB_MODULE(_ext, m) {
         "How many leaves' new w so far went into a spare: a w of the step before last that nothing else held.");
   m.def("huge_page_moves", [] { return the_huge_pages->moves(); },
         "How many long-lived buffers so far were moved onto 2 MiB pages.");
+  m.def("huge_page_tries", [] { return the_huge_pages->tries(); },
+        "How many long-lived buffers so far were asked to move onto 2 MiB pages (the kernel may refuse a move).");
   m.attr("EAGER_MAX_ELEMENTS") = kEagerMaxElements;
   m.attr("STREAM_MIN_BYTES") = kStreamMinBytes;
   m.def("uses_avx2", [] { return active_kernel.load() == Kernel::avx2; }, "Whether steps run the AVX2 kernel.");
