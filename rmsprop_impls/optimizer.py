@@ -126,8 +126,11 @@ class OptimizerBase(optim.Optimizer):
         """This step's scheduled values, not yet stored, and the step's scalars (the learning rate among them)."""
         scheduled = {param: scheduler(self.step) for param, scheduler in self._schedulers.items()}
         lr = scheduled.get("learning_rate", self.learning_rate)
-        hyper = self.hyper
-        values = self.rule.step_values(hyper, self.step + 1) if self.rule.uses_step(hyper) else {}
+        values = {}
+        if self.rule.step_inputs:  # most rules have none: no hyper-parameters to read on their steps
+            hyper = self.hyper
+            if self.rule.uses_step(hyper):
+                values = self.rule.step_values(hyper, self.step + 1)
         return scheduled, StepScalars(lr, values)
 
     def step_leaves(
