@@ -67,7 +67,6 @@ class CpuKernelOptimizer(OptimizerBase):
 
         self._ext = _cpu_ext
         self._kernel_at: tuple[list | None, object] = (None, None)  # (the hyper-parameters, their kernel)
-        self._state_names = list(self.rule.states)  # as step_tree takes them, made once
         # The small leaves' new w of the last two steps: a step writes into those of the step before
         # last, once the caller has dropped them, instead of making new arrays (step_tree).
         self._spare_w: tuple[list, list] = ([], [])
@@ -75,7 +74,7 @@ class CpuKernelOptimizer(OptimizerBase):
     def __getstate__(self) -> dict:
         """What a copy (``copy.deepcopy``) takes: all but the extension, which does not copy, and the
         spares, which only save allocations."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("_ext", "_spare_w", "_kernel_at", "_state_names")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_ext", "_spare_w", "_kernel_at")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -116,7 +115,7 @@ class CpuKernelOptimizer(OptimizerBase):
             older, newer = self._spare_w
             values = self._step_values(scalars)
             stepped = self._ext.step_tree(
-                gradients, parameters, self.state, kernel.index, kernel.slots, self._state_names,
+                gradients, parameters, self.state, kernel.index, kernel.slots, self.rule.states,
                 scalars.lr, values, self.threads, self.precision, older,
             )  # fmt: skip
             if stepped is not None:
