@@ -124,9 +124,10 @@ class OptimizerBase(optim.Optimizer):
 
     def _scheduled(self) -> tuple[dict[str, mx.array], StepScalars]:
         """This step's scheduled values, not yet stored, and the step's scalars (the learning rate among them)."""
-        scheduled = {param: scheduler(self.step) for param, scheduler in self._schedulers.items()}
+        scheduled, values = {}, {}  # most optimizers have no schedule and most rules no per-step inputs
+        if self._schedulers:
+            scheduled = {param: scheduler(self.step) for param, scheduler in self._schedulers.items()}
         lr = scheduled.get("learning_rate", self.learning_rate)
-        values = {}
         if self.rule.step_inputs:  # most rules have none: no hyper-parameters to read on their steps
             hyper = self.hyper
             if self.rule.uses_step(hyper):

@@ -1,4 +1,4 @@
-"""``cpu_kernel``'s whole step in C++ (``_cpu_ext.step_tree``): the same numbers and state as the
+"""``cpu_kernel``'s whole step in C++ (``_cpu_ext.TreeStep``): the same numbers and state as the
 Python walk, refusal (with nothing changed) where a tree is not plain, and no crash when threads
 share or change the trees."""
 
@@ -37,7 +37,7 @@ def nested(dtype=mx.float32, seed=0):
 
 def without_fast_path(opt):
     """The same optimizer with the C++ walk switched off: every step takes the Python walk."""
-    opt._step_tree = lambda *args: None
+    opt._tree_step = lambda: None
     return opt
 
 
@@ -88,7 +88,7 @@ def test_a_module_as_parameters_and_gradients_for_part_of_it():
     assert_same_trees(model.parameters(), stock_model.parameters())
 
 
-def test_step_tree_refuses_trees_that_are_not_plain_and_changes_nothing():
+def test_the_tree_step_refuses_trees_that_are_not_plain_and_changes_nothing():
     opt = create("cpu_kernel", 1e-2)
     params = {"w": mx.ones((4,)), "l": [mx.ones((2,))]}
     grads = {"w": mx.ones((4,)), "l": [mx.ones((2,))]}
@@ -96,7 +96,8 @@ def test_step_tree_refuses_trees_that_are_not_plain_and_changes_nothing():
     mx.eval(params, opt.state)
     step, v = opt.state["step"], opt.state["w"]["v"]
     kernel = _cpu_ext.kernel_for(opt.rule, opt.hyper)
-    args = (kernel.index, kernel.slots, ["v"], opt.learning_rate, [], 1, "stock", [])
+    step_tree = _cpu_ext.TreeStep(kernel.index, kernel.slots, ["v"], 1, "stock")
+    args = (opt.learning_rate, [], [])
     refused = {
         "a leaf that is not an array": ({"w": 1.0, "l": [mx.ones((2,))]}, params),
         "a missing parameter": (grads, {"l": params["l"]}),
@@ -108,12 +109,12 @@ def test_step_tree_refuses_trees_that_are_not_plain_and_changes_nothing():
         "a list at the top": ([mx.ones((4,))], [mx.ones((4,))]),
     }
     for why, (g, p) in refused.items():
-        assert _cpu_ext.step_tree(g, p, opt.state, *args) is None, why
+        assert step_tree(g, p, opt.state, *args) is None, why
         assert opt.state["step"] is step and opt.state["w"]["v"] is v, why
     a_v_of_another_shape = {**opt.state, "w": {"v": mx.ones((5,))}}
-    assert _cpu_ext.step_tree(grads, params, a_v_of_another_shape, *args) is None
+    assert step_tree(grads, params, a_v_of_another_shape, *args) is None
     assert a_v_of_another_shape["step"] is step and opt.state["w"]["v"] is v
-    assert _cpu_ext.step_tree(grads, params, opt.state, *args) is not None
+    assert step_tree(grads, params, opt.state, *args) is not None
     assert opt.state["step"].item() == 2 and opt.state["w"]["v"] is not v
 
 
@@ -125,6 +126,29 @@ def test_errors_still_name_the_leaf_after_the_first_step():
         opt.apply_gradients({"block": [{"w": mx.ones((5,))}]}, params)
     with pytest.raises(TreeMismatchError, match="block.0.x"):
         opt.apply_gradients({"block": [{"x": mx.ones((4,))}]}, params)
+
+
+def test_threads_and_precision_changed_between_steps_take_effect():
+    """The C++ step keeps its fixed arguments between steps; setting ``opt.precision`` or ``opt.threads`` makes
+    a new one: the next steps give what an optimizer made with those settings gives."""
+    params = nested(mx.float16)
+    opt = create("cpu_kernel", 1e-2)
+    for step in range(2):
+        params = opt.apply_gradients(nested(mx.float16, seed=step + 1), params)
+    mx.eval(params, opt.state)
+    as_made, kept_on = copy.deepcopy(opt), copy.deepcopy(opt)  # a copy looks its C++ step up afresh
+    as_made.precision, as_made.threads = "float32", 1
+    opt.precision, opt.threads = "float32", 1
+    ours, theirs, stock_rounding = params, params, params
+    for step in range(2, 5):
+        grads = nested(mx.float16, seed=step + 1)
+        ours, theirs = opt.apply_gradients(grads, ours), as_made.apply_gradients(grads, theirs)
+        stock_rounding = kept_on.apply_gradients(grads, stock_rounding)
+        mx.eval(ours, theirs, stock_rounding, opt.state, as_made.state)
+    assert_same_trees(ours, theirs)
+    assert_same_trees(opt.state, as_made.state)
+    differs = [not np.array_equal(x, y) for (_, x), (_, y) in zip(flat(ours), flat(stock_rounding))]
+    assert any(differs), "float32 precision rounded as stock does: the change was not seen"
 
 
 def test_threads_stepping_their_own_optimizers_match_one_thread():

@@ -29,6 +29,8 @@ float32 (``precision="float32"``); docs/kernels/cpu.md has the contract."""
 
 from __future__ import annotations
 
+import operator
+
 import mlx.core as mx
 
 from ..cpu_threads import default_threads
@@ -66,15 +68,17 @@ class CpuKernelOptimizer(OptimizerBase):
         from ..kernels import _cpu_ext
 
         self._ext = _cpu_ext
-        self._kernel_at: tuple[list | None, object] = (None, None)  # (the hyper-parameters, their kernel)
+        # (what the kernel was looked up for, the kernel or None, its TreeStep or None): _kernel().
+        self._kernel_at: tuple = (None, None, None)
+        self._settings = operator.attrgetter(*self.rule.defaults, "threads", "precision")
         # The small leaves' new w of the last two steps: a step writes into those of the step before
-        # last, once the caller has dropped them, instead of making new arrays (step_tree).
+        # last, once the caller has dropped them, instead of making new arrays (TreeStep).
         self._spare_w: tuple[list, list] = ([], [])
 
     def __getstate__(self) -> dict:
         """What a copy (``copy.deepcopy``) takes: all but the extension, which does not copy, and the
         spares, which only save allocations."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("_ext", "_spare_w", "_kernel_at")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_ext", "_spare_w", "_kernel_at", "_settings")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -98,29 +102,37 @@ class CpuKernelOptimizer(OptimizerBase):
     def _kernel(self):
         """The generated kernel for the rule at its hyper-parameters now (a program may change them), or None;
         looked up again only when one changed (a list, such as ``betas``, compares by value)."""
-        now = [getattr(self, key) for key in self.rule.defaults]
+        return self._looked_up()[1]
+
+    def _tree_step(self):
+        """The whole step in C++ for the settings now (``_ext.TreeStep``), or None where no kernel runs them."""
+        return self._looked_up()[2]
+
+    def _looked_up(self) -> tuple:
+        now = self._settings(self)
         if now != self._kernel_at[0]:
             kernel = self._ext.kernel_for(self.rule, self.hyper)
-            self._kernel_at = ([list(x) if isinstance(x, list) else x for x in now], kernel)
-        return self._kernel_at[1]
+            tree_step = None
+            if kernel is not None:
+                tree_step = self._ext.TreeStep(kernel.index, kernel.slots, self.rule.states, *now[-2:])
+            self._kernel_at = (tuple(list(x) if isinstance(x, list) else x for x in now), kernel, tree_step)
+        return self._kernel_at
 
     def apply_gradients(self, gradients, parameters):
         """The whole step in one call into C++, the tree walk included, once the state exists: on
         16384 small leaves the Python walk and the lists cost more than the update. Trees the C++
         walk does not take (and the first step) go through the Python walk, which names any error.
         Either way the state changes only once the whole step has been computed."""
-        kernel = self._kernel() if self._initialized else None
-        if kernel is not None:
+        tree_step = self._tree_step() if self._initialized else None
+        if tree_step is not None:
             scheduled, scalars = self._scheduled()
             older, newer = self._spare_w
-            values = self._step_values(scalars)
-            stepped = self._ext.step_tree(
-                gradients, parameters, self.state, kernel.index, kernel.slots, self.rule.states,
-                scalars.lr, values, self.threads, self.precision, older,
-            )  # fmt: skip
+            values = self._step_values(scalars) if self.rule.step_inputs else []
+            stepped = tree_step(gradients, parameters, self.state, scalars.lr, values, older)
             if stepped is not None:
                 new_parameters, spares = stepped
-                self.state.update(scheduled)
+                if scheduled:
+                    self.state.update(scheduled)
                 self._spare_w = (newer, spares)
                 return new_parameters
         return super().apply_gradients(gradients, parameters)

@@ -47,7 +47,7 @@ _FROM_EXT = {
     "huge_page_tries",
     "optimizer_update",
     "states_updated_in_place",
-    "step_tree",
+    "TreeStep",
     "w_into_spares",
     "uses_avx2",
 }

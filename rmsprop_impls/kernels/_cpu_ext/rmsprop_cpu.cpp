@@ -1224,13 +1224,21 @@ struct SmallLeavesPlan {
 SmallLeavesPlan plan_small_leaves(const std::vector<LeafArrays>& leaves, const std::vector<LeafFacts>& facts,
                                   const Indices& packed, const RuleStep& rule, std::vector<Stepped>& out) {
   // Every candidate of the step in one list, so that two states, or a state and a spare, over the
-  // same bytes are caught too. Per leaf: its states, then its spare.
-  constexpr size_t kPer = kMaxStates + 1;
+  // same bytes are caught too. Per leaf: the states the rule reads and writes (only those can be
+  // written in place), then its spare.
+  size_t in_place_states[kMaxStates], n_in_place_states = 0, candidate_of[kMaxStates] = {};
+  for (size_t j = 0; j < kMaxStates; ++j) {
+    if (rule.reads(j) && rule.writes(j)) {
+      candidate_of[j] = n_in_place_states;
+      in_place_states[n_in_place_states++] = j;
+    }
+  }
+  const size_t per_leaf = n_in_place_states + 1;
   std::vector<Candidate> candidates;
-  candidates.reserve(kPer * packed.size());
+  candidates.reserve(per_leaf * packed.size());
   size_t new_w_bytes = 0;
   for (size_t i : packed) {
-    for (const Candidate& c : facts[i].s_buffer) candidates.push_back(c);
+    for (size_t c = 0; c < n_in_place_states; ++c) candidates.push_back(facts[i].s_buffer[in_place_states[c]]);
     candidates.push_back(facts[i].spare_buffer);
     new_w_bytes += facts[i].size * facts[i].itemsize;
   }
@@ -1241,7 +1249,7 @@ SmallLeavesPlan plan_small_leaves(const std::vector<LeafArrays>& leaves, const s
   for (size_t k = 0; k < packed.size(); ++k) {
     size_t i = packed[k];
     const LeafFacts& f = facts[i];
-    const Candidate& w_in = candidates[kPer * k + kMaxStates];
+    const Candidate& w_in = candidates[per_leaf * k + n_in_place_states];
     Stepped& result = out[i];
     result.packed = true;
     Leaf leaf;
@@ -1260,7 +1268,7 @@ SmallLeavesPlan plan_small_leaves(const std::vector<LeafArrays>& leaves, const s
       if (!rule.writes(j)) {
         continue;
       }
-      if (candidates[kPer * k + j]) {
+      if (rule.reads(j) && candidates[per_leaf * k + candidate_of[j]]) {
         leaf.s_out[j] = const_cast<void*>(f.s[j]);
         ++plan.n_in_place;
       } else {
@@ -1466,32 +1474,59 @@ bool shares_a_state(const rmsprop::tree::Leaves& leaves) {
 // the new states stored in the state dicts, the step counter advanced, and (the new parameter tree,
 // the new spare list) returned. None, with nothing changed, where the trees are not plain, a leaf's
 // arrays disagree or two leaves share a state: the Python walk then runs, which names any problem and
-// computes as stock does. `state_names` are the rule's states, in its order. `spare` holds the small
-// leaves' new w of the step before last (None for the other leaves), which this step writes into
-// where nothing else can see them; the list returned holds this step's, for the step after next.
+// computes as stock does. `spare` holds the small leaves' new w of the step before last (None for the
+// other leaves), which this step writes into where nothing else can see them; the list returned holds
+// this step's, for the step after next.
+//
+// A TreeStep holds what stays fixed from step to step (the kernel and its slot values, the rule's
+// state names as interned keys, the threads and the precision), converted and checked once: on a
+// one-leaf tree converting them took a third of the call.
 //
 // Transactional: every check, allocation and Python object is made before the first write, so an
 // error leaves the parameters and the state as they were. Between the last walk and the writes the
 // GIL is held and the collector paused (in_place.h, clause 5).
-nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state, int kernel,
-                     const std::vector<double>& slots, const std::vector<std::string>& state_names, const array& lr,
-                     const std::vector<array>& values, int threads, const std::string& precision_name,
-                     nb::list spare) {
-  RuleStep rule = RuleStep::of(kernel, slots);
-  Precision precision = parse_precision(precision_name);
-  check_threads(threads);
-  if (state_names.size() != rule.states()) {
-    throw std::invalid_argument("cpu_kernel: kernel " + std::string(rule.info().name) + " has " +
-                                std::to_string(rule.states()) + " states, not " + std::to_string(state_names.size()));
+class TreeStep {
+ public:
+  // `state_names`: the rule's states, in its order.
+  TreeStep(int kernel, std::vector<double> slots, const std::vector<std::string>& state_names, int threads,
+           const std::string& precision)
+      : rule_(RuleStep::of(kernel, std::move(slots))),
+        precision_(parse_precision(precision)),
+        threads_(threads),
+        walker_(used_states(rule_, state_names)) {
+    check_threads(threads);
   }
+
+  nb::object operator()(nb::handle gradients, nb::handle parameters, nb::dict state, const array& lr,
+                        const std::vector<array>& values, nb::list spare) const;
+
+ private:
+  // The rule's state names, with an empty one for each state the kernel neither reads nor writes.
+  static std::vector<std::string> used_states(const RuleStep& rule, const std::vector<std::string>& names) {
+    if (names.size() != rule.states()) {
+      throw std::invalid_argument("cpu_kernel: kernel " + std::string(rule.info().name) + " has " +
+                                  std::to_string(rule.states()) + " states, not " + std::to_string(names.size()));
+    }
+    std::vector<std::string> used(rule.states());
+    for (size_t j = 0; j < rule.states(); ++j) {
+      if (rule.uses(j)) used[j] = names[j];
+    }
+    return used;
+  }
+
+  RuleStep rule_;
+  Precision precision_;
+  int threads_;
+  rmsprop::tree::Walker walker_;
+};
+
+nb::object TreeStep::operator()(nb::handle gradients, nb::handle parameters, nb::dict state, const array& lr,
+                                const std::vector<array>& values, nb::list spare) const {
+  const RuleStep& rule = rule_;
+  const rmsprop::tree::Walker& walker = walker_;
   if (!PyDict_Check(gradients.ptr())) {
     return nb::none();
   }
-  std::vector<std::string> used(rule.states());
-  for (size_t j = 0; j < rule.states(); ++j) {
-    if (rule.uses(j)) used[j] = state_names[j];
-  }
-  const rmsprop::tree::Walker walker(used);
   GcPaused no_collection;
   StepInputs scalars = step_inputs(rule, lr, values);
   rmsprop::tree::Leaves leaves;
@@ -1523,7 +1558,7 @@ nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state
     return nb::none();
   }
   array next_step = advanced(*nb::inst_ptr<array>(step));
-  Planned p = plan_step(leaves.arrays, facts, scalars, rule, threads, precision);
+  Planned p = plan_step(leaves.arrays, facts, scalars, rule, threads_, precision_);
   size_t n = p.out.size();
   // Every Python object the step hands out, made before anything is written.
   std::vector<nb::object> new_leaves, new_states[kMaxStates];
@@ -1554,7 +1589,7 @@ nb::object step_tree(nb::handle gradients, nb::handle parameters, nb::dict state
   nb::object result = nb::make_tuple(new_parameters, next_spare);
   // The writes. Replacing a dict's existing entry allocates nothing, and the walk still holds every
   // old state, so no object is freed (and no finalizer runs) until the step has returned.
-  p.small.run(scalars, {rule.kernel, rule.scalars(), precision}, threads);
+  p.small.run(scalars, {rule.kernel, rule.scalars(), precision_}, threads_);
   for (size_t j = 0; j < kMaxStates; ++j) {
     for (size_t i = 0; i < new_states[j].size(); ++i) {
       if (new_states[j][i].is_valid()) {
@@ -1617,12 +1652,16 @@ NB_MODULE(_ext, m) {
         "One step of generated kernel `kernel` over every leaf: returns (new w list, per state of the rule its new "
         "arrays, empty for one the kernel does not write). precision=\"stock\" rounds as the stock class does in "
         "every dtype; \"float32\" computes in float32 and rounds once.");
-  m.def("step_tree", &step_tree, "gradients"_a, "parameters"_a, "state"_a, "kernel"_a, "slots"_a, "state_names"_a,
-        "lr"_a, "step_inputs"_a, "threads"_a, "precision"_a, "spare"_a,
-        "One whole optimizer step: walks the trees, updates every leaf, stores each new state in the state dicts "
-        "and advances state['step']; returns the new parameter tree, or None (nothing changed) where the trees are "
-        "not plain dicts, lists and tuples of arrays with the stock state. spare: a list of the step before last's "
-        "new packed w's, written into where nothing else holds them, and refilled with this step's.");
+  nb::class_<TreeStep>(m, "TreeStep",
+                       "One whole optimizer step of generated kernel `kernel`, its fixed arguments converted once.")
+      .def(nb::init<int, std::vector<double>, const std::vector<std::string>&, int, const std::string&>(), "kernel"_a,
+           "slots"_a, "state_names"_a, "threads"_a, "precision"_a = "stock")
+      .def("__call__", &TreeStep::operator(), "gradients"_a, "parameters"_a, "state"_a, "lr"_a, "step_inputs"_a,
+           "spare"_a,
+           "Walks the trees, updates every leaf, stores each new state in the state dicts and advances "
+           "state['step']; returns (the new parameter tree, the new spare list), or None (nothing changed) where "
+           "the trees are not plain dicts, lists and tuples of arrays with the stock state. spare: a list of the "
+           "step before last's new packed w's, written into where nothing else holds them.");
   m.def("kernels_table", [] {
         std::vector<std::pair<std::string, std::string>> table;
         for (const auto& k : rmsprop::rules::kInfo) table.emplace_back(k.name, k.digest);

@@ -55,7 +55,12 @@ class Walker {
       throw std::invalid_argument("cpu_kernel: a rule of more than " + std::to_string(kMaxStates) + " states");
     }
     for (size_t j = 0; j < states.size(); ++j) {
-      if (!states[j].empty()) keys_[j] = nb::str(states[j].c_str());
+      if (states[j].empty()) continue;
+      // Interned, as the state dicts' own keys are: a lookup then matches them by address.
+      PyObject* key = PyUnicode_FromString(states[j].c_str());
+      if (!key) throw nb::python_error();
+      PyUnicode_InternInPlace(&key);
+      keys_[j] = nb::steal(key);
     }
   }
 
