@@ -68,7 +68,7 @@ class CpuKernelOptimizer(OptimizerBase):
         from ..kernels import _cpu_ext
 
         self._ext = _cpu_ext
-        # (what the kernel was looked up for, the kernel or None, its TreeStep or None): _kernel().
+        # (the settings it was looked up for, the kernel or None, its TreeStep or None): _looked_up().
         self._kernel_at: tuple = (None, None, None)
         self._settings = operator.attrgetter(*self.rule.defaults, "threads", "precision")
         # The small leaves' new w of the last two steps: a step writes into those of the step before

@@ -1479,8 +1479,8 @@ bool shares_a_state(const rmsprop::tree::Leaves& leaves) {
 // this step's, for the step after next.
 //
 // A TreeStep holds what stays fixed from step to step (the kernel and its slot values, the rule's
-// state names as interned keys, the threads and the precision), converted and checked once: on a
-// one-leaf tree converting them took a third of the call.
+// state names as interned keys, the threads and the precision), converted and checked once rather
+// than on every call.
 //
 // Transactional: every check, allocation and Python object is made before the first write, so an
 // error leaves the parameters and the state as they were. Between the last walk and the writes the
