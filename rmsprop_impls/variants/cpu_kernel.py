@@ -123,12 +123,15 @@ class CpuKernelOptimizer(OptimizerBase):
         16384 small leaves the Python walk and the lists cost more than the update. Trees the C++
         walk does not take (and the first step) go through the Python walk, which names any error.
         Either way the state changes only once the whole step has been computed."""
-        tree_step = self._tree_step() if self._initialized else None
+        tree_step = self._looked_up()[2] if self._initialized else None
         if tree_step is not None:
-            scheduled, scalars = self._scheduled()
+            if self._schedulers or self.rule.step_inputs:
+                scheduled, scalars = self._scheduled()
+                lr, values = scalars.lr, self._step_values(scalars)
+            else:  # most steps: nothing to compute first (_scheduled() took 0.6 us of a 4 us one-leaf step)
+                scheduled, lr, values = None, self.state["learning_rate"], []
             older, newer = self._spare_w
-            values = self._step_values(scalars) if self.rule.step_inputs else []
-            stepped = tree_step(gradients, parameters, self.state, scalars.lr, values, older)
+            stepped = tree_step(gradients, parameters, self.state, lr, values, older)
             if stepped is not None:
                 new_parameters, spares = stepped
                 if scheduled:
