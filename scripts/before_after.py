@@ -7,6 +7,10 @@ cache keys it by its sources), and both optimizers step round-robin on the same 
 (``time_interleaved``). Printed per tree: the median step of each and their ratio::
 
     python scripts/before_after.py c57ea4d --tree 1x1K 16x1M 256x64K 1024x16K 4096x4K 16384x256 transformer-base
+
+Back to back, each step finds the machine busy from the last. In a training loop forward and backward
+run between two steps, and MLX's CPU ops there mostly keep one core busy: ``--between idle`` sleeps
+and ``--between one-core`` streams memory on one thread for 50 ms before every step, untimed.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from rmsprop_impls import create
 from rmsprop_impls.measure.timing import time_interleaved
@@ -31,6 +37,20 @@ from rmsprop_impls.rules import RULE_NAMES
 REPO = Path(__file__).resolve().parent.parent
 # The package's absolute self-references ("rmsprop_impls.variants.eager" in the registry).
 SELF_REFERENCE = re.compile(r"""(["'])rmsprop_impls\.""")
+# A C++ class the extension binds: nanobind registers one type per C++ name in the process.
+BOUND_CLASS = re.compile(r"nb::class_<(\w+)>")
+
+
+def rename_bound_classes(extension: Path) -> None:
+    """Renames the earlier extension's bound C++ classes (keeping their Python names), so that both
+    extensions load in one process: the second ``TreeStep`` is otherwise refused as already registered."""
+    sources = [p for p in extension.rglob("*") if p.suffix in (".cpp", ".h")]
+    names = {name for p in sources for name in BOUND_CLASS.findall(p.read_text())}
+    for source in sources:
+        text = source.read_text()
+        for name in names:
+            text = re.sub(rf"\b{name}\b", f"{name}Before", text).replace(f'"{name}Before"', f'"{name}"')
+        source.write_text(text)
 
 
 def import_before(commit: str, into: Path):
@@ -49,8 +69,27 @@ def import_before(commit: str, into: Path):
     for source in package.rglob("*.py"):
         text = source.read_text()
         source.write_text(SELF_REFERENCE.sub(r"\1rmsprop_before.", text))
+    rename_bound_classes(package / "kernels" / "_cpu_ext")
     sys.path.insert(0, str(into))
     return importlib.import_module("rmsprop_before")
+
+
+GAP_S = 0.05
+
+
+def idle() -> None:
+    time.sleep(GAP_S)
+
+
+def one_core() -> None:
+    """Streams 128 MB on one thread (NumPy's elementwise ops are single-threaded) until the gap is over."""
+    a, b = np.ones(16 << 20, np.float32), np.empty(16 << 20, np.float32)
+    end = time.perf_counter() + GAP_S
+    while time.perf_counter() < end:
+        np.add(a, 1.0, out=b)
+
+
+BETWEEN = {"nothing": None, "idle": idle, "one-core": one_core}
 
 
 def main() -> None:
@@ -59,6 +98,9 @@ def main() -> None:
     parser.add_argument("--tree", nargs="+", default=["1x1K", "16x1M", "16384x256"])
     parser.add_argument("--optimizer", default="rmsprop", choices=RULE_NAMES)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of timed rounds per tree")
+    parser.add_argument(
+        "--between", choices=BETWEEN, default="nothing", help="what runs, untimed, for 50 ms before every step"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="before-after-") as where:
         before = import_before(args.commit, Path(where))
@@ -70,7 +112,9 @@ def main() -> None:
             params = tree_by_name(tree_name)
             grads = random_like(params)
             pair = {"before": before.create("cpu_kernel", 1e-3, **rule), "after": create("cpu_kernel", 1e-3, **rule)}
-            timings = time_interleaved(pair, params, grads, args.budget, min_rounds=10, warmup=5)
+            timings = time_interleaved(
+                pair, params, grads, args.budget, min_rounds=10, warmup=5, between=BETWEEN[args.between]
+            )
             median = {side: statistics.median(t.samples) for side, t in timings.items()}
             print(
                 f"| {tree_name} | {median['before'] * 1e3:.4f} ms | {median['after'] * 1e3:.4f} ms | "

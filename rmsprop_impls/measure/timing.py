@@ -120,6 +120,7 @@ def time_interleaved(
     max_rounds: int = 1000,
     warmup: int = 1,
     on_step: Callable[[str, float], None] | None = None,
+    between: Callable[[], object] | None = None,
 ) -> dict[str, StepTiming]:
     """Time several optimizers round-robin, one step each per round, until ``budget_s`` is spent
     (:func:`time_round_robin`); each feeds its own parameters back in."""
@@ -135,7 +136,7 @@ def time_interleaved(
         return step
 
     calls = {name: stepper(name, opt) for name, opt in optimizers.items()}
-    return time_round_robin(calls, budget_s, min_rounds, max_rounds, warmup, on_step)
+    return time_round_robin(calls, budget_s, min_rounds, max_rounds, warmup, on_step, between)
 
 
 def time_round_robin(
@@ -145,6 +146,7 @@ def time_round_robin(
     max_rounds: int = 1000,
     warmup: int = 1,
     on_step: Callable[[str, float], None] | None = None,
+    between: Callable[[], object] | None = None,
 ) -> dict[str, StepTiming]:
     """Time several calls round-robin, one each per round, until ``budget_s`` is spent.
 
@@ -155,12 +157,15 @@ def time_round_robin(
     the budget. Then at least ``min_rounds`` and at most ``max_rounds`` timed
     rounds run. Each call must finish its work before it returns
     (``mx.eval``); ``on_step`` gets the name and seconds of every call (for a
-    progress bar).
+    progress bar). ``between``, untimed, runs before every call: what a training loop does
+    between optimizer steps, which leaves the machine otherwise than a step back to back.
     """
     timings: dict[str, StepTiming] = {}
 
     def one_round(record: bool) -> None:
         for name, call in calls.items():
+            if between:
+                between()
             start = time.perf_counter()
             call()
             seconds = time.perf_counter() - start
