@@ -1124,7 +1124,16 @@ void prefetch_descriptor(const array& x) {
   }
 }
 
-// Every leaf's LeafFacts, in one pass that asks the cache for the leaves ahead.
+// Asks the cache for the block that holds an array's buffer pointer and owner (allocator::Data), one
+// more pointer away than the descriptor: reading it was half of read_leaves() on 16384x256 (perf).
+void prefetch_data_block(const array& x) {
+  const char* data = reinterpret_cast<const char*>(x.data_shared_ptr().get());
+  __builtin_prefetch(data);
+  __builtin_prefetch(data + sizeof(array::Data) - 1);  // it may straddle two lines
+}
+
+// Every leaf's LeafFacts, in one pass that asks the cache for the leaves ahead: for the Python objects
+// first, then for the descriptors they hold, then for the blocks those point to.
 std::vector<LeafFacts> read_leaves(const std::vector<LeafArrays>& leaves, const Reuse& reuse, const RuleStep& rule) {
   static PyTypeObject* array_type = reinterpret_cast<PyTypeObject*>(nb::type<array>().ptr());
   size_t n = leaves.size();
@@ -1150,6 +1159,14 @@ std::vector<LeafFacts> read_leaves(const std::vector<LeafArrays>& leaves, const 
       for (const array* x : {next.w, next.g, next.s[0], next.s[1], spare_at(i + kReadAhead)}) {
         if (x) {
           prefetch_descriptor(*x);
+        }
+      }
+    }
+    if (i + kReadAhead / 2 < n) {  // their descriptors have come by now: ask for what they point to
+      const LeafArrays& soon = leaves[i + kReadAhead / 2];
+      for (const array* x : {soon.w, soon.g, soon.s[0], soon.s[1], spare_at(i + kReadAhead / 2)}) {
+        if (x) {
+          prefetch_data_block(*x);
         }
       }
     }
