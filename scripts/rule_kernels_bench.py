@@ -6,7 +6,9 @@ so that each side follows the other equally often. Printed per row: the
 median step, the time per leaf, GB/s (the bytes the rule moves: AdamW 28 per float32 parameter), the
 fraction of the CPU's roof at the rule's working set (``rmsprop_impls.measure.roof``), the per-leaf
 cost over RMSprop's ``cpu_kernel`` and the step over ``compiled``'s. ``compare`` times RMSprop only
-(it has no ``--optimizer`` yet), hence this script::
+(it has no ``--optimizer`` yet), hence this script. ``--split`` adds, for trees of small leaves only (where
+``cpu_kernel`` computes in the call), the call and the ``mx.eval`` after it apart: that eval is MLX's
+walk over the arrays the step hands back, which a rule with more state pays for more of::
 
     python scripts/rule_kernels_bench.py --tree 1x1K 16x1M 256x64K 1024x16K 4096x4K 16384x256 transformer-base
 """
@@ -15,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import mlx.core as mx
 
 from rmsprop_impls import create
+from rmsprop_impls.kernels import _cpu_ext
 from rmsprop_impls.measure.roof import measure_cpu_roof
 from rmsprop_impls.measure.roof_cache import best_so_far
 from rmsprop_impls.measure.timing import time_interleaved
@@ -38,11 +42,52 @@ def yardstick(other: str, name: str):
     return create("cpu_kernel", 1e-3) if other == "rmsprop" else create("compiled", 1e-3, optimizer=name)
 
 
+def call_and_eval(name: str, params, grads, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median seconds of the call and of the ``mx.eval`` after it, for the rule's ``cpu_kernel`` and for
+    RMSprop's, stepped round-robin."""
+    optimizers = {"rule": create("cpu_kernel", 1e-3, optimizer=name), "rmsprop": create("cpu_kernel", 1e-3)}
+    current = dict.fromkeys(optimizers, params)
+    seconds: dict[str, tuple[list, list]] = {side: ([], []) for side in optimizers}
+    for round_ in range(rounds + 2):  # the first two: the state made, the spares in place
+        for side, opt in optimizers.items():
+            start = time.perf_counter()
+            current[side] = opt.apply_gradients(grads, current[side])
+            called = time.perf_counter()
+            mx.eval(current[side], opt.state)
+            if round_ >= 2:
+                seconds[side][0].append(called - start)
+                seconds[side][1].append(time.perf_counter() - called)
+    return {side: (statistics.median(c), statistics.median(e)) for side, (c, e) in seconds.items()}
+
+
+def print_split(tree_names: list[str], rules: list[str], rounds: int) -> None:
+    print("\n| tree | rule | call per leaf | mx.eval per leaf | call / RMSprop's | mx.eval / RMSprop's |")
+    print("|---|---|---|---|---|---|")
+    for tree_name in tree_names:
+        params = tree_by_name(tree_name)
+        leaves = leaves_of(params)
+        if max(x.size for x in leaves) >= _cpu_ext.EAGER_MAX_ELEMENTS:
+            print(f"| {tree_name} | (has big leaves: their update runs in mx.eval, so no split) | | | | |")
+            continue
+        grads = random_like(params)
+        for name in rules:
+            t = call_and_eval(name, params, grads, rounds)
+            (call, ev), (call_r, ev_r) = t["rule"], t["rmsprop"]
+            print(
+                f"| {tree_name} | {name} | {call / len(leaves) * 1e6:.2f} us | {ev / len(leaves) * 1e6:.2f} us | "
+                f"{call / call_r:.2f} | {ev / ev_r:.2f} |",
+                flush=True,
+            )
+        del params, grads
+        mx.clear_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", nargs="+", default=["16x1M"])
     parser.add_argument("--rules", nargs="+", default=list(RULE_NAMES), choices=RULE_NAMES)
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed rounds per tree and rule")
+    parser.add_argument("--split", action="store_true", help="also time the call and mx.eval apart (small leaves)")
     args = parser.parse_args()
     roof = best_so_far(measure_cpu_roof())
     print("| tree | rule | cpu_kernel step | per leaf | GB/s | of roof | per leaf / RMSprop's | step / compiled's |")
@@ -70,6 +115,8 @@ def main() -> None:
             )
         del params, grads
         mx.clear_cache()
+    if args.split:
+        print_split(args.tree, args.rules, rounds=max(10, round(20 * args.budget)))
 
 
 if __name__ == "__main__":

@@ -356,10 +356,16 @@ def test_every_instruction_set_gives_stocks_bits(kernel):
 
 @needs_extension
 def test_hyper_parameters_changed_between_steps_take_effect():
-    """A program may set ``opt.betas`` or ``opt.momentum`` between steps, as on the stock class: the next step
-    runs with the new values, and with another kernel where a branch changes."""
+    """A program may set ``opt.betas``, ``opt.momentum`` or ``opt.bias_correction`` between steps, as on the stock
+    class: the next step runs with the new values, and with another kernel where a branch changes (Adam's bias
+    correction also makes the step compute per-step inputs it did not before)."""
     params = small_params(3)
-    for name, changes in (("adamw", {"betas": [0.5, 0.6], "eps": 1e-3}), ("sgd", {"momentum": 0.0})):
+    changing = (
+        ("adamw", {"betas": [0.5, 0.6], "eps": 1e-3}),
+        ("sgd", {"momentum": 0.0}),
+        ("adam", {"bias_correction": True}),
+    )
+    for name, changes in changing:
         opt = create("cpu_kernel", 1e-2, optimizer=name, **({"momentum": 0.9} if name == "sgd" else {}))
         stock = opt.rule.stock(1e-2, **({"momentum": 0.9} if name == "sgd" else {}))
         got, want = training(opt, params, 2), training(stock, params, 2)

@@ -68,8 +68,9 @@ class CpuKernelOptimizer(OptimizerBase):
         from ..kernels import _cpu_ext
 
         self._ext = _cpu_ext
-        # (the settings it was looked up for, the kernel or None, its TreeStep or None): _looked_up().
-        self._kernel_at: tuple = (None, None, None)
+        # (the settings it was looked up for, the kernel or None, its TreeStep or None, the step inputs for
+        # settings that compute none, else None): _looked_up().
+        self._kernel_at: tuple = (None, None, None, None)
         self._settings = operator.attrgetter(*self.rule.defaults, "threads", "precision")
         # The small leaves' new w of the last two steps: a step writes into those of the step before
         # last, once the caller has dropped them, instead of making new arrays (TreeStep).
@@ -115,7 +116,8 @@ class CpuKernelOptimizer(OptimizerBase):
             tree_step = None
             if kernel is not None:
                 tree_step = self._ext.TreeStep(kernel.index, kernel.slots, self.rule.states, *now[-2:])
-            self._kernel_at = (tuple(list(x) if isinstance(x, list) else x for x in now), kernel, tree_step)
+            unread = None if self.rule.uses_step(self.hyper) else [_UNREAD] * len(self.rule.step_inputs)
+            self._kernel_at = (tuple(list(x) if isinstance(x, list) else x for x in now), kernel, tree_step, unread)
         return self._kernel_at
 
     def apply_gradients(self, gradients, parameters):
@@ -123,13 +125,13 @@ class CpuKernelOptimizer(OptimizerBase):
         16384 small leaves the Python walk and the lists cost more than the update. Trees the C++
         walk does not take (and the first step) go through the Python walk, which names any error.
         Either way the state changes only once the whole step has been computed."""
-        tree_step = self._looked_up()[2] if self._initialized else None
+        _, _, tree_step, unread = self._looked_up() if self._initialized else (None,) * 4
         if tree_step is not None:
-            if self._schedulers or self.rule.step_inputs:
+            if self._schedulers or unread is None:
                 scheduled, scalars = self._scheduled()
                 lr, values = scalars.lr, self._step_values(scalars)
             else:  # most steps: nothing to compute first (_scheduled() took 0.6 us of a 4 us one-leaf step)
-                scheduled, lr, values = None, self.state["learning_rate"], []
+                scheduled, lr, values = None, self.state["learning_rate"], unread
             older, newer = self._spare_w
             stepped = tree_step(gradients, parameters, self.state, lr, values, older)
             if stepped is not None:
