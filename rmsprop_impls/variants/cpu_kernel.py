@@ -18,8 +18,8 @@ updates them in place; big buffers are first moved to start on a 2 MiB page,
 and buffers that live on are moved onto 2 MiB pages.
 Smaller leaves cost MLX more as graph nodes than as work, so they are updated
 at once, outside the graph: the new w into that leaf's w of the step before last
-where the caller has dropped it, else into packed allocations of at most 4 MiB
-(from 2 MiB on huge pages), written with streaming stores on steps of 8 MiB or
+where the caller has dropped it, else into an allocation of its own (a leaf a caller
+keeps pins its own bytes only), written with streaming stores on steps of 8 MiB or
 more either way, and each new state over the old one where nothing but the optimizer state can see it
 (under ``mx.compile`` they stay in the graph). Either way the work is split over a
 persistent thread pool (MLX's CPU back-end has none of its own) and w, g and the states
@@ -46,7 +46,7 @@ class CpuKernelOptimizer(OptimizerBase):
     or ``"float32"`` (float16 and bfloat16 computed in float32 and rounded once)."""
 
     name = "cpu_kernel"
-    summary = "C++ extension: generated per rule, fused, threaded; 8 big leaves per node, small leaves packed"
+    summary = "C++ extension: generated per rule, fused, threaded; 8 big leaves per node, small leaves at once"
     device = "cpu"
 
     def __init__(self, learning_rate, *hyper, threads: int | None = None, precision: str = "stock", **named):
