@@ -11,6 +11,10 @@ cache keys it by its sources), and both optimizers step round-robin on the same 
 Back to back, each step finds the machine busy from the last. In a training loop forward and backward
 run between two steps, and MLX's CPU ops there mostly keep one core busy: ``--between idle`` sleeps
 and ``--between one-core`` streams memory on one thread for 50 ms before every step, untimed.
+``--gradients transposed`` hands every matrix's gradient over as backward hands a Linear's weight
+gradient: the transpose of a row-major matrix::
+
+    python scripts/before_after.py f2614ed --tree mlp-base transformer-base --gradients transposed
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_map
 
 from rmsprop_impls import create
 from rmsprop_impls.measure.timing import time_interleaved
@@ -92,6 +97,14 @@ def one_core() -> None:
 BETWEEN = {"nothing": None, "idle": idle, "one-core": one_core}
 
 
+def transposed(grads):
+    """The same values, each matrix laid out as the transpose of a row-major one (column-major)."""
+    return tree_map(lambda g: mx.contiguous(g.T).T if g.ndim == 2 else g, grads)
+
+
+GRADIENTS = {"row-major": lambda grads: grads, "transposed": transposed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("commit", help="the earlier commit (or branch, or tag)")
@@ -101,6 +114,10 @@ def main() -> None:
     parser.add_argument(
         "--between", choices=BETWEEN, default="nothing", help="what runs, untimed, for 50 ms before every step"
     )
+    parser.add_argument(
+        "--gradients", choices=GRADIENTS, default="row-major",
+        help="the matrices' gradients row-major, or transposed as backward gives a Linear's weights",
+    )  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="before-after-") as where:
         before = import_before(args.commit, Path(where))
@@ -110,7 +127,8 @@ def main() -> None:
         print("|---|---|---|---|")
         for tree_name in args.tree:
             params = tree_by_name(tree_name)
-            grads = random_like(params)
+            grads = GRADIENTS[args.gradients](random_like(params))
+            mx.eval(grads)
             pair = {"before": before.create("cpu_kernel", 1e-3, **rule), "after": create("cpu_kernel", 1e-3, **rule)}
             timings = time_interleaved(
                 pair, params, grads, args.budget, min_rounds=10, warmup=5, between=BETWEEN[args.between]
