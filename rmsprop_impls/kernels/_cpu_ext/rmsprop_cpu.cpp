@@ -47,6 +47,7 @@
 #include "platform.h"
 #include "generated/rules_formula.h"
 #include "simd/simd.h"
+#include "simd/transpose.h"
 #include "tree_walk.h"
 
 namespace nb = nanobind;
@@ -444,15 +445,18 @@ constexpr size_t kMinElementsPerThread = 1 << 15;
 // Thread shares start on 64-element boundaries so no two threads write one cache line.
 constexpr size_t kShareAlign = 64;
 
+// Asks the cache for `bytes` from `p`, where `p` is set.
+void prefetch_run(const void* p, size_t bytes) {
+  for (size_t at = 0; p && at < bytes; at += 64) {
+    __builtin_prefetch(static_cast<const char*>(p) + at);
+  }
+}
+
 // Asks the cache for the first lines of a leaf's inputs while the leaf before it is updated: the
 // kernel's own prefetch runs ahead within a leaf, and a small leaf ends before it starts.
 void prefetch_start(const Leaf& leaf) {
   size_t bytes = std::min<size_t>(leaf.size * leaf.itemsize, 256);
-  for (const void* p : {leaf.w, leaf.g, leaf.s[0], leaf.s[1]}) {
-    for (size_t at = 0; p && at < bytes; at += 64) {
-      __builtin_prefetch(static_cast<const char*>(p) + at);
-    }
-  }
+  for (const void* p : {leaf.w, leaf.g, leaf.s[0], leaf.s[1]}) prefetch_run(p, bytes);
 }
 
 void update_all(const std::vector<Leaf>& leaves, const Job& job, int max_threads) {
@@ -487,9 +491,13 @@ bool is_transposed_matrix(const array& x) {
   return x.ndim() == 2 && x.strides()[0] == 1 && x.strides()[1] == x.shape(0) && x.data_size() == x.size();
 }
 
-// Tiles of a transposed gradient: this many rows of w by this many columns (16 KiB of float32),
-// so that g's lines and w's and the states' all stay in L1 while a tile is updated.
-constexpr size_t kTileRows = 32, kTileColumns = 128;
+// Tiles of a transposed gradient: this many rows of w by this many columns (64 KiB of float32, in
+// L2 while the tile is updated). Square, so that the runs read from g (a column of the tile) are as
+// long as those read from w (a row of it): 512 bytes, where 32x128 tiles read 128 from g. The tile's
+// rows lie kTilePad elements further apart than their length: 512 bytes apart, the stores of one
+// column fell into a few cache sets, and the step took twice as long (4 leaves of 2048x2048
+// float32; 32 to 256 rows and columns tried).
+constexpr size_t kTileRows = 128, kTileColumns = 128, kTilePad = 16;
 
 // `p` moved `bytes` on, where it is set.
 template <typename P>
@@ -498,10 +506,33 @@ P offset(P p, size_t bytes) {
   return p ? static_cast<P>(static_cast<Byte*>(p) + bytes) : nullptr;
 }
 
+// Columns [c0, c1) of g's rows [r0, r1), r1 - r0 and c1 - c0 at most kTileRows and kTileColumns, into
+// `out` in w's order (`stride` elements a row): 8x8 blocks in registers (simd/transpose.h), the ragged
+// edges one element at a time.
+template <typename Element>
+void gather_tile(Kernel k, const Element* g, size_t rows, size_t r0, size_t r1, size_t c0, size_t c1, Element* out,
+                 size_t stride) {
+  constexpr size_t b = rmsprop::kTransposeBlock;
+  const size_t r_blocks = r0 + (r1 - r0) / b * b, c_blocks = c0 + (c1 - c0) / b * b;
+  for (size_t c = c0; c < c_blocks; c += b) {
+    for (size_t r = r0; r < r_blocks; r += b) {
+      rmsprop::transpose8(k, g + c * rows + r, rows, out + (r - r0) * stride + (c - c0), stride);
+    }
+  }
+  for (size_t c = c0; c < c1; ++c) {
+    for (size_t r = c < c_blocks ? r_blocks : r0; r < r1; ++r) {
+      out[(r - r0) * stride + (c - c0)] = g[c * rows + r];
+    }
+  }
+}
+
 // One leaf whose g is the transpose of a row-major matrix (Leaf::g_transposed_columns): each tile of
 // g is gathered into a buffer on the stack, then w's rows are updated against it with the same
 // kernel as every other leaf. Copying g out first, element by element or tile by tile, cost more
-// than the whole update (2048x2048 float32, MLP training step).
+// than the whole update (2048x2048 float32, MLP training step). Every run of a tile is a few lines
+// long and a page away from the next, where the hardware prefetcher does not follow, so the next
+// tile's runs are asked for while this one is updated: g's before it is gathered, and one row of w
+// and the read states with each row updated (each of the two cut the step by a sixth or more).
 template <typename Element>
 void update_transposed(const Leaf& leaf, const Job& job, int max_threads) {
   const size_t columns = leaf.g_transposed_columns, rows = leaf.size / columns;
@@ -509,21 +540,30 @@ void update_transposed(const Leaf& leaf, const Job& job, int max_threads) {
   const Element* g = static_cast<const Element*>(leaf.g);  // g[r, c] lies at g[c * rows + r]
   int threads = static_cast<int>(std::clamp<size_t>(leaf.size / kMinElementsPerThread, 1, max_threads));
   pool().run(threads, [&](int t) {
-    Element tile[kTileRows * kTileColumns];
+    const Kernel kernel = active_kernel.load(std::memory_order_relaxed);
+    Element tile[kTileRows * (kTileColumns + kTilePad)];
     // One row's pointers, moved along w's rows; no owners, so the rows copy no reference count.
     Leaf row;
     row.size = leaf.size, row.dtype = leaf.dtype, row.itemsize = leaf.itemsize;
     row.stream_w = leaf.stream_w, row.stream_s = leaf.stream_s;
-    for (size_t tr = tile_rows * t / threads; tr < tile_rows * (t + 1) / threads; ++tr) {
+    const size_t first = tile_rows * t / threads, last = tile_rows * (t + 1) / threads;
+    for (size_t tr = first; tr < last; ++tr) {
       size_t r0 = tr * kTileRows, r1 = std::min(rows, r0 + kTileRows);
       for (size_t c0 = 0; c0 < columns; c0 += kTileColumns) {
         size_t c1 = std::min(columns, c0 + kTileColumns), width = c1 - c0;
-        for (size_t c = c0; c < c1; ++c) {
-          for (size_t r = r0; r < r1; ++r) {
-            tile[(r - r0) * kTileColumns + (c - c0)] = g[c * rows + r];
-          }
+        // The next tile of this thread's rows: along them, else the first of the next rows.
+        bool along = c1 < columns, next = along || tr + 1 < last;
+        size_t nr0 = along ? r0 : r1, nr1 = along ? r1 : std::min(rows, r1 + kTileRows);
+        size_t nc0 = along ? c1 : 0, nc1 = std::min(columns, nc0 + kTileColumns);
+        for (size_t c = nc0; next && c < nc1; ++c) {
+          prefetch_run(g + c * rows + nr0, (nr1 - nr0) * sizeof(Element));
         }
+        gather_tile(kernel, g, rows, r0, r1, c0, c1, tile, kTileColumns + kTilePad);
         for (size_t r = r0; r < r1; ++r) {
+          if (size_t nr = nr0 + (r - r0); next && nr < nr1) {
+            size_t at = (nr * columns + nc0) * leaf.itemsize, bytes = (nc1 - nc0) * leaf.itemsize;
+            for (const void* p : {leaf.w, leaf.s[0], leaf.s[1]}) prefetch_run(offset(p, at), bytes);
+          }
           size_t at = (r * columns + c0) * leaf.itemsize;
           row.w = offset(leaf.w, at);
           row.w_out = offset(leaf.w_out, at);
@@ -531,7 +571,7 @@ void update_transposed(const Leaf& leaf, const Job& job, int max_threads) {
             row.s[j] = offset(leaf.s[j], at);
             row.s_out[j] = offset(leaf.s_out[j], at);
           }
-          row.g = tile + (r - r0) * kTileColumns;
+          row.g = tile + (r - r0) * (kTileColumns + kTilePad);
           update_leaf_range(row, 0, width, job);
         }
       }
