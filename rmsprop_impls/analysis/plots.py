@@ -23,6 +23,9 @@ from .regressions import commit_series, find_regressions
 from .results import ITEMSIZE, STEP_BENCHMARK, bytes_per_parameter_byte, device_limits, latest
 from .tracking import by_machine, by_release, releases_in
 
+#: Entries per column of a legend drawn beside the axes.
+LEGEND_ROWS = 16
+
 
 class NothingToPlot(ValueError):
     """The results hold none of the measurements this figure draws."""
@@ -40,11 +43,12 @@ def _figure(n_axes: int = 1, width: float = 7.0, height: float = 4.5) -> tuple[C
     return fig, list(axes)
 
 
-def _finish(fig: CaptionedFigure, title: str, caption: str) -> CaptionedFigure:
+def _finish(fig: CaptionedFigure, title: str, caption: str, right: float = 1.0) -> CaptionedFigure:
+    """Title, caption and layout; the axes keep left of ``right`` (a fraction of the width)."""
     fig.suptitle(title, fontweight="bold")
     fig.caption = caption
     fig.text(0.01, 0.01, caption, fontsize=8, wrap=True, va="bottom")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, right, 1))
     return fig
 
 
@@ -287,8 +291,13 @@ def history(
     regressions = regressions[regressions["benchmark"] == benchmark]
     commits = rows.sort_values("commit_date").drop_duplicates("commit")["commit"].tolist()
     position = {c: i for i, c in enumerate(commits)}
-    fig, (ax,) = _figure(width=max(7.0, 0.6 * len(commits) + 4))
-    for key, series in commit_series(rows):
+    lines = list(commit_series(rows))
+    # A legend of every series inside the axes outgrew the figure (tight_layout gave up): it goes to
+    # their right, in columns of at most LEGEND_ROWS entries, and the figure widens by a column each.
+    columns = max(1, math.ceil(len(lines) / LEGEND_ROWS))
+    plot_width = max(7.0, 0.6 * len(commits) + 4)
+    fig, (ax,) = _figure(width=plot_width + 3.0 * columns)
+    for key, series in lines:
         label = "/".join(str(v) for v in key[3:] if isinstance(v, str))
         ax.plot(series["commit"].map(position), series["median"] * 1e3, marker="o", label=label)
     for _, r in regressions.iterrows():
@@ -307,14 +316,15 @@ def history(
     ax.set_yscale("log")
     ax.set_xlabel("commit (oldest left)")
     ax.set_ylabel("median step time (ms, log scale)")
-    ax.legend(fontsize=8)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, ncol=columns, loc="upper right", bbox_to_anchor=(1, 0.92))
     named = [f"{r.variant}/{r.tree}/{r.optimizer} at {r.commit[:8]} ({r.ratio:.1f}x)" for r in regressions.itertuples()]
     caption = (
         f"Red triangles mark the first slow commit of each step up that asv's step detection finds: {'; '.join(named)}."
         if named
         else "asv's step detection finds no regression in this history: every line stays at its level."
     )
-    return _finish(fig, f"History of {benchmark.split('.', 1)[-1]} over commits", caption)
+    title = f"History of {benchmark.split('.', 1)[-1]} over commits"
+    return _finish(fig, title, caption, right=plot_width / fig.get_figwidth())
 
 
 def _grouped_bars(ax, table: pd.DataFrame, groups: list[str], values: str, scale: float = 1.0) -> None:
