@@ -497,7 +497,7 @@ bool is_transposed_matrix(const array& x) {
 // rows lie kTilePad elements further apart than their length: 512 bytes apart, the stores of one
 // column fell into a few cache sets, and the step took twice as long (4 leaves of 2048x2048
 // float32; 32 to 256 rows and columns tried).
-constexpr size_t kTileRows = 128, kTileColumns = 128, kTilePad = 16;
+constexpr size_t kTileRows = 128, kTileColumns = 128, kTilePad = 16, kTileStride = kTileColumns + kTilePad;
 
 // `p` moved `bytes` on, where it is set.
 template <typename P>
@@ -541,7 +541,7 @@ void update_transposed(const Leaf& leaf, const Job& job, int max_threads) {
   int threads = static_cast<int>(std::clamp<size_t>(leaf.size / kMinElementsPerThread, 1, max_threads));
   pool().run(threads, [&](int t) {
     const Kernel kernel = active_kernel.load(std::memory_order_relaxed);
-    Element tile[kTileRows * (kTileColumns + kTilePad)];
+    Element tile[kTileRows * kTileStride];
     // One row's pointers, moved along w's rows; no owners, so the rows copy no reference count.
     Leaf row;
     row.size = leaf.size, row.dtype = leaf.dtype, row.itemsize = leaf.itemsize;
@@ -558,7 +558,7 @@ void update_transposed(const Leaf& leaf, const Job& job, int max_threads) {
         for (size_t c = nc0; next && c < nc1; ++c) {
           prefetch_run(g + c * rows + nr0, (nr1 - nr0) * sizeof(Element));
         }
-        gather_tile(kernel, g, rows, r0, r1, c0, c1, tile, kTileColumns + kTilePad);
+        gather_tile(kernel, g, rows, r0, r1, c0, c1, tile, kTileStride);
         for (size_t r = r0; r < r1; ++r) {
           if (size_t nr = nr0 + (r - r0); next && nr < nr1) {
             size_t at = (nr * columns + nc0) * leaf.itemsize, bytes = (nc1 - nc0) * leaf.itemsize;
@@ -571,7 +571,7 @@ void update_transposed(const Leaf& leaf, const Job& job, int max_threads) {
             row.s[j] = offset(leaf.s[j], at);
             row.s_out[j] = offset(leaf.s_out[j], at);
           }
-          row.g = tile + (r - r0) * (kTileColumns + kTilePad);
+          row.g = tile + (r - r0) * kTileStride;
           update_leaf_range(row, 0, width, job);
         }
       }

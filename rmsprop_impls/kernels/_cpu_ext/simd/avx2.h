@@ -138,6 +138,12 @@ inline V maximum(V a, V b) {
   return _mm256_blendv_ps(_mm256_max_ps(a, b), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
 }
 
+// Dirty upper halves of the YMM registers make the SSE instructions that run next pay a transition
+// penalty; this clears them.
+inline void clear_upper() {
+  _mm256_zeroupper();
+}
+
 #include "loop.h"
 
 // update(), then the upper halves of the YMM registers cleared. Left dirty, they make every SSE
@@ -146,7 +152,7 @@ inline V maximum(V a, V b) {
 template <int K, typename T, bool kExact, bool kStreamW, bool kStreamS>
 void update_then_clear(const Streams<T>& a, size_t n, const Scalars& x) {
   update<K, T, kExact, kStreamW, kStreamS>(a, n, x);
-  _mm256_zeroupper();
+  clear_upper();
 }
 
 // Streamed stores are weakly ordered: once per thread and step, after its last one, so that

@@ -1,7 +1,8 @@
 // The update loop, written once for every rule. Each kernel header includes this file inside its own
 // namespace, after defining there: N (floats per vector), V (the vector), load<T>/store<T> (widen to
 // and narrow from float32, rounding to nearest even), round<T> (narrow to T and widen back),
-// broadcast, add, sub, mul, div, sqrt, abs, sign and maximum. No include guard on purpose.
+// broadcast, add, sub, mul, div, sqrt, abs, sign, maximum and clear_upper (before scalar code). No
+// include guard on purpose.
 //
 // A rule's step is one of the kernels generated from its trace (generated/rules_kernels.h, included
 // below as Rule<K>): it rounds every value of the storage dtype to T after each operation where
@@ -74,10 +75,13 @@ void update(const Streams<T>& a, size_t n, const Scalars& x) {
     }
   }
   if constexpr (N > 1) {
-    // Not called without a tail: its SSE code after this loop's dirty YMM registers stalls (the
-    // transition penalty of update_then_clear()), and update_transposed() runs a tail-less call per
-    // tile row. Called anyway, it made 4 leaves of 2048x2048 float32 take 1.8x as long.
-    if (i < n) ::rmsprop::scalar::update<K, T, kExact>(a.at(i), n - i, x);
+    // The scalar loop is SSE code: after this loop's dirty YMM registers it stalls (the transition
+    // penalty of update_then_clear()) unless they are cleared first. update_transposed() calls this
+    // once per tile row; stalling there made 4 leaves of 2048x2048 float32 take 1.8x as long.
+    if (i < n) {
+      clear_upper();
+      ::rmsprop::scalar::update<K, T, kExact>(a.at(i), n - i, x);
+    }
   } else {
     for (; i < n; ++i) {
       step_at<K, T, kExact, false, false>(step, a, i);

@@ -109,6 +109,9 @@ inline V maximum(V a, V b) {
   return vbslq_f32(is_nan(a), a, vbslq_f32(vcgtq_f32(a, b), a, b));
 }
 
+// NEON and the scalar loop share their registers without a transition penalty.
+inline void clear_upper() {}
+
 #include "loop.h"
 
 inline bool supported() {

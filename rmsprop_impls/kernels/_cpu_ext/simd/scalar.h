@@ -114,6 +114,9 @@ inline V maximum(V a, V b) {
   return std::isnan(a) ? a : (a > b ? a : b);
 }
 
+// Nothing to clear: this is the scalar code.
+inline void clear_upper() {}
+
 #include "loop.h"
 
 }  // namespace scalar

@@ -56,7 +56,7 @@ __attribute__((target("avx2"))) inline void transpose8(const uint32_t* in, size_
     _mm256_storeu_ps(reinterpret_cast<float*>(out + j * out_stride), _mm256_permute2f128_ps(u[j], u[j + 4], 0x20));
     _mm256_storeu_ps(reinterpret_cast<float*>(out + (j + 4) * out_stride), _mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
   }
-  _mm256_zeroupper();  // as update_then_clear(): SSE code may run next on this thread
+  _mm256_zeroupper();  // as clear_upper() (avx2.h): SSE code may run next on this thread
 }
 
 // 16-, 32-, then 64-bit interleaves of 128-bit rows (VEX-encoded, so no upper halves to clear).
