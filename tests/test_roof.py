@@ -3,6 +3,9 @@ step's own working set, on this machine's caches and on planted ones (a small an
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -157,16 +160,21 @@ def test_compare_shows_the_roof_at_each_trees_working_set_and_marks_the_cache_re
     [(0, 0, 4096), (1, 1, 4099), (3, 3, 5), (0, 1, 4096), (0, 0, 0)],
     ids=["aligned", "tail", "short", "w-and-v-never-aligned", "empty"],
 )
-def test_the_c_kernels_add_g_into_w_and_v_in_place_and_touch_nothing_else(kernel, w_offset, v_offset, n):
+def test_the_c_kernels_add_g_into_w_and_each_state_in_place_and_touch_nothing_else(kernel, w_offset, v_offset, n):
     lib, why = stream_kernels.load()
     if lib is None:
         pytest.skip(why)
-    w, g, v = (np.arange(n + 16, dtype=np.float32) * k for k in (1.0, 0.5, 2.0))
-    expected_w, expected_v, g_before = w.copy(), v.copy(), g.copy()
-    expected_w[w_offset : w_offset + n] += g[:n]
-    expected_v[v_offset : v_offset + n] += g[:n]
-    getattr(lib, kernel)(w[w_offset:].ctypes.data, g.ctypes.data, v[v_offset:].ctypes.data, n)
-    assert np.array_equal(w, expected_w) and np.array_equal(v, expected_v) and np.array_equal(g, g_before)
+    w, g, *states = (
+        np.arange(n + 16, dtype=np.float32) * k for k in (1.0, 0.5, 2.0, 3.0)[: stream_kernels.KERNELS[kernel]]
+    )
+    offsets = [w_offset] + [v_offset] * len(states)
+    expected = [x.copy() for x in (w, *states)]
+    for x, offset in zip(expected, offsets):
+        x[offset : offset + n] += g[:n]
+    g_before = g.copy()
+    written = [x[offset:].ctypes.data for x, offset in zip((w, *states), offsets)]
+    getattr(lib, kernel)(written[0], g.ctypes.data, *written[1:], n)
+    assert all(np.array_equal(x, e) for x, e in zip((w, *states), expected)) and np.array_equal(g, g_before)
 
 
 def test_the_c_kernels_are_built_or_say_why_not(monkeypatch):
@@ -191,3 +199,22 @@ def test_a_busy_measurement_keeps_the_best_this_machine_showed_at_each_size(monk
     monkeypatch.setenv("RMSPROP_BENCH_ROOF_CACHE", "0")
     assert roof_cache.best_so_far(busy) == busy and len(list(tmp_path.glob("roof-*.json"))) == 2
     assert roof_cache.best_so_far(None) is None
+
+
+def test_a_roof_kept_from_another_boot_is_not_this_ones(monkeypatch, tmp_path):
+    """A VM restarted on another host keeps its CPU's name: that host's roof must not stand over this one's."""
+    monkeypatch.setenv("RMSPROP_BENCH_CACHE_DIR", str(tmp_path))
+    sizes = (1 * MIB, 64 * MIB)
+    faster_host = Roof("cpu", sizes, (160.0, 64.0), ("numpy triad",) * 2, 32 * MIB)
+    this_host = Roof("cpu", sizes, (120.0, 43.0), ("numpy triad",) * 2, 32 * MIB)
+    monkeypatch.setattr(roof_cache, "boot_id", lambda: "boot-on-the-faster-host")
+    assert roof_cache.best_so_far(faster_host) == faster_host
+    monkeypatch.setattr(roof_cache, "boot_id", lambda: "boot-on-this-host")
+    assert roof_cache.best_so_far(this_host) == this_host
+    assert roof_cache.best_so_far(replace(this_host, gbps=(100.0, 40.0))) == this_host  # within a boot: the best
+
+
+def test_this_machine_names_its_boot():
+    boot = roof_cache.boot_id()
+    if sys.platform.startswith("linux") or sys.platform == "darwin":
+        assert boot and boot == roof_cache.boot_id()

@@ -21,6 +21,8 @@ at each size is the roof):
   L1-sized blocks, so that memory sees w, g and v read and w and v written once;
 * ``numpy copy``: ``np.copyto``, a memcpy, which glibc does with non-temporal
   stores above its threshold (no read for ownership);
+* ``c step pattern`` (with and without non-temporal stores) and ``c two-state
+  step pattern`` (Adam's w, m and v in place, g read): :mod:`.stream_kernels`;
 * ``mlx triad`` and ``mlx step pattern``: the same as MLX ops on the device, the
   second fused by ``mx.compile`` into one kernel with two outputs, in place (the
   inputs are donated);
@@ -238,22 +240,24 @@ def numpy_kernels(buffers: list[np.ndarray], pool: ThreadPoolExecutor, threads: 
 
 
 def c_kernels(buffers: list[np.ndarray], pool: ThreadPoolExecutor, threads: int) -> list[Kernel]:
-    """The step pattern in C (:mod:`.stream_kernels`), with non-temporal stores where the target has them; none
-    where the C kernels cannot be built here."""
+    """The step patterns in C (:mod:`.stream_kernels`) over ``buffers`` (w, g, v and m): RMSprop's, with
+    non-temporal stores too where the target has them, and the two-state rules'; none where they cannot be built."""
     lib, _ = stream_kernels.load()
     if lib is None:
         return []
+    w, g, v, m = buffers
 
-    def make(function: Callable) -> Callable[[int], Callable[[int], None]]:
+    def make(function: Callable, *arrays: np.ndarray) -> Callable[[int], Callable[[int], None]]:
         def threaded(n: int) -> Callable[[int], None]:
-            chunks = _chunks(n, threads, *buffers)
+            chunks = _chunks(n, threads, *arrays)
             return _threaded(pool, threads, function, [(*(a.ctypes.data for a in c), c[0].size) for c in chunks])
 
         return threaded
 
-    kernels = [Kernel("c step pattern", 3, 5, make(lib.step_pattern))]
+    kernels = [Kernel("c step pattern", 3, 5, make(lib.step_pattern, w, g, v))]
     if lib.streaming_stores():
-        kernels.append(Kernel("c step pattern, non-temporal stores", 3, 5, make(lib.step_pattern_streaming)))
+        kernels.append(Kernel("c step pattern, non-temporal stores", 3, 5, make(lib.step_pattern_streaming, w, g, v)))
+    kernels.append(Kernel("c two-state step pattern", 4, 7, make(lib.two_state_pattern, w, g, m, v)))
     return kernels
 
 
@@ -315,8 +319,9 @@ def measure_cpu_roof(caches: CacheSizes | None = None, threads: int | None = Non
     sizes = sweep_sizes(caches)
     elements = sizes[-1] // ITEMSIZE // 2  # the largest point of the two-array kernels
     buffers = [np.ones(elements, np.float32), np.full(elements, 1e-3, np.float32), np.ones(elements, np.float32)]
+    m = np.ones(sizes[-1] // ITEMSIZE // 4, np.float32)  # the fourth array of the two-state pattern only
     with ThreadPoolExecutor(threads) as pool:
-        kernels = numpy_kernels(buffers, pool, threads) + c_kernels(buffers, pool, threads)
+        kernels = numpy_kernels(buffers, pool, threads) + c_kernels([*buffers, m], pool, threads)
         kernels += torch_kernels(buffers, threads) + mlx_kernels(mx.cpu)
         roof = measure_roof("cpu", kernels, caches, sizes)
     assert roof is not None, "the numpy kernels run everywhere"

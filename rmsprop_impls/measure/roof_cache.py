@@ -5,8 +5,12 @@ a busy machine is too low, and a step timed a moment later, when the machine is
 quieter, could come out above it. A roof is the fastest the machine moves memory,
 so the best of every measurement is the better estimate. It is kept per machine
 (its CPU, platform, cores and MLX, as the ``auto`` optimizer's choices are), per
-device, per thread count and per sweep, one small JSON file each in the user
-cache directory. ``RMSPROP_BENCH_ROOF_CACHE=0`` measures afresh and keeps nothing;
+boot, per device, per thread count and per sweep, one small JSON file each in
+the user cache directory. Per boot, because those names do not tell one host
+from another: a cloud VM restarts on other hardware under the same CPU name
+(here a kept 64 GB/s stood over a host that measured 43 GB/s: a step moving
+41 GB/s read as 64% of it instead of 95%), and memory or firmware can change between
+boots of one machine. ``RMSPROP_BENCH_ROOF_CACHE=0`` measures afresh and keeps nothing;
 deleting the files (``roof-*.json``) forgets what was kept.
 """
 
@@ -15,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -25,8 +31,26 @@ from .choice_cache import machine
 from .roof import Roof
 
 
+def boot_id() -> str:
+    """This boot of the machine (Linux's boot id, macOS's boot time); ``""`` where the platform tells neither."""
+    try:
+        if sys.platform.startswith("linux"):
+            return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        if sys.platform == "darwin":
+            return subprocess.run(["sysctl", "-n", "kern.boottime"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return ""
+
+
 def _path(roof: Roof) -> Path:
-    key = {**machine(), "roof": roof.device, "threads": default_threads(), "working_sets": list(roof.working_sets)}
+    key = {
+        **machine(),
+        "boot": boot_id(),
+        "roof": roof.device,
+        "threads": default_threads(),
+        "working_sets": list(roof.working_sets),
+    }
     return cache_dir() / f"roof-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.json"
 
 

@@ -3,8 +3,10 @@
  * One pass of RMSprop's memory pattern without its arithmetic: w += g and v += g, element by element,
  * so memory sees three streams read (w, g, v) and two written in place (w, v): 20 bytes per float32
  * element, as a step moves. The streaming version writes w and v with non-temporal stores, which go
- * to memory without a read for ownership and without displacing what the caches hold. The caller
- * owns every array and passes its length; nothing here allocates or keeps a pointer. */
+ * to memory without a read for ownership and without displacing what the caches hold. The two-state
+ * pattern is Adam's, AdamW's, Adamax's and AdaDelta's: w, m and v read and written in place, g read
+ * (28 bytes). The caller owns every array and passes its length; nothing here allocates or keeps a
+ * pointer. */
 #include <stddef.h>
 #include <stdint.h>
 
@@ -19,6 +21,14 @@
 void step_pattern(float *restrict w, const float *restrict g, float *restrict v, size_t n) {
     for (size_t i = 0; i < n; ++i) {
         w[i] += g[i];
+        v[i] += g[i];
+    }
+}
+
+void two_state_pattern(float *restrict w, const float *restrict g, float *restrict m, float *restrict v, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+        w[i] += g[i];
+        m[i] += g[i];
         v[i] += g[i];
     }
 }

@@ -1,4 +1,4 @@
-"""The roof's C kernels: the step's own memory pattern at native speed, with and without non-temporal stores.
+"""The roof's C kernels: the steps' own memory patterns at native speed, with and without non-temporal stores.
 
 No numpy or MLX kernel reads three streams and writes two in one pass, nor streams
 its stores past the caches, as ``cpu_kernel`` does above 8 MiB; without them the
@@ -23,8 +23,8 @@ from pathlib import Path
 from ..user_cache import cache_dir
 
 SOURCE = Path(__file__).with_name("stream_kernels.c")
-#: Each kernel's C signature: (w, g, v, n), the three arrays' addresses and their length in float32 elements.
-KERNELS = ("step_pattern", "step_pattern_streaming")
+#: Each kernel and the float32 arrays it takes: (w, g, v, n) or (w, g, m, v, n), their addresses, then their length.
+KERNELS = {"step_pattern": 3, "step_pattern_streaming": 3, "two_state_pattern": 4}
 
 
 def compiler() -> str | None:
@@ -51,8 +51,8 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
             return None, f"{' '.join(command)} failed: {detail.strip().splitlines()[-1] if detail.strip() else e}"
         os.replace(partial, library)  # atomic: a process that starts at once loads one whole build or builds its own
     lib = ctypes.CDLL(str(library))
-    for name in KERNELS:
-        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    for name, arrays in KERNELS.items():
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * arrays + [ctypes.c_size_t]
         getattr(lib, name).restype = None
     lib.streaming_stores.restype = ctypes.c_int
     return lib, None
