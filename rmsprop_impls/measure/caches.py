@@ -82,11 +82,20 @@ def sysconf_cache_sizes() -> CacheSizes | None:
     return CacheSizes(sizes.get(2), last, "os.sysconf (one instance)") if last else None
 
 
-def _sysctl(key: str) -> int | None:
+def sysctl_text(key: str) -> str | None:
+    """macOS's ``sysctl -n key``; ``None`` where it does not answer (another platform, an unknown key)."""
     try:
         out = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5)
-        return int(out.stdout) if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, ValueError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _sysctl(key: str) -> int | None:
+    text = sysctl_text(key)
+    try:
+        return int(text) if text else None
+    except ValueError:
         return None
 
 

@@ -240,12 +240,14 @@ def numpy_kernels(buffers: list[np.ndarray], pool: ThreadPoolExecutor, threads: 
 
 
 def c_kernels(buffers: list[np.ndarray], pool: ThreadPoolExecutor, threads: int) -> list[Kernel]:
-    """The step patterns in C (:mod:`.stream_kernels`) over ``buffers`` (w, g, v and m): RMSprop's, with
-    non-temporal stores too where the target has them, and the two-state rules'; none where they cannot be built."""
+    """The step patterns in C (:mod:`.stream_kernels`) over ``buffers`` (w, g and v, as large as the two-array
+    kernels' largest point): RMSprop's, with non-temporal stores too where the target has them, and the two-state
+    rules', with a fourth array of its own; none where they cannot be built."""
     lib, _ = stream_kernels.load()
     if lib is None:
         return []
-    w, g, v, m = buffers
+    w, g, v = buffers
+    m = np.ones(w.size // 2, np.float32)  # four arrays in the working set that two fill
 
     def make(function: Callable, *arrays: np.ndarray) -> Callable[[int], Callable[[int], None]]:
         def threaded(n: int) -> Callable[[int], None]:
@@ -319,9 +321,8 @@ def measure_cpu_roof(caches: CacheSizes | None = None, threads: int | None = Non
     sizes = sweep_sizes(caches)
     elements = sizes[-1] // ITEMSIZE // 2  # the largest point of the two-array kernels
     buffers = [np.ones(elements, np.float32), np.full(elements, 1e-3, np.float32), np.ones(elements, np.float32)]
-    m = np.ones(sizes[-1] // ITEMSIZE // 4, np.float32)  # the fourth array of the two-state pattern only
     with ThreadPoolExecutor(threads) as pool:
-        kernels = numpy_kernels(buffers, pool, threads) + c_kernels([*buffers, m], pool, threads)
+        kernels = numpy_kernels(buffers, pool, threads) + c_kernels(buffers, pool, threads)
         kernels += torch_kernels(buffers, threads) + mlx_kernels(mx.cpu)
         roof = measure_roof("cpu", kernels, caches, sizes)
     assert roof is not None, "the numpy kernels run everywhere"

@@ -16,10 +16,10 @@ deleting the files (``roof-*.json``) forgets what was kept.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import replace
@@ -27,19 +27,21 @@ from pathlib import Path
 
 from ..cpu_threads import default_threads
 from ..user_cache import cache_dir
+from .caches import sysctl_text
 from .choice_cache import machine
 from .roof import Roof
 
 
+@functools.cache
 def boot_id() -> str:
     """This boot of the machine (Linux's boot id, macOS's boot time); ``""`` where the platform tells neither."""
-    try:
-        if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux"):
+        try:
             return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        if sys.platform == "darwin":
-            return subprocess.run(["sysctl", "-n", "kern.boottime"], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        pass
+        except OSError:
+            return ""
+    if sys.platform == "darwin":
+        return sysctl_text("kern.boottime") or ""
     return ""
 
 
