@@ -11,7 +11,7 @@ from test_cli import cli
 from rmsprop_impls import reference_step
 from rmsprop_impls.cli.compare import _ratio_line
 from rmsprop_impls.measure import peers
-from rmsprop_impls.measure.compare import VariantResult
+from rmsprop_impls.measure.compare import VariantResult, time_candidates
 from rmsprop_impls.measure.timing import StepTiming
 from rmsprop_impls.measure.trees import random_like, synthetic_tree
 from rmsprop_impls.reference import tolerance
@@ -149,16 +149,14 @@ def test_what_cannot_run_says_why(monkeypatch):
         peers.build_peer("torch-foreach", *_tree())
 
 
-def test_compare_peers_times_them_on_the_mlx_tree():
+def test_peer_candidates_time_on_the_mlx_tree_and_say_why_they_cannot():
     params = synthetic_tree(3, 64)
     grads = random_like(params)
-    numpy_result, bfloat16_result = (
-        peers.compare_peers(params, grads, ["numpy"], repeats=2, progress=False)[0],
-        peers.compare_peers(synthetic_tree(3, 64, mx.bfloat16), grads, ["numpy"], repeats=2, progress=False)[0],
-    )
+    (numpy_result,), _ = time_candidates(peers.peer_candidates(params, grads, ["numpy"]), params, 2, progress=False)
+    (bfloat16,) = peers.peer_candidates(synthetic_tree(3, 64, mx.bfloat16), grads, ["numpy"])
     assert numpy_result.variant == "numpy" and numpy_result.device == "cpu" and numpy_result.reason is None
     assert len(numpy_result.timing.samples) == 2 and numpy_result.gbps > 0
-    assert bfloat16_result.timing is None and bfloat16_result.reason == peers.NO_BFLOAT16
+    assert bfloat16.build is None and bfloat16.reason == peers.NO_BFLOAT16
 
 
 def _result(name: str, median_ms: float | None) -> VariantResult:

@@ -4,15 +4,19 @@ trees, and with ``--peers`` of the same step in numpy, optax and torch (``measur
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+from contextlib import AbstractContextManager
 
 import mlx.core as mx
 from tqdm import tqdm
 
 from ..analysis.tables import format_table
-from ..measure.bandwidth import cache_resident, describe_limits, limit_at, measure_limits, percent_text
-from ..measure.compare import VariantResult, compare_variants
-from ..measure.peers import NEEDS_EXTRA, OPTAX_MAX_LEAVES, PEER_LABELS, PEERS, compare_peers, installed_peers
-from ..measure.roof import working_set
+from ..measure.bandwidth import cache_resident, describe_limits, limit_at, limit_for, measure_limits, percent_text
+from ..measure.caches import MIB
+from ..measure.compare import VariantResult, short_openmp_spin, time_candidates, variant_candidates
+from ..measure.peers import NEEDS_EXTRA, OPTAX_MAX_LEAVES, PEER_LABELS, PEERS, installed_peers, peer_candidates
+from ..measure.roof import Probe, cpu_roof_probes, working_set
 from ..measure.timing import time_floor
 from ..measure.trees import leaves_of, random_like, step_bytes
 from ..registry import variant_names
@@ -41,13 +45,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Time every variant running one optimizer rule (--optimizer, RMSprop by default) on each tree "
         "in this process: median step time, time per leaf, effective GB/s (the bytes the rule reads and writes: 20 "
         "per float32 parameter for RMSprop, 28 for Adam and AdamW), the roof of the device it runs on at the tree's "
-        "working set (w, g and the rule's state; each device's roof is measured once, first, as the best of several "
-        "kernels over working sets from about an L2 to 16 times the last-level cache), the fraction of that roof "
-        "(marked cache-resident where the working set fits in the last-level cache) and the speed-up over the "
-        "compiled and eager variants. Under the table, the fastest variant per tree and the tree's floor: the tree "
-        "walk, rebuild and mx.eval that every step pays, timed with no update. "
-        "With --peers, the same step in other libraries is timed too, in this process on the same tree, and a line "
-        "per tree gives how many times faster the fastest MLX variant (and cpu_kernel) is than each peer.",
+        "working set (w, g and the rule's state) and the fraction of that roof (marked cache-resident where the "
+        "working set fits in the last-level cache), and the speed-up over the compiled and eager variants. Each "
+        "device's roof is first measured as the best of several kernels over working sets from about an L2 to 16 "
+        "times the last-level cache; then, per tree, the CPU roof's best kernels at the tree's working set are "
+        "timed round-robin with the variants and the peers, one call each per round, so that every ratio and every "
+        "fraction of the roof compares the same moments of a machine whose speed drifts (trees too big for all the "
+        "candidates to fit in half the memory are timed in groups, each with its own roof). Under the table, the "
+        "roof's kernels per tree, the fastest variant per tree and the tree's floor: the tree walk, rebuild and "
+        "mx.eval that every step pays, timed with no update. "
+        "With --peers, the same step in other libraries is timed in the same rounds, on the same tree, and a line "
+        "per tree gives how many times faster the fastest MLX variant (and cpu_kernel) is than each peer; torch's "
+        "OpenMP threads are set to spin only briefly after a parallel region (GOMP_SPINCOUNT=10000, KMP_BLOCKTIME=1, "
+        "each unless set), so that they do not take the cores of the step after theirs.",
     )
     add_tree_arguments(p, several=True)
     p.add_argument("--variants", nargs="+", choices=variant_names(), help="variants to time (default: all)")
@@ -76,22 +86,33 @@ def run(args: argparse.Namespace) -> int:
     for name in names:  # a bad name fails before any timing; each tree is built just before it is timed
         check_tree_name(name)
     hyper = checked_hyper(args.optimizer, args.hyper)
+    openmp = short_openmp_spin()  # before the roof's torch kernel loads torch
     limits = measure_limits()
     peers = None if args.peers is None else args.peers or installed_peers()
-    rows, fastest, ratios = [], [], []
+    rows, fastest, ratios, roofs = [], [], [], []
     for name in tqdm(names, desc="trees", unit="tree", leave=False):
         params = load_tree(name, args.dtype)
         leaves = leaves_of(params)
         grads = random_like(params)
+        mx.eval(params, grads)
         touched = working_set(step_bytes(params, args.optimizer, hyper))
-        results = compare_variants(params, grads, args.variants, args.repeats, optimizer=args.optimizer, hyper=hyper)
-        rows += [_row(name, r, len(leaves), limits, touched, results) for r in results]
+        candidates = variant_candidates(params, grads, args.variants, optimizer=args.optimizer, hyper=hyper)
+        n_variants = len(candidates)
         if peers is not None:
-            peer_results = compare_peers(
-                params, grads, list(dict.fromkeys(peers)), args.repeats, optimizer=args.optimizer, hyper=hyper
+            candidates += peer_candidates(
+                params, grads, list(dict.fromkeys(peers)), optimizer=args.optimizer, hyper=hyper
             )
-            rows += [_row(name, r, len(leaves), limits, touched, results, f"{r.variant} (peer)") for r in peer_results]
+        probes = functools.partial(_probes, limits, touched)
+        timed, probe_rates = time_candidates(candidates, params, args.repeats, probes, args.optimizer, hyper)
+        results, peer_results = timed[:n_variants], timed[n_variants:]
+        rows += [_row(name, r, len(leaves), limits, touched, results, probe_rates) for r in results]
+        if peers is not None:
+            rows += [
+                _row(name, r, len(leaves), limits, touched, results, probe_rates, f"{r.variant} (peer)")
+                for r in peer_results
+            ]
             ratios.append(_ratio_line(name, results, peer_results))
+        roofs.append(_roof_line(name, touched, probe_rates))
         ran = [r for r in results if r.timing]
         if ran:
             best = min(ran, key=lambda r: r.timing.median)
@@ -105,8 +126,13 @@ def run(args: argparse.Namespace) -> int:
             )
         del params, grads, leaves, results
         mx.clear_cache()
-    print(f"{describe_optimizer(args.optimizer, hyper)}, lr 1e-3; {describe_limits(limits)}; {setting}\n")
+    policy = " ".join(f"{k}={v}" for k, v in openmp.items()) if openmp else "their default spin (torch loaded first)"
+    print(f"{describe_optimizer(args.optimizer, hyper)}, lr 1e-3; {describe_limits(limits)}; {setting}")
+    print(f"every step, peer and roof kernel of a tree timed round-robin; torch's OpenMP threads: {policy}\n")
     print(format_table(HEADERS, rows))
+    if any(roofs):
+        print("\nthe CPU's roof (its best kernels at each tree's working set, timed in the same rounds as the steps):")
+        print("\n".join(f"  {line}" for line in roofs if line))
     if fastest:
         print("\nfastest:\n" + "\n".join(f"  {line}" for line in fastest))
     if peers is not None:
@@ -134,6 +160,22 @@ def _ratio_line(tree: str, results: list[VariantResult], peer_results: list[Vari
     return f"{tree}: " + "; ".join(clauses)
 
 
+def _probes(limits: dict, touched: float) -> AbstractContextManager[list[Probe]]:
+    """The CPU roof's kernels at this working set, where its roof names them (one measured here, not given)."""
+    roof = limit_for(limits, "cpu")
+    return cpu_roof_probes(roof, touched) if roof else contextlib.nullcontext([])
+
+
+def _roof_line(tree: str, touched: float, probe_rates: list[dict[str, float]]) -> str | None:
+    """``16x1M (384 MiB): c step pattern 52.1 GB/s, numpy triad 50.3 GB/s``, a clause per round-robin group."""
+    groups = [", ".join(f"{k} {gbps:.1f} GB/s" for k, gbps in rates.items()) for rates in probe_rates if rates]
+    if not groups:
+        return None
+    named = [f"group {i + 1}: {g}" for i, g in enumerate(groups)] if len(groups) > 1 else groups
+    size = f"{touched / MIB:,.1f} MiB" if touched >= MIB else f"{touched / 1024:,.0f} KiB"
+    return f"{tree} ({size}): " + "; ".join(named)
+
+
 def _row(
     tree: str,
     r: VariantResult,
@@ -141,14 +183,18 @@ def _row(
     limits: dict,
     touched: float,
     results: list[VariantResult],
+    probe_rates: list[dict[str, float]],
     label: str | None = None,
 ) -> list:
     """One table row; ``touched`` is the tree's working set in bytes, ``results`` the MLX variants' on this tree
-    (the baselines); ``label`` names a peer's row."""
+    (the baselines), ``probe_rates`` the roof's kernels' GB/s in each round-robin group; ``label`` names a peer's
+    row. A CPU row's roof is the best of its group's roof kernels, measured in the same rounds; a GPU row's, or
+    one with no kernels timed, the roof measured at the start."""
     label = label or r.variant
     if r.timing is None:
         return [tree, label, r.device] + [None] * (len(HEADERS) - 4) + [f"unavailable: {r.reason}"]
-    roof = limit_at(limits, r.device, touched)
+    same_rounds = probe_rates[r.group] if r.device == "cpu" and r.group < len(probe_rates) else {}
+    roof = max(same_rounds.values()) if same_rounds else limit_at(limits, r.device, touched)
     resident = cache_resident(limits, r.device, touched)
     base = {b.variant: b.timing.median for b in results if b.variant in BASELINES and b.timing}
     speedups = [f"{base[b] / r.timing.median:.2f}x" if b in base else None for b in BASELINES]

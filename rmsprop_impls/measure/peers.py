@@ -32,13 +32,11 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from tqdm import tqdm
 
 from ..rules import DEFAULT_RULE, Rule, rule
-from .compare import VariantResult
+from .compare import Candidate
 from .numpy_rule import NumpyRuleStep
-from .timing import time_calls
-from .trees import leaves_of, step_bytes
+from .trees import leaves_of
 
 #: Every peer, in the order tables list them (and asv's parameter order).
 PEERS = ("numpy", "torch-foreach", "torch-fused", "torch-per-tensor", "optax")
@@ -316,43 +314,35 @@ def build_peer(
     return _torch_peer(w, g, torch_rule(r, h, lr), peer)
 
 
-def compare_peers(
+def peer_candidates(
     params: Any,
     grads: Any,
     peers: Sequence[str] | None = None,
-    repeats: int = 10,
     learning_rate: float = 1e-3,
-    progress: bool = True,
     optimizer: str | Rule = DEFAULT_RULE,
     hyper: Mapping[str, Any] | None = None,
-) -> list[VariantResult]:
-    """Median step time and effective GB/s of each peer running ``optimizer`` on this MLX tree, as
-    :func:`~rmsprop_impls.measure.compare.compare_variants` gives them for the variants (``variant`` is the
-    peer's name, ``device`` ``"cpu"``, ``differs`` how its math differs from stock's); peers that cannot run
-    come with their reason.
-
-    ``peers=None`` takes every installed peer. The tree is converted once and each peer copies the
-    parameters, so every peer starts from the same ones.
-    """
+) -> list[Candidate]:
+    """Each peer (default: every installed one) running ``optimizer`` on this MLX tree, to be timed with the
+    variants (:func:`~rmsprop_impls.measure.compare.time_candidates`); peers that cannot run come with their
+    reason. The tree is converted to numpy once, and each peer copies it when it is built, so every peer starts
+    from the same parameters."""
     r = rule(optimizer)
     h = r.hyperparameters(**(hyper or {}))
-    peers = list(installed_peers() if peers is None else peers)
     leaves = leaves_of(params)
     dtype = leaves[0].dtype if leaves else mx.float32
-    reasons = {p: peer_unavailable_reason(p, dtype, len(leaves), r, h) for p in peers}
-    nbytes = step_bytes(params, r, h)
-    w = g = None
-    results = []
-    for name in tqdm(peers, desc="timing peers", unit="peer", disable=not progress, leave=False):
-        if reasons[name] is not None:
-            results.append(VariantResult(name, None, reasons[name], device=PEER_DEVICE))
-            continue
-        if w is None:
-            w, g = numpy_leaves(params), numpy_leaves(grads)
-        peer = build_peer(name, w, g, learning_rate, r, **h)
-        timing = time_calls(peer.step, repeats=repeats)
-        results.append(
-            VariantResult(name, timing, gbps=nbytes / timing.median / 1e9, device=PEER_DEVICE, differs=peer.differs)
-        )
-        del peer
-    return results
+    converted: list = []
+
+    def build(candidate: Candidate) -> Callable[[], None]:
+        if not converted:
+            converted.extend((numpy_leaves(params), numpy_leaves(grads)))
+        peer = build_peer(candidate.name, *converted, learning_rate, r, **h)
+        candidate.differs = peer.differs
+        return peer.step
+
+    candidates = []
+    for name in installed_peers() if peers is None else peers:
+        candidate = Candidate(name, PEER_DEVICE, None, peer_unavailable_reason(name, dtype, len(leaves), r, h))
+        if candidate.reason is None:
+            candidate.build = functools.partial(build, candidate)
+        candidates.append(candidate)
+    return candidates

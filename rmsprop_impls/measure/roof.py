@@ -38,13 +38,15 @@ loaded machine only ever makes a kernel slower.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import functools
 import importlib.util
 import itertools
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -73,6 +75,8 @@ CHUNKS_PER_THREAD = 8
 MLX_PASSES_PER_EVAL = 32
 #: Bytes per float32 element, the kernels' dtype.
 ITEMSIZE = 4
+#: Bytes a roof probe moves per call at least: a pass over a cache-resident working set takes less than a call costs.
+PROBE_MIN_BYTES = 64 * MIB
 
 
 def working_set(step_bytes: float, optimizer: str | Rule = "rmsprop") -> float:
@@ -322,11 +326,61 @@ def measure_cpu_roof(caches: CacheSizes | None = None, threads: int | None = Non
     elements = sizes[-1] // ITEMSIZE // 2  # the largest point of the two-array kernels
     buffers = [np.ones(elements, np.float32), np.full(elements, 1e-3, np.float32), np.ones(elements, np.float32)]
     with ThreadPoolExecutor(threads) as pool:
-        kernels = numpy_kernels(buffers, pool, threads) + c_kernels(buffers, pool, threads)
-        kernels += torch_kernels(buffers, threads) + mlx_kernels(mx.cpu)
-        roof = measure_roof("cpu", kernels, caches, sizes)
+        roof = measure_roof("cpu", cpu_kernels(buffers, pool, threads), caches, sizes)
     assert roof is not None, "the numpy kernels run everywhere"
     return roof
+
+
+def cpu_kernels(buffers: list[np.ndarray], pool: ThreadPoolExecutor, threads: int) -> list[Kernel]:
+    """Every CPU kernel of the roof over ``buffers`` (w, g and v, as large as the two-array kernels' largest point)."""
+    kernels = numpy_kernels(buffers, pool, threads) + c_kernels(buffers, pool, threads)
+    return kernels + torch_kernels(buffers, threads) + mlx_kernels(mx.cpu)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A roof kernel at one working set, to be timed beside the steps: each ``run()`` moves ``nbytes``."""
+
+    kernel: str
+    run: Callable[[], None]
+    nbytes: int
+
+
+def kernels_around(roof: Roof, working_set_bytes: float) -> list[str]:
+    """The kernels the roof found fastest at the sweep's points on either side of this working set (those
+    :meth:`Roof.at` interpolates between), in the sweep's order; none where it does not name them."""
+    if len(roof.best_kernels) != len(roof.working_sets):
+        return []
+    i = bisect.bisect_left(roof.working_sets, working_set_bytes)
+    on_a_point = i < len(roof.working_sets) and roof.working_sets[i] == working_set_bytes
+    around = {min(i, len(roof.working_sets) - 1), i if on_a_point else max(i - 1, 0)}
+    return list(dict.fromkeys(roof.best_kernels[j] for j in sorted(around)))
+
+
+@contextlib.contextmanager
+def cpu_roof_probes(roof: Roof, working_set_bytes: float, threads: int | None = None) -> Iterator[list[Probe]]:
+    """The roof's best kernels around a step's working set (:func:`kernels_around`), each a :class:`Probe` at that
+    working set (within the sweep's range, as :meth:`Roof.at` is flat beyond it), to be timed round-robin with
+    the steps, so that a step and its roof are measured in the same moments; each call moves at least
+    :data:`PROBE_MIN_BYTES`. None where the roof names no kernel this process can build. The buffers and the
+    threads live until the block ends."""
+    names = kernels_around(roof, working_set_bytes)
+    size = int(min(max(working_set_bytes, roof.working_sets[0]), roof.working_sets[-1]))
+    threads = threads or default_threads()
+    elements = max(BLOCK, size // ITEMSIZE // 2)
+    buffers = [np.ones(elements, np.float32), np.full(elements, 1e-3, np.float32), np.ones(elements, np.float32)]
+    with ThreadPoolExecutor(threads) as pool:
+        probes = []
+        for kernel in (k for k in cpu_kernels(buffers, pool, threads) if k.name in names):
+            n = max(BLOCK, size // (ITEMSIZE * kernel.arrays) // BLOCK * BLOCK)
+            per_pass = kernel.moves * ITEMSIZE * n
+            passes = max(1, math.ceil(PROBE_MIN_BYTES / per_pass))
+            try:
+                run = kernel.make(n)
+            except (RuntimeError, ValueError, MemoryError):
+                continue
+            probes.append(Probe(kernel.name, functools.partial(run, passes), per_pass * passes))
+        yield probes
 
 
 def gpu_available() -> bool:
