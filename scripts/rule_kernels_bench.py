@@ -4,9 +4,10 @@ For each tree and rule, the rule's ``cpu_kernel`` steps alternately (``time_inte
 ``cpu_kernel``, the yardstick of the same moment, then with the rule's ``compiled``: two alternating pairs,
 so that each side follows the other equally often. Printed per row: the
 median step, the time per leaf, GB/s (the bytes the rule moves: AdamW 28 per float32 parameter), the
-fraction of the CPU's roof at the rule's working set (``rmsprop_impls.measure.roof``), the per-leaf
-cost over RMSprop's ``cpu_kernel`` and the step over ``compiled``'s. ``compare`` times RMSprop only
-(it has no ``--optimizer`` yet), hence this script. ``--split`` adds, for trees of small leaves only (where
+fraction of the CPU's roof at the rule's working set (the roof's best kernels there, timed in the same
+rounds: ``rmsprop_impls.measure.roof.cpu_roof_probes``; their fastest call in the two pairs' rounds), the per-leaf
+cost over RMSprop's ``cpu_kernel`` and the step over ``compiled``'s: every rule in one table, which
+``compare --optimizer`` gives one rule at a time. ``--split`` adds, for trees of small leaves only (where
 ``cpu_kernel`` computes in the call), the call and the ``mx.eval`` after it apart: that eval is MLX's
 walk over the arrays the step hands back, which a rule with more state pays for more of::
 
@@ -23,7 +24,8 @@ import mlx.core as mx
 
 from rmsprop_impls import create
 from rmsprop_impls.kernels import _cpu_ext
-from rmsprop_impls.measure.roof import measure_cpu_roof
+from rmsprop_impls.measure.compare import short_openmp_spin
+from rmsprop_impls.measure.roof import cpu_roof_probes, measure_cpu_roof
 from rmsprop_impls.measure.roof_cache import best_so_far
 from rmsprop_impls.measure.timing import time_interleaved
 from rmsprop_impls.measure.trees import leaves_of, random_like, step_bytes, tree_by_name
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed rounds per tree and rule")
     parser.add_argument("--split", action="store_true", help="also time the call and mx.eval apart (small leaves)")
     args = parser.parse_args()
+    short_openmp_spin()  # the roof's torch kernel is timed beside the steps (measure.compare)
     roof = best_so_far(measure_cpu_roof())
     print("| tree | rule | cpu_kernel step | per leaf | GB/s | of roof | per leaf / RMSprop's | step / compiled's |")
     print("|---|---|---|---|---|---|---|---|")
@@ -97,16 +100,19 @@ def main() -> None:
         grads = random_like(params)
         n_leaves = len(leaves_of(params))
         for name in args.rules:
-            kernel, ratio = [], {}
+            kernel, ratio, limit = [], {}, 0.0
             for other in ("rmsprop", "compiled"):
                 pair = {"kernel": create("cpu_kernel", 1e-3, optimizer=name), other: yardstick(other, name)}
-                timings = time_interleaved(pair, params, grads, args.budget / 2)
+                with cpu_roof_probes(roof, working_set(name, params)) as probes:
+                    also = {p.kernel: p.run for p in probes}
+                    timings = time_interleaved(pair, params, grads, args.budget / 2, also=also)
+                    rates = [p.nbytes / min(timings[p.kernel].samples) / 1e9 for p in probes]
+                limit = max([limit, *rates]) or roof.at(working_set(name, params))
                 kernel += timings["kernel"].samples
                 ratio[other] = statistics.median(timings["kernel"].samples) / statistics.median(timings[other].samples)
                 del pair, timings
             median = {"kernel": statistics.median(kernel)}
             gbps = step_bytes(params, name) / median["kernel"] / 1e9
-            limit = roof.at(working_set(name, params))
             per_leaf = median["kernel"] / n_leaves
             print(
                 f"| {tree_name} | {name} | {median['kernel'] * 1e3:.3f} ms | {per_leaf * 1e6:.2f} us | {gbps:.1f} | "

@@ -121,9 +121,11 @@ def time_interleaved(
     warmup: int = 1,
     on_step: Callable[[str, float], None] | None = None,
     between: Callable[[], object] | None = None,
+    also: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, StepTiming]:
     """Time several optimizers round-robin, one step each per round, until ``budget_s`` is spent
-    (:func:`time_round_robin`); each feeds its own parameters back in."""
+    (:func:`time_round_robin`); each feeds its own parameters back in. ``also``: more calls timed in the
+    same rounds (the roof's kernels: ``roof.cpu_roof_probes``)."""
     mx.eval(params, grads)
     current = dict.fromkeys(optimizers, params)
 
@@ -135,7 +137,7 @@ def time_interleaved(
 
         return step
 
-    calls = {name: stepper(name, opt) for name, opt in optimizers.items()}
+    calls = {name: stepper(name, opt) for name, opt in optimizers.items()} | (also or {})
     return time_round_robin(calls, budget_s, min_rounds, max_rounds, warmup, on_step, between)
 
 
