@@ -17,11 +17,12 @@ from rmsprop_impls.measure.compare import Candidate, groups_that_fit, time_candi
 from rmsprop_impls.measure.roof import Probe, Roof, cpu_roof_probes, kernels_around
 from rmsprop_impls.measure.trees import random_like, step_bytes, synthetic_tree
 
-#: A roof whose best kernel changes between its points, as this EPYC's does (torch's axpy in the caches).
+#: A roof whose best kernel changes between its points, as this EPYC's does (torch's axpy in the caches), at
+#: speeds no machine here reaches, so that a figure measured beside the steps cannot be mistaken for it.
 NAMED = Roof(
     "cpu",
     (1 * MIB, 4 * MIB, 16 * MIB),
-    (120.0, 80.0, 40.0),
+    (9000.0, 8000.0, 7000.0),
     ("numpy copy", "numpy triad", "numpy triad"),
     8 * MIB,
 )
@@ -113,7 +114,7 @@ def test_compare_judges_each_cpu_row_against_the_roof_timed_in_its_rounds(monkey
     measured = line.split("numpy copy ")[1].split()[0]
     rows = [x.split() for x in out.splitlines() if x.startswith("4x1K  ")]
     assert [row[1] for row in rows] == ["eager", "flat"] and all(row[7] == measured for row in rows)
-    assert measured != "120.0"  # not the roof kept from the start
+    assert float(measured) < 7000.0  # not the roof kept from the start
     assert "timed round-robin" in out
 
 
