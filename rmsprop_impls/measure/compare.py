@@ -117,8 +117,10 @@ def physical_memory() -> int:
 
 
 def groups_that_fit(count: int, bytes_each: float, memory: int | None = None) -> list[range]:
-    """``count`` candidates, each keeping about ``bytes_each`` (the tree's working set), cut into consecutive groups
-    that together keep at most :data:`MEMORY_SHARE` of ``memory`` (default: this machine's); one where all fit."""
+    """``count`` candidates, each keeping about ``bytes_each``, cut into consecutive groups that together keep at
+    most :data:`MEMORY_SHARE` of ``memory`` (default: this machine's); one where all fit. ``time_candidates``
+    passes the bytes a step moves (AdamW 28 per float32 parameter): more than a candidate's own w and state, for
+    the temporaries of a step and the peers' copies of g."""
     memory = physical_memory() if memory is None else memory
     per_group = max(1, int(memory * MEMORY_SHARE // max(bytes_each, 1.0)))
     return [range(lo, min(lo + per_group, count)) for lo in range(0, count, per_group)]
