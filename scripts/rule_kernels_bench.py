@@ -106,7 +106,7 @@ def main() -> None:
                 with cpu_roof_probes(roof, working_set(name, params)) as probes:
                     also = {p.kernel: p.run for p in probes}
                     timings = time_interleaved(pair, params, grads, args.budget / 2, also=also)
-                    rates = [p.nbytes / min(timings[p.kernel].samples) / 1e9 for p in probes]
+                    rates = [p.gbps(timings[p.kernel]) for p in probes]
                 limit = max([limit, *rates]) or roof.at(working_set(name, params))
                 kernel += timings["kernel"].samples
                 ratio[other] = statistics.median(timings["kernel"].samples) / statistics.median(timings[other].samples)

@@ -9,6 +9,7 @@ per round: each ratio, and each fraction of the roof, is between figures of the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -78,7 +79,9 @@ def variant_candidates(
         return step
 
     return [
-        Candidate(name, variant_device(name), None if reasons.get(name) else lambda n=name: build(n), reasons.get(name))
+        Candidate(
+            name, variant_device(name), None if reasons.get(name) else functools.partial(build, name), reasons.get(name)
+        )
         for name in variants or list(reasons)
     ]
 
@@ -135,9 +138,8 @@ def time_candidates(
     """Each candidate's median step and effective GB/s (the rule's bytes on ``params``), ``repeats`` timed rounds,
     round-robin with the others of its group and with the probes ``probes()`` makes (the roof's kernels, made
     anew for each group and released after it: :func:`~rmsprop_impls.measure.roof.cpu_roof_probes`); and per
-    group, each probe's GB/s in those rounds: its fastest call, as the roof is the best a kernel reaches (a
-    median of the few rounds a big tree gets fell to a third of it where one call met a slow moment).
-    Unavailable candidates come back with their reason."""
+    group, each probe's GB/s in those rounds (:meth:`~rmsprop_impls.measure.roof.Probe.gbps`). Unavailable
+    candidates come back with their reason."""
     r = rule(optimizer)
     nbytes = step_bytes(params, r, r.hyperparameters(**(hyper or {})))
     runnable = [c for c in candidates if c.build is not None]
@@ -153,7 +155,7 @@ def time_candidates(
                 timings = time_round_robin(
                     calls, 0.0, repeats, repeats, on_step=lambda name, _: bar.update(not name.startswith("roof: "))
                 )
-                probe_rates.append({p.kernel: p.nbytes / _fastest(timings[f"roof: {p.kernel}"]) / 1e9 for p in built})
+                probe_rates.append({p.kernel: p.gbps(timings[f"roof: {p.kernel}"]) for p in built})
             timed.update({c.name: (timings[c.name], number) for c in members})
             del calls, timings
             mx.clear_cache()
@@ -165,8 +167,3 @@ def time_candidates(
         timing, number = timed[c.name]
         results.append(VariantResult(c.name, timing, None, nbytes / timing.median / 1e9, c.device, c.differs, number))
     return results, probe_rates
-
-
-def _fastest(timing: StepTiming) -> float:
-    """A probe's fastest timed call (its first run, where nothing is warm, where it has no other)."""
-    return min(timing.samples, default=timing.first_s)

@@ -58,6 +58,7 @@ from ..cpu_threads import default_threads
 from ..rules import Rule, rule
 from . import stream_kernels
 from .caches import FALLBACK_LAST_LEVEL, MIB, CacheSizes, cache_sizes
+from .timing import StepTiming
 
 #: The sweep's working sets, as multiples of the last-level cache (asv's parameter of ``bench_bandwidth.Roof``).
 SWEEP = ("1/64", "1/16", "1/4", "1/2", "1", "2", "4", "16")
@@ -135,6 +136,10 @@ class Kernel:
     moves: int  # elements read plus written per element and pass
     make: Callable[[int], Callable[[int], None]]
 
+    def elements_at(self, working_set_bytes: int) -> int:
+        """Elements per array for a working set of this many bytes, in whole blocks of the numpy step pattern."""
+        return max(BLOCK, working_set_bytes // (ITEMSIZE * self.arrays) // BLOCK * BLOCK)
+
 
 def sweep_size(of_llc: str, last_level_cache: int | None) -> int:
     """The working set in bytes of the sweep's point ``of_llc`` (``"1/4"``: a quarter of the last-level cache)."""
@@ -174,7 +179,7 @@ def measure_roof(device: str, kernels: list[Kernel], caches: CacheSizes, sizes: 
     for kernel in kernels:
         rates: list[float | None] = []
         for size in sizes:
-            elements = max(BLOCK, size // (ITEMSIZE * kernel.arrays) // BLOCK * BLOCK)
+            elements = kernel.elements_at(size)
             try:
                 rates.append(best_rate(kernel.make(elements), kernel.moves * ITEMSIZE * elements))
             except (RuntimeError, ValueError, MemoryError):  # no compiler for mx.compile, no memory: not a roof here
@@ -251,7 +256,9 @@ def c_kernels(buffers: list[np.ndarray], pool: ThreadPoolExecutor, threads: int)
     if lib is None:
         return []
     w, g, v = buffers
-    m = np.ones(w.size // 2, np.float32)  # four arrays in the working set that two fill
+    # Four arrays in the working set that two fill: the fourth is made when the two-state kernel first runs, so a
+    # probe of another kernel does not allocate and fill it.
+    fourth = functools.cache(lambda: np.ones(w.size // 2, np.float32))
 
     def make(function: Callable, *arrays: np.ndarray) -> Callable[[int], Callable[[int], None]]:
         def threaded(n: int) -> Callable[[int], None]:
@@ -263,7 +270,11 @@ def c_kernels(buffers: list[np.ndarray], pool: ThreadPoolExecutor, threads: int)
     kernels = [Kernel("c step pattern", 3, 5, make(lib.step_pattern, w, g, v))]
     if lib.streaming_stores():
         kernels.append(Kernel("c step pattern, non-temporal stores", 3, 5, make(lib.step_pattern_streaming, w, g, v)))
-    kernels.append(Kernel("c two-state step pattern", 4, 7, make(lib.two_state_pattern, w, g, m, v)))
+
+    def two_state(n: int) -> Callable[[int], None]:
+        return make(lib.two_state_pattern, w, g, fourth(), v)(n)
+
+    kernels.append(Kernel("c two-state step pattern", 4, 7, two_state))
     return kernels
 
 
@@ -323,12 +334,16 @@ def measure_cpu_roof(caches: CacheSizes | None = None, threads: int | None = Non
     caches = caches or cache_sizes()
     threads = threads or default_threads()
     sizes = sweep_sizes(caches)
-    elements = sizes[-1] // ITEMSIZE // 2  # the largest point of the two-array kernels
-    buffers = [np.ones(elements, np.float32), np.full(elements, 1e-3, np.float32), np.ones(elements, np.float32)]
     with ThreadPoolExecutor(threads) as pool:
-        roof = measure_roof("cpu", cpu_kernels(buffers, pool, threads), caches, sizes)
+        roof = measure_roof("cpu", cpu_kernels(_buffers(sizes[-1]), pool, threads), caches, sizes)
     assert roof is not None, "the numpy kernels run everywhere"
     return roof
+
+
+def _buffers(largest_working_set: int) -> list[np.ndarray]:
+    """w, g and v, as large as the two-array kernels' point at ``largest_working_set`` bytes."""
+    elements = max(BLOCK, largest_working_set // ITEMSIZE // 2)
+    return [np.ones(elements, np.float32), np.full(elements, 1e-3, np.float32), np.ones(elements, np.float32)]
 
 
 def cpu_kernels(buffers: list[np.ndarray], pool: ThreadPoolExecutor, threads: int) -> list[Kernel]:
@@ -344,6 +359,12 @@ class Probe:
     kernel: str
     run: Callable[[], None]
     nbytes: int
+
+    def gbps(self, timing: StepTiming) -> float:
+        """Its GB/s in timed rounds: from its fastest call, as the roof is the best a kernel reaches (a median of
+        the few rounds a big tree gets fell to a third of it where one call met a slow moment); from its first
+        call where it has no other."""
+        return self.nbytes / min(timing.samples, default=timing.first_s) / 1e9
 
 
 def kernels_around(roof: Roof, working_set_bytes: float) -> list[str]:
@@ -367,12 +388,10 @@ def cpu_roof_probes(roof: Roof, working_set_bytes: float, threads: int | None = 
     names = kernels_around(roof, working_set_bytes)
     size = int(min(max(working_set_bytes, roof.working_sets[0]), roof.working_sets[-1]))
     threads = threads or default_threads()
-    elements = max(BLOCK, size // ITEMSIZE // 2)
-    buffers = [np.ones(elements, np.float32), np.full(elements, 1e-3, np.float32), np.ones(elements, np.float32)]
     with ThreadPoolExecutor(threads) as pool:
         probes = []
-        for kernel in (k for k in cpu_kernels(buffers, pool, threads) if k.name in names):
-            n = max(BLOCK, size // (ITEMSIZE * kernel.arrays) // BLOCK * BLOCK)
+        for kernel in (k for k in cpu_kernels(_buffers(size), pool, threads) if k.name in names):
+            n = kernel.elements_at(size)
             per_pass = kernel.moves * ITEMSIZE * n
             passes = max(1, math.ceil(PROBE_MIN_BYTES / per_pass))
             try:
