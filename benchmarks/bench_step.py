@@ -10,6 +10,7 @@ from .common import (
     bytes_moved,
     check_in_subset,
     dtypes,
+    fraction_in_same_rounds,
     limit_at,
     make_optimizer,
     measure_limit,
@@ -47,10 +48,14 @@ class Step:
         self.params_ = run_step(self.optimizer, self.params_, self.grads)
         self.built_for = (variant, tree, dtype, optimizer)
 
-    def time_step(self, limit, variant, tree, dtype, optimizer):
-        # Rebound before eval, as in a training loop, so the old parameters can be donated (see timing.time_steps).
+    def step(self) -> None:
+        """One step. Rebound before eval, as in a training loop, so the old parameters can be donated (see
+        timing.time_steps)."""
         self.params_ = self.optimizer.apply_gradients(self.grads, self.params_)
         mx.eval(self.params_, self.optimizer.state)
+
+    def time_step(self, limit, variant, tree, dtype, optimizer):
+        self.step()
 
     def track_gbps(self, limit, variant, tree, dtype, optimizer):
         steps = timing.time_steps(self.optimizer, self.params_, self.grads, repeats=5, warmup=0)
@@ -59,8 +64,14 @@ class Step:
     track_gbps.unit = "GB/s"
 
     def track_fraction_of_limit(self, limits, variant, tree, dtype, optimizer):
-        """Of the roof of the device the variant runs on, at the step's working set; NaN where that device has none."""
-        limit = limit_at(limits, variant_device(variant), bytes_moved(self.params_, optimizer), optimizer)
+        """Of the roof of the device the variant runs on, at the step's working set; NaN where that device has none.
+        On the CPU the roof's kernels are timed in the same rounds as the step, where this commit can
+        (:func:`~benchmarks.common.fraction_in_same_rounds`); elsewhere the run's roof is the limit."""
+        device, nbytes = variant_device(variant), bytes_moved(self.params_, optimizer)
+        together = fraction_in_same_rounds(limits, device, self.step, nbytes, optimizer)
+        if together is not None:
+            return together
+        limit = limit_at(limits, device, nbytes, optimizer)
         return self.track_gbps(limits, variant, tree, dtype, optimizer) / limit if limit else float("nan")
 
     track_fraction_of_limit.unit = "fraction"

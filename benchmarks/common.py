@@ -17,6 +17,7 @@ import contextlib
 import functools
 import os
 import sys
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -221,6 +222,40 @@ def limit_at(limits: dict, device: str, step_bytes: int, optimizer: str = "rmspr
     if optimizer == "rmsprop":  # see make_optimizer
         return limit.at(working_set(step_bytes))
     return limit.at(working_set(step_bytes, optimizer))
+
+
+#: Rounds in which ``Step.track_fraction_of_limit`` times a step beside the CPU roof's kernels: at least, at most,
+#: and the seconds after which no more start (compare's interleaving, on asv's one process per benchmark).
+SAME_ROUNDS = (5, 200, 0.5)
+
+
+def fraction_in_same_rounds(
+    limits: dict, device: str, step: Callable[[], None], step_bytes: int, optimizer: str = "rmsprop"
+) -> float | None:
+    """``step``'s GB/s (its median call) over the CPU roof at its working set, with the roof's best kernels there
+    timed round-robin with it (each probe's fastest call, as ``compare`` does); ``None`` off the CPU, where
+    the run's roof names no kernels, or where this commit cannot time them so (before stop 32).
+
+    The roof measured once per run is the best of a sweep's samples, kept per boot: on a VM whose memory speed
+    drifts by a quarter within seconds, one fast moment took it to 92 GB/s where the step's own moments gave 45-56,
+    so ``run`` read a 16x1M step at 38% of it where ``compare`` read 90%."""
+    roof = limits.get("cpu") if device == "cpu" else None
+    try:
+        from rmsprop_impls.measure.roof import Probe, cpu_roof_probes, working_set
+        from rmsprop_impls.measure.timing import time_round_robin
+    except ImportError:
+        return None
+    if not getattr(roof, "best_kernels", None) or not hasattr(Probe, "gbps"):
+        return None
+    touched = working_set(step_bytes) if optimizer == "rmsprop" else working_set(step_bytes, optimizer)
+    least, most, budget_s = SAME_ROUNDS
+    with cpu_roof_probes(roof, touched) as probes:
+        if not probes:
+            return None
+        calls = {"step": step, **{f"roof: {p.kernel}": p.run for p in probes}}
+        timings = time_round_robin(calls, budget_s, least, most)
+        best = max(p.gbps(timings[f"roof: {p.kernel}"]) for p in probes)
+    return step_bytes / timings["step"].median / 1e9 / best
 
 
 def roof_sweep(limits: dict, device: str, of_llc: str) -> tuple:

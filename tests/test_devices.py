@@ -19,7 +19,7 @@ import rmsprop_impls
 from rmsprop_impls import optimizer, variant_class, variant_device, variant_names
 from rmsprop_impls.analysis import results
 from rmsprop_impls.cli.run import summary
-from rmsprop_impls.measure import bandwidth, roof
+from rmsprop_impls.measure import bandwidth, roof, timing
 from rmsprop_impls.measure.caches import CacheSizes
 from rmsprop_impls.measure.roof import Roof
 
@@ -91,8 +91,9 @@ def test_the_gpu_roof_measures_the_gpu():
     assert gpu.device == "gpu" and all(1.0 < g < 100_000 for g in gpu.gbps)
 
 
-def _run_rows(with_gpu: bool) -> pd.DataFrame:
-    """One run's loader rows before throughput: the limits, and a step of 4M float32 parameters per variant."""
+def _run_rows(with_gpu: bool, fractions_timed_together: dict[str, float] | None = None) -> pd.DataFrame:
+    """One run's loader rows before throughput: the limits, a step of 4M float32 parameters per variant, and the
+    ``track_fraction_of_limit`` of the variants given."""
     base = {"machine": "m", "commit": "c", "environment": "e", "unit": "seconds", "available": True}
     rows = [{**base, "benchmark": results.LIMIT_BENCHMARK, "median": CPU_GBPS, "device": None, "optimizer": None}]
     if with_gpu:
@@ -103,6 +104,9 @@ def _run_rows(with_gpu: bool) -> pd.DataFrame:
     for variant in ["eager", "cpu_kernel", "metal_kernel", "flat+packed"]:
         rows.append({**step, "variant": variant, "device": results._declared_device(variant), "dtype": "float32"})
     rows.append({**step, "variant": "torch-foreach", "device": "cpu", "dtype": "float32"})
+    for variant, fraction in (fractions_timed_together or {}).items():
+        tracked = {**step, "benchmark": results.FRACTION_BENCHMARK, "unit": "fraction", "median": fraction}
+        rows.append({**tracked, "variant": variant, "device": results._declared_device(variant), "dtype": "float32"})
     df = pd.DataFrame(rows)
     df["median"] = df["median"].fillna(80 * (1 << 20) / 2e9)  # 2 GB/s: 80 MiB moved per step
     return results._add_throughput(df)
@@ -172,6 +176,46 @@ def test_the_asv_step_divides_by_its_device_limit(monkeypatch, default_is_gpu):
     )
     cached = Roof("cpu", (8 << 10, 1 << 30), (80.0, 10.0), last_level_cache=1 << 20)  # 80 GB/s at 8 KiB, 10 at 1 GiB
     assert step.track_fraction_of_limit({"cpu": cached, "gpu": None}, "cpu_kernel", "1x1K", "float32", "rmsprop") < 0.55
+
+
+def _asv_step_suite():
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    try:
+        from benchmarks import common
+        from benchmarks.bench_step import Step
+    finally:
+        sys.path.pop(0)
+    return common, Step
+
+
+def test_the_asv_steps_fraction_is_of_the_roofs_kernels_timed_beside_it(monkeypatch):
+    """A roof kept from a faster moment (planted: 10,000 GB/s, more than any memory) is not the limit of a CPU step:
+    the kernels it names are timed round-robin with the step, and the step is a fraction of theirs."""
+    common, Step = _asv_step_suite()
+    planted = Roof("cpu", (1 << 20, 1 << 30), (1e4, 1e4), ("numpy triad", "numpy triad"), 1 << 20)
+    step = Step()  # as its setup builds it, without the memory cap setup puts on the benchmark's process
+    step.params_, grads = common.tree_and_gradients("4x1M", "float32")
+    step.optimizer, step.grads = common.make_optimizer("eager", grads)
+    timed: list[list[str]] = []
+    original = timing.time_round_robin
+
+    def recording(calls, *args, **kwargs):
+        timed.append(list(calls))
+        return original(calls, *args, **kwargs)
+
+    monkeypatch.setattr(timing, "time_round_robin", recording)
+    fraction = step.track_fraction_of_limit({"cpu": planted, "gpu": None}, "eager", "4x1M", "float32", "rmsprop")
+    assert timed == [["step", "roof: numpy triad"]]
+    assert 0.02 < fraction < 5  # of the planted 10,000 GB/s it would be under 0.01
+    unnamed = Roof("cpu", (1 << 20, 1 << 30), (1e4, 1e4), last_level_cache=1 << 20)  # asv's: names no kernel
+    assert step.track_fraction_of_limit({"cpu": unnamed, "gpu": None}, "eager", "4x1M", "float32", "rmsprop") < 0.01
+
+
+def test_a_step_takes_its_fraction_from_the_benchmark_that_timed_it_beside_the_roof():
+    df = _run_rows(with_gpu=False, fractions_timed_together={"cpu_kernel": 0.9})
+    steps = df[df["benchmark"] == results.STEP_BENCHMARK].set_index("variant")
+    assert steps.loc["cpu_kernel", "fraction_of_limit"] == 0.9
+    assert steps.loc["eager", "fraction_of_limit"] == pytest.approx(steps.loc["eager", "gbps"] / CPU_GBPS)
 
 
 def test_the_package_exports_variant_device():

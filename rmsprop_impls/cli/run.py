@@ -141,7 +141,7 @@ def summary(results: pd.DataFrame) -> str:
     """Each device's bandwidth limit and, per optimizer, tree and dtype, the fastest variant of the newest run in
     ``results``."""
     from ..analysis.report import winners
-    from ..analysis.results import device_limits, latest
+    from ..analysis.results import FRACTION_BENCHMARK, device_limits, latest
 
     limits = device_limits(latest(results))
     rows = [
@@ -158,6 +158,8 @@ def summary(results: pd.DataFrame) -> str:
         for r in winners(results).itertuples()
     ]
     head = f"\n{describe_limits(limits)}\n" if limits["cpu"] else "\n"
+    if (results["benchmark"] == FRACTION_BENCHMARK).any():
+        head += "of limit, on the CPU: of the roof's kernels at the step's working set, timed in the same rounds\n"
     headers = ["optimizer", "tree", "dtype", "fastest", "device", "median ms", "GB/s", "of limit"]
     return head + format_table(headers, rows)
 
