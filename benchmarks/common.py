@@ -233,7 +233,7 @@ def fraction_in_same_rounds(
     limits: dict, device: str, step: Callable[[], None], step_bytes: int, optimizer: str = "rmsprop"
 ) -> float | None:
     """``step``'s GB/s (its median call) over the CPU roof at its working set, with the roof's best kernels there
-    timed round-robin with it (each probe's fastest call, as ``compare`` does); ``None`` off the CPU, where
+    timed round-robin with it (the best one's median call, as ``compare`` does); ``None`` off the CPU, where
     the run's roof names no kernels, or where this commit cannot time them so (before stop 32).
 
     The roof measured once per run is the best of a sweep's samples, kept per boot: on a VM whose memory speed

@@ -5,8 +5,8 @@ For each tree and rule, the rule's ``cpu_kernel`` steps alternately (``time_inte
 so that each side follows the other equally often. Printed per row: the
 median step, the time per leaf, GB/s (the bytes the rule moves: AdamW 28 per float32 parameter), the
 fraction of the CPU's roof at the rule's working set (the roof's best kernels there, timed in the same
-rounds: ``rmsprop_impls.measure.roof.cpu_roof_probes``; their fastest call in the two pairs' rounds), the per-leaf
-cost over RMSprop's ``cpu_kernel`` and the step over ``compiled``'s: every rule in one table, which
+rounds: ``rmsprop_impls.measure.roof.cpu_roof_probes``; the best one's median call in either pair's rounds), the
+per-leaf cost over RMSprop's ``cpu_kernel`` and the step over ``compiled``'s: every rule in one table, which
 ``compare --optimizer`` gives one rule at a time. ``--split`` adds, for trees of small leaves only (where
 ``cpu_kernel`` computes in the call), the call and the ``mx.eval`` after it apart: that eval is MLX's
 walk over the arrays the step hands back, which a rule with more state pays for more of::

@@ -205,7 +205,7 @@ def test_the_asv_steps_fraction_is_of_the_roofs_kernels_timed_beside_it(monkeypa
 
     monkeypatch.setattr(timing, "time_round_robin", recording)
     fraction = step.track_fraction_of_limit({"cpu": planted, "gpu": None}, "eager", "4x1M", "float32", "rmsprop")
-    assert timed == [["step", "roof: numpy triad"]]
+    assert len(timed) == 1 and timed[0][:2] == ["step", "roof: numpy triad"]  # and the step patterns
     assert 0.02 < fraction < 5  # of the planted 10,000 GB/s it would be under 0.01
     unnamed = Roof("cpu", (1 << 20, 1 << 30), (1e4, 1e4), last_level_cache=1 << 20)  # asv's: names no kernel
     assert step.track_fraction_of_limit({"cpu": unnamed, "gpu": None}, "eager", "4x1M", "float32", "rmsprop") < 0.01
