@@ -232,30 +232,21 @@ SAME_ROUNDS = (5, 200, 0.5)
 def fraction_in_same_rounds(
     limits: dict, device: str, step: Callable[[], None], step_bytes: int, optimizer: str = "rmsprop"
 ) -> float | None:
-    """``step``'s GB/s (its median call) over the CPU roof at its working set, with the roof's best kernels there
-    timed round-robin with it (the best one's median call, as ``compare`` does); ``None`` off the CPU, where
-    the run's roof names no kernels, or where this commit cannot time them so (before stop 32).
+    """``step``'s GB/s (its median call) over the CPU roof at its working set, with the roof's kernels timed
+    round-robin with it (``rmsprop_impls.measure.roof.time_beside_roof``, as ``compare`` does); ``None`` off the
+    CPU, where no roof kernel builds, or where this commit cannot time them so (before stop 33).
 
     The roof measured once per run is the best of a sweep's samples, kept per boot: on a VM whose memory speed
     drifts by a quarter within seconds, one fast moment took it to 92 GB/s where the step's own moments gave 45-56,
     so ``run`` read a 16x1M step at 38% of it where ``compare`` read 90%."""
-    roof = limits.get("cpu") if device == "cpu" else None
     try:
-        from rmsprop_impls.measure.roof import Probe, cpu_roof_probes, working_set
-        from rmsprop_impls.measure.timing import time_round_robin
+        from rmsprop_impls.measure.roof import time_beside_roof, working_set
     except ImportError:
         return None
-    if not getattr(roof, "best_kernels", None) or not hasattr(Probe, "gbps"):
+    if device != "cpu" or not getattr(limits.get("cpu"), "best_kernels", None):  # a number, or a roof of no kernels
         return None
-    touched = working_set(step_bytes) if optimizer == "rmsprop" else working_set(step_bytes, optimizer)
-    least, most, budget_s = SAME_ROUNDS
-    with cpu_roof_probes(roof, touched) as probes:
-        if not probes:
-            return None
-        calls = {"step": step, **{f"roof: {p.kernel}": p.run for p in probes}}
-        timings = time_round_robin(calls, budget_s, least, most)
-        best = max(p.gbps(timings[f"roof: {p.kernel}"]) for p in probes)
-    return step_bytes / timings["step"].median / 1e9 / best
+    timing, roof_gbps = time_beside_roof(step, limits["cpu"], working_set(step_bytes, optimizer), *SAME_ROUNDS)
+    return step_bytes / timing.median / 1e9 / roof_gbps if roof_gbps else None
 
 
 def roof_sweep(limits: dict, device: str, of_llc: str) -> tuple:

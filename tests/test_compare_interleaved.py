@@ -12,6 +12,7 @@ import sys
 import mlx.core as mx
 import pytest
 
+from rmsprop_impls import cpu_threads
 from rmsprop_impls.measure import compare, roof, stream_kernels
 from rmsprop_impls.measure.caches import MIB
 from rmsprop_impls.measure.compare import Candidate, groups_that_fit, time_candidates, variant_candidates
@@ -135,8 +136,8 @@ def test_torch_threads_spin_briefly_unless_the_user_chose(monkeypatch):
     monkeypatch.setenv("GOMP_SPINCOUNT", "5")
     monkeypatch.delenv("KMP_BLOCKTIME", raising=False)
     monkeypatch.delitem(sys.modules, "torch", raising=False)
-    assert compare.short_openmp_spin() == {"GOMP_SPINCOUNT": "5", "KMP_BLOCKTIME": "1"}
+    assert cpu_threads.short_openmp_spin() == {"GOMP_SPINCOUNT": "5", "KMP_BLOCKTIME": "1"}
     assert os.environ["KMP_BLOCKTIME"] == "1"
     monkeypatch.delenv("KMP_BLOCKTIME")
     monkeypatch.setitem(sys.modules, "torch", object())  # loaded first: too late to choose for it
-    assert compare.short_openmp_spin() is None and "KMP_BLOCKTIME" not in os.environ
+    assert cpu_threads.short_openmp_spin() is None and "KMP_BLOCKTIME" not in os.environ

@@ -19,7 +19,7 @@ import rmsprop_impls
 from rmsprop_impls import optimizer, variant_class, variant_device, variant_names
 from rmsprop_impls.analysis import results
 from rmsprop_impls.cli.run import summary
-from rmsprop_impls.measure import bandwidth, roof, timing
+from rmsprop_impls.measure import bandwidth, roof
 from rmsprop_impls.measure.caches import CacheSizes
 from rmsprop_impls.measure.roof import Roof
 
@@ -195,20 +195,21 @@ def test_the_asv_steps_fraction_is_of_the_roofs_kernels_timed_beside_it(monkeypa
     planted = Roof("cpu", (1 << 20, 1 << 30), (1e4, 1e4), ("numpy triad", "numpy triad"), 1 << 20)
     step = Step()  # as its setup builds it, without the memory cap setup puts on the benchmark's process
     step.params_, grads = common.tree_and_gradients("4x1M", "float32")
-    step.optimizer, step.grads = common.make_optimizer("eager", grads)
+    step.optimizer, step.grads = common.make_optimizer("cpu_stream", grads)  # on the CPU everywhere
     timed: list[list[str]] = []
-    original = timing.time_round_robin
+    original = roof.time_round_robin
 
     def recording(calls, *args, **kwargs):
         timed.append(list(calls))
         return original(calls, *args, **kwargs)
 
-    monkeypatch.setattr(timing, "time_round_robin", recording)
-    fraction = step.track_fraction_of_limit({"cpu": planted, "gpu": None}, "eager", "4x1M", "float32", "rmsprop")
+    monkeypatch.setattr(roof, "time_round_robin", recording)
+    fraction = step.track_fraction_of_limit({"cpu": planted, "gpu": None}, "cpu_stream", "4x1M", "float32", "rmsprop")
     assert len(timed) == 1 and timed[0][:2] == ["step", "roof: numpy triad"]  # and the step patterns
     assert 0.02 < fraction < 5  # of the planted 10,000 GB/s it would be under 0.01
     unnamed = Roof("cpu", (1 << 20, 1 << 30), (1e4, 1e4), last_level_cache=1 << 20)  # asv's: names no kernel
-    assert step.track_fraction_of_limit({"cpu": unnamed, "gpu": None}, "eager", "4x1M", "float32", "rmsprop") < 0.01
+    unnamed_limits = {"cpu": unnamed, "gpu": None}
+    assert step.track_fraction_of_limit(unnamed_limits, "cpu_stream", "4x1M", "float32", "rmsprop") < 0.01
 
 
 def test_a_step_takes_its_fraction_from_the_benchmark_that_timed_it_beside_the_roof():

@@ -15,6 +15,7 @@ from rmsprop_impls import available_variants, registry, variant_names
 from rmsprop_impls.cli import main
 from rmsprop_impls.cli.selftest import markdown_summary
 from rmsprop_impls.measure import selftest
+from rmsprop_impls.measure.roof import Roof
 from rmsprop_impls.optimizer import StepScalars
 from rmsprop_impls.reference import tolerance
 from rmsprop_impls.variants.eager import EagerOptimizer
@@ -333,3 +334,12 @@ def test_a_planted_drift_fails_on_other_rules_too(monkeypatch, optimizer):
     assert eager.passed and planted.passed is False
     assert "float32" in _failing_dtypes(planted)
     assert result.stock[0]["largest_step"] > 0
+
+
+def test_the_speed_check_judges_a_cpu_step_by_the_roof_timed_beside_it():
+    """A roof kept from another moment (planted: 10,000 GB/s, faster than any memory) is not a CPU step's limit:
+    the kernel it names is timed round-robin with the step's 5 calls, and the step is a fraction of that."""
+    planted = Roof("cpu", (1 << 20, 1 << 30), (1e4, 1e4), ("numpy triad", "numpy triad"), 1 << 20)
+    speed = selftest.speed_check("cpu_stream", {"cpu": planted, "gpu": None}, "4x1M")  # on the CPU everywhere
+    assert 0.02 < speed["fraction_of_limit"] < 5  # of the planted roof it would be under 0.01
+    assert speed["fraction_of_limit"] > 10 * speed["gbps"] / 1e4

@@ -12,9 +12,10 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from ..analysis.tables import format_table
+from ..cpu_threads import short_openmp_spin
 from ..measure.bandwidth import cache_resident, describe_limits, limit_at, limit_for, measure_limits, percent_text
 from ..measure.caches import MIB
-from ..measure.compare import VariantResult, short_openmp_spin, time_candidates, variant_candidates
+from ..measure.compare import VariantResult, time_candidates, variant_candidates
 from ..measure.peers import NEEDS_EXTRA, OPTAX_MAX_LEAVES, PEER_LABELS, PEERS, installed_peers, peer_candidates
 from ..measure.roof import Probe, cpu_roof_probes, working_set
 from ..measure.timing import time_floor

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -84,28 +83,6 @@ def variant_candidates(
         )
         for name in variants or list(reasons)
     ]
-
-
-#: How long torch's OpenMP threads spin for the next parallel region before they sleep: GNU libgomp's spins (torch
-#: on Linux) and LLVM libomp's milliseconds (torch on macOS). Long enough to join a step's back-to-back regions
-#: (one per leaf), short enough not to take the cores of the call after the step.
-OPENMP_SHORT_SPIN = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}
-
-
-def short_openmp_spin() -> dict[str, str] | None:
-    """Make torch's OpenMP threads stop spinning soon after a step (:data:`OPENMP_SHORT_SPIN`), where the user set
-    nothing and torch is not loaded yet; returns the settings torch's threads follow, ``None`` where torch was
-    loaded before this could set them.
-
-    By default libgomp's threads spin for milliseconds after each parallel region, on the cores of whatever runs
-    next: timed round-robin after torch's fused AdamW on the project's 2-core machine, ``cpu_kernel``'s 16x1M
-    step took 13.4 ms where it takes 10.5, and torch's looked 1.5 times faster than it is. Letting them sleep at
-    once (``OMP_WAIT_POLICY=PASSIVE``) is no cure: torch's 4096x4K step, a region per leaf, then took 228 ms
-    instead of 42-47, waking its threads 4096 times. With the short spin it took 47."""
-    if "torch" in sys.modules:
-        chosen = {k: os.environ[k] for k in OPENMP_SHORT_SPIN if k in os.environ}
-        return chosen if len(chosen) == len(OPENMP_SHORT_SPIN) else None
-    return {k: os.environ.setdefault(k, v) for k, v in OPENMP_SHORT_SPIN.items()}
 
 
 def physical_memory() -> int:

@@ -54,11 +54,11 @@ from fractions import Fraction
 import mlx.core as mx
 import numpy as np
 
-from ..cpu_threads import default_threads
+from ..cpu_threads import default_threads, short_openmp_spin
 from ..rules import Rule, rule
 from . import stream_kernels
 from .caches import FALLBACK_LAST_LEVEL, MIB, CacheSizes, cache_sizes
-from .timing import StepTiming
+from .timing import StepTiming, time_round_robin
 
 #: The sweep's working sets, as multiples of the last-level cache (asv's parameter of ``bench_bandwidth.Roof``).
 SWEEP = ("1/64", "1/16", "1/4", "1/2", "1", "2", "4", "16")
@@ -314,6 +314,7 @@ def torch_kernels(buffers: list[np.ndarray], threads: int) -> list[Kernel]:
     """torch's in-place axpy on its own threads over the same buffers; none where torch is not installed."""
     if importlib.util.find_spec("torch") is None:
         return []
+    short_openmp_spin()  # else its threads spin on into the time of the step timed after it (cpu_threads)
     import torch
 
     def axpy(n: int) -> Callable[[int], None]:
@@ -411,6 +412,26 @@ def cpu_roof_probes(roof: Roof, working_set_bytes: float, threads: int | None = 
                 continue
             probes.append(Probe(kernel.name, functools.partial(run, passes), per_pass * passes))
         yield probes
+
+
+def time_beside_roof(
+    step: Callable[[], object],
+    roof: Roof | None,
+    working_set_bytes: float,
+    min_rounds: int = 5,
+    max_rounds: int = 200,
+    budget_s: float = 0.5,
+) -> tuple[StepTiming, float | None]:
+    """``step`` timed round-robin with the CPU roof's probes at its working set (:func:`cpu_roof_probes`), as
+    ``compare`` times a tree: its timing, and the best probe's GB/s in the same rounds (:meth:`Probe.gbps`);
+    ``None`` for the second where no probe builds (no roof, or one given by hand), the step then timed alone.
+    For a step judged on its own (the self-test's, an asv benchmark's), which nothing else is timed beside."""
+    with contextlib.ExitStack() as stack:
+        probes = stack.enter_context(cpu_roof_probes(roof, working_set_bytes)) if roof else []
+        calls = {"step": step, **{f"roof: {p.kernel}": p.run for p in probes}}
+        timings = time_round_robin(calls, budget_s, min_rounds, max_rounds)
+    rates = [p.gbps(timings[f"roof: {p.kernel}"]) for p in probes]
+    return timings["step"], max(rates, default=None)
 
 
 def gpu_available() -> bool:
