@@ -23,7 +23,6 @@ import time
 import mlx.core as mx
 
 from rmsprop_impls import create
-from rmsprop_impls.cpu_threads import short_openmp_spin
 from rmsprop_impls.kernels import _cpu_ext
 from rmsprop_impls.measure.roof import cpu_roof_probes, measure_cpu_roof
 from rmsprop_impls.measure.roof_cache import best_so_far
@@ -91,7 +90,6 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed rounds per tree and rule")
     parser.add_argument("--split", action="store_true", help="also time the call and mx.eval apart (small leaves)")
     args = parser.parse_args()
-    short_openmp_spin()  # the roof's torch kernel is timed beside the steps (cpu_threads)
     roof = best_so_far(measure_cpu_roof())
     print("| tree | rule | cpu_kernel step | per leaf | GB/s | of roof | per leaf / RMSprop's | step / compiled's |")
     print("|---|---|---|---|---|---|---|---|")

@@ -147,14 +147,19 @@ def test_the_run_summary_labels_the_device_and_each_limit():
     assert winner.split()[3:5] in (["eager", "gpu"], ["cpu_kernel", "cpu"], ["metal_kernel", "gpu"])
 
 
-def test_the_asv_step_divides_by_its_device_limit(monkeypatch, default_is_gpu):
+def _asv_suites():
+    """The asv suites' shared module, bandwidth suite and step suite, imported from the checkout as asv does."""
     sys.path.insert(0, str(Path(__file__).parents[1]))
     try:
-        from benchmarks import common
-        from benchmarks.bench_bandwidth import Bandwidth, GpuBandwidth
-        from benchmarks.bench_step import Step
+        from benchmarks import bench_bandwidth, bench_step, common
     finally:
         sys.path.pop(0)
+    return common, bench_bandwidth, bench_step
+
+
+def test_the_asv_step_divides_by_its_device_limit(monkeypatch, default_is_gpu):
+    common, bench_bandwidth, bench_step = _asv_suites()
+    Bandwidth, GpuBandwidth, Step = bench_bandwidth.Bandwidth, bench_bandwidth.GpuBandwidth, bench_step.Step
     monkeypatch.setattr(common.mx, "default_device", lambda: SimpleNamespace(type=mx.DeviceType.gpu))
     assert [common.variant_device(v) for v in ["eager", "cpu_kernel", "metal_kernel", "flat+packed"]] == [
         "gpu",
@@ -178,20 +183,11 @@ def test_the_asv_step_divides_by_its_device_limit(monkeypatch, default_is_gpu):
     assert step.track_fraction_of_limit({"cpu": cached, "gpu": None}, "cpu_kernel", "1x1K", "float32", "rmsprop") < 0.55
 
 
-def _asv_step_suite():
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    try:
-        from benchmarks import common
-        from benchmarks.bench_step import Step
-    finally:
-        sys.path.pop(0)
-    return common, Step
-
-
 def test_the_asv_steps_fraction_is_of_the_roofs_kernels_timed_beside_it(monkeypatch):
     """A roof kept from a faster moment (planted: 10,000 GB/s, more than any memory) is not the limit of a CPU step:
     the kernels it names are timed round-robin with the step, and the step is a fraction of theirs."""
-    common, Step = _asv_step_suite()
+    common, _, bench_step = _asv_suites()
+    Step = bench_step.Step
     planted = Roof("cpu", (1 << 20, 1 << 30), (1e4, 1e4), ("numpy triad", "numpy triad"), 1 << 20)
     step = Step()  # as its setup builds it, without the memory cap setup puts on the benchmark's process
     step.params_, grads = common.tree_and_gradients("4x1M", "float32")
