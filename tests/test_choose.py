@@ -32,8 +32,10 @@ def test_eager_is_never_picked_on_16384_small_leaves():
 
     Left out to keep the test short and safe: compiled (tracing 16384 leaves takes ~30 s here)
     and cpu_kernel (its memory grows with the square of the leaf count: 16 GB at 16384 leaves).
+    Three rounds, not one: flat is about 1.75x faster here, and a single round flipped once while the
+    other test worker's asv benchmarks timed the roof's kernels on both cores.
     """
-    result = choose(tree_by_name("16384x16"), candidates=["eager", "flat"], time_budget_s=0, min_rounds=1)
+    result = choose(tree_by_name("16384x16"), candidates=["eager", "flat"], time_budget_s=0, min_rounds=3)
     assert result.winner == "flat"
     assert [r.variant for r in result.rows] == ["flat", "eager"] and not result.rows[1].tied
 
