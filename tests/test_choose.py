@@ -10,7 +10,7 @@ import pytest
 from test_cli import cli
 from trajectory import as_f64, check_against_reference_and_stock, gradient_sequence, max_rel_error, run, tolerance
 
-from rmsprop_impls import choose, clear_choices, create
+from rmsprop_impls import available_variants, choose, clear_choices, create
 from rmsprop_impls.measure import choose as choose_module
 from rmsprop_impls.measure.auto import AutoOptimizer
 from rmsprop_impls.measure.choose import rank
@@ -127,6 +127,53 @@ def test_auto_continues_a_stock_state_on_the_same_trajectory():
     straight = run(optim.RMSprop(1e-2), params, grads)
     assert auto.chosen is not None and int(auto.state["step"]) == 30
     assert max_rel_error(as_f64(end), as_f64(straight)) <= 2 * tolerance(mx.float32, 30)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_once_chosen_auto_hands_each_whole_step_to_the_winner_with_stocks_bits(dtype):
+    """After its switch ``auto`` hands every ``apply_gradients`` and ``update`` whole to the winner (whose own
+    fast path then runs), on its own state and with its hyper-parameters as the program sets them between
+    steps; a state assigned to it (a checkpoint loaded) is the one the winner steps next. Stock's bits."""
+    import mlx.optimizers as optim
+    from mlx.utils import tree_map
+    from program_oracle import assert_same_bits
+
+    candidates = ["eager", "cpu_kernel"] if "cpu_kernel" in available_variants() else ["eager", "flat"]
+    schedule = optim.cosine_decay(1e-2, 40)
+    auto = create("auto", schedule, optimizer="adamw", candidates=candidates, trial_rounds=2, use_cache=False)
+    stock = optim.AdamW(schedule)
+    model, twin = (nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)) for _ in range(2))
+    twin.update(model.parameters())
+    for m in (model, twin):
+        m.set_dtype(dtype)
+    grads = tree_map(lambda x: mx.random.normal(x.shape).astype(dtype), model.trainable_parameters())
+    whole = []
+
+    def step(n: int, through_update: bool) -> None:
+        for _ in range(n):
+            if through_update:
+                auto.update(model, grads), stock.update(twin, grads)
+            else:
+                model.update(auto.apply_gradients(grads, model.trainable_parameters()))
+                twin.update(stock.apply_gradients(grads, twin.trainable_parameters()))
+            mx.eval(model.parameters(), twin.parameters(), auto.state, stock.state)
+        assert_same_bits(model.parameters(), twin.parameters(), "parameters")
+        assert_same_bits(auto.state, stock.state, "state")
+
+    step(4 * len(candidates), through_update=True)  # the first-step, warm-up and timed rounds: then the switch
+    winner = auto._variants[auto.chosen]
+    for method in ("apply_gradients", "update"):
+        real = getattr(winner, method)
+        setattr(winner, method, lambda *a, real=real, method=method: whole.append(method) or real(*a))
+    step(3, through_update=True)
+    step(3, through_update=False)
+    assert whole == ["update"] * 3 + ["apply_gradients"] * 3
+    for opt in (auto, stock):
+        opt.betas, opt.weight_decay = [0.8, 0.9], 0.1
+    step(3, through_update=True)
+    auto.state, stock.state = tree_map(lambda x: x, auto.state), tree_map(lambda x: x, stock.state)
+    step(3, through_update=True)
+    assert winner.state is auto.state and int(auto.state["step"]) == 4 * len(candidates) + 12
 
 
 def train_with_auto(params, steps: int = 10, **rule_and_hyper):
