@@ -9,7 +9,10 @@ rounds: ``rmsprop_impls.measure.roof.cpu_roof_probes``; the best one's median ca
 per-leaf cost over RMSprop's ``cpu_kernel`` and the step over ``compiled``'s: every rule in one table, which
 ``compare --optimizer`` gives one rule at a time. ``--split`` adds, for trees of small leaves only (where
 ``cpu_kernel`` computes in the call), the call and the ``mx.eval`` after it apart: that eval is MLX's
-walk over the arrays the step hands back, which a rule with more state pays for more of::
+walk over the arrays the step hands back, which a rule with more state pays for more of. ``--call update``
+times every step as mlx-examples' and mlx-lm's loops make it, ``opt.update(model, grads)`` on the tree in an
+``nn.Module`` and ``mx.eval(model.parameters(), opt.state)``, where ``cpu_kernel`` writes a small leaf's new w
+over the old one; the default is ``params = opt.apply_gradients(grads, params)``::
 
     python scripts/rule_kernels_bench.py --tree 1x1K 16x1M 256x64K 1024x16K 4096x4K 16384x256 transformer-base
 """
@@ -26,7 +29,7 @@ from rmsprop_impls import create
 from rmsprop_impls.kernels import _cpu_ext
 from rmsprop_impls.measure.roof import cpu_roof_probes, measure_cpu_roof
 from rmsprop_impls.measure.roof_cache import best_so_far
-from rmsprop_impls.measure.timing import time_interleaved
+from rmsprop_impls.measure.timing import CALLS, as_model, time_interleaved
 from rmsprop_impls.measure.trees import leaves_of, random_like, step_bytes, tree_by_name
 from rmsprop_impls.rules import RULE_NAMES, rule
 
@@ -43,25 +46,31 @@ def yardstick(other: str, name: str):
     return create("cpu_kernel", 1e-3) if other == "rmsprop" else create("compiled", 1e-3, optimizer=name)
 
 
-def call_and_eval(name: str, params, grads, rounds: int) -> dict[str, tuple[float, float]]:
+def call_and_eval(name: str, params, grads, rounds: int, call: str) -> dict[str, tuple[float, float]]:
     """Median seconds of the call and of the ``mx.eval`` after it, for the rule's ``cpu_kernel`` and for
     RMSprop's, stepped round-robin."""
     optimizers = {"rule": create("cpu_kernel", 1e-3, optimizer=name), "rmsprop": create("cpu_kernel", 1e-3)}
     current = dict.fromkeys(optimizers, params)
+    models = {side: as_model(params) for side in optimizers}
     seconds: dict[str, tuple[list, list]] = {side: ([], []) for side in optimizers}
     for round_ in range(rounds + 2):  # the first two: the state made, the spares in place
         for side, opt in optimizers.items():
             start = time.perf_counter()
-            current[side] = opt.apply_gradients(grads, current[side])
-            called = time.perf_counter()
-            mx.eval(current[side], opt.state)
+            if call == "update":
+                opt.update(models[side], grads)
+                called = time.perf_counter()
+                mx.eval(models[side].parameters(), opt.state)
+            else:
+                current[side] = opt.apply_gradients(grads, current[side])
+                called = time.perf_counter()
+                mx.eval(current[side], opt.state)
             if round_ >= 2:
                 seconds[side][0].append(called - start)
                 seconds[side][1].append(time.perf_counter() - called)
     return {side: (statistics.median(c), statistics.median(e)) for side, (c, e) in seconds.items()}
 
 
-def print_split(tree_names: list[str], rules: list[str], rounds: int) -> None:
+def print_split(tree_names: list[str], rules: list[str], rounds: int, call: str) -> None:
     print("\n| tree | rule | call per leaf | mx.eval per leaf | call / RMSprop's | mx.eval / RMSprop's |")
     print("|---|---|---|---|---|---|")
     for tree_name in tree_names:
@@ -72,7 +81,7 @@ def print_split(tree_names: list[str], rules: list[str], rounds: int) -> None:
             continue
         grads = random_like(params)
         for name in rules:
-            t = call_and_eval(name, params, grads, rounds)
+            t = call_and_eval(name, params, grads, rounds, call)
             (call, ev), (call_r, ev_r) = t["rule"], t["rmsprop"]
             print(
                 f"| {tree_name} | {name} | {call / len(leaves) * 1e6:.2f} us | {ev / len(leaves) * 1e6:.2f} us | "
@@ -89,7 +98,16 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", default=list(RULE_NAMES), choices=RULE_NAMES)
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed rounds per tree and rule")
     parser.add_argument("--split", action="store_true", help="also time the call and mx.eval apart (small leaves)")
+    parser.add_argument(
+        "--call",
+        choices=CALLS,
+        default="apply_gradients",
+        help="apply_gradients: params = opt.apply_gradients(grads, params) (the default); "
+        "update: opt.update(model, grads) on the tree in an nn.Module, as mlx-examples' loops step",
+    )
     args = parser.parse_args()
+    how = "opt.update(model, grads)" if args.call == "update" else "params = opt.apply_gradients(grads, params)"
+    print(f"Each step: {how}\n")
     roof = best_so_far(measure_cpu_roof())
     print("| tree | rule | cpu_kernel step | per leaf | GB/s | of roof | per leaf / RMSprop's | step / compiled's |")
     print("|---|---|---|---|---|---|---|---|")
@@ -103,7 +121,7 @@ def main() -> None:
                 pair = {"kernel": create("cpu_kernel", 1e-3, optimizer=name), other: yardstick(other, name)}
                 with cpu_roof_probes(roof, working_set(name, params)) as probes:
                     also = {p.kernel: p.run for p in probes}
-                    timings = time_interleaved(pair, params, grads, args.budget / 2, also=also)
+                    timings = time_interleaved(pair, params, grads, args.budget / 2, also=also, call=args.call)
                     rates = [p.gbps(timings[p.kernel]) for p in probes]
                 limit = max([limit, *rates]) or roof.at(working_set(name, params))
                 kernel += timings["kernel"].samples
@@ -120,7 +138,7 @@ def main() -> None:
         del params, grads
         mx.clear_cache()
     if args.split:
-        print_split(args.tree, args.rules, rounds=max(10, round(20 * args.budget)))
+        print_split(args.tree, args.rules, rounds=max(10, round(20 * args.budget)), call=args.call)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 import mlx.core as mx
 import pytest
 
-from rmsprop_impls import cpu_threads
+from rmsprop_impls import available_variants, cpu_threads
 from rmsprop_impls.measure import compare, roof, stream_kernels
 from rmsprop_impls.measure.caches import MIB
 from rmsprop_impls.measure.compare import Candidate, groups_that_fit, time_candidates, variant_candidates
@@ -115,6 +115,24 @@ def test_the_variants_step_their_own_parameters_and_state():
     assert mx.array_equal(params["p0"], before)  # the caller's tree is left as it was
     (gone,) = variant_candidates(params, grads, ["metal_kernel"])
     assert (gone.build is None) == (gone.reason is not None)
+
+
+@pytest.mark.skipif("cpu_kernel" not in available_variants(), reason="cpu_kernel does not run here")
+def test_under_update_each_variant_steps_a_model_of_its_own():
+    """``call="update"``: ``opt.update(model, grads)`` on a model of each candidate's own, where ``cpu_kernel``
+    writes its small leaves' w's over the old ones; the caller's tree is left as it was."""
+    from rmsprop_impls.kernels import _cpu_ext
+
+    params = synthetic_tree(3, 64)
+    grads = random_like(params)
+    before = mx.array(params["p0"])
+    kernel, stock = variant_candidates(params, grads, ["cpu_kernel", "eager"], optimizer="adamw", call="update")
+    in_place = _cpu_ext.w_updated_in_place()
+    for step in (kernel.build(), stock.build()):
+        for _ in range(4):
+            step()
+    assert _cpu_ext.w_updated_in_place() - in_place == 3 * 3  # every leaf from the second step on
+    assert mx.array_equal(params["p0"], before)
 
 
 def test_compare_judges_each_cpu_row_against_the_roof_timed_in_its_rounds(monkeypatch, capsys):

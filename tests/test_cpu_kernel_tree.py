@@ -16,6 +16,7 @@ import pytest
 
 from rmsprop_impls import TreeMismatchError, create
 from rmsprop_impls.registry import unavailable_reason
+from rmsprop_impls.rules import rule as rule_named
 
 REASON = unavailable_reason("cpu_kernel")
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cpu_kernel unavailable here: {REASON}")
@@ -278,7 +279,30 @@ def test_new_w_goes_into_the_w_of_the_step_before_last_once_the_caller_dropped_i
     assert_same_trees(opt.state, stock.state)
 
 
-@pytest.mark.parametrize("how", ["held", "weak reference", "slice", "graph in flight"])
+#: What a program keeps of an old parameter.
+SIGHTINGS = ["held", "weak reference", "slice", "graph in flight"]
+
+
+def keep_sight_of(old, how):
+    """What a program keeps of ``old``: the array, a weak reference, an evaluated slice or a lazy graph in
+    flight reading it; returns the check, for later, that it still sees old's values (a weak reference
+    must have died: written into, the array would have lived on in the new parameters)."""
+    want = np.array(old)
+    if how == "weak reference":
+        reference = weakref.ref(old)
+        return lambda: reference() is None
+    if how == "held":
+        seen = old
+    elif how == "slice":
+        seen, want = old[2:5], want[2:5]
+        mx.eval(seen)
+    else:
+        seen, want = old * 2, want * 2
+        mx.async_eval(seen)
+    return lambda: np.array_equal(np.array(seen), want)
+
+
+@pytest.mark.parametrize("how", SIGHTINGS)
 def test_a_w_that_anything_else_can_see_is_never_written_into(how):
     """An old parameter that is held, weakly referenced, viewed by an evaluated slice, or read by a lazy
     graph in flight keeps its values while the loop goes on dropping the others."""
@@ -286,25 +310,244 @@ def test_a_w_that_anything_else_can_see_is_never_written_into(how):
     p = small_tree()
     grads = small_tree(seed=1)
     p = rebinding_steps(opt, p, grads, 3)
-    old = p["b"][0]
-    want = np.array(old)
-    if how == "held":
-        seen = old
-    elif how == "weak reference":
-        reference = weakref.ref(old)
-    elif how == "slice":
-        seen, want = old[2:5], want[2:5]
-        mx.eval(seen)
-    else:
-        seen, want = old * 2, want * 2
-        mx.async_eval(seen)
-    del old
+    still_sees = keep_sight_of(p["b"][0], how)
     p = rebinding_steps(opt, p, grads, 4)
-    if how == "weak reference":  # written into, it would live on in the new parameters; left alone, it was freed
-        assert reference() is None
-        return
-    np.testing.assert_array_equal(np.array(seen), want)
-    assert all(x is not seen for x in (p["a"], *p["b"]))
+    assert still_sees()
+
+
+class Layer(nn.Module):
+    """Small leaves in dicts and a list, and one big leaf (a graph node): a model as mlx-examples' are."""
+
+    def __init__(self, dtype=mx.float32, seed=0):
+        super().__init__()
+        tree = nested(dtype, seed)
+        self.a, self.layers, self.deep = tree["a"], [tree["layers"][0], list(tree["layers"][1])], tree["deep"]
+
+
+def model_steps(opt, model, grads, n):
+    """``n`` steps of ``optimizer.update(model, grads)``, evaluated as mlx-examples' loops evaluate them."""
+    for _ in range(n):
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+
+
+def packed_ids(model):
+    """The object ids of the model's small leaves: kept by id, so that the test holds none of them."""
+    from mlx.utils import tree_flatten
+
+    return {k: id(x) for k, x in tree_flatten(model.parameters()) if x.size < _cpu_ext.EAGER_MAX_ELEMENTS}
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "adamw", "sgd"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_update_writes_each_w_nothing_else_holds_over_the_old_one_with_stocks_bits(name, dtype):
+    """Under ``update(model, grads)`` each packed leaf's new w goes over the old one (the model keeps the
+    same object) and takes no spare; stock's bits, and the big leaf still donated."""
+    hyper = {"momentum": 0.9} if name == "sgd" else {}
+    opt, stock = create("cpu_kernel", 1e-2, optimizer=name, **hyper), rule_named(name).stock(1e-2, **hyper)
+    model, twin = Layer(dtype), Layer(dtype)
+    grads = nested(dtype, seed=1)
+    grads["layers"][1] = list(grads["layers"][1])
+    model_steps(opt, model, grads, 1)  # the first step makes the state, in the Python walk
+    model_steps(stock, twin, grads, 1)
+    ids = packed_ids(model)
+    in_place, spares, donated = _cpu_ext.w_updated_in_place(), _cpu_ext.w_into_spares(), _cpu_ext.donated_buffers()
+    for _ in range(4):
+        opt.update(model, grads), stock.update(twin, grads)
+        mx.eval(model.parameters(), twin.parameters(), opt.state, stock.state)
+    assert _cpu_ext.w_updated_in_place() - in_place == 4 * len(ids)
+    assert _cpu_ext.w_into_spares() == spares
+    assert _cpu_ext.donated_buffers() - donated >= 4
+    assert packed_ids(model) == ids
+    assert_same_trees(model.parameters(), twin.parameters())
+    assert_same_trees(opt.state, stock.state)
+
+
+def stepped_models(steps: int = 2):
+    """``cpu_kernel`` and stock RMSprop each stepping a ``Layer`` ``steps`` times through ``update``."""
+    opt, stock = create("cpu_kernel", 1e-2), optim.RMSprop(1e-2)
+    model, twin = Layer(), Layer()
+    grads = nested(seed=1)
+    grads["layers"][1] = list(grads["layers"][1])
+    model_steps(opt, model, grads, steps)
+    model_steps(stock, twin, grads, steps)
+    return opt, stock, model, twin, grads
+
+
+@pytest.mark.parametrize("how", SIGHTINGS)
+def test_a_w_that_anything_else_can_see_keeps_its_values_under_update(how):
+    """A model's leaf that the program holds, weakly references, views or reads in a lazy graph is never
+    written over; the model's other leaves are. Stock's bits throughout."""
+    opt, stock, model, twin, grads = stepped_models()
+    still_sees = keep_sight_of(model.layers[0]["w"], how)
+    in_place = _cpu_ext.w_updated_in_place()
+    model_steps(opt, model, grads, 3)
+    model_steps(stock, twin, grads, 3)
+    assert still_sees()
+    if how == "held":
+        assert _cpu_ext.w_updated_in_place() - in_place == 3 * (len(packed_ids(model)) - 1)
+    assert_same_trees(model.parameters(), twin.parameters())
+    assert_same_trees(opt.state, stock.state)
+
+
+@pytest.mark.parametrize("how", ["tied", "parameters held", "apply_gradients"])
+def test_no_w_is_written_over_that_the_model_holds_twice_or_the_caller_keeps(how):
+    """A weight tied into two places of the model, a parameter tree the program keeps, and any leaf under
+    ``apply_gradients`` (whose caller may keep the old tree) are never written over. Stock's bits."""
+    opt, stock, model, twin, grads = stepped_models()
+    kept = want = None
+    if how == "tied":
+        for m in (model, twin):
+            m.deep["tied"] = m.layers[0]["w"]
+        grads["deep"]["tied"] = grads["layers"][0]["w"]
+        opt.init(model.parameters()), stock.init(twin.parameters())  # the new place gets its state
+    elif how == "parameters held":
+        kept = model.parameters()
+        want = flat(kept)
+    in_place = _cpu_ext.w_updated_in_place()
+    for _ in range(3):
+        if how == "apply_gradients":  # handed the model itself, as update hands it, with nothing else holding a w
+            model.update(opt.apply_gradients(grads, model))
+            twin.update(stock.apply_gradients(grads, twin))
+            mx.eval(model.parameters(), twin.parameters(), opt.state, stock.state)
+        else:
+            model_steps(opt, model, grads, 1)
+            model_steps(stock, twin, grads, 1)
+    written_over = 3 * (len(packed_ids(model)) - 2) if how == "tied" else 0  # the tie's two places left out
+    assert _cpu_ext.w_updated_in_place() - in_place == written_over
+    if kept is not None:
+        for (k, x), (_, y) in zip(flat(kept), want):
+            np.testing.assert_array_equal(x, y, err_msg=k)
+    assert_same_trees(model.parameters(), twin.parameters())
+    assert_same_trees(opt.state, stock.state)
+
+
+class Frozen(dict):
+    """A container whose item assignment keeps what it holds: ``Module.update`` cannot put a new w there."""
+
+    def __setitem__(self, key, value):
+        if key not in self:
+            super().__setitem__(key, value)
+
+
+@pytest.mark.parametrize("container", ["tuple", "own __setitem__"])
+def test_update_writes_no_w_over_where_module_update_would_not_put_the_new_one(container):
+    """``Module.update`` raises at a tuple (and assigns none of the leaves after it), and a container with
+    its own ``__setitem__`` decides what it stores: a step whose model holds either writes no w over the
+    old one, and the model ends as stock's."""
+    opt, stock = create("cpu_kernel", 1e-2), optim.RMSprop(1e-2)
+
+    class Holding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            tree = small_tree()
+            self.t = (tree["b"][0],) if container == "tuple" else Frozen(w=tree["b"][0])
+            self.z = tree["a"]
+
+    model, twin = Holding(), Holding()
+    grads = {"t": (mx.ones((300,)),) if container == "tuple" else {"w": mx.ones((300,))}, "z": mx.ones((1000,))}
+    in_place = _cpu_ext.w_updated_in_place()
+    for _ in range(3):
+        for opt_, m in ((opt, model), (stock, twin)):
+            if container == "tuple":
+                with pytest.raises(ValueError):
+                    opt_.update(m, grads)
+            else:
+                opt_.update(m, grads)
+            mx.eval(m.parameters(), opt_.state)
+    assert _cpu_ext.w_updated_in_place() == in_place
+    assert_same_trees(model.parameters(), twin.parameters())
+    assert_same_trees(opt.state, stock.state)
+
+
+def test_a_model_with_its_own_update_or_a_plain_dict_gets_stocks_call():
+    """A model class with its own ``update``, or a dict passed as the model, steps as stock's
+    ``update`` does: no w written over."""
+
+    class Averaging(Layer):
+        def update(self, parameters, strict=True):
+            return super().update(parameters, strict)
+
+    opt, stock = create("cpu_kernel", 1e-2), optim.RMSprop(1e-2)
+    grads = nested(seed=1)
+    grads["layers"][1] = list(grads["layers"][1])
+    model, twin = Averaging(), Averaging()
+    in_place = _cpu_ext.w_updated_in_place()
+    model_steps(opt, model, grads, 4)
+    model_steps(stock, twin, grads, 4)
+    p, pk = dict(Layer().parameters()), dict(Layer().parameters())
+    opt2, stock2 = create("cpu_kernel", 1e-2), optim.RMSprop(1e-2)
+    for _ in range(4):
+        opt2.update(p, grads), stock2.update(pk, grads)
+        mx.eval(p, pk, opt2.state, stock2.state)
+    assert _cpu_ext.w_updated_in_place() == in_place
+    assert_same_trees(model.parameters(), twin.parameters())
+    assert_same_trees(p, pk)
+
+
+@pytest.mark.parametrize("call", ["update", "apply_gradients"])
+def test_empty_gradient_containers_over_anything_take_the_cpp_walk_as_stock_takes_them(call):
+    """mlx-lm's Llama keeps ``layer_types``, a list of strings, whose gradient is ``[{}, {}]``: stock never
+    looks at the parameter under an empty gradient container, and neither does either walk. The C++ walk
+    takes every step after the first (and under ``update`` writes the model's w's over), with stock's bits."""
+
+    class WithTypes(Layer):
+        def __init__(self):
+            super().__init__()
+            self.layer_types = ["full", "sliding"]
+
+    opt, stock = create("cpu_kernel", 1e-2, optimizer="adamw"), optim.AdamW(1e-2)
+    model, twin = WithTypes(), WithTypes()
+    grads = nested(seed=1)
+    grads["layers"][1] = list(grads["layers"][1])
+    grads["layer_types"] = [{}, {}]
+    taken = []
+    looked_up = opt._looked_up
+
+    def spied():
+        settings, kernel, tree_step, unread = looked_up()
+
+        def step(*args):
+            result = tree_step(*args)
+            taken.append(result is not None)  # not the result: holding its w's would keep them from being written over
+            return result
+
+        return settings, kernel, step, unread
+
+    opt._looked_up = spied
+    in_place = _cpu_ext.w_updated_in_place()
+    for _ in range(3):
+        if call == "update":
+            opt.update(model, grads), stock.update(twin, grads)
+        else:
+            model.update(opt.apply_gradients(grads, model.parameters()))
+            twin.update(stock.apply_gradients(grads, twin.parameters()))
+        mx.eval(model.parameters(), twin.parameters(), opt.state, stock.state)
+    assert taken == [True, True]
+    assert _cpu_ext.w_updated_in_place() - in_place == (2 * len(packed_ids(model)) if call == "update" else 0)
+    assert model.layer_types == ["full", "sliding"]
+    assert_same_trees(model.parameters(), twin.parameters())
+    assert_same_trees(opt.state, stock.state)
+
+
+def test_timed_update_steps_each_optimizers_own_model_and_leaves_the_tree_it_was_given():
+    """``time_interleaved(call="update")`` times ``opt.update(model, grads)`` as a loop makes it: each
+    optimizer steps a model of its own, ``cpu_kernel`` writes its w's over, and the tree passed in keeps its
+    values."""
+    from rmsprop_impls.measure.timing import time_interleaved
+
+    params, grads = small_tree(), small_tree(seed=1)
+    want = flat(params)
+    in_place = _cpu_ext.w_updated_in_place()
+    optimizers = {"kernel": create("cpu_kernel", 1e-2), "stock": optim.RMSprop(1e-2)}
+    timings = time_interleaved(optimizers, params, grads, 0.0, min_rounds=3, call="update")
+    assert [len(t.samples) for t in timings.values()] == [3, 3]
+    assert _cpu_ext.w_updated_in_place() - in_place >= 3 * 3
+    for (k, x), (_, y) in zip(flat(params), want):
+        np.testing.assert_array_equal(x, y, err_msg=k)
+    assert_same_trees(optimizers["kernel"].state, optimizers["stock"].state)
+    with pytest.raises(ValueError, match="call must be one of"):
+        time_interleaved(optimizers, params, grads, 0.0, call="step")
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["plain stores", "streamed"])

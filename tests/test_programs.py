@@ -20,6 +20,7 @@ import threading
 from collections import OrderedDict
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import pytest
 from hypothesis import HealthCheck, Phase, event, note, settings
@@ -76,6 +77,17 @@ class World:
         self.params = self.opt.apply_gradients(self.gradients(seed, lazy), self.params)
         if evaluate:
             mx.eval(self.params, self.opt.state)
+
+    def step_the_model(self, seed: int, lazy: bool) -> None:
+        """``optimizer.update(model, gradients)``, as mlx-examples step: the parameters become an
+        ``nn.Module`` (a dict), which the step updates where it is instead of rebinding it."""
+        if not isinstance(self.params, nn.Module):
+            model = nn.Module()
+            for name, x in self.params.items():
+                model[name] = x
+            self.params = model
+        self.opt.update(self.params, self.gradients(seed, lazy))
+        mx.eval(self.params.parameters(), self.opt.state)
 
     def held(self) -> dict:
         return {"params": self.params, "state": self.opt.state, "kept": self.kept}
@@ -186,6 +198,11 @@ class Programs(RuleBasedStateMachine):
     def step(self, seed, lazy, evaluate):
         COUNTS["steps"] += 1
         self.each(lambda w: w.step(seed, lazy, evaluate))
+
+    @rule(seed=st.integers(0, 2**16), lazy=st.booleans())
+    def step_the_model(self, seed, lazy):
+        COUNTS["steps"] += 1
+        self.each(lambda w: w.step_the_model(seed, lazy))
 
     @rule(seed=st.integers(0, 2**16), n=st.integers(2, 3))
     def lazy_steps(self, seed, n):

@@ -18,7 +18,7 @@ from ..measure.caches import MIB
 from ..measure.compare import VariantResult, time_candidates, variant_candidates
 from ..measure.peers import NEEDS_EXTRA, OPTAX_MAX_LEAVES, PEER_LABELS, PEERS, installed_peers, peer_candidates
 from ..measure.roof import Probe, cpu_roof_probes, working_set
-from ..measure.timing import time_floor
+from ..measure.timing import CALLS, time_floor
 from ..measure.trees import leaves_of, random_like, step_bytes
 from ..registry import variant_names
 from .common import (
@@ -76,6 +76,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "differs from stock's (torch's and optax's Adam always correct the bias) says so in its notes",
     )
     p.add_argument("--repeats", type=at_least(1), default=10, help="timed steps per variant (default 10)")
+    p.add_argument(
+        "--call",
+        choices=CALLS,
+        default="apply_gradients",
+        help="how each MLX variant is stepped: params = opt.apply_gradients(grads, params) (the default), or "
+        "opt.update(model, grads) on the tree in an nn.Module with mx.eval(model.parameters(), opt.state), as "
+        "mlx-examples' and mlx-lm's loops step (there cpu_kernel writes a small leaf's new w over the old one, "
+        "as torch's optimizers write theirs); the peers step their own way either way",
+    )
     add_optimizer_arguments(p)
     add_cache_limit_argument(p)
     p.set_defaults(func=run)
@@ -97,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
         grads = random_like(params)
         mx.eval(params, grads)
         touched = working_set(step_bytes(params, args.optimizer, hyper))
-        candidates = variant_candidates(params, grads, args.variants, optimizer=args.optimizer, hyper=hyper)
+        candidates = variant_candidates(
+            params, grads, args.variants, optimizer=args.optimizer, hyper=hyper, call=args.call
+        )
         n_variants = len(candidates)
         if peers is not None:
             candidates += peer_candidates(
@@ -129,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
         mx.clear_cache()
     policy = " ".join(f"{k}={v}" for k, v in openmp.items()) if openmp else "their default spin (torch loaded first)"
     print(f"{describe_optimizer(args.optimizer, hyper)}, lr 1e-3; {describe_limits(limits)}; {setting}")
-    print(f"every step, peer and roof kernel of a tree timed round-robin; torch's OpenMP threads: {policy}\n")
+    how = "opt.update(model, grads)" if args.call == "update" else "params = opt.apply_gradients(grads, params)"
+    print(f"every step, peer and roof kernel of a tree timed round-robin; torch's OpenMP threads: {policy}")
+    print(f"each MLX step: {how}, then mx.eval of the parameters and the state\n")
     print(format_table(HEADERS, rows))
     if any(roofs):
         print("\nthe CPU's roof (its best kernels at each tree's working set, timed in the same rounds as the steps):")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..registry import availability, create, variant_device
 from ..rules import DEFAULT_RULE, Rule, rule
 from .roof import Probe
-from .timing import StepTiming, time_round_robin
+from .timing import StepTiming, stepping, time_round_robin
 from .trees import step_bytes
 
 #: The share of physical memory the candidates timed together may keep: more of them are timed in groups.
@@ -59,23 +59,18 @@ def variant_candidates(
     learning_rate: float = 1e-3,
     optimizer: str | Rule = DEFAULT_RULE,
     hyper: Mapping[str, Any] | None = None,
+    call: str = "apply_gradients",
 ) -> list[Candidate]:
     """Each variant (default: all) running ``optimizer`` with stock's hyper-parameters ``hyper``; each step feeds
-    its parameters back in and drops the old ones before ``mx.eval``, so MLX may donate their buffers."""
+    its parameters back in and drops the old ones before ``mx.eval``, so MLX may donate their buffers. With
+    ``call="update"`` each steps a model of its own instead, ``opt.update(model, grads)`` and
+    ``mx.eval(model.parameters(), opt.state)``, as mlx-examples' loops do (``timing.CALLS``)."""
     r = rule(optimizer)
     h = r.hyperparameters(**(hyper or {}))
     reasons = availability()
 
     def build(name: str) -> Callable[[], None]:
-        opt = create(name, learning_rate, optimizer=r, **h)
-        current = params
-
-        def step() -> None:
-            nonlocal current
-            current = opt.apply_gradients(grads, current)
-            mx.eval(current, opt.state)
-
-        return step
+        return stepping(create(name, learning_rate, optimizer=r, **h), params, grads, call)
 
     return [
         Candidate(

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.utils import tree_map
 
 from ..tree_paths import match_leaves
 
@@ -75,6 +77,44 @@ def time_calls(step: Callable[[], object], repeats: int = 10, warmup: int = 1) -
     return timing
 
 
+def as_model(params: dict) -> nn.Module:
+    """``params`` as an ``nn.Module`` holding the same arrays in lists and dicts of its own (``Module.update``
+    assigns into them), for ``optimizer.update(model, grads)``."""
+    model = nn.Module()
+    for name, x in tree_map(lambda leaf: leaf, params).items():
+        model[name] = x
+    return model
+
+
+#: How a timed step calls the optimizer: ``params = opt.apply_gradients(grads, params)``, or
+#: ``opt.update(model, grads)`` on the parameters in an ``nn.Module``, as mlx-examples' and mlx-lm's loops do.
+CALLS = ("apply_gradients", "update")
+
+
+def stepping(optimizer: Any, params: Any, grads: Any, call: str = "apply_gradients") -> Callable[[], None]:
+    """One evaluated step of ``optimizer`` per call, on parameters of its own (:data:`CALLS`): fed back in and
+    rebound before ``mx.eval``, so the old ones are dropped and MLX may donate their buffers, as in
+    ``params = opt.apply_gradients(g, params)``; or a model of its own, stepped with ``opt.update``."""
+    if call not in CALLS:
+        raise ValueError(f"call must be one of {CALLS}, not {call!r}")
+    if call == "update":
+        model = as_model(params)
+
+        def step_the_model() -> None:
+            optimizer.update(model, grads)
+            mx.eval(model.parameters(), optimizer.state)
+
+        return step_the_model
+    current = params
+
+    def step() -> None:
+        nonlocal current
+        current = optimizer.apply_gradients(grads, current)
+        mx.eval(current, optimizer.state)
+
+    return step
+
+
 def time_steps(optimizer: Any, params: Any, grads: Any, repeats: int = 10, warmup: int = 1) -> StepTiming:
     """Time ``repeats`` steps after the first one and ``warmup`` more.
 
@@ -82,13 +122,7 @@ def time_steps(optimizer: Any, params: Any, grads: Any, repeats: int = 10, warmu
     dropped and MLX may donate their buffers, as in ``params = opt.apply_gradients(g, params)``.
     """
     mx.eval(params, grads)
-
-    def step() -> None:
-        nonlocal params
-        params = optimizer.apply_gradients(grads, params)
-        mx.eval(params, optimizer.state)
-
-    return time_calls(step, repeats, warmup)
+    return time_calls(stepping(optimizer, params, grads), repeats, warmup)
 
 
 class _NoUpdate:
@@ -122,22 +156,14 @@ def time_interleaved(
     on_step: Callable[[str, float], None] | None = None,
     between: Callable[[], object] | None = None,
     also: dict[str, Callable[[], object]] | None = None,
+    call: str = "apply_gradients",
 ) -> dict[str, StepTiming]:
     """Time several optimizers round-robin, one step each per round, until ``budget_s`` is spent
-    (:func:`time_round_robin`); each feeds its own parameters back in. ``also``: more calls timed in the
-    same rounds (the roof's kernels: ``roof.cpu_roof_probes``)."""
+    (:func:`time_round_robin`); each feeds its own parameters back in, or with ``call="update"`` steps its
+    own model (:data:`CALLS`). ``also``: more calls timed in the same rounds (the roof's kernels:
+    ``roof.cpu_roof_probes``)."""
     mx.eval(params, grads)
-    current = dict.fromkeys(optimizers, params)
-
-    def stepper(name: str, opt: Any) -> Callable[[], None]:
-        def step() -> None:
-            # Rebound before eval, so the old parameters can be donated (see time_steps).
-            current[name] = opt.apply_gradients(grads, current[name])
-            mx.eval(current[name], opt.state)
-
-        return step
-
-    calls = {name: stepper(name, opt) for name, opt in optimizers.items()} | (also or {})
+    calls = {name: stepping(opt, params, grads, call) for name, opt in optimizers.items()} | (also or {})
     return time_round_robin(calls, budget_s, min_rounds, max_rounds, warmup, on_step, between)
 
 

@@ -132,7 +132,7 @@ def training_loop(model: TrainingModel, optimizer: optim.Optimizer | None, compi
         value, grads = loss_and_grad(*inputs)
         if optimizer is None:
             return value, grads
-        update(module, optimizer, grads)
+        optimizer.update(module, grads)  # as mlx-lm's trainer; cpu_kernel writes w over here, uncompiled
         return value
 
     state = [module.state, mx.random.state] + ([optimizer.state] if optimizer is not None else [])
@@ -145,17 +145,6 @@ def training_loop(model: TrainingModel, optimizer: optim.Optimizer | None, compi
 
     loop.step = run
     return loop
-
-
-def update(module: nn.Module, optimizer: optim.Optimizer, grads: Any) -> None:
-    """``optimizer.update(module, grads)``, with the trainable parameters for the module.
-
-    MLX's ``Optimizer.update`` is ``module.update(optimizer.apply_gradients(grads, module))``. The project's
-    variants reject a module that holds more than arrays where its gradients hold an empty container (mlx-lm's
-    Llama keeps ``layer_types``, a list of strings, whose gradient is ``[{}, {}]``), so every loop, stock's
-    too, passes ``module.trainable_parameters()``, which has the gradients' structure: the same update.
-    """
-    module.update(optimizer.apply_gradients(grads, module.trainable_parameters()))
 
 
 def loss_and_grad_of(module: nn.Module, loss: Callable[..., Any]) -> Callable[..., Any]:

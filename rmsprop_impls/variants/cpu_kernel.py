@@ -17,7 +17,9 @@ holds (MLX's donation), so a training loop that drops its old parameters
 updates them in place; big buffers are first moved to start on a 2 MiB page,
 and buffers that live on are moved onto 2 MiB pages.
 Smaller leaves cost MLX more as graph nodes than as work, so they are updated
-at once, outside the graph: the new w into that leaf's w of the step before last
+at once, outside the graph: under ``update(model, gradients)``, the new w over the old
+one where nothing but the model holds it (``Module.update`` then puts it back where it was);
+else into that leaf's w of the step before last
 where the caller has dropped it, else into an allocation of its own (a leaf a caller
 keeps pins its own bytes only), written with streaming stores on steps of 8 MiB or
 more either way, and each new state over the old one where nothing but the optimizer state can see it
@@ -32,6 +34,7 @@ from __future__ import annotations
 import operator
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ..cpu_threads import default_threads
 from ..optimizer import OptimizerBase
@@ -120,11 +123,25 @@ class CpuKernelOptimizer(OptimizerBase):
             self._kernel_at = (tuple(list(x) if isinstance(x, list) else x for x in now), kernel, tree_step, unread)
         return self._kernel_at
 
+    def update(self, model: nn.Module, gradients: dict) -> None:
+        """Stock's ``model.update(self.apply_gradients(gradients, model))``, where the step knows that
+        ``Module.update`` puts every new w where the old one was: a small leaf's w that nothing but the
+        model holds is written over, which saves a pass over other memory (docs/kernels/cpu.md). A model
+        whose class has its own ``update`` gets stock's call."""
+        if not isinstance(model, nn.Module) or type(model).update is not nn.Module.update:
+            return super().update(model, gradients)
+        model.update(self._apply_gradients(gradients, model, rebinds=True))
+
     def apply_gradients(self, gradients, parameters):
         """The whole step in one call into C++, the tree walk included, once the state exists: on
         16384 small leaves the Python walk and the lists cost more than the update. Trees the C++
         walk does not take (and the first step) go through the Python walk, which names any error.
         Either way the state changes only once the whole step has been computed."""
+        return self._apply_gradients(gradients, parameters, rebinds=False)
+
+    def _apply_gradients(self, gradients, parameters, rebinds: bool):
+        """``apply_gradients``; with ``rebinds``, ``parameters`` is the model, which ``Module.update``
+        gives the new w's in the old ones' places."""
         _, _, tree_step, unread = self._looked_up() if self._initialized else (None,) * 4
         if tree_step is not None:
             if self._schedulers or unread is None:
@@ -133,7 +150,7 @@ class CpuKernelOptimizer(OptimizerBase):
             else:  # most steps: nothing to compute first (_scheduled() took 0.6 us of a 4 us one-leaf step)
                 scheduled, lr, values = None, self.state["learning_rate"], unread
             older, newer = self._spare_w
-            stepped = tree_step(gradients, parameters, self.state, lr, values, older)
+            stepped = tree_step(gradients, parameters, self.state, lr, values, older, rebinds)
             if stepped is not None:
                 new_parameters, spares = stepped
                 if scheduled:

@@ -49,6 +49,7 @@ _FROM_EXT = {
     "states_updated_in_place",
     "TreeStep",
     "w_into_spares",
+    "w_updated_in_place",
     "uses_avx2",
 }
 __all__ = sorted(_FROM_EXT - {"MLX_VERSION"}) + ["Kernel", "kernel_for", "rmsprop_update"]

@@ -1,11 +1,15 @@
 // When a step may write into memory it did not allocate: the one invariant behind every in-place
-// write of the small-leaf path (a leaf's v overwritten, a new w written into a spare), checked
-// here and nowhere else.
+// write of the small-leaf path (a leaf's v overwritten, a new w written into a spare or, under
+// Optimizer.update(model, ...), over the old w), checked here and nowhere else.
 //
 // INVARIANT. A step writes into an array's bytes only if no one but the optimizer can ever read
 // them again, and no two writes of the step touch the same byte:
 //   1. the array's Python object is held by exactly the references the optimizer accounts for
-//      (the state dict and the walk for a v; the spare list for a spare), with no weak references;
+//      (the state dict and the walk for a v; the spare list for a spare; for a w, its container in
+//      the model and the walk, and only where the caller is Optimizer.update(model, ...), whose
+//      Module.update then puts the same object back into that container: no tuple on the way, no
+//      container with an item assignment of its own; tree_walk.h's Leaves::assigned_back), with
+//      no weak references;
 //   2. its mlx::core::array handle is held by that Python object alone: no graph node, tracer,
 //      transform or other Python object holds it;
 //   3. it is evaluated, with no primitive behind it, row-major and whole (data_size == size), in

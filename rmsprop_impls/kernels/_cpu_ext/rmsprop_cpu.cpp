@@ -1018,12 +1018,14 @@ struct StepInputs {
 };
 
 // One leaf's step: its new w and the states the kernel writes. Empty where the step wrote into memory
-// the caller already has: a state over the old one, which the state dict holds, or w into the spare,
-// whose object step_tree() returns; a state the kernel does not write stays empty too.
+// the caller already has: a state over the old one, which the state dict holds, w into the spare,
+// whose object step_tree() returns, or w over the old one, which the model holds; a state the kernel
+// does not write stays empty too.
 struct Stepped {
   std::optional<array> w, s[kMaxStates];
-  nb::object w_spare;   // the spare's object, where w went into it
-  bool packed = false;  // updated at once, outside the graph (then its new w is kept as a spare)
+  nb::object w_spare;       // the spare's object, where w went into it
+  bool w_in_place = false;  // w written over the old one, whose object step_tree() returns
+  bool packed = false;      // updated at once, outside the graph (then a new w of its own is kept as a spare)
 };
 
 // Lazy: one OptimizerStep node per kLeavesPerNode of `which`, donating buffers at eval time.
@@ -1125,13 +1127,18 @@ array fresh_like(const array& like) {
 }
 
 // What the step knows of the leaves beyond their arrays, which lets the small-leaf path write in
-// place (in_place.h): each state's Python objects (held by the state dict and by the walk), and the
-// spare w's.
+// place (in_place.h): each state's Python objects (held by the state dict and by the walk), the
+// spare w's, and, where the caller puts the new w back where the old one was, the w's objects.
 struct Reuse {
   const std::vector<nb::object>* s_objects = nullptr;  // kMaxStates lists, by the rule's state order
   // A list: per leaf, its new w of the step before last (None where it was not a small leaf). The
   // caller has usually dropped them by now, and then they take this step's new w instead of new memory.
   PyObject* spare = nullptr;
+  // Each w's object (held by its container in the parameters and by the walk), where the caller is
+  // Optimizer.update(model, ...), which hands the step the model itself and puts every new w back into
+  // the container of the old one (Module.update): a w nothing else holds is then seen by no one after
+  // the step but as the new w. Null for apply_gradients(), whose caller may keep the old tree.
+  const std::vector<nb::object>* w_objects = nullptr;
 };
 
 // What a step needs of one leaf, read in one pass over its arrays (read_leaves()): on 16384 small
@@ -1145,8 +1152,8 @@ struct LeafFacts {
   size_t size = 0, itemsize = 0;
   Dtype::Val dtype = Dtype::Val::float32;
   const void *w = nullptr, *g = nullptr, *s[kMaxStates] = {};
-  // Clauses 1-3 of in_place.h hold for each state the kernel reads and writes, for the spare.
-  Candidate s_buffer[kMaxStates], spare_buffer;
+  // Clauses 1-3 of in_place.h hold for each state the kernel reads and writes, for the spare, for w.
+  Candidate s_buffer[kMaxStates], spare_buffer, w_buffer;
   PyObject* spare = nullptr;
 };
 
@@ -1246,6 +1253,10 @@ std::vector<LeafFacts> read_leaves(const std::vector<LeafArrays>& leaves, const 
         f.s_buffer[j] = Candidate::of(*x.s[j]);
       }
     }
+    // Only its container in the model and the walk hold w.
+    if (reuse.w_objects && unseen_alone((*reuse.w_objects)[i].ptr(), 2, w)) {
+      f.w_buffer = Candidate::of(w);
+    }
     // Only the spare list holds the spare.
     const array* spare = spare_at(i);
     if (spare && spare->shape() == w.shape() && spare->dtype() == w.dtype() &&
@@ -1257,12 +1268,12 @@ std::vector<LeafFacts> read_leaves(const std::vector<LeafArrays>& leaves, const 
   return facts;
 }
 
-std::atomic<uint64_t> states_in_place{0}, w_into_spares{0};
+std::atomic<uint64_t> states_in_place{0}, w_into_spares{0}, w_in_place{0};
 
 // The small leaves' update, planned: where each new w and state goes. Nothing is written until run().
 struct SmallLeavesPlan {
   std::vector<Leaf> updates;
-  size_t n_in_place = 0, n_spares = 0;
+  size_t n_in_place = 0, n_spares = 0, n_w_in_place = 0;
 
   void run(const StepInputs& scalars, Job job, int threads) {
     if (updates.empty()) {
@@ -1271,18 +1282,20 @@ struct SmallLeavesPlan {
     job.x = scalars.fill(job.x);
     states_in_place.fetch_add(n_in_place, std::memory_order_relaxed);
     w_into_spares.fetch_add(n_spares, std::memory_order_relaxed);
+    w_in_place.fetch_add(n_w_in_place, std::memory_order_relaxed);
     update_all(updates, job, threads);
   }
 };
 
-// Plans the small leaves: the new w into the spare and each new state over the old one where
-// in_place.h's clause 4 allows, given clauses 1-3 from read_leaves(); elsewhere into fresh
-// allocations, made here. Must be followed by run() with no Python code in between (clause 5).
+// Plans the small leaves: the new w over the old one, else into the spare, and each new state over
+// the old one where in_place.h's clause 4 allows, given clauses 1-3 from read_leaves(); elsewhere
+// into fresh allocations, made here. Must be followed by run() with no Python code in between
+// (clause 5).
 SmallLeavesPlan plan_small_leaves(const std::vector<LeafArrays>& leaves, const std::vector<LeafFacts>& facts,
                                   const Indices& packed, const RuleStep& rule, std::vector<Stepped>& out) {
-  // Every candidate of the step in one list, so that two states, or a state and a spare, over the
-  // same bytes are caught too. Per leaf: the states the rule reads and writes (only those can be
-  // written in place), then its spare.
+  // Every candidate of the step in one list, so that two states, or a state and a spare or a w, over
+  // the same bytes are caught too. Per leaf: the states the rule reads and writes (only those can be
+  // written in place), then its spare, then its w.
   size_t in_place_states[kMaxStates], n_in_place_states = 0, candidate_of[kMaxStates] = {};
   for (size_t j = 0; j < kMaxStates; ++j) {
     if (rule.reads(j) && rule.writes(j)) {
@@ -1290,13 +1303,14 @@ SmallLeavesPlan plan_small_leaves(const std::vector<LeafArrays>& leaves, const s
       in_place_states[n_in_place_states++] = j;
     }
   }
-  const size_t per_leaf = n_in_place_states + 1;
+  const size_t per_leaf = n_in_place_states + 2;
   std::vector<Candidate> candidates;
   candidates.reserve(per_leaf * packed.size());
   size_t new_w_bytes = 0;
   for (size_t i : packed) {
     for (size_t c = 0; c < n_in_place_states; ++c) candidates.push_back(facts[i].s_buffer[in_place_states[c]]);
     candidates.push_back(facts[i].spare_buffer);
+    candidates.push_back(facts[i].w_buffer);
     new_w_bytes += facts[i].size * facts[i].itemsize;
   }
   keep_disjoint_and_unshared(candidates);
@@ -1307,11 +1321,16 @@ SmallLeavesPlan plan_small_leaves(const std::vector<LeafArrays>& leaves, const s
     size_t i = packed[k];
     const LeafFacts& f = facts[i];
     const Candidate& w_in = candidates[per_leaf * k + n_in_place_states];
+    const Candidate& w_over = candidates[per_leaf * k + n_in_place_states + 1];
     Stepped& result = out[i];
     result.packed = true;
     Leaf leaf;
     leaf.w = f.w, leaf.g = f.g, leaf.size = f.size, leaf.dtype = f.dtype, leaf.itemsize = f.itemsize;
-    if (w_in) {
+    if (w_over) {
+      result.w_in_place = true;
+      leaf.w_out = const_cast<void*>(f.w);
+      ++plan.n_w_in_place;
+    } else if (w_in) {
       result.w_spare = nb::borrow(f.spare);
       leaf.w_out = reinterpret_cast<void*>(w_in.begin);
       ++plan.n_spares;
@@ -1334,7 +1353,9 @@ SmallLeavesPlan plan_small_leaves(const std::vector<LeafArrays>& leaves, const s
         all_in_place = false;
       }
     }
-    leaf.stream_w = stream, leaf.stream_s = stream && !all_in_place;
+    // In place the lines are in the cache already: plain stores (loop.h; update_range() then stores
+    // every state plainly too).
+    leaf.stream_w = stream && !result.w_in_place, leaf.stream_s = stream && !all_in_place;
     plan.updates.push_back(std::move(leaf));
   }
   return plan;
@@ -1533,7 +1554,9 @@ bool shares_a_state(const rmsprop::tree::Leaves& leaves) {
 // arrays disagree or two leaves share a state: the Python walk then runs, which names any problem and
 // computes as stock does. `spare` holds the small leaves' new w of the step before last (None for the
 // other leaves), which this step writes into where nothing else can see them; the list returned holds
-// this step's, for the step after next.
+// this step's, for the step after next. With `rebinds` (Optimizer.update(model, ...) only: `parameters`
+// is the model, and Module.update puts each new w where the old one was) a small leaf's new w goes
+// over its old one where nothing but the model holds it (Reuse::w_objects); that leaf gets no spare.
 //
 // A TreeStep holds what stays fixed from step to step (the kernel and its slot values, the rule's
 // state names as interned keys, the threads and the precision), converted and checked once rather
@@ -1555,7 +1578,7 @@ class TreeStep {
   }
 
   nb::object operator()(nb::handle gradients, nb::handle parameters, nb::dict state, const array& lr,
-                        const std::vector<array>& values, nb::list spare) const;
+                        const std::vector<array>& values, nb::list spare, bool rebinds) const;
 
  private:
   // The rule's state names, with an empty one for each state the kernel neither reads nor writes.
@@ -1578,7 +1601,7 @@ class TreeStep {
 };
 
 nb::object TreeStep::operator()(nb::handle gradients, nb::handle parameters, nb::dict state, const array& lr,
-                                const std::vector<array>& values, nb::list spare) const {
+                                const std::vector<array>& values, nb::list spare, bool rebinds) const {
   const RuleStep& rule = rule_;
   const rmsprop::tree::Walker& walker = walker_;
   if (!PyDict_Check(gradients.ptr())) {
@@ -1594,7 +1617,11 @@ nb::object TreeStep::operator()(nb::handle gradients, nb::handle parameters, nb:
     if (!walker.walk(gradients.ptr(), parameters.ptr(), state.ptr(), leaves) || shares_a_state(leaves)) {
       return nb::none();
     }
-    facts = read_leaves(leaves.arrays, Reuse{leaves.s_objects, spare.ptr()}, rule);
+    Reuse reuse{leaves.s_objects, spare.ptr()};
+    if (rebinds && leaves.assigned_back) {
+      reuse.w_objects = &leaves.w_objects;
+    }
+    facts = read_leaves(leaves.arrays, reuse, rule);
     std::vector<array> pending;
     try {
       pending = pending_inputs(leaves.arrays, facts, scalars);
@@ -1622,7 +1649,11 @@ nb::object TreeStep::operator()(nb::handle gradients, nb::handle parameters, nb:
   new_leaves.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     Stepped& leaf = p.out[i];
-    new_leaves.push_back(leaf.w ? nb::cast(std::move(*leaf.w)) : std::move(leaf.w_spare));
+    if (leaf.w) {
+      new_leaves.push_back(nb::cast(std::move(*leaf.w)));
+    } else {
+      new_leaves.push_back(leaf.w_in_place ? leaves.w_objects[i] : std::move(leaf.w_spare));
+    }
   }
   for (size_t j = 0; j < kMaxStates; ++j) {
     if (!rule.writes(j)) continue;
@@ -1634,13 +1665,16 @@ nb::object TreeStep::operator()(nb::handle gradients, nb::handle parameters, nb:
     }
   }
   nb::object new_parameters = walker.rebuild(gradients.ptr(), new_leaves);
-  // Only small leaves' w's are kept: holding a big leaf's would stop the next step donating it.
+  // Only small leaves' w's of their own are kept: holding a big leaf's would stop the next step donating
+  // it, and holding the model's would stop the next step writing over it.
   nb::object next_spare = nb::steal(PyList_New(static_cast<Py_ssize_t>(n)));
   if (!next_spare.is_valid()) {
     throw nb::python_error();
   }
   for (size_t i = 0; i < n; ++i) {
-    PyList_SET_ITEM(next_spare.ptr(), static_cast<Py_ssize_t>(i), nb::object(p.out[i].packed ? new_leaves[i] : nb::none()).release().ptr());
+    bool own_w = p.out[i].packed && !p.out[i].w_in_place;
+    nb::object kept = own_w ? new_leaves[i] : nb::none();
+    PyList_SET_ITEM(next_spare.ptr(), static_cast<Py_ssize_t>(i), kept.release().ptr());
   }
   nb::object new_step = nb::cast(std::move(next_step));
   nb::object result = nb::make_tuple(new_parameters, next_spare);
@@ -1714,11 +1748,13 @@ NB_MODULE(_ext, m) {
       .def(nb::init<int, std::vector<double>, const std::vector<std::string>&, int, const std::string&>(), "kernel"_a,
            "slots"_a, "state_names"_a, "threads"_a, "precision"_a = "stock")
       .def("__call__", &TreeStep::operator(), "gradients"_a, "parameters"_a, "state"_a, "lr"_a, "step_inputs"_a,
-           "spare"_a,
+           "spare"_a, "rebinds"_a = false,
            "Walks the trees, updates every leaf, stores each new state in the state dicts and advances "
            "state['step']; returns (the new parameter tree, the new spare list), or None (nothing changed) where "
            "the trees are not plain dicts, lists and tuples of arrays with the stock state. spare: a list of the "
-           "step before last's new packed w's, written into where nothing else holds them.");
+           "step before last's new packed w's, written into where nothing else holds them. rebinds: parameters is "
+           "the model, which Module.update gives each new w in the old one's place (Optimizer.update only): a packed "
+           "w nothing else holds is written over.");
   m.def("kernels_table", [] {
         std::vector<std::pair<std::string, std::string>> table;
         for (const auto& k : rmsprop::rules::kInfo) table.emplace_back(k.name, k.digest);
@@ -1734,6 +1770,9 @@ NB_MODULE(_ext, m) {
         "them.");
   m.def("w_into_spares", [] { return w_into_spares.load(); },
         "How many leaves' new w so far went into a spare: a w of the step before last that nothing else held.");
+  m.def("w_updated_in_place", [] { return w_in_place.load(); },
+        "How many leaves' new w so far went over the old one: Optimizer.update(model, ...) with nothing but the "
+        "model holding it.");
   m.def("huge_page_moves", [] { return the_huge_pages->moves(); },
         "How many long-lived buffers so far were moved onto 2 MiB pages.");
   m.def("huge_page_tries", [] { return the_huge_pages->tries(); },

@@ -37,6 +37,11 @@ struct Leaves {
   std::vector<LeafArrays> arrays;
   std::vector<nb::object> g_objects, w_objects, states;
   std::vector<nb::object> s_objects[kMaxStates];  // per state of the rule; empty for one not used
+  // Whether Module.update, given the new tree, would store each new w where the old one was: no
+  // tuple on the way (it raises there, leaving the leaves after it as they were), and every container
+  // of the parameters a dict or list whose item assignment is dict's or list's own (nn.Module's is).
+  // Where not, the step writes no w over the old one.
+  bool assigned_back = true;
 
   void reserve(size_t n) {
     arrays.reserve(n);
@@ -72,10 +77,14 @@ class Walker {
     if (Py_TYPE(g) == array_type_) {
       return leaf(g, w, s, out);
     }
+    if (PyDict_Check(g) && PyDict_GET_SIZE(g) == 0) {
+      return true;  // no leaves: stock maps over the gradients and never looks at the parameter (mlx-lm's layer_types)
+    }
     if (PyDict_Check(g)) {
       if (!PyDict_Check(w) || !PyDict_Check(s)) {
         return false;
       }
+      out.assigned_back = out.assigned_back && assigns_as(w, &PyDict_Type);
       Py_ssize_t position = 0;
       PyObject *key, *gk;
       while (PyDict_Next(g, &position, &key, &gk)) {
@@ -93,6 +102,10 @@ class Walker {
     }
     if (PyList_CheckExact(g) || PyTuple_CheckExact(g)) {
       Py_ssize_t n = PySequence_Fast_GET_SIZE(g);
+      out.assigned_back = out.assigned_back && !PyTuple_Check(g) && assigns_as(w, &PyList_Type);
+      if (n == 0) {
+        return true;  // as an empty dict
+      }
       if (!is_sequence(w) || !is_sequence(s) || PySequence_Fast_GET_SIZE(w) != n || PySequence_Fast_GET_SIZE(s) != n) {
         return false;
       }
@@ -195,6 +208,14 @@ class Walker {
 
   static bool is_sequence(PyObject* x) {
     return PyList_Check(x) || PyTuple_Check(x);
+  }
+
+  // Whether `container[key] = value` runs `base`'s own item assignment on this container (a subclass
+  // that defines __setitem__ has a slot of its own); false for a tuple, which has none.
+  static bool assigns_as(PyObject* container, PyTypeObject* base) {
+    PyMappingMethods* mine = Py_TYPE(container)->tp_as_mapping;
+    return mine && PyObject_TypeCheck(container, base) &&
+           mine->mp_ass_subscript == base->tp_as_mapping->mp_ass_subscript;
   }
 
   // Deeper than any model: a cyclic or absurd tree goes to the Python walk.
