@@ -140,9 +140,8 @@ def run(args: argparse.Namespace) -> int:
         mx.clear_cache()
     policy = " ".join(f"{k}={v}" for k, v in openmp.items()) if openmp else "their default spin (torch loaded first)"
     print(f"{describe_optimizer(args.optimizer, hyper)}, lr 1e-3; {describe_limits(limits)}; {setting}")
-    how = "opt.update(model, grads)" if args.call == "update" else "params = opt.apply_gradients(grads, params)"
     print(f"every step, peer and roof kernel of a tree timed round-robin; torch's OpenMP threads: {policy}")
-    print(f"each MLX step: {how}, then mx.eval of the parameters and the state\n")
+    print(f"each MLX step: {CALLS[args.call]}, then mx.eval of the parameters and the state\n")
     print(format_table(HEADERS, rows))
     if any(roofs):
         print("\nthe CPU's roof (its best kernels at each tree's working set, timed in the same rounds as the steps):")

@@ -86,9 +86,9 @@ def as_model(params: dict) -> nn.Module:
     return model
 
 
-#: How a timed step calls the optimizer: ``params = opt.apply_gradients(grads, params)``, or
-#: ``opt.update(model, grads)`` on the parameters in an ``nn.Module``, as mlx-examples' and mlx-lm's loops do.
-CALLS = ("apply_gradients", "update")
+#: How a timed step calls the optimizer, by name, with the call as a header prints it: the parameters fed back
+#: in, or ``opt.update`` on the parameters in an ``nn.Module``, as mlx-examples' and mlx-lm's loops step.
+CALLS = {"apply_gradients": "params = opt.apply_gradients(grads, params)", "update": "opt.update(model, grads)"}
 
 
 def stepping(optimizer: Any, params: Any, grads: Any, call: str = "apply_gradients") -> Callable[[], None]:
@@ -96,7 +96,7 @@ def stepping(optimizer: Any, params: Any, grads: Any, call: str = "apply_gradien
     rebound before ``mx.eval``, so the old ones are dropped and MLX may donate their buffers, as in
     ``params = opt.apply_gradients(g, params)``; or a model of its own, stepped with ``opt.update``."""
     if call not in CALLS:
-        raise ValueError(f"call must be one of {CALLS}, not {call!r}")
+        raise ValueError(f"call must be one of {tuple(CALLS)}, not {call!r}")
     if call == "update":
         model = as_model(params)
 
